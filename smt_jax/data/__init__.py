@@ -1,0 +1,60 @@
+"""Data sources for SMT (SPEC 8): synthetic probes and real token streams, in pure numpy.
+
+Every source implements `Source.batch(split=, step=, batch_size=, seed=, process_index=,
+process_count=) -> {'x': int32 [B/P, T], 'y': int32 [B/P, T]}` (y == -1: no target), a pure
+function of its arguments. Build one by name with `make_source(name, **kwargs)`; the names are
+the keys of `DATASETS`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from smt_jax.data.base import IGNORE, SPLITS, Source, StreamSource, row_rng
+from smt_jax.data.pixels import (DigitsSource, MnistSource, PixelSource, image_stream, read_idx,
+                                 read_mnist_images)
+from smt_jax.data.probes import (CopySource, KeysValuesSource, ModularSource, ParitySource,
+                                 ProbeSource, RetrievalSource, StackSource, generate_copy,
+                                 generate_keys_values, generate_modular, generate_parity,
+                                 generate_retrieval, generate_stack)
+from smt_jax.data.text import TextSource
+
+# The one name -> constructor table (keyword-only constructors).
+DATASETS = {
+    'retrieval': RetrievalSource,
+    'copy': CopySource,
+    'stack': StackSource,
+    'keys_values': KeysValuesSource,
+    'modular': ModularSource,
+    'parity': ParitySource,
+    'digits': DigitsSource,
+    'mnist': MnistSource,
+    'text': TextSource,
+}
+
+
+def make_source(name: str, **kwargs) -> Source:
+  """Builds the source `name` (a key of `DATASETS`) with its keyword arguments.
+
+  Raises:
+    ValueError: unknown name, unknown keyword argument, or a bad argument value.
+  """
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; choose one of {sorted(DATASETS)}.')
+  constructor = DATASETS[name]
+  accepted = list(inspect.signature(constructor).parameters)
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ValueError(f'dataset {name!r} takes no argument(s) {unknown}; it accepts {accepted}.')
+  return constructor(**kwargs)
+
+
+__all__ = [
+    'DATASETS', 'IGNORE', 'SPLITS', 'Source', 'StreamSource', 'ProbeSource', 'PixelSource',
+    'make_source', 'row_rng',
+    'RetrievalSource', 'CopySource', 'StackSource', 'KeysValuesSource', 'ModularSource',
+    'ParitySource', 'DigitsSource', 'MnistSource', 'TextSource',
+    'generate_retrieval', 'generate_copy', 'generate_stack', 'generate_keys_values',
+    'generate_modular', 'generate_parity',
+    'read_idx', 'read_mnist_images', 'image_stream',
+]

@@ -1,0 +1,130 @@
+"""The data-source interface: every batch is a pure function of (seed, split, step, row).
+
+A `Source` yields fixed-length token sequences `x` with per-step targets `y` (`y == -1`: no
+target at that step). Convention: `y[t]` is what the model should predict after reading
+`x[0..t]`.
+
+Why rows own their generators: row `r` of global batch `step` is drawn from
+`np.random.default_rng([seed, split_id, step, r])`. So the global batch does not depend on
+how many processes share it, and a resumed run sees exactly the batches it would have seen,
+with no iterator state to checkpoint (STYLE habit 6).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The value of `y` at steps that carry no target (masked out of the loss).
+IGNORE = -1
+
+# Split name -> the id mixed into every row's seed, so eval rows never repeat train rows.
+SPLITS = {'train': 0, 'eval': 1}
+
+
+def check_int(name: str, value, *, minimum: int, fix: str = '') -> int:
+  """Returns `value` as a Python int, or raises ValueError naming `name`, the value and `fix`."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f'{name} must be an integer, got {value!r}. {fix}'.rstrip())
+  if value < minimum:
+    raise ValueError(f'{name} must be >= {minimum}, got {value}. {fix}'.rstrip())
+  return int(value)
+
+
+def check_split(split: str) -> int:
+  """Returns the id of `split` ('train' or 'eval'), or raises ValueError."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
+  return SPLITS[split]
+
+
+def row_rng(*, seed: int, split: str, step: int, row: int) -> np.random.Generator:
+  """The generator that alone decides row `row` (global index) of batch `step` of `split`."""
+  return np.random.default_rng([seed, check_split(split), step, row])
+
+
+class Source:
+  """A seeded, stateless supplier of `{'x', 'y'}` batches.
+
+  Subclasses set `name`, `vocab_size`, `seq_len` and implement `example`, which turns one
+  row's generator into one sequence; `batch` does the rest.
+
+  Attributes:
+    name: the key of this source in `DATASETS`.
+    vocab_size: tokens are ints in [0, vocab_size).
+    seq_len: length T of every sequence this source yields.
+  """
+
+  name: str
+  vocab_size: int
+  seq_len: int
+
+  def example(self, rng: np.random.Generator, *, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One sequence drawn from `rng`: (x, y), both int [T]."""
+    raise NotImplementedError
+
+  def batch(self, *, split: str, step: int, batch_size: int, seed: int,
+            process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`.
+
+    Args:
+      split: 'train' or 'eval'.
+      step: index of the global batch (>= 0).
+      batch_size: global batch size B, divisible by `process_count`.
+      seed: experiment seed (>= 0).
+      process_index: which slice of rows to return, in [0, process_count).
+      process_count: number of processes sharing the global batch.
+
+    Returns:
+      {'x': int32 [B/P, T], 'y': int32 [B/P, T]}: global rows
+      [process_index*B/P, (process_index+1)*B/P); y == -1 means no target.
+    """
+    check_split(split)
+    step = check_int('step', step, minimum=0)
+    seed = check_int('seed', seed, minimum=0, fix='Use a non-negative seed.')
+    batch_size = check_int('batch_size', batch_size, minimum=1)
+    process_count = check_int('process_count', process_count, minimum=1)
+    process_index = check_int('process_index', process_index, minimum=0)
+    if process_index >= process_count:
+      raise ValueError(f'process_index={process_index} must be < process_count={process_count}.')
+    if batch_size % process_count:
+      raise ValueError(
+          f'batch_size={batch_size} is not divisible by process_count={process_count}; '
+          'choose a global batch_size that is a multiple of the number of processes.')
+    rows = batch_size // process_count
+    first = process_index * rows
+    x = np.empty((rows, self.seq_len), np.int32)
+    y = np.empty((rows, self.seq_len), np.int32)
+    for i in range(rows):
+      rng = row_rng(seed=seed, split=split, step=step, row=first + i)
+      x[i], y[i] = self.example(rng, split=split)
+    return {'x': x, 'y': y}
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, seq_len={self.seq_len})'
+
+
+class StreamSource(Source):
+  """Next-token prediction on one long token stream per split.
+
+  A row is a random crop of T+1 consecutive tokens: x = crop[:-1], y = crop[1:].
+  """
+
+  def __init__(self, *, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int,
+               fix: str = ''):
+    """Args: streams: split -> int [N] tokens; fix: advice appended to a too-short error."""
+    self.seq_len = check_int('seq_len', seq_len, minimum=1)
+    self.vocab_size = vocab_size
+    for split in SPLITS:
+      n = len(streams[split])
+      if n < self.seq_len + 1:
+        raise ValueError(
+            f'{self.name}: the {split} stream has {n} tokens, fewer than seq_len+1 = '
+            f'{self.seq_len + 1}. Lower seq_len. {fix}'.rstrip())
+    self.streams = streams
+
+  def example(self, rng, *, split):
+    stream = self.streams[split]
+    # Crops start anywhere, so a row may begin mid-image / mid-word; that is the LM setting.
+    start = int(rng.integers(0, len(stream) - self.seq_len))
+    crop = np.asarray(stream[start:start + self.seq_len + 1], dtype=np.int32)
+    return crop[:-1], crop[1:]

@@ -1,0 +1,180 @@
+"""Pixel streams (SPEC 8): images as raster-scan intensity tokens, concatenated into one stream.
+
+Each image becomes [BOS, p_0, ..., p_{H*W-1}] with BOS = levels (one past the largest
+intensity), so vocab = levels + 1 and BOS recurs every H*W + 1 tokens. A batch row is a random
+crop of T+1 tokens of its split's stream (`StreamSource`).
+
+- `digits`: scikit-learn's bundled 8x8 digits (17 levels), offline.
+- `mnist`: 28x28, 256 levels, from IDX files in `data_dir` or through tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+
+import numpy as np
+
+from smt_jax.data.base import SPLITS, StreamSource, check_int
+
+# IDX type byte -> numpy dtype (IDX data is big-endian).
+_IDX_DTYPES = {0x08: np.dtype('u1'), 0x09: np.dtype('i1'), 0x0B: np.dtype('>i2'),
+               0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+
+# The standard MNIST image files, looked up in `data_dir` with or without '.gz'.
+MNIST_FILES = {'train': 'train-images-idx3-ubyte', 'eval': 't10k-images-idx3-ubyte'}
+
+# Fixed digits split: the first 1500 images of a seed-0 shuffle train, the other 297 evaluate.
+DIGITS_TRAIN_IMAGES = 1500
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (gzipped or not, detected from its content) into a native-endian array.
+
+  Raises:
+    ValueError: not an IDX file (wrong magic), or the data size does not match the header.
+  """
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw[:2] == b'\x1f\x8b':  # gzip magic, whatever the file is called
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise ValueError(f'{path}: corrupt gzip data ({e}); download the file again.') from e
+  if len(raw) < 4 or raw[:2] != b'\0\0' or raw[2] not in _IDX_DTYPES:
+    raise ValueError(
+        f'{path}: not an IDX file (magic bytes {raw[:4].hex()!r}; expected 0000 then a type '
+        f'byte in {[hex(k) for k in _IDX_DTYPES]} and the number of dims, e.g. 00000803 for '
+        'MNIST images); point data_dir at the original MNIST files.')
+  dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise ValueError(f'{path}: truncated IDX header ({len(raw)} bytes, need {header}).')
+  shape = struct.unpack(f'>{ndim}I', raw[4:header])
+  expected = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise ValueError(
+        f'{path}: the IDX header says shape {shape} ({expected} data bytes) but '
+        f'{len(raw) - header} bytes follow; the file is truncated or corrupt, download it again.')
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder('='))
+
+
+def read_mnist_images(path: str) -> np.ndarray:
+  """Reads an MNIST image IDX file: uint8 [N, 28, 28], or ValueError naming what is wrong."""
+  images = read_idx(path)
+  if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+    raise ValueError(f'{path}: expected uint8 images [N, 28, 28], got {images.dtype} '
+                     f'{images.shape}; is this an MNIST images (not labels) file?')
+  return images
+
+
+def image_stream(images: np.ndarray, bos: int) -> np.ndarray:
+  """images int [N, H, W] -> uint16 [N * (H*W + 1)]: each image in raster order after a BOS."""
+  n = len(images)
+  bos_column = np.full((n, 1), bos, np.uint16)
+  return np.concatenate([bos_column, images.reshape(n, -1).astype(np.uint16)], axis=1).reshape(-1)
+
+
+class PixelSource(StreamSource):
+  """Next-token prediction on concatenated raster-scanned images.
+
+  Attributes:
+    image_shape: (H, W).
+    levels: intensity tokens are 0..levels-1.
+    bos: the token before each image (= levels); vocab_size = levels + 1.
+  """
+
+  def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int):
+    self._images = images
+    self.image_shape = tuple(images['train'].shape[1:])
+    self.levels = levels
+    self.bos = levels
+    streams = {split: image_stream(images[split], self.bos) for split in SPLITS}
+    super().__init__(streams=streams, vocab_size=levels + 1, seq_len=seq_len)
+
+  def images(self, split: str) -> np.ndarray:
+    """The split's images as tokens (quantised to `levels`): uint8 [N, H, W] (uint16 if levels > 256)."""
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
+    return self._images[split]
+
+
+class DigitsSource(PixelSource):
+  """scikit-learn's 8x8 handwritten digits (1797 images, 17 levels, BOS 17, vocab 18)."""
+  name = 'digits'
+
+  def __init__(self, *, seq_len: int = 256):
+    from sklearn.datasets import load_digits  # lazy: only this source needs scikit-learn
+    images = load_digits().images.astype(np.uint8)  # [1797, 8, 8], values 0..16
+    order = np.random.default_rng(0).permutation(len(images))  # fixed: same split everywhere
+    super().__init__(images={'train': images[order[:DIGITS_TRAIN_IMAGES]],
+                             'eval': images[order[DIGITS_TRAIN_IMAGES:]]},
+                     levels=17, seq_len=seq_len)
+
+
+def _find_mnist_file(data_dir: str, split: str) -> str | None:
+  for name in (MNIST_FILES[split], MNIST_FILES[split] + '.gz'):
+    if os.path.isfile(os.path.join(data_dir, name)):
+      return os.path.join(data_dir, name)
+  return None
+
+
+def load_mnist_idx(data_dir: str) -> dict[str, np.ndarray]:
+  """MNIST images from IDX files in `data_dir`: {'train', 'eval'} -> uint8 [N, 28, 28].
+
+  With only one of the two files present, that file serves both splits: its first 90% train,
+  its last 10% evaluate (t10k alone: 9000 / 1000), with a warning.
+  """
+  if not os.path.isdir(data_dir):
+    raise ValueError(f'mnist: data_dir={data_dir!r} is not a folder; pass the folder holding '
+                     f'{MNIST_FILES["train"]}(.gz) and {MNIST_FILES["eval"]}(.gz), or data_dir=None '
+                     'to load MNIST through tensorflow-datasets.')
+  paths = {split: _find_mnist_file(data_dir, split) for split in SPLITS}
+  if paths['train'] and paths['eval']:
+    return {split: read_mnist_images(path) for split, path in paths.items()}
+  found = paths['train'] or paths['eval']
+  if found is None:
+    raise ValueError(f'mnist: data_dir={data_dir!r} holds neither {MNIST_FILES["train"]}(.gz) nor '
+                     f'{MNIST_FILES["eval"]}(.gz); put the MNIST IDX files there, or pass '
+                     'data_dir=None to load MNIST through tensorflow-datasets.')
+  images = read_mnist_images(found)
+  num_eval = len(images) // 10
+  warnings.warn(f'mnist: only {os.path.basename(found)} found in {data_dir!r}; using its first '
+                f'{len(images) - num_eval} images to train and its last {num_eval} to evaluate.',
+                stacklevel=2)
+  return {'train': images[:len(images) - num_eval], 'eval': images[len(images) - num_eval:]}
+
+
+def load_mnist_tfds() -> dict[str, np.ndarray]:
+  """MNIST images through `tfds.data_source` (random access; no TensorFlow needed).
+
+  Returns: {'train', 'eval'} -> uint8 [N, 28, 28] (tfds 'train' and 'test').
+  """
+  import tensorflow_datasets as tfds  # lazy: heavy, and only this path needs it
+  images = {}
+  for split, tfds_split in (('train', 'train'), ('eval', 'test')):
+    try:
+      source = tfds.data_source('mnist', split=tfds_split)
+    except Exception as e:  # no network, no prepared copy, ...: say what else would work
+      raise ValueError(f'mnist: tensorflow-datasets could not provide mnist/{tfds_split} ({e}); '
+                       'pass data_dir=<folder with the MNIST IDX files> instead.') from e
+    images[split] = np.stack([np.asarray(source[i]['image'], np.uint8).reshape(28, 28)
+                              for i in range(len(source))])
+  return images
+
+
+class MnistSource(PixelSource):
+  """MNIST as pixel streams: 28x28, `levels` intensities (256: raw), BOS = levels."""
+  name = 'mnist'
+
+  def __init__(self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256):
+    levels = check_int('levels', levels, minimum=2, fix='Use 2..256 intensity levels.')
+    if levels > 256:
+      raise ValueError(f'levels must be <= 256, got {levels}. Use 2..256 intensity levels.')
+    images = load_mnist_tfds() if data_dir is None else load_mnist_idx(data_dir)
+    if levels < 256:  # quantise v in 0..255 to v*levels//256 in 0..levels-1
+      images = {split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)
+                for split, im in images.items()}
+    super().__init__(images=images, levels=levels, seq_len=seq_len)

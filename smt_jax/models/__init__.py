@@ -1,0 +1,32 @@
+"""Flax NNX models, and their conversion into the pure functions the objectives take."""
+
+from __future__ import annotations
+
+import functools
+
+from flax import nnx
+
+from smt_jax.models.rnn import RNN, UPDATERS, make_rnn
+from smt_jax.models.teacher import Decoder, Encoder, Teacher
+from smt_jax.objectives import RNNFns, TeacherFns
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_fns(graphdef: nnx.GraphDef) -> TeacherFns:
+  """Pure functions of the teacher's state, for `graphdef, state = nnx.split(teacher)`."""
+  return TeacherFns(
+      encode=lambda p, context: nnx.merge(graphdef, p).encode(context),
+      decode=lambda p, m, x_future: nnx.merge(graphdef, p).decode(m, x_future))
+
+
+@functools.lru_cache(maxsize=None)
+def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
+  """Pure functions of an RNN's state, for `graphdef, state = nnx.split(rnn)`."""
+  return RNNFns(
+      update=lambda p, m, x: nnx.merge(graphdef, p).update(m, x),
+      readout=lambda p, m: nnx.merge(graphdef, p).readout(m),
+      initial_memory=lambda p: nnx.merge(graphdef, p).initial_memory())
+
+
+__all__ = ["Decoder", "Encoder", "RNN", "Teacher", "UPDATERS", "make_rnn", "rnn_fns",
+           "teacher_fns"]

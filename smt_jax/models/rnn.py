@@ -1,0 +1,192 @@
+"""RNNs behind one interface: `update(m, x) -> m'`, `readout(m) -> logits`, `initial_memory()`.
+
+The memory is the whole recurrent state, laid out [B, K, d] for every kind (for an LSTM, h and c
+together: the first half of the flattened state is h, the second c). Every update ends with a
+per-token RMS normalisation, so RNN states live on the teacher's memory scale.
+
+Kinds (the explicit table `UPDATERS` below):
+  transformer  bidirectional Transformer over [m (K tokens), embed(x)]; keep the first K outputs.
+               Readout: a causal decoder over the memory tokens (same shape as the teacher's decoder,
+               so it can take the decoder's weights at the end of SMT).
+  mlp          deep residual MLP on [flatten(m), embed(x)] -> m + delta.
+  gru          a GRU cell whose hidden state is flatten(m).
+  elman        tanh RNN: m' = tanh(W flatten(m) + U embed(x) + b).
+  lstm         an LSTM cell with (h, c) = flatten(m) split in two.
+The recurrent kinds and mlp read out with a small MLP on flatten(m).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smt_jax.models import layers
+from smt_jax.models.teacher import Decoder
+
+
+class RNN(nnx.Module):
+  """Base class: a learned initial memory and the `update` / `readout` pair."""
+
+  def __init__(self, *, num_memory_tokens: int, width: int, rngs: nnx.Rngs):
+    self.memory_shape = (num_memory_tokens, width)
+    self.init_memory = nnx.Param(jax.random.normal(rngs.params(), self.memory_shape))
+
+  def initial_memory(self) -> jax.Array:
+    """The RNN's own starting state, [K, d] (RMS-normalised)."""
+    return layers.rms_normalize(self.init_memory[...])
+
+  def update(self, memory: jax.Array, x: jax.Array) -> jax.Array:
+    """memory [B, K, d], x int [B] -> next memory [B, K, d]."""
+    raise NotImplementedError
+
+  def readout(self, memory: jax.Array) -> jax.Array:
+    """memory [B, K, d] -> logits [B, V] for the next target."""
+    raise NotImplementedError
+
+
+class MLPReadout(nnx.Module):
+  """logits = W2 gelu(W1 flatten(m))."""
+
+  def __init__(self, size: int, hidden: int, vocab_size: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(size, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, vocab_size, dtype=dtype, rngs=rngs)
+
+  def __call__(self, memory: jax.Array) -> jax.Array:
+    h = memory.reshape(memory.shape[0], -1)
+    return self.fc2(jax.nn.gelu(self.fc1(h))).astype(jnp.float32)
+
+
+class TransformerRNN(RNN):
+  """The paper's updater: a bidirectional Transformer over [m, embed(x)]."""
+
+  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
+               num_heads: int, readout_depth: int, hidden: int | None = None,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    del hidden
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
+    self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
+    self.transformer = layers.Transformer(width, depth, num_heads, dtype=dtype, rngs=rngs)
+    self.decoder = Decoder(vocab_size=vocab_size, width=width, depth=readout_depth,
+                           num_heads=num_heads, dtype=dtype, rngs=rngs)
+
+  def update(self, memory, x):
+    b, k, _ = memory.shape
+    h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
+                         layers.embed_tokens(self.embed, x)[:, None]], axis=1)  # [B, K+1, d]
+    h = self.transformer(h, jnp.ones((1, k + 1, k + 1), bool))
+    return layers.rms_normalize(h[:, :k]).astype(memory.dtype)
+
+  def readout(self, memory):
+    return self.decoder.next_logits(memory)
+
+
+class MLPRNN(RNN):
+  """m' = rmsnorm(m + MLP([flatten(m), embed(x)])), a deep residual MLP."""
+
+  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
+               num_heads: int = 1, readout_depth: int = 1, hidden: int | None = None,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    del num_heads, readout_depth
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
+    size = num_memory_tokens * width
+    hidden = hidden or size
+    self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
+    self.inp = nnx.Linear(size + width, hidden, dtype=dtype, rngs=rngs)
+    self.norms = nnx.List([nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs) for _ in range(depth)])
+    self.fc1 = nnx.List([nnx.Linear(hidden, 2 * hidden, dtype=dtype, rngs=rngs)
+                         for _ in range(depth)])
+    self.fc2 = nnx.List([nnx.Linear(2 * hidden, hidden, dtype=dtype, rngs=rngs)
+                         for _ in range(depth)])
+    self.out = nnx.Linear(hidden, size, dtype=dtype, rngs=rngs)
+    self.head = MLPReadout(size, hidden, vocab_size, dtype=dtype, rngs=rngs)
+
+  def update(self, memory, x):
+    flat = memory.reshape(memory.shape[0], -1)
+    h = self.inp(jnp.concatenate([flat.astype(self.embed.dtype or flat.dtype),
+                                  layers.embed_tokens(self.embed, x)], axis=-1))
+    for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+      h = h + fc2(jax.nn.gelu(fc1(norm(h))))
+    return layers.rms_normalize(memory + self.out(h).reshape(memory.shape).astype(memory.dtype))
+
+  def readout(self, memory):
+    return self.head(memory)
+
+
+class _CellRNN(RNN):
+  """Shared plumbing for the classic cells: embedding of x, flat state, MLP readout."""
+
+  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int = 1,
+               num_heads: int = 1, readout_depth: int = 1, hidden: int | None = None,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    del depth, num_heads, readout_depth
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
+    self.size = num_memory_tokens * width
+    self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
+    self.head = MLPReadout(self.size, hidden or self.size, vocab_size, dtype=dtype, rngs=rngs)
+    self.build_cell(width, dtype=dtype, rngs=rngs)
+
+  def build_cell(self, width, *, dtype, rngs):
+    raise NotImplementedError
+
+  def step(self, flat, inputs):
+    """flat state [B, Z], inputs [B, d] -> new flat state [B, Z]."""
+    raise NotImplementedError
+
+  def update(self, memory, x):
+    flat = memory.reshape(memory.shape[0], -1)
+    new = self.step(flat, layers.embed_tokens(self.embed, x))
+    return layers.rms_normalize(new.reshape(memory.shape).astype(memory.dtype))
+
+  def readout(self, memory):
+    return self.head(memory)
+
+
+class GRURNN(_CellRNN):
+
+  def build_cell(self, width, *, dtype, rngs):
+    self.cell = nnx.GRUCell(width, self.size, dtype=dtype, rngs=rngs)
+
+  def step(self, flat, inputs):
+    return self.cell(flat, inputs)[0]
+
+
+class ElmanRNN(_CellRNN):
+
+  def build_cell(self, width, *, dtype, rngs):
+    self.recurrent = nnx.Linear(self.size, self.size, use_bias=False, dtype=dtype, rngs=rngs,
+                                kernel_init=nnx.initializers.orthogonal())
+    self.inp = nnx.Linear(width, self.size, dtype=dtype, rngs=rngs)
+
+  def step(self, flat, inputs):
+    return jnp.tanh(self.recurrent(flat) + self.inp(inputs))
+
+
+class LSTMRNN(_CellRNN):
+
+  def build_cell(self, width, *, dtype, rngs):
+    if self.size % 2:
+      raise ValueError(f"lstm needs an even memory size K*d to hold (h, c), got {self.size}.")
+    self.cell = nnx.LSTMCell(width, self.size // 2, dtype=dtype, rngs=rngs)
+
+  def step(self, flat, inputs):
+    h, c = jnp.split(flat, 2, axis=-1)
+    (c, h), _ = self.cell((c, h), inputs)
+    return jnp.concatenate([h, c], axis=-1)
+
+
+# The one table of RNN kinds: name -> constructor (all take the same keyword arguments).
+UPDATERS = {
+    "transformer": TransformerRNN,
+    "mlp": MLPRNN,
+    "gru": GRURNN,
+    "elman": ElmanRNN,
+    "lstm": LSTMRNN,
+}
+
+
+def make_rnn(kind: str, **kwargs) -> RNN:
+  """Builds the RNN of the given kind; kwargs as `TransformerRNN`'s."""
+  if kind not in UPDATERS:
+    raise ValueError(f"Unknown RNN kind {kind!r}; valid kinds: {sorted(UPDATERS)}.")
+  return UPDATERS[kind](**kwargs)

@@ -1,0 +1,313 @@
+"""The SMT, DMT and BPTT objectives: pure functions (params, batch, key, *, hyper-parameters).
+
+Each returns `(loss, metrics)` and works under `jax.jit`, `jax.grad`, `jax.vmap` and sharding. The
+models enter as plain functions of their parameters (`TeacherFns`, `RNNFns`), so any RNN cell written
+in any JAX library can be trained: nothing here imports Flax.
+
+Time indexing (SPEC sections 2-5). A batch holds x, y int [B, T]; y[t] is predicted after reading
+x[0..t]; y == -1 means no target. The teacher's memory at time t is m_t = E(x[t-Tc+1 .. t]) (left-padded
+with -1; t = -1 is the empty context, giving the initial memory). m_t's decoder predicts
+y[t .. t+Tf-1] from x[t+1 .. t+Tf]. An RNN transition is (m_t, x[t+1]) -> m_{t+1}; readout(m_t)
+predicts y[t].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from smt_jax import losses
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+class TeacherFns(NamedTuple):
+  """The teacher as pure functions of its parameters."""
+  encode: Callable[[Params, jax.Array], jax.Array]  # (p, context [B, Tc]) -> memory [B, K, d]
+  decode: Callable[[Params, jax.Array, jax.Array], jax.Array]  # (p, m, x_future [B, Tf]) -> [B, Tf, V]
+
+
+class RNNFns(NamedTuple):
+  """An RNN as pure functions of its parameters."""
+  update: Callable[[Params, jax.Array, jax.Array], jax.Array]  # (p, m [B, K, d], x [B]) -> m'
+  readout: Callable[[Params, jax.Array], jax.Array]  # (p, m [B, K, d]) -> logits [B, V]
+  initial_memory: Callable[[Params], jax.Array]  # (p) -> [K, d]
+
+
+def _check_batch(batch: Batch, min_len: int, what: str) -> tuple[jax.Array, jax.Array]:
+  x, y = batch["x"], batch["y"]
+  if x.ndim != 2 or x.shape != y.shape:
+    raise ValueError(f"batch['x'] and batch['y'] must both be int [B, T]; got {x.shape} and "
+                     f"{y.shape}.")
+  for name, v in (("x", x), ("y", y)):
+    if not jnp.issubdtype(v.dtype, jnp.integer):
+      raise ValueError(f"batch['{name}'] must hold integer tokens, got dtype {v.dtype}.")
+  if x.shape[1] < min_len:
+    raise ValueError(f"sequence length T = {x.shape[1]} is too short: {what} needs T >= {min_len}.")
+  return x, y
+
+
+def _positive(**kwargs) -> None:
+  for name, v in kwargs.items():
+    if v is None or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v}.")
+
+
+def windows(x: jax.Array, ends: jax.Array, length: int) -> jax.Array:
+  """Context windows x[t-length+1 .. t] for each t in `ends`, left-padded with -1.
+
+  Args:
+    x: int [B, T]. ends: int [N], each in [-1, T-1] (-1 gives an all-padding window).
+  Returns:
+    int [B, N, length].
+  """
+  idx = ends[:, None] - length + 1 + jnp.arange(length)  # [N, length]
+  return jnp.where(idx >= 0, x[:, jnp.clip(idx, 0, x.shape[1] - 1)], -1)
+
+
+def shifted(v: jax.Array, start: jax.Array, length: int) -> jax.Array:
+  """v[:, s + j] for s in `start` [N] and j < length, -1 outside [0, T): int [B, N, length]."""
+  idx = start[:, None] + jnp.arange(length)
+  ok = (idx >= 0) & (idx < v.shape[1])
+  return jnp.where(ok, v[:, jnp.clip(idx, 0, v.shape[1] - 1)], -1)
+
+
+def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) -> jax.Array:
+  """Teacher memories for many windows at once: vmap of E over the time axis.
+
+  context int [B, N, Tc] -> memories [B, N, K, d].
+  """
+  return jax.vmap(teacher.encode, in_axes=(None, 1), out_axes=1)(params, context)
+
+
+def transition_positions(seq_len: int, num_transitions: int, context_length: int,
+                         key: jax.Array | None) -> jax.Array:
+  """Which memory times t the SMT loss trains, as int [N] in [-1, T-2].
+
+  num_transitions == 1: the published recipe, t = Tc-1 (windows x[0:Tc] and x[1:Tc+1], input x[Tc]).
+  num_transitions == T: every transition of the sequence, t = -1 .. T-2 (from the initial memory on).
+  Otherwise a sorted random subset of that range, shared by the batch, drawn with `key`.
+  """
+  if not 1 <= num_transitions <= seq_len:
+    raise ValueError(f"num_transitions must be in [1, T={seq_len}], got {num_transitions}.")
+  if num_transitions == 1:
+    if seq_len < context_length + 1:
+      raise ValueError(f"num_transitions=1 uses t = Tc-1 and input x[Tc]: needs T >= Tc + 1 = "
+                       f"{context_length + 1}, got T = {seq_len}.")
+    return jnp.array([context_length - 1])
+  if num_transitions == seq_len:
+    return jnp.arange(-1, seq_len - 1)
+  if key is None:
+    raise ValueError("a PRNG key is needed to draw a random subset of transitions.")
+  return jnp.sort(jax.random.choice(key, jnp.arange(-1, seq_len - 1), (num_transitions,),
+                                    replace=False))
+
+
+def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: TeacherFns,
+             rnn: RNNFns, context_length: int, future_length: int, num_transitions: int = 1,
+             c_dec: float = 1.0, c_dyn: float = 0.1, c_unif: float = 1e-3, c_readout: float = 1.0,
+             gamma: float = 1.0, stop_teacher_grad: bool = False,
+             uniformity_max_samples: int = 512, uniformity_temperature: float = 2.0,
+             uniformity_over: str = "tokens",
+             constrain_time: Callable[[jax.Array], jax.Array] | None = None,
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Supervised Memory Training: teacher + RNN, every transition in parallel over time.
+
+    L = c_dec L_dec + c_dyn (L_dyn + L_init) + c_unif L_unif + c_readout L_readout
+
+  L_dec     decoding_loss of D(m_t, x[t+1 .. t+Tf]) against y[t .. t+Tf-1] (gamma-discounted);
+  L_dyn     MSE(update(m_t, x[t+1]), m_{t+1}), the one-step transition regression;
+  L_init    MSE(RNN initial memory, E(empty)), so the RNN starts where the teacher does;
+  L_unif    uniformity_loss of the memories (per token, or per whole state);
+  L_readout CE(readout(stop_gradient(m_{t+1})), y[t+1]): trains the RNN's readout on teacher
+            memories (no gradient into the teacher).
+  All teacher memories come from one `vmap` of the encoder over time positions and all RNN
+  transitions from one `vmap` of `update`: no unrolling, an O(1) gradient path between any tokens.
+
+  Args:
+    params: {'teacher': teacher params, 'rnn': RNN params}.
+    batch: {'x': int [B, T], 'y': int [B, T]}.
+    key: PRNG key (random transition subset, uniformity subset); may be None when
+      num_transitions is 1 or T and the memories number at most `uniformity_max_samples`.
+    teacher, rnn: the models as pure functions.
+    context_length: Tc, the encoder's window. future_length: Tf, the decoder's horizon.
+    num_transitions: 1 (t = Tc-1, the published recipe), T (all), or a random subset size.
+    stop_teacher_grad: if True, L_dyn and L_init do not train the teacher.
+    constrain_time: optional function applied to every [B, N, ...] array over time positions
+      (e.g. a sharding constraint putting N on a 'time' mesh axis).
+
+  Returns:
+    (loss, metrics) with the weighted terms and diagnostics.
+  """
+  _positive(context_length=context_length, future_length=future_length)
+  if uniformity_over not in ("tokens", "states"):
+    raise ValueError(f"uniformity_over must be 'tokens' or 'states', got {uniformity_over!r}.")
+  x, y = _check_batch(batch, 2, "smt_loss")
+  seq_len = x.shape[1]
+  k_pos, k_unif = jax.random.split(key) if key is not None else (None, None)
+  src = transition_positions(seq_len, num_transitions, context_length, k_pos)  # [N]
+  n = src.shape[0]
+  tp, rp = params["teacher"], params["rnn"]
+  constrain = constrain_time or (lambda a: a)
+
+  # Teacher labels: memories at t (sources) and t+1 (targets). With every transition, the two sets
+  # overlap in all but one position, so encode t = -1 .. T-1 once and slice.
+  if n == seq_len:
+    mem = encode_over_time(teacher, tp, constrain(windows(x, jnp.arange(-1, seq_len),
+                                                          context_length)))
+    m_src, m_tgt = mem[:, :-1], mem[:, 1:]  # [B, N, K, d]
+  else:
+    ctx = windows(x, jnp.concatenate([src, src + 1]), context_length)
+    mem = encode_over_time(teacher, tp, constrain(ctx))
+    m_src, m_tgt = mem[:, :n], mem[:, n:]
+  m_src, m_tgt = constrain(m_src), constrain(m_tgt)
+
+  # Decoding loss: every source memory predicts its Tf future targets.
+  y_future = constrain(shifted(y, src, future_length))  # [B, N, Tf]
+  x_future = constrain(shifted(x, src + 1, future_length))
+  logits = jax.vmap(teacher.decode, in_axes=(None, 1, 1), out_axes=1)(tp, m_src, x_future)
+  l_dec = losses.decoding_loss(logits, y_future, gamma=gamma)
+
+  # Dynamics loss: the RNN's one-step transitions, all in parallel over time.
+  teacher_out = jax.lax.stop_gradient if stop_teacher_grad else (lambda a: a)
+  x_next = constrain(x[:, src + 1])  # [B, N]
+  predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
+      rp, teacher_out(m_src), x_next)
+  l_dyn = losses.dynamics_loss(predicted, teacher_out(m_tgt))
+  m_init = teacher.encode(tp, jnp.full((1, context_length), -1, x.dtype))[0]
+  l_init = losses.dynamics_loss(rnn.initial_memory(rp)[None], teacher_out(m_init)[None])
+
+  # Uniformity over the source memories (tokens, or whole flattened states).
+  unif_in = m_src if uniformity_over == "tokens" else m_src.reshape(*m_src.shape[:2], -1)
+  l_unif = losses.uniformity_loss(unif_in, key=k_unif, max_samples=uniformity_max_samples,
+                                  temperature=uniformity_temperature)
+
+  # Readout on teacher memories m_{t+1}, predicting y[t+1].
+  y_next = constrain(shifted(y, src + 1, 1)[..., 0])  # [B, N]
+  r_logits = jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(
+      rp, jax.lax.stop_gradient(m_tgt))
+  r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
+  l_readout = losses.masked_mean(r_ce, r_mask)
+
+  loss = c_dec * l_dec + c_dyn * (l_dyn + l_init) + c_unif * l_unif + c_readout * l_readout
+  metrics = {
+      "loss": loss, "decoding_loss": l_dec, "dynamics_loss": l_dyn, "init_loss": l_init,
+      "uniformity_loss": l_unif, "readout_loss": l_readout,
+      "one_step_drift_1mr2": losses.drift(jax.lax.stop_gradient(predicted),
+                                          jax.lax.stop_gradient(m_tgt))["one_minus_r2"],
+      "num_targets": jnp.sum(y_future != -1).astype(jnp.float32),
+  }
+  return loss, metrics
+
+
+def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Callable,
+            stop_gradient_every: int | None = None) -> jax.Array:
+  """Runs the RNN with `lax.scan`: the states after reading each input.
+
+  Args:
+    params: RNN params. memory: [B, K, d], the state before inputs[:, 0].
+    inputs: int [B, L].
+    update: (params, m, x) -> m'.
+    stop_gradient_every: None lets gradients flow through the whole unroll (BPTT); 1 stops them
+      before every update (on-policy imitation, DMT); k > 1 truncates every k steps (TBPTT).
+
+  Returns:
+    states [B, L, K, d]: states[:, i] has read inputs[:, :i+1].
+  """
+  def step(m, xs):
+    i, x_t = xs
+    if stop_gradient_every is not None:
+      # Cut before update i when i is a multiple of k; with k > 1 the first segment still reaches
+      # the initial memory (truncated BPTT trains it), with k == 1 nothing crosses a step.
+      cut = (i % stop_gradient_every == 0) & ((i > 0) | (stop_gradient_every == 1))
+      m = jnp.where(cut, jax.lax.stop_gradient(m), m)
+    m = update(params, m, x_t)
+    return m, m
+
+  steps = jnp.arange(inputs.shape[1])
+  _, states = jax.lax.scan(step, memory, (steps, inputs.T))  # time-major [L, B, K, d]
+  return jnp.swapaxes(states, 0, 1)
+
+
+def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Array:
+  """vmap of readout over time: states [B, L, K, d] -> logits [B, L, V]."""
+  return jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(params, states)
+
+
+def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teacher: TeacherFns,
+             rnn: RNNFns, context_length: int, rollout_length: int, label_every: int,
+             c_dyn: float = 10.0, c_readout: float = 1.0, stop_carry_grad: bool = True,
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
+
+  With s = 0..Td, labels m_enc(s) = E(x[s .. s+Tc-1]) (the teacher memory at t = Tc-1+s) every k
+  steps. The RNN starts from m_enc(0) and reads x[Tc .. Tc+Td-1] with `lax.scan`; its state after
+  s inputs is state_s.
+
+    L = c_dyn * mean_{s in k, 2k, .., Td} MSE(state_s, m_enc(s))
+        + c_readout * mean_{s=0..Td} CE(readout(stop_gradient(state_s)), y[Tc-1+s])
+
+  stop_carry_grad (default) applies stop_gradient to the carried state before every update, so
+  each label trains only the last update (imitation, not BPTT). The teacher gets no gradient.
+
+  Args:
+    params: {'teacher': ..., 'rnn': ...}. batch: x, y int [B, T] with T >= Tc + Td.
+    key: unused (the signature matches the other objectives).
+    context_length: Tc. rollout_length: Td. label_every: k (must divide Td).
+
+  Returns:
+    (loss, metrics) including drift ('drift_mse', 'drift_1mr2') of the rollout vs the labels.
+  """
+  del key
+  _positive(context_length=context_length, rollout_length=rollout_length,
+            label_every=label_every)
+  if rollout_length % label_every:
+    raise ValueError(f"label_every (k={label_every}) must divide rollout_length "
+                     f"(Td={rollout_length}).")
+  x, y = _check_batch(batch, context_length + rollout_length, "dmt_loss (Tc + Td)")
+  tp = jax.lax.stop_gradient(params["teacher"])
+  rp = params["rnn"]
+  label_steps = jnp.arange(0, rollout_length + 1, label_every)  # s = 0, k, .., Td
+  labels = encode_over_time(teacher, tp, windows(x, label_steps + context_length - 1,
+                                                 context_length))  # [B, S, K, d]
+  inputs = x[:, context_length:context_length + rollout_length]
+  states = rollout(rp, labels[:, 0], inputs, update=rnn.update,
+                   stop_gradient_every=1 if stop_carry_grad else None)
+  states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
+  l_dyn = losses.dynamics_loss(states[:, label_steps[1:]], labels[:, 1:])
+  logits = readout_over_time(rnn, rp, jax.lax.stop_gradient(states))
+  ce, mask = losses.masked_cross_entropy(
+      logits, y[:, context_length - 1:context_length + rollout_length])
+  l_readout = losses.masked_mean(ce, mask)
+  d = losses.drift(jax.lax.stop_gradient(states[:, label_steps[1:]]), labels[:, 1:])
+  loss = c_dyn * l_dyn + c_readout * l_readout
+  return loss, {"loss": loss, "dynamics_loss": l_dyn, "readout_loss": l_readout,
+                "drift_mse": d["mse"], "drift_1mr2": d["one_minus_r2"]}
+
+
+def bptt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, rnn: RNNFns,
+              truncation: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Backpropagation through time: the baseline.
+
+  From the RNN's initial memory, read x[0..T-1] with `lax.scan`; readout(state_t) predicts y[t].
+  L = masked mean over t of CE. Gradients flow through the whole unroll, or are cut every
+  `truncation` steps (truncated BPTT).
+
+  Args:
+    params: {'rnn': RNN params} (a 'teacher' entry, if present, is ignored).
+    batch: x, y int [B, T]. key: unused.
+  """
+  del key
+  if truncation is not None:
+    _positive(truncation=truncation)
+  x, y = _check_batch(batch, 1, "bptt_loss")
+  rp = params["rnn"]
+  m_init = rnn.initial_memory(rp)
+  m0 = jnp.broadcast_to(m_init, (x.shape[0], *m_init.shape))
+  states = rollout(rp, m0, x, update=rnn.update, stop_gradient_every=truncation)
+  ce, mask = losses.masked_cross_entropy(readout_over_time(rnn, rp, states), y)
+  loss = losses.masked_mean(ce, mask)
+  return loss, {"loss": loss, "readout_loss": loss}
