@@ -76,7 +76,7 @@ def generate_copy(rng: np.random.Generator, *, seq_len: int, num_tokens: int,
   if label_noise > 0:
     noisy = rng.random(length) < label_noise
     targets = np.where(noisy, rng.integers(1, num_tokens + 1, size=length), targets)
-  y[length+1:2 * length+1] = targets
+  y[length:2 * length] = targets
   return x, y
 
 
