@@ -240,23 +240,26 @@ def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Arr
 def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teacher: TeacherFns,
              rnn: RNNFns, context_length: int, rollout_length: int, label_every: int,
              c_dyn: float = 10.0, c_readout: float = 1.0, stop_carry_grad: bool = True,
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+             start: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
 
-  With s = 0..Td, labels m_enc(s) = E(x[s .. s+Tc-1]) (the teacher memory at t = Tc-1+s) every k
-  steps. The RNN starts from m_enc(0) and reads x[Tc .. Tc+Td-1] with `lax.scan`; its state after
-  s inputs is state_s.
+  The rollout starts at memory time t0 = `start` (default Tc-1, the stream recipe; -1 starts from
+  the initial memory E(empty), as for episodic tasks). With s = 0..Td, labels
+  m_enc(s) = m_{t0+s} = E(x[t0+s-Tc+1 .. t0+s]) (for t0 = Tc-1: E(x[s .. s+Tc-1])) every k steps.
+  The RNN starts from m_enc(0) and reads x[t0+1 .. t0+Td] with `lax.scan`; its state after s inputs
+  is state_s.
 
     L = c_dyn * mean_{s in k, 2k, .., Td} MSE(state_s, m_enc(s))
-        + c_readout * mean_{s=0..Td} CE(readout(stop_gradient(state_s)), y[Tc-1+s])
+        + c_readout * mean_{s=0..Td} CE(readout(stop_gradient(state_s)), y[t0+s])
 
   stop_carry_grad (default) applies stop_gradient to the carried state before every update, so
   each label trains only the last update (imitation, not BPTT). The teacher gets no gradient.
 
   Args:
-    params: {'teacher': ..., 'rnn': ...}. batch: x, y int [B, T] with T >= Tc + Td.
+    params: {'teacher': ..., 'rnn': ...}. batch: x, y int [B, T] with T >= t0 + 1 + Td.
     key: unused (the signature matches the other objectives).
     context_length: Tc. rollout_length: Td. label_every: k (must divide Td).
+    start: t0, the memory time the rollout starts from (None: Tc - 1).
 
   Returns:
     (loss, metrics) including drift ('drift_mse', 'drift_1mr2') of the rollout vs the labels.
@@ -267,20 +270,22 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
   if rollout_length % label_every:
     raise ValueError(f"label_every (k={label_every}) must divide rollout_length "
                      f"(Td={rollout_length}).")
-  x, y = _check_batch(batch, context_length + rollout_length, "dmt_loss (Tc + Td)")
+  t0 = context_length - 1 if start is None else start
+  if t0 < -1:
+    raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
+  x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
   tp = jax.lax.stop_gradient(params["teacher"])
   rp = params["rnn"]
   label_steps = jnp.arange(0, rollout_length + 1, label_every)  # s = 0, k, .., Td
-  labels = encode_over_time(teacher, tp, windows(x, label_steps + context_length - 1,
-                                                 context_length))  # [B, S, K, d]
-  inputs = x[:, context_length:context_length + rollout_length]
+  labels = encode_over_time(teacher, tp, windows(x, label_steps + t0, context_length))  # [B,S,K,d]
+  inputs = x[:, t0 + 1:t0 + 1 + rollout_length]
   states = rollout(rp, labels[:, 0], inputs, update=rnn.update,
                    stop_gradient_every=1 if stop_carry_grad else None)
   states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
   l_dyn = losses.dynamics_loss(states[:, label_steps[1:]], labels[:, 1:])
   logits = readout_over_time(rnn, rp, jax.lax.stop_gradient(states))
-  ce, mask = losses.masked_cross_entropy(
-      logits, y[:, context_length - 1:context_length + rollout_length])
+  y_rollout = shifted(y, jnp.array([t0]), rollout_length + 1)[:, 0]  # y[t0 .. t0+Td], [B, Td+1]
+  ce, mask = losses.masked_cross_entropy(logits, y_rollout)
   l_readout = losses.masked_mean(ce, mask)
   d = losses.drift(jax.lax.stop_gradient(states[:, label_steps[1:]]), labels[:, 1:])
   loss = c_dyn * l_dyn + c_readout * l_readout
