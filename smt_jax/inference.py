@@ -49,7 +49,8 @@ def read(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
   targets before t = P-1 are not scored.
 
   Returns:
-    {'nll': [B, T], 'correct': [B, T] (argmax == target), 'mask': [B, T] bool (scored targets)}.
+    {'nll': [B, T], 'correct': [B, T] (argmax == target), 'mask': [B, T] bool (scored targets),
+     'states': the RNN's memories [B, T, K, d] (P > 0: [B, T-P+1, K, d], from t = P-1)}.
   """
   x, y = batch["x"], batch["y"]
   rp = params["rnn"]
@@ -70,7 +71,7 @@ def read(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
     y_scored = jnp.where(jnp.arange(x.shape[1]) >= prompt_length - 1, y, -1)
   nll, mask = losses.masked_cross_entropy(logits, y_scored)
   correct = (jnp.argmax(logits, -1) == y_scored) & mask
-  return {"nll": nll, "correct": correct, "mask": mask}
+  return {"nll": nll, "correct": correct, "mask": mask, "states": states}
 
 
 @functools.partial(jax.jit, static_argnames=("rnn", "num_steps"))

@@ -1,0 +1,125 @@
+"""Defaults shared by every experiment config (SPEC section 6's published values where they apply).
+
+Each config file starts from `base()` and overrides what its experiment needs. Periods are named
+with their units (`*_every_steps`); a value of 0 turns a periodic action off.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.phases = "smt,dmt"  # comma-separated, run in order: any of smt, dmt, bptt
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # a key of smt_jax.data.DATASETS
+  c.data.episodic = False  # True: independent sequences of data.seq_len (the probes)
+  c.data.seq_len = 0  # episodic sources only: the episode length T
+  c.data.path = ""  # text: a file or folder; mnist: a folder of IDX files ("" = tensorflow-datasets)
+  c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
+
+  c.model = ml_collections.ConfigDict()
+  c.model.rnn_kind = "transformer"  # a key of smt_jax.models.UPDATERS
+  c.model.width = 256  # d: model width = memory token width
+  c.model.num_memory_tokens = 16  # K
+  c.model.num_heads = 8
+  c.model.encoder_depth = 8
+  c.model.decoder_depth = 4
+  c.model.rnn_depth = 8
+  c.model.readout_depth = 4
+  c.model.rnn_hidden = 0  # mlp / cell readout hidden size (0: K * d)
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.01
+  c.optim.clip_norm = 1.0  # global-norm clip, per model
+  c.optim.warmup_frac = 0.01
+
+  c.smt = ml_collections.ConfigDict()
+  c.smt.steps = 150_000
+  c.smt.batch_size = 128
+  c.smt.lr = 3e-4
+  c.smt.context_length = 256  # Tc
+  c.smt.future_length = 64  # Tf; streams train on T = Tc + Tf
+  c.smt.num_transitions = 1  # 1: t = Tc-1 (published); T: all; else a random subset
+  c.smt.c_dec = 1.0
+  c.smt.c_dyn = 0.1
+  c.smt.c_unif = 0.001
+  c.smt.c_readout = 1.0
+  c.smt.gamma = 1.0
+  c.smt.stop_teacher_grad = False
+  c.smt.uniformity_max_samples = 512
+  c.smt.uniformity_over = "tokens"
+  c.smt.copy_decoder_to_readout = True  # transformer RNN: readout takes the decoder's weights
+
+  c.dmt = ml_collections.ConfigDict()
+  c.dmt.steps = 1_500
+  c.dmt.batch_size = 32
+  c.dmt.lr = 3e-5
+  c.dmt.rollout_length = 256  # Td; streams train on T = Tc + Td + Tf
+  c.dmt.label_every = 16  # k
+  c.dmt.c_dyn = 10.0
+  c.dmt.c_readout = 1.0
+  c.dmt.stop_carry_grad = True
+
+  c.bptt = ml_collections.ConfigDict()
+  c.bptt.steps = 150_000
+  c.bptt.batch_size = 128
+  c.bptt.lr = 3e-4
+  c.bptt.seq_len = 320  # streams only (episodic sources use data.seq_len)
+  c.bptt.truncation = 0  # 0: full BPTT; k: cut the gradient every k steps
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 2_000
+  c.eval.batch_size = 64
+  c.eval.num_batches = 4
+  c.eval.seq_len = 512  # streams only
+  c.eval.prompt_length = 128  # eval/rnn_prompted_nll starts from E(first prompt_length tokens)
+
+  c.samples = ml_collections.ConfigDict()
+  c.samples.num = 16
+  c.samples.temperature = 1.0
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 3
+  c.nan_policy = "stop"  # "stop": halt naming the step and term; "skip": skip the update, count it
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.time = 1  # SMT's time axis: the vmapped transitions split across devices
+  return c
+
+
+def cpu_model(c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4,
+              depth: int = 2) -> None:
+  """A small model that trains in minutes on a laptop CPU."""
+  c.model.width = width
+  c.model.num_memory_tokens = memory_tokens
+  c.model.num_heads = 4
+  c.model.encoder_depth = depth
+  c.model.decoder_depth = 1
+  c.model.rnn_depth = depth
+  c.model.readout_depth = 1
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """A tiny model and a handful of steps of every phase: runs in seconds (used by the tests)."""
+  cpu_model(c, width=16, memory_tokens=2, depth=1)
+  c.smt.steps, c.dmt.steps, c.bptt.steps = 6, 4, 6
+  c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = c.eval.batch_size = 4
+  c.smt.future_length = 4
+  c.eval.num_batches = 1
+  c.eval.every_steps = 4
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 3
+  c.samples.num = 4
+  if not c.data.episodic:  # streams: short windows
+    c.smt.context_length, c.smt.num_transitions = 16, 2
+    c.dmt.rollout_length, c.dmt.label_every = 8, 4
+    c.bptt.seq_len = c.eval.seq_len = 24
+    c.eval.prompt_length = 8

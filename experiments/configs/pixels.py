@@ -1,0 +1,59 @@
+"""Pixel-sequence modelling: images as raster-scan token streams (SPEC section 8).
+
+Arguments (`--config=experiments/configs/pixels.py:ARG`):
+  digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
+                    model; SMT then DMT in under 10 minutes on a 2-core CPU, no network needed.
+  mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
+                    --config.data.path); the paper's model and schedules (SPEC section 6).
+  smoke             digits with a tiny model and a few steps (seconds; used by the tests).
+
+Commands:
+  python -m experiments.run --config=experiments/configs/pixels.py
+  python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.model.dtype=bfloat16
+  python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.data.path=/data/mnist
+  python -m experiments.run --config=experiments/configs/pixels.py --config.phases=bptt
+  python -m experiments.sample --workdir=runs/pixels_digits
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str = "digits"):
+  c = common.base()
+  if arg in ("digits", "smoke"):
+    c.data.name = "digits"
+    common.cpu_model(c)
+    c.smt.steps = 1_500
+    c.smt.batch_size = 32
+    c.smt.lr = 1e-3
+    c.smt.context_length = 64  # about one image (65 tokens with its BOS)
+    c.smt.future_length = 16
+    c.smt.num_transitions = 8
+    c.dmt.steps = 200
+    c.dmt.batch_size = 16
+    c.dmt.lr = 3e-4
+    c.dmt.rollout_length = 64
+    c.dmt.label_every = 8
+    c.bptt.steps = 1_500
+    c.bptt.batch_size = 32
+    c.bptt.lr = 1e-3
+    c.bptt.seq_len = 128
+    c.eval.every_steps = 500
+    c.eval.batch_size = 32
+    c.eval.num_batches = 4
+    c.eval.seq_len = 130  # two whole images
+    c.eval.prompt_length = 65
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 500
+    if arg == "smoke":
+      common.smoke(c)
+  elif arg == "mnist":
+    c.data.name = "mnist"
+    c.smt.context_length = 256
+    c.smt.future_length = 64
+    c.eval.seq_len = 1570  # two whole images (785 tokens each with BOS)
+    c.eval.prompt_length = 785 + 392  # an image, then the top half of the next
+    c.bptt.seq_len = 320
+  else:
+    raise ValueError(f"pixels.py: unknown argument {arg!r}; use digits, mnist or smoke.")
+  return c

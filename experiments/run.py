@@ -1,0 +1,70 @@
+"""The main entry point: train an experiment from its config.
+
+  python -m experiments.run --config=experiments/configs/pixels.py
+  python -m experiments.run --config=experiments/configs/synthetic.py:stack --config.model.rnn_kind=gru
+
+Rerunning the same command resumes from the latest checkpoint in --workdir (default
+runs/<config name>_<arg>). On multi-host systems every process runs this same command.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file (and :arg).",
+                                 lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
+flags.DEFINE_bool("overwrite", False, "Start over in a workdir that holds another config's run.")
+flags.DEFINE_bool("fork", False, "Continue another config's checkpoints under this config.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<file stem>_<arg>, e.g. runs/pixels_digits for experiments/configs/pixels.py."""
+  path, _, arg = config_arg.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  module = {"pixels": "digits", "synthetic": "retrieval", "text": "small"}
+  arg = arg or module.get(stem, "default")
+  return os.path.join("runs", f"{stem}_{arg.replace(',', '_')}")
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() once, when the environment describes a multi-process job."""
+  import jax
+  env = os.environ
+  multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
+           or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+           or int(env.get("JAX_NUM_PROCESSES", "1")) > 1)
+  if multi:
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+      kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                    num_processes=int(env["JAX_NUM_PROCESSES"]),
+                    process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:  # library INFO chatter (orbax) off unless asked with -v
+    logging.set_verbosity(logging.WARNING)
+  maybe_initialize_distributed()
+  from smt_jax import train  # after distributed init: it touches devices
+  workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+  print(f"workdir: {workdir}", flush=True)
+  summary = train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite,
+                                     fork=FLAGS.fork)
+  for k in sorted(summary):
+    if not isinstance(summary[k], dict):
+      print(f"{k}: {summary[k]}")
+  for phase in ("smt", "dmt", "bptt"):
+    if isinstance(summary.get(phase), dict):
+      print(phase, {k: round(v, 4) for k, v in summary[phase].items()})
+  print(f"Results in {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

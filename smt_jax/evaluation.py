@@ -1,0 +1,51 @@
+"""Held-out evaluation of a teacher/RNN pair, as one pure function of (params, batch)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from smt_jax import losses
+from smt_jax.inference import read
+from smt_jax.objectives import Params, RNNFns, TeacherFns, encode_over_time, windows
+
+
+@functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length"))
+def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
+             teacher: TeacherFns | None = None, context_length: int | None = None,
+             prompt_length: int = 0) -> dict[str, jax.Array]:
+  """Sums and counts over one eval batch (divide after summing over batches).
+
+  rnn_*        the RNN read teacher-forced from its own initial memory (no teacher at all).
+  prompted_*   the RNN started from the teacher's memory of the first `prompt_length` tokens.
+  teacher_*    the teacher decoder's next-target prediction from m_t = E(x[t-Tc+1 .. t]).
+  drift_*      the RNN's own states vs the teacher's memories m_t along the sequence.
+
+  Returns scalars: {rnn_nll_sum, rnn_correct_sum, count} and, with a teacher, {teacher_nll_sum,
+  teacher_correct_sum, drift_mse, drift_1mr2 (per-batch means)} and, with a prompt,
+  {prompted_nll_sum, prompted_count}.
+  """
+  x, y = batch["x"], batch["y"]
+  r = read(params, batch, rnn=rnn)
+  out = {"rnn_nll_sum": jnp.sum(r["nll"]), "rnn_correct_sum": jnp.sum(r["correct"]),
+         "count": jnp.sum(r["mask"])}
+  if teacher is None:
+    return out
+  tp = params["teacher"]
+  mem = encode_over_time(teacher, tp, windows(x, jnp.arange(x.shape[1]), context_length))
+  # The decoder's first output (position K-1) predicts y[t] from m_t alone; the future input it is
+  # fed cannot influence that position (causal mask).
+  logits = jax.vmap(teacher.decode, in_axes=(None, 1, 1), out_axes=1)(tp, mem, x[:, :, None])
+  t_nll, t_mask = losses.masked_cross_entropy(logits[:, :, 0], y)
+  out["teacher_nll_sum"] = jnp.sum(t_nll)
+  out["teacher_correct_sum"] = jnp.sum((jnp.argmax(logits[:, :, 0], -1) == y) & t_mask)
+  d = losses.drift(r["states"], mem)
+  out["drift_mse"], out["drift_1mr2"] = d["mse"], d["one_minus_r2"]
+  if prompt_length > 0:
+    p = read(params, batch, rnn=rnn, teacher=teacher, context_length=context_length,
+             prompt_length=prompt_length)
+    out["prompted_nll_sum"], out["prompted_count"] = jnp.sum(p["nll"]), jnp.sum(p["mask"])
+  return out
+

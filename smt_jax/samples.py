@@ -1,0 +1,114 @@
+"""Samples a person can look at: digit grids, generated text, probe accuracy tables."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smt_jax import inference
+from smt_jax.data import PixelSource, ProbeSource, TextSource
+
+
+def write_samples(exp, params, workdir: str, summary: dict | None = None) -> list[str]:
+  """Writes the samples suited to the dataset into `workdir`; returns the paths written."""
+  c = exp.config
+  key = jax.random.key(c.seed + 1)
+  if isinstance(exp.source, PixelSource):
+    return [pixel_samples(exp, params, key, os.path.join(workdir, "samples.png"))]
+  if isinstance(exp.source, TextSource):
+    return [text_samples(exp, params, key, os.path.join(workdir, "samples.txt"))]
+  if isinstance(exp.source, ProbeSource):
+    return [probe_table(summary or {}, os.path.join(workdir, "accuracy.md"))]
+  return []
+
+
+def _generate(exp, params, key, prompts: np.ndarray, num_steps: int, *, use_teacher: bool):
+  """Tokens [N, num_steps] sampled by the RNN after reading `prompts` [N, P]."""
+  tfns, rfns = exp.fns
+  memory = inference.prompt_memory(params, jnp.asarray(prompts), rnn=rfns,
+                                   teacher=tfns if use_teacher else None,
+                                   context_length=exp.config.smt.context_length)
+  return np.asarray(inference.write(params, key, memory, rnn=rfns, num_steps=num_steps,
+                                    temperature=exp.config.samples.temperature))
+
+
+def pixel_samples(exp, params, key, path: str) -> str:
+  """A grid: real eval digits | the RNN alone (from BOS) | RNN completions of real top halves.
+
+  Completions start from the teacher's memory of the top half when the run trained a teacher,
+  else from the RNN's own rollout over it.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  src = exp.source
+  n = exp.config.samples.num
+  h, w = src.image_shape
+  real = src.images("eval")[:n]
+  bos = np.full((n, 1), src.bos, np.int32)
+  k1, k2 = jax.random.split(key)
+  alone = _generate(exp, params, k1, bos, h * w, use_teacher=False)
+  half = (h // 2) * w
+  top = np.concatenate([bos, real.reshape(n, -1)[:, :half].astype(np.int32)], axis=1)
+  rest = _generate(exp, params, k2, top, h * w - half, use_teacher="smt" in exp.phases)
+  completed = np.concatenate([top[:, 1:], rest], axis=1)
+
+  def to_img(tokens):  # a sampled BOS inside an image shows as background
+    t = np.where(tokens >= src.levels, 0, tokens)
+    return t.reshape(-1, h, w) / (src.levels - 1)
+
+  rows = [("real", real / (src.levels - 1)), ("RNN alone", to_img(alone)),
+          ("RNN completes top half", to_img(completed))]
+  fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.95), squeeze=False)
+  for r, (name, imgs) in enumerate(rows):
+    for i in range(n):
+      ax = axes[r, i]
+      ax.imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
+      ax.set_xticks([]), ax.set_yticks([])
+      if r == 2:
+        ax.axhline(h // 2 - 0.5, color="red", lw=0.6)
+    axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+  fig.suptitle(f"{exp.config.model.rnn_kind} RNN, phases {','.join(exp.phases)}", fontsize=8)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def text_samples(exp, params, key, path: str, length: int = 300) -> str:
+  """Stories written by the RNN alone and continuations of eval prompts."""
+  src = exp.source
+  n = min(exp.config.samples.num, 4)
+  k1, k2 = jax.random.split(key)
+  start = np.full((n, 1), ord("\n"), np.int32)
+  alone = _generate(exp, params, k1, start, length, use_teacher=False)
+  prompt_len = max(1, min(exp.config.smt.context_length, 128))
+  prompts = src.batch(split="eval", step=0, batch_size=n, seed=exp.config.seed)["x"][:, :prompt_len]
+  cont = _generate(exp, params, k2, prompts, length, use_teacher="smt" in exp.phases)
+  lines = ["# Samples from the RNN alone (starting after a newline)\n"]
+  for i in range(n):
+    lines += [f"--- sample {i}", src.decode(alone[i]), ""]
+  lines.append("# Continuations of eval prompts (prompt | continuation)\n")
+  for i in range(n):
+    lines += [f"--- prompt {i}", src.decode(prompts[i]) + " | " + src.decode(cont[i]), ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
+
+
+def probe_table(summary: dict, path: str) -> str:
+  """A markdown table of the final eval accuracy and NLL after each phase."""
+  lines = ["| phase | RNN acc | RNN NLL | teacher acc | teacher NLL |", "|---|---|---|---|---|"]
+  for phase in ("smt", "dmt", "bptt"):
+    m = summary.get(phase)
+    if not isinstance(m, dict):
+      continue
+    fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
+    lines.append(f"| {phase} | {fmt('eval/rnn_acc')} | {fmt('eval/rnn_nll')} | "
+                 f"{fmt('eval/teacher_acc')} | {fmt('eval/teacher_nll')} |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

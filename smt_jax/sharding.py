@@ -1,0 +1,91 @@
+"""The device mesh and the shardings of parameters, optimiser state and batches.
+
+One small vocabulary of mesh axes:
+  data  the batch is split across it (data parallelism);
+  fsdp  the batch is split across it too, and parameters and optimiser state are sharded over it
+        (each array along its largest dimension that divides evenly);
+  time  SMT's own axis: the vmapped transitions (time positions) are split across it, the
+        parallelism BPTT cannot have.
+Everything goes through `jax.jit` with `NamedSharding`s on this mesh (today's form of pjit).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "time")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Axis sizes for `spec` ({axis: size}, one size may be -1 = the rest) on `num_devices`."""
+  unknown = sorted(set(spec) - set(AXES))
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {unknown}; the axes are {list(AXES)}.")
+  sizes = [int(spec.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: sizes must be positive (or -1 once), got "
+                     f"{dict(zip(AXES, sizes))}.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
+                       f"{num_devices} devices; change config.mesh.")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"but {num_devices} are available; set one axis to -1 or fix the sizes.")
+  return tuple(sizes)
+
+
+def make_mesh(spec: dict[str, int]) -> Mesh:
+  """The one place a mesh is built: axes (data, fsdp, time) over every device."""
+  shape = mesh_shape(spec, jax.device_count())
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
+  if fsdp == 1 or not shape:
+    return P()
+  dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in dims:
+    if shape[i] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[i] = "fsdp"
+      return P(*spec)
+  return P()  # too small to split evenly: replicate
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for params / optimiser state: FSDP-sharded along the largest even dim."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda a: NamedSharding(mesh, _fsdp_spec(tuple(a.shape), fsdp)), tree)
+
+
+param_shardings = state_shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batches [B, T]: rows split over data x fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def time_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array] | None:
+  """A constraint putting the time-position axis (axis 1) of [B, N, ...] arrays on `time`."""
+  t = mesh.shape["time"]
+  if t == 1:
+    return None
+  b = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def constrain(a: jax.Array) -> jax.Array:
+    if a.ndim < 2 or a.shape[1] % t or a.shape[0] % b:
+      return a
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(BATCH_AXES, "time")))
+
+  return constrain
