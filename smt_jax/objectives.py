@@ -204,7 +204,8 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
 
 
 def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Callable,
-            stop_gradient_every: int | None = None) -> jax.Array:
+            stop_gradient_every: int | None = None, remat: bool = True, unroll: int = 1
+            ) -> jax.Array:
   """Runs the RNN with `lax.scan`: the states after reading each input.
 
   Args:
@@ -217,6 +218,8 @@ def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Cal
   Returns:
     states [B, L, K, d]: states[:, i] has read inputs[:, :i+1].
   """
+  update_step = jax.checkpoint(update) if remat else update
+
   def step(m, xs):
     i, x_t = xs
     if stop_gradient_every is not None:
@@ -224,11 +227,11 @@ def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Cal
       # the initial memory (truncated BPTT trains it), with k == 1 nothing crosses a step.
       cut = (i % stop_gradient_every == 0) & ((i > 0) | (stop_gradient_every == 1))
       m = jnp.where(cut, jax.lax.stop_gradient(m), m)
-    m = update(params, m, x_t)
+    m = update_step(params, m, x_t)
     return m, m
 
   steps = jnp.arange(inputs.shape[1])
-  _, states = jax.lax.scan(step, memory, (steps, inputs.T))  # time-major [L, B, K, d]
+  _, states = jax.lax.scan(step, memory, (steps, inputs.T), unroll=unroll)  # [L, B, K, d]
   return jnp.swapaxes(states, 0, 1)
 
 

@@ -339,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
       if is_main:
         from smt_jax import samples  # local: matplotlib only where samples are drawn
-        samples.write_samples(exp, params, workdir)
+        samples.write_samples(exp, params, workdir, summary)
         metrics_io.write_summary(workdir, summary)
   finally:
     signal.signal(signal.SIGTERM, old_handler)

@@ -1,0 +1,35 @@
+"""The benchmark configuration of the speed targets (issue: scale out), on a 2-core CPU.
+
+vocab 16, width 64, 4 memory tokens of 64, teacher encoder depth 2, RNN depth 2, decoder depth 1,
+4 heads, batch 32, float32, AdamW. SMT: Tc 64, Tf 32, one transition per sequence. DMT: Tc 64,
+Td 32, Tf 32, k 4. BPTT: T 64. Data: random tokens (the `retrieval` probe stream shape does not
+matter for timing; a stream of uniform tokens is used via the copy probe's generator).
+
+Commands:
+  python -m experiments.benchmark --config=experiments/configs/bench.py --out=bench.json
+  python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=seq_len
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg: str = ""):
+  del arg
+  c = common.base()
+  c.data.name = "copy"  # synthetic tokens: timing does not depend on their content
+  c.data.episodic = False
+  c.data.options.num_tokens = 15  # vocab 16
+  common.cpu_model(c, width=64, memory_tokens=4, depth=2)
+  c.model.readout_depth = 1
+  for p in ("smt", "dmt", "bptt"):
+    c[p].batch_size = 32
+    c[p].steps = 1_000
+  c.smt.context_length = 64
+  c.smt.future_length = 32
+  c.smt.num_transitions = 1
+  c.dmt.rollout_length = 32
+  c.dmt.label_every = 4
+  c.bptt.seq_len = 64
+  c.eval.seq_len = 64
+  c.eval.prompt_length = 0
+  return c

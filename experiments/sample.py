@@ -1,0 +1,52 @@
+"""Regenerate samples (digit grid / text / probe table) from a run's latest checkpoint.
+
+  python -m experiments.sample --workdir=runs/pixels_digits [--temperature=0.8] [--num=24]
+
+Reads the run's config from <workdir>/config.json, restores the newest readable checkpoint and
+writes the samples into the workdir (or --out).
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+import ml_collections
+
+flags.DEFINE_string("workdir", None, "A run's workdir (holding config.json and checkpoints/).")
+flags.DEFINE_string("out", None, "Where to write the samples (default: the workdir).")
+flags.DEFINE_float("temperature", None, "Sampling temperature (default: the run's config).")
+flags.DEFINE_integer("num", None, "How many samples (default: the run's config).")
+flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's config seed).")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from smt_jax import checkpoints, metrics_io, samples, train
+  with open(os.path.join(FLAGS.workdir, checkpoints.CONFIG_FILE)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if FLAGS.temperature is not None:
+    config.samples.temperature = FLAGS.temperature
+  if FLAGS.num is not None:
+    config.samples.num = FLAGS.num
+  if FLAGS.seed is not None:
+    config.seed = FLAGS.seed
+  exp, params = train.build_experiment(config)
+  mngr = checkpoints.make_manager(FLAGS.workdir, keep=config.keep_checkpoints)
+  restored = checkpoints.restore_latest(mngr, exp, params, train.make_optimizer)
+  if restored is None:
+    raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints.")
+  params, _, phase_index, phase_step = restored
+  out = FLAGS.out or FLAGS.workdir
+  os.makedirs(out, exist_ok=True)
+  paths = samples.write_samples(exp, params, out, metrics_io.read_summary(FLAGS.workdir))
+  where = exp.phases[phase_index] if phase_index < len(exp.phases) else "end"
+  print(f"Checkpoint at {where} step {phase_step}; wrote {', '.join(paths)}")
+  mngr.close()
+
+
+if __name__ == "__main__":
+  app.run(main)
