@@ -163,7 +163,7 @@ def make_train_step(loss_fn, optimizer, *, skip_nonfinite: bool):
                                                                         key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {"params": params, "opt_state": opt_state}
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
