@@ -28,8 +28,8 @@ def get_config(arg: str = "digits"):
     c.smt.lr = 1e-3
     c.smt.context_length = 64  # about one image (65 tokens with its BOS)
     c.smt.future_length = 16
-    c.smt.num_transitions = 8
-    c.dmt.steps = 200
+    c.smt.num_transitions = 2
+    c.dmt.steps = 300
     c.dmt.batch_size = 16
     c.dmt.lr = 3e-4
     c.dmt.rollout_length = 64
@@ -45,6 +45,7 @@ def get_config(arg: str = "digits"):
     c.eval.prompt_length = 65
     c.log_every_steps = 100
     c.checkpoint_every_steps = 500
+    c.samples.temperature = 0.8
     if arg == "smoke":
       common.smoke(c)
   elif arg == "mnist":
