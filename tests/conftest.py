@@ -1,0 +1,108 @@
+"""Shared tiny models for the unit tests: a Teacher and every RNN kind, split into pure functions.
+
+Everything is small (width 8, K = 2 memory tokens, 1 layer, 2 heads, V = 6) and float32 so that
+the suite runs quickly on CPU; tests that need float64 enable it locally with the `x64` fixture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import smt_jax
+
+KINDS = tuple(sorted(smt_jax.UPDATERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiny:
+  """Sizes of the tiny models, and builders that return (pure functions, parameters)."""
+  vocab_size: int = 6
+  num_memory_tokens: int = 2  # K
+  width: int = 8  # d
+  num_heads: int = 2
+  context_length: int = 4  # Tc
+  future_length: int = 2  # Tf
+
+  def teacher(self, seed: int = 0, **overrides):
+    kw = dict(vocab_size=self.vocab_size, num_memory_tokens=self.num_memory_tokens,
+              width=self.width, encoder_depth=1, decoder_depth=1, num_heads=self.num_heads)
+    kw.update(overrides)
+    graphdef, state = nnx.split(smt_jax.Teacher(**kw, rngs=nnx.Rngs(seed)))
+    return smt_jax.teacher_fns(graphdef), state
+
+  def rnn(self, kind: str, seed: int = 1, **overrides):
+    kw = dict(vocab_size=self.vocab_size, num_memory_tokens=self.num_memory_tokens,
+              width=self.width, depth=1, num_heads=self.num_heads, readout_depth=1)
+    kw.update(overrides)
+    graphdef, state = nnx.split(smt_jax.make_rnn(kind, **kw, rngs=nnx.Rngs(seed)))
+    return smt_jax.rnn_fns(graphdef), state
+
+  def models(self, kind: str, seed: int = 0):
+    """(teacher fns, rnn fns, params={'teacher': ..., 'rnn': ...})."""
+    tfns, tstate = self.teacher(seed)
+    rfns, rstate = self.rnn(kind, seed + 1)
+    return tfns, rfns, {"teacher": tstate, "rnn": rstate}
+
+  def batch(self, seed: int, batch_size: int, seq_len: int, *, mask_frac: float = 0.0):
+    """Random tokens x in [0, V); y = next token, with some targets masked (-1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, self.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+    y = x[:, 1:].copy()
+    if mask_frac:
+      y[rng.random(y.shape) < mask_frac] = -1
+    return {"x": jnp.asarray(x[:, :-1]), "y": jnp.asarray(y)}
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+  return Tiny()
+
+
+@pytest.fixture
+def x64():
+  """Enables float64 for one test and restores the previous setting afterwards."""
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", old)
+
+
+def log_softmax_np(logits: np.ndarray) -> np.ndarray:
+  """Numerically stable log-softmax over the last axis, in float64 NumPy."""
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _path_str(path) -> str:
+  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def get_leaf(state, path: str) -> jax.Array:
+  """The array at 'a/b/c' in a (nested) nnx.State."""
+  hits = [a for p, a in jax.tree_util.tree_flatten_with_path(state)[0] if _path_str(p) == path]
+  assert len(hits) == 1, f"no unique leaf {path!r}"
+  return hits[0]
+
+
+def with_leaf(state, path: str, fn):
+  """A copy of `state` with the array at 'a/b/c' replaced by fn(array)."""
+  found = []
+
+  def visit(p, a):
+    if _path_str(p) == path:
+      found.append(p)
+      return fn(a)
+    return a
+
+  out = jax.tree_util.tree_map_with_path(visit, state)
+  assert len(found) == 1, f"no unique leaf {path!r}"
+  return out
