@@ -5,9 +5,14 @@
 
 Rerunning the same command resumes from the latest checkpoint in --workdir (default
 runs/<config name>_<arg>). On multi-host systems every process runs this same command.
+
+Exit status: 0 when every phase finished; 143 (as for a process ended by SIGTERM) when SIGTERM
+arrived and a checkpoint of the current step was saved first, so that a scheduler restarts the
+job rather than counting it done; 1 on an error (a bad config fails before anything compiles).
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -52,11 +57,17 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # library INFO chatter (orbax) off unless asked with -v
     logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
-  from smt_jax import train  # after distributed init: it touches devices
+  from smt_jax import checkpoints, config_checks, train  # after distributed init
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)
-  summary = train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite,
-                                     fork=FLAGS.fork)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite,
+                                       fork=FLAGS.fork)
+  except train.Preempted:
+    sys.exit(train.Preempted.exit_code)  # the checkpoint is saved; rerun the command to resume
+  except (config_checks.ConfigError, checkpoints.WorkdirError, checkpoints.CheckpointError,
+          train.NonFiniteError) as e:  # the message says what to fix; a traceback would bury it
+    sys.exit(f"error: {e}")
   for k in sorted(summary):
     if not isinstance(summary[k], dict):
       print(f"{k}: {summary[k]}")

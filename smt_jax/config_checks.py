@@ -1,12 +1,24 @@
 """Config validation, run before any data load or compile.
 
-Every error names the config field, its value and the fix. `validate` needs only the config;
-`validate_with_source` and `validate_with_mesh` check what depends on the dataset and the devices.
+Every error names the config field, its value and the fix. `validate` needs only the config (and
+stats data paths); `make_mesh` and `validate_with_mesh` check what depends on the devices;
+`validate_with_source` what depends on the dataset (after it is built, before anything compiles).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
+import os
+
 from smt_jax.models import UPDATERS
+
+# Config fields that feed a source's constructor arguments (so they may not be given as options).
+_SOURCE_ARGS_FROM_CONFIG = {"seq_len": "data.seq_len (episodic sources) or the phases' lengths",
+                            "path": "data.path", "data_dir": "data.path"}
+# Datasets that read data.path, and what it must be.
+_PATH_DATASETS = {"text": "a text file or a folder of text files",
+                  "mnist": "a folder of MNIST IDX files (or \"\" for tensorflow-datasets)"}
 
 
 class ConfigError(ValueError):
@@ -17,62 +29,89 @@ def _fail(field: str, value, fix: str) -> None:
   raise ConfigError(f"config.{field} = {value!r}: {fix}")
 
 
-def _positive_int(c, field: str) -> None:
+def _get(c, field: str):
   v = c
   for part in field.split("."):
     v = v[part]
-  if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+  return v
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_int(c, field: str) -> None:
+  v = _get(c, field)
+  if not _is_int(v) or v < 1:
     _fail(field, v, "must be a positive integer.")
 
 
+def _number_in(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=True,
+               why: str = "") -> None:
+  v = _get(c, field)
+  ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+  if not ok:
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    _fail(field, v, f"must be a number in {interval}{'; ' + why if why else ''}.")
+
+
 def validate(config, phases: list[str]) -> None:
-  """Checks the config on its own (no data, no devices)."""
-  from smt_jax.data import DATASETS
+  """Checks the config on its own (no data loaded, no devices touched)."""
+  from smt_jax.data import DATASETS, StreamSource
   c = config
+  if not _is_int(c.seed) or c.seed < 0:
+    _fail("seed", c.seed, "must be a non-negative integer.")
   if c.data.name not in DATASETS:
     _fail("data.name", c.data.name, f"unknown dataset; valid names: {sorted(DATASETS)}.")
   if c.model.rnn_kind not in UPDATERS:
     _fail("model.rnn_kind", c.model.rnn_kind, f"unknown RNN kind; valid kinds: {sorted(UPDATERS)}.")
   for f in ("model.width", "model.num_memory_tokens", "model.num_heads", "model.encoder_depth",
-            "model.decoder_depth", "model.rnn_depth", "model.readout_depth", "log_every_steps",
-            "checkpoint_every_steps", "keep_checkpoints", "eval.every_steps", "eval.batch_size",
-            "eval.num_batches"):
+            "model.decoder_depth", "model.rnn_depth", "model.readout_depth", "eval.batch_size",
+            "eval.num_batches", "keep_checkpoints", "samples.num"):
     _positive_int(c, f)
+  for f in ("log_every_steps", "checkpoint_every_steps", "eval.every_steps"):
+    v = _get(c, f)
+    if not _is_int(v) or v < 1:
+      _fail(f, v, "a period must be a positive number of steps; to do this rarely, set it above "
+                  "the phase's steps.")
+  if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
+    _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
   if c.model.width % (2 * c.model.num_heads):
     _fail("model.width", c.model.width,
           f"must be a multiple of 2 * model.num_heads = {2 * c.model.num_heads} (rotary "
           f"embedding needs an even head width).")
-  if c.model.rnn_kind == "lstm" and (c.model.width * c.model.num_memory_tokens) % 2:
-    _fail("model.num_memory_tokens", c.model.num_memory_tokens,
-          "lstm splits the memory into (h, c): K * width must be even.")
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     _fail("model.dtype", c.model.dtype, "use float32, bfloat16 or float16.")
   if c.nan_policy not in ("stop", "skip"):
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
-  if c.data.name == "text" and not c.data.path:
-    _fail("data.path", c.data.path, "text needs a corpus: --config.data.path=FILE_OR_FOLDER.")
-  if c.data.episodic and c.data.seq_len < 2:
-    _fail("data.seq_len", c.data.seq_len, "episodes need at least 2 tokens.")
+  _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
+  _validate_optim(c)
+  _validate_data(c, DATASETS, StreamSource)
+  _validate_mesh_spec(c)
+
   for p in phases:
     _positive_int(c, f"{p}.steps")
     _positive_int(c, f"{p}.batch_size")
-    if not c[p].lr > 0:
-      _fail(f"{p}.lr", c[p].lr, "must be > 0.")
+    _number_in(c, f"{p}.lr", 0.0, math.inf, lo_open=True)
   if "smt" in phases or "dmt" in phases:
     _positive_int(c, "smt.context_length")
     _positive_int(c, "smt.future_length")
   if "smt" in phases:
     _validate_smt(c)
   if "dmt" in phases:
+    if "smt" not in phases[:phases.index("dmt")]:
+      _fail("phases", c.phases, "dmt imitates the teacher that smt trains; without an smt phase "
+                                "before it the teacher is untrained. Use --config.phases=smt,dmt.")
     _validate_dmt(c)
   if "bptt" in phases:
     if not c.data.episodic:
       _positive_int(c, "bptt.seq_len")
-    if c.bptt.truncation < 0:
+    if not _is_int(c.bptt.truncation) or c.bptt.truncation < 0:
       _fail("bptt.truncation", c.bptt.truncation, "0 for full BPTT, or a positive window.")
   if not c.data.episodic:
     _positive_int(c, "eval.seq_len")
-  if c.eval.prompt_length < 0 or c.eval.prompt_length >= _eval_len(c):
+  if not _is_int(c.eval.prompt_length) or not 0 <= c.eval.prompt_length < _eval_len(c):
     _fail("eval.prompt_length", c.eval.prompt_length,
           f"must be in [0, eval sequence length {_eval_len(c)}); 0 turns prompted eval off.")
 
@@ -81,10 +120,83 @@ def _eval_len(c) -> int:
   return c.data.seq_len if c.data.episodic else c.eval.seq_len
 
 
+def _validate_optim(c) -> None:
+  _number_in(c, "optim.b1", 0.0, 1.0)
+  _number_in(c, "optim.b2", 0.0, 1.0)
+  _number_in(c, "optim.weight_decay", 0.0, math.inf)
+  _number_in(c, "optim.clip_norm", 0.0, math.inf, lo_open=True)
+  _number_in(c, "optim.warmup_frac", 0.0, 1.0, why="the fraction of a phase spent warming up")
+
+
+def _validate_data(c, datasets, stream_cls) -> None:
+  d = c.data
+  constructor = datasets[d.name]
+  is_stream = issubclass(constructor, stream_cls)
+  if d.episodic == is_stream:
+    _fail("data.episodic", d.episodic,
+          f"{d.name} is {'a token stream (random crops)' if is_stream else 'episodic'}; set "
+          f"--config.data.episodic={not is_stream}.")
+  if d.episodic:
+    if not _is_int(d.seq_len) or d.seq_len < 2:
+      _fail("data.seq_len", d.seq_len, "the episode length T must be an integer >= 2.")
+  elif d.seq_len:
+    _fail("data.seq_len", d.seq_len,
+          f"{d.name} is a stream: its lengths are smt.context_length + smt.future_length (SMT), "
+          f"+ dmt.rollout_length (DMT), bptt.seq_len and eval.seq_len; set data.seq_len=0.")
+  accepted = list(inspect.signature(constructor).parameters)
+  for k in d.options:
+    if k in _SOURCE_ARGS_FROM_CONFIG:
+      _fail(f"data.options.{k}", d.options[k], f"set it through {_SOURCE_ARGS_FROM_CONFIG[k]}.")
+    if k not in accepted:
+      _fail(f"data.options.{k}", d.options[k],
+            f"{d.name} takes no such option; its options are "
+            f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.")
+  _validate_path(d.name, d.path)
+
+
+def _validate_path(name: str, path: str) -> None:
+  if name not in _PATH_DATASETS:
+    if path:
+      _fail("data.path", path, f"{name} reads no files, so this path would be ignored; remove "
+                               f"it (data.path is for {sorted(_PATH_DATASETS)}).")
+    return
+  if name == "text" and not path:
+    _fail("data.path", path, "text needs a corpus: --config.data.path=FILE_OR_FOLDER.")
+  if not path:
+    return  # mnist through tensorflow-datasets
+  if not os.path.exists(path):
+    _fail("data.path", path, f"does not exist; {name} needs {_PATH_DATASETS[name]}.")
+  if name == "mnist" and not os.path.isdir(path):
+    _fail("data.path", path, f"is not a folder; mnist needs {_PATH_DATASETS[name]}.")
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    _fail("data.path", path, "is an empty file; point it at the corpus.")
+  if os.path.isdir(path) and not any(not f.startswith(".") for _, _, files in os.walk(path)
+                                     for f in files):
+    _fail("data.path", path, f"is a folder with no files in it; {name} needs "
+                             f"{_PATH_DATASETS[name]}.")
+
+
+def _validate_mesh_spec(c) -> None:
+  from smt_jax.sharding import AXES
+  spec = dict(c.mesh)
+  for k, v in spec.items():
+    if k not in AXES:
+      _fail(f"mesh.{k}", v, f"unknown mesh axis; the axes are {list(AXES)}.")
+    if not _is_int(v) or (v < 1 and v != -1):
+      _fail(f"mesh.{k}", v, "a mesh axis size is a positive integer, or -1 (once) for the rest.")
+  if list(spec.values()).count(-1) > 1:
+    _fail("mesh", spec, "at most one axis may be -1 (every device not used by the others).")
+
+
 def _validate_smt(c) -> None:
   s = c.smt
   t = c.data.seq_len if c.data.episodic else s.context_length + s.future_length
-  if not 1 <= s.num_transitions <= t:
+  if c.data.episodic:
+    for f, v in (("smt.context_length", s.context_length), ("smt.future_length", s.future_length)):
+      if v > t:
+        _fail(f, v, f"longer than the episode (data.seq_len = {t}): the windows would be padding "
+                    f"past T; set it <= {t}.")
+  if not _is_int(s.num_transitions) or not 1 <= s.num_transitions <= t:
     _fail("smt.num_transitions", s.num_transitions,
           f"must be in [1, T = {t}] (1: the published single transition; {t}: every one).")
   if s.num_transitions == 1 and t < s.context_length + 1:
@@ -92,10 +204,12 @@ def _validate_smt(c) -> None:
           f"num_transitions=1 uses t = Tc-1 and input x[Tc], so Tc must be < T = {t}.")
   if s.uniformity_over not in ("tokens", "states"):
     _fail("smt.uniformity_over", s.uniformity_over, "use 'tokens' or 'states'.")
-  if s.uniformity_max_samples < 2:
-    _fail("smt.uniformity_max_samples", s.uniformity_max_samples, "must be >= 2.")
-  if not s.gamma > 0:
-    _fail("smt.gamma", s.gamma, "must be > 0 (1 weighs every future step equally).")
+  if not _is_int(s.uniformity_max_samples) or s.uniformity_max_samples < 2:
+    _fail("smt.uniformity_max_samples", s.uniformity_max_samples, "must be an integer >= 2.")
+  _number_in(c, "smt.gamma", 0.0, math.inf, lo_open=True,
+             why="the discount of future steps (1 weighs every one equally)")
+  for f in ("c_dec", "c_dyn", "c_unif", "c_readout"):
+    _number_in(c, f"smt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
 
 
 def _validate_dmt(c) -> None:
@@ -109,42 +223,73 @@ def _validate_dmt(c) -> None:
     _fail("dmt.rollout_length", d.rollout_length,
           f"episodic rollouts start at the initial memory: at most data.seq_len = "
           f"{c.data.seq_len}.")
+  for f in ("c_dyn", "c_readout"):
+    _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
+
+
+def _phase_length_fields(c, phase: str) -> str:
+  if c.data.episodic:
+    return "data.seq_len"
+  return {"smt": "smt.context_length + smt.future_length",
+          "dmt": "smt.context_length + dmt.rollout_length + smt.future_length",
+          "bptt": "bptt.seq_len", "eval": "eval.seq_len"}[phase]
 
 
 def validate_with_source(config, phases: list[str], source) -> None:
-  """Checks that need the dataset: token range of a real batch, stream lengths."""
+  """Checks that need the dataset: stream lengths, then the tokens of a real batch per phase."""
   from smt_jax import train
+  from smt_jax.data import StreamSource
   c = config
   for phase in phases + ["eval"]:
+    split = "eval" if phase == "eval" else "train"
     s = train.with_seq_len(source, train.phase_seq_len(c, phase))
-    batch = s.batch(split="train" if phase != "eval" else "eval", step=0, batch_size=1,
-                    seed=c.seed)
+    if isinstance(source, StreamSource) and len(source.streams[split]) < s.seq_len + 1:
+      raise ConfigError(
+          f"config.{_phase_length_fields(c, phase)} = {s.seq_len}: {phase} crops {s.seq_len + 1} "
+          f"tokens, but the {c.data.name} {split} stream holds only "
+          f"{len(source.streams[split])}; shorten it or use more data.")
+    batch = s.batch(split=split, step=0, batch_size=1, seed=c.seed)
     x, y = batch["x"], batch["y"]
     if x.shape[1] != s.seq_len:
       raise ConfigError(f"data: {c.data.name} gave sequences of length {x.shape[1]} for {phase}, "
-                        f"expected {s.seq_len}.")
+                        f"expected {s.seq_len} ({_phase_length_fields(c, phase)}).")
     if x.min() < 0 or x.max() >= source.vocab_size or y.min() < -1 or y.max() >= source.vocab_size:
       raise ConfigError(
           f"data: {c.data.name} produced tokens outside [0, vocab_size={source.vocab_size}) "
-          f"(x in [{x.min()}, {x.max()}], y in [{y.min()}, {y.max()}]); fix the dataset options.")
+          f"(x in [{x.min()}, {x.max()}], y in [{y.min()}, {y.max()}]); fix the dataset options "
+          f"(config.data.options = {dict(c.data.options)}).")
+
+
+def make_mesh(config):
+  """The mesh of config.mesh on this job's devices; ConfigError when they do not fit."""
+  from smt_jax import sharding
+  try:
+    return sharding.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_with_mesh(config, phases: list[str], mesh) -> None:
-  """Batch sizes must split over the batch axes, and SMT's transitions over `time`."""
+  """Batch sizes must split over the batch axes and processes, SMT's transitions over `time`."""
   import jax
   c = config
   b = mesh.shape["data"] * mesh.shape["fsdp"]
-  for p in phases:
-    if c[p].batch_size % b or c[p].batch_size % jax.process_count():
-      _fail(f"{p}.batch_size", c[p].batch_size,
-            f"must be divisible by data x fsdp = {b} devices and by {jax.process_count()} "
-            f"processes (config.mesh = {dict(mesh.shape)}).")
-  if c.eval.batch_size % b:
-    _fail("eval.batch_size", c.eval.batch_size, f"must be divisible by data x fsdp = {b}.")
+  n = jax.process_count()
+  for p in phases + ["eval"]:
+    bs = c[p].batch_size
+    if bs % b or bs % n:
+      _fail(f"{p}.batch_size", bs,
+            f"must be divisible by data x fsdp = {b} devices and by {n} processes "
+            f"(config.mesh = {dict(mesh.shape)}); e.g. {p}.batch_size={_round_up(bs, b, n)}.")
   t = mesh.shape["time"]
   if t > 1:
     if "smt" not in phases:
       _fail("mesh.time", t, "the time axis splits SMT's transitions; this run has no SMT phase.")
-    n = c.smt.num_transitions
-    if n % t:
-      _fail("smt.num_transitions", n, f"must be divisible by mesh.time = {t}.")
+    nt = c.smt.num_transitions
+    if nt % t:
+      _fail("smt.num_transitions", nt, f"must be divisible by mesh.time = {t}.")
+
+
+def _round_up(v: int, *divisors: int) -> int:
+  m = math.lcm(*divisors)
+  return max(m, -(-v // m) * m)

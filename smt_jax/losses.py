@@ -31,6 +31,12 @@ def _check_float(name: str, x: jax.Array) -> None:
     raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}.")
 
 
+def _check_bool(name: str, x: jax.Array) -> None:
+  if x.dtype != jnp.bool_:
+    raise ValueError(f"{name} must be a boolean array (True = counts), got dtype {x.dtype}; "
+                     f"for weights, multiply the values instead.")
+
+
 def _check_same_shape(a_name: str, a: jax.Array, b_name: str, b: jax.Array) -> None:
   if a.shape != b.shape:
     raise ValueError(f"{a_name} and {b_name} must have the same shape (no broadcasting), got "
@@ -38,7 +44,12 @@ def _check_same_shape(a_name: str, a: jax.Array, b_name: str, b: jax.Array) -> N
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of `values` where `mask` is true; 0 when nothing is selected (never NaN)."""
+  """Mean of `values` where `mask` is true; 0 when nothing is selected (never NaN).
+
+  Args: values float [...]; mask bool [...], the same shape (no broadcasting, no weights).
+  """
+  _check_float("values", values)
+  _check_bool("mask", mask)
   _check_same_shape("values", values, "mask", mask)
   mask = mask.astype(values.dtype)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -108,6 +119,7 @@ def dynamics_loss(predicted: jax.Array, target: jax.Array, mask: jax.Array | Non
                  axis=(-2, -1))
   if mask is None:
     return jnp.mean(per)
+  _check_bool("mask", mask)
   if mask.shape != per.shape:
     raise ValueError(f"mask must have the memories' leading shape {per.shape}, got {mask.shape}.")
   return masked_mean(per, mask)

@@ -10,7 +10,10 @@ import os
 class MetricsWriter:
   """Appends one JSON object per line: {"step", "phase", "phase_step", ...metrics}."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, purge_step: int | None = None):
+    """purge_step: a resumed run's first step; TensorBoard then hides the older event files'
+    points from that step on (those steps are rerun), as `truncate_after` does for the JSON lines.
+    """
     self.enabled = enabled
     self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
@@ -18,7 +21,8 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # event files any TensorBoard reads
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30,
+                               purge_step=purge_step)
 
   def write(self, step: int, phase: str, phase_step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -32,7 +36,10 @@ class MetricsWriter:
         self._tb.add_scalar(f"{phase}/{k}", float(v), int(step))
 
   def truncate_after(self, step: int) -> None:
-    """Drops rows logged after `step` (a resumed run rewrites them, so none appear twice)."""
+    """Drops rows logged after `step` (a resumed run rewrites them, so none appear twice).
+
+    Also drops a last line cut short by a crash. `step` 0: a fresh start drops every row.
+    """
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:

@@ -4,16 +4,27 @@ This is the only module that reads config fields, touches files and clocks, or a
 is; everything it calls is a pure function. `train_and_evaluate(config, workdir)` runs the config's
 phases in order (e.g. SMT then DMT, or BPTT alone) and resumes from the latest checkpoint in
 `workdir` when there is one.
+
+What a run guarantees (tests/test_config_checks.py, test_reliability.py, test_kill_resume.py):
+- A bad config, workdir or dataset fails before anything is compiled, naming field, value and fix.
+- Killed at any moment (kill -9 included, mid-save included) and rerun with the same command, a run
+  ends with the parameters, metrics rows and summary of an uninterrupted one, bit for bit on CPU:
+  batches and PRNG keys are functions of the global step, checkpoints hold everything else
+  (optimiser state, the count of skipped steps), and metrics rows past the restored step are
+  dropped before they are rerun.
+- SIGTERM saves a checkpoint of the current step, then raises `Preempted` (exit 143 from run.py).
+- A non-finite loss, gradient or update is never applied; the run stops naming step, phase and
+  terms (nan_policy='stop'), or skips the step and counts it (nan_policy='skip').
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
-import json
-import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -41,18 +52,25 @@ class NonFiniteError(RuntimeError):
   """A loss or gradient became NaN/Inf and the config says to stop."""
 
 
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint of the current step was saved. Rerun the command to resume."""
+
+  exit_code = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
 # ---------------------------------------------------------------------------------------------
 # Building the experiment from its config.
 
 
 def phase_list(config) -> list[str]:
+  from smt_jax.config_checks import ConfigError
   phases = [p.strip() for p in config.phases.split(",") if p.strip()]
   for p in phases:
     if p not in PHASES:
-      raise ValueError(f"config.phases: unknown phase {p!r}; valid phases: {list(PHASES)} "
-                       f"(e.g. --config.phases=smt,dmt or --config.phases=bptt).")
+      raise ConfigError(f"config.phases = {config.phases!r}: unknown phase {p!r}; valid phases: "
+                        f"{list(PHASES)} (e.g. --config.phases=smt,dmt or --config.phases=bptt).")
   if not phases:
-    raise ValueError("config.phases is empty; e.g. --config.phases=smt,dmt.")
+    raise ConfigError("config.phases = '': no phase to run; e.g. --config.phases=smt,dmt.")
   return phases
 
 
@@ -164,7 +182,8 @@ def make_train_step(loss_fn, optimizer, *, skip_nonfinite: bool):
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Finite gradients can still give a non-finite update (e.g. an overflowing learning rate).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     new = {"params": params, "opt_state": opt_state}
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = dict(metrics, grad_norm=grad_norm, finite=finite)
@@ -187,14 +206,21 @@ class Experiment:
 
 
 def build_experiment(config) -> tuple[Experiment, Any]:
-  """Validates the config, builds data and mesh, and creates the parameters already sharded."""
+  """Validates the config, builds mesh and data, and creates the parameters already sharded.
+
+  Every check runs before anything is compiled, and the checks that need no data (the config on
+  its own, then the mesh) before the data is loaded.
+  """
   from smt_jax import config_checks  # local: keeps the import graph of the library flat
   phases = phase_list(config)
   config_checks.validate(config, phases)
-  source = make_base_source(config)
-  config_checks.validate_with_source(config, phases, source)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = config_checks.make_mesh(config)
   config_checks.validate_with_mesh(config, phases, mesh)
+  try:
+    source = make_base_source(config)
+  except ValueError as e:  # bad data (missing, too short, out-of-vocabulary tokens): say so
+    raise config_checks.ConfigError(f"data {config.data.name!r}: {e}") from e
+  config_checks.validate_with_source(config, phases, source)
 
   # Shapes first: the abstract models give the graph and the shardings; the parameters are then
   # materialised directly in their sharded layout.
@@ -224,8 +250,22 @@ def global_batch(exp: Experiment, source: data.Source, *, split: str, step: int,
   """This process's rows of batch `step`, assembled into one global sharded array per field."""
   local = source.batch(split=split, step=step, batch_size=batch_size, seed=exp.config.seed,
                        process_index=jax.process_index(), process_count=jax.process_count())
+  check_tokens(local, source, split=split, step=step)
   return {k: jax.make_array_from_process_local_data(exp.batch_sharding, v)
           for k, v in local.items()}
+
+
+def check_tokens(batch: dict[str, np.ndarray], source: data.Source, *, split: str,
+                 step: int) -> None:
+  """Every token id in [0, V) and every target in [-1, V): an embedding lookup would otherwise
+  clip or fill out-of-range ids silently. A host-side min/max over [B, T] ints: negligible."""
+  v = source.vocab_size
+  x, y = batch["x"], batch["y"]
+  if x.size and (x.min() < 0 or x.max() >= v or y.min() < -1 or y.max() >= v):
+    raise ValueError(
+        f"data: {source.name} {split} batch {step} has tokens outside the vocabulary "
+        f"[0, {v}) (x in [{x.min()}, {x.max()}], targets y in [{y.min()}, {y.max()}], -1 = no "
+        f"target); the dataset (or its options in config.data.options) is inconsistent.")
 
 
 def run_eval(exp: Experiment, params, *, with_teacher: bool) -> dict[str, float]:
@@ -281,59 +321,123 @@ def copy_decoder_to_readout(params, rnn_kind: str):
 
 
 class _Preempted:
-  """Set by SIGTERM: the loop saves a checkpoint at the next step boundary and exits."""
+  """Set by SIGTERM: the loop saves a checkpoint at the next step boundary and exits.
+
+  One process: our own SIGTERM handler sets the flag. Several: the processes must agree on the
+  step to stop at (one saving while another runs the next step's collectives would hang), so JAX's
+  preemption service (started by jax.distributed.initialize) takes the signal and
+  `reached_preemption_sync_point`, asked at every step, names the same step on every process.
+  """
 
   def __init__(self):
     self.flag = False
+    self.multi_process = jax.process_count() > 1
 
   def __call__(self, signum, frame):
     del signum, frame
     self.flag = True
 
+  def check(self, global_step: int) -> bool:
+    """Whether to save and exit after `global_step` (ask once per step, on every process)."""
+    if self.multi_process and not self.flag:
+      from jax.experimental import multihost_utils
+      self.flag = multihost_utils.reached_preemption_sync_point(global_step)
+    return self.flag
+
+  @contextlib.contextmanager
+  def installed(self):
+    """SIGTERM sets the flag while inside; signals can only be caught on the main thread."""
+    if self.multi_process or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    old = signal.signal(signal.SIGTERM, self)
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, old)
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False, fork: bool = False) -> dict:
-  """Runs every phase of `config`, resuming from `workdir`; returns the summary dict."""
+  """Runs every phase of `config`, resuming from `workdir`; returns the summary dict.
+
+  Order: the config is validated, then the workdir checked (a refused workdir costs nothing),
+  then mesh, data and their checks, and only then are parameters created and steps compiled. The
+  workdir's config.json is written once its checkpoints are known to fit this config.
+
+  Raises:
+    config_checks.ConfigError: a config field (or the data) the run cannot use; raised before
+      anything is compiled.
+    checkpoints.WorkdirError: `workdir` holds a run of another config (and neither `overwrite`
+      nor `fork`); raised before anything is built.
+    checkpoints.CheckpointError: checkpoints exist but none is readable.
+    NonFiniteError: a non-finite loss/gradient under nan_policy='stop' (checkpoints kept).
+    Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
+  """
+  from smt_jax import config_checks
   t_start = time.time()
-  exp, params = build_experiment(config)
+  is_main = jax.process_index() == 0
+  config_checks.validate(config, phase_list(config))
+  checkpoints.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
+  with checkpoints.workdir_lock(workdir, is_main=is_main):
+    exp, params = build_experiment(config)
+    claim = functools.partial(checkpoints.claim_workdir, workdir, config, overwrite=overwrite,
+                              fork=fork, is_main=is_main)
+    if overwrite:
+      claim()  # the old run goes before anything is restored from it
+    return _train(exp, params, workdir, t_start, claim)
+
+
+def _train(exp: Experiment, params, workdir: str, t_start: float, claim) -> dict:
   c = exp.config
   is_main = jax.process_index() == 0
-  checkpoints.claim_workdir(workdir, c, overwrite=overwrite, fork=fork, is_main=is_main)
   mngr = checkpoints.make_manager(workdir, keep=c.keep_checkpoints)
-  writer = metrics_io.MetricsWriter(workdir, enabled=is_main)
   offsets = np.cumsum([0] + [c[p].steps for p in exp.phases]).tolist()
   with_teacher = "smt" in exp.phases
   summary = metrics_io.read_summary(workdir)
 
-  # Resume: which phase, which step.
-  phase_idx, phase_step, opt_state = 0, 0, None
-  restored = checkpoints.restore_latest(mngr, exp, params, make_optimizer)
+  # Resume: which phase, which step. Batches and keys are functions of the global step, so the
+  # restored state alone decides everything that follows.
+  phase_idx, phase_step, opt_state, skipped, resume_step = 0, 0, None, 0, 0
+  try:
+    restored = checkpoints.restore(mngr, exp, params, make_optimizer, quarantine=True,
+                                   is_main=is_main)
+    # The workdir becomes this config's only once its checkpoints are known to fit (a refused
+    # --fork leaves it as it was).
+    claim()
+  except BaseException:
+    mngr.close()
+    raise
   if restored is not None:
-    params, opt_state, phase_idx, phase_step = restored
-    writer.truncate_after(offsets[phase_idx] + phase_step)
-    say(f"Resumed from {workdir} at {exp.phases[phase_idx] if phase_idx < len(exp.phases) else 'the end'}"
-        f" step {phase_step}.")
+    params, opt_state = restored["params"], restored["opt_state"]
+    phase_idx, phase_step = restored["phase_index"], restored["phase_step"]
+    skipped, resume_step = restored["skipped_steps"], restored["step"]
+    say(f"Resumed from {workdir} at "
+        f"{exp.phases[phase_idx] if phase_idx < len(exp.phases) else 'the end'} step {phase_step}.")
+  writer = metrics_io.MetricsWriter(workdir, enabled=is_main,
+                                    purge_step=resume_step + 1 if restored else None)
+  writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
 
   preempted = _Preempted()
-  old_handler = signal.signal(signal.SIGTERM, preempted)
   try:
-    with jax.set_mesh(exp.mesh):
+    with preempted.installed(), jax.set_mesh(exp.mesh):
       for pi in range(phase_idx, len(exp.phases)):
         phase = exp.phases[pi]
         start = phase_step if pi == phase_idx else 0
         if start == 0 or opt_state is None:
           opt_state = None
-        params, opt_state, done = _run_phase(exp, phase, pi, offsets[pi], start, params,
-                                             opt_state, mngr, writer, preempted, summary,
-                                             with_teacher)
-        if not done:  # preempted: a checkpoint was saved; exit so the scheduler can restart us
-          return summary
+        params, opt_state = _run_phase(exp, phase, pi, offsets[pi], start, params, opt_state,
+                                       skipped if pi == phase_idx else 0, mngr, writer,
+                                       preempted, summary, with_teacher)
         opt_state = None
         if phase == "smt" and c.smt.copy_decoder_to_readout:
           params = copy_decoder_to_readout(params, c.model.rnn_kind)
         # Phase boundary checkpoint: a restart continues with the next phase.
-        checkpoints.save(mngr, offsets[pi + 1], params, None,
-                         phase_index=pi + 1, phase_step=0, force=True)
+        nxt = exp.phases[pi + 1] if pi + 1 < len(exp.phases) else None
+        checkpoints.save(mngr, offsets[pi + 1], params, None, phase_index=pi + 1, phase_step=0,
+                         phase=nxt)
+        if preempted.flag and nxt is not None:
+          _exit_preempted(mngr, f"the start of {nxt}")
       mngr.wait_until_finished()
       summary["baseline/unigram_nll"] = unigram_nll(exp)
       summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
@@ -342,14 +446,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         samples.write_samples(exp, params, workdir, summary)
         metrics_io.write_summary(workdir, summary)
   finally:
-    signal.signal(signal.SIGTERM, old_handler)
     writer.close()
-    mngr.close()
+    mngr.close()  # waits for a save in flight: a run that stops keeps its last checkpoint
   return summary
 
 
-def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, mngr, writer,
+def _exit_preempted(mngr, where: str):
+  mngr.wait_until_finished()
+  say(f"SIGTERM: saved a checkpoint at {where}; exiting. Rerun the same command to resume.")
+  raise Preempted(f"preempted; checkpoint saved at {where}")
+
+
+def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, skipped, mngr, writer,
                preempted, summary, with_teacher):
+  """Trains one phase from step `start`; returns (params, opt_state). Raises Preempted."""
   c = exp.config
   pc = c[phase]
   source = with_seq_len(exp.source, phase_seq_len(c, phase))
@@ -363,12 +473,13 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, mngr, 
   step_fn = jax.jit(make_train_step(loss_fn, optimizer, skip_nonfinite=c.nan_policy == "skip"),
                     in_shardings=(state_sharding, exp.batch_sharding, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
-  base_key = jax.random.key(c.seed)
+  schedule = make_schedule(pc.lr, pc.steps, c.optim.warmup_frac,
+                           "cosine" if phase == "dmt" else "constant")
+  base_key = jax.random.key(c.seed)  # step keys: fold_in(seed key, global step), never a stream
   tokens_per_step = pc.batch_size * source.seq_len
-  skipped = summary.get(f"{phase}/skipped_steps", 0)
 
   t_compile = time.time()
-  t_last, steps_since = None, 0
+  t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(start, pc.steps):
     gstep = offset + step
@@ -385,30 +496,36 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, mngr, 
     done_steps = step + 1
     if c.log_every_steps and done_steps % c.log_every_steps == 0:
       m = jax.device_get(metrics)
-      dt = time.time() - t_last
-      rate = steps_since / dt if dt > 0 and steps_since else float("nan")
-      t_last, steps_since = time.time(), 0
       row = {k: float(v) for k, v in m.items() if k != "finite"}
-      row.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step, lr=float(
-          make_schedule(pc.lr, pc.steps, c.optim.warmup_frac,
-                        "cosine" if phase == "dmt" else "constant")(step)))
+      row["lr"] = float(schedule(step))
+      msg = f"{phase} step {done_steps}/{pc.steps}  loss {row['loss']:.4f}"
+      dt = time.time() - t_last
+      if steps_since and dt > 0:  # not measurable when this is the first step after a (re)start
+        rate = steps_since / dt
+        row.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step)
+        msg += f"  {rate:.2f} steps/s  {rate * tokens_per_step:,.0f} tokens/s"
+      if skipped:
+        msg += f"  ({skipped} non-finite steps skipped)"
+      t_last, steps_since = time.time(), 0
       writer.write(offset + done_steps, phase, done_steps, row)
-      say(f"{phase} step {done_steps}/{pc.steps}  loss {row['loss']:.4f}  {rate:.2f} steps/s  "
-          f"{rate * tokens_per_step:,.0f} tokens/s")
+      say(msg)
     if c.eval.every_steps and done_steps % c.eval.every_steps == 0 and done_steps < pc.steps:
       writer.write(offset + done_steps, phase, done_steps,
                    run_eval(exp, state["params"], with_teacher=with_teacher))
-    ckpt_due = c.checkpoint_every_steps and done_steps % c.checkpoint_every_steps == 0
-    if ckpt_due or preempted.flag:
+      t_last, steps_since = time.time(), 0  # eval time is not training throughput
+    # Periodic checkpoints inside the phase; its last step is covered by the boundary checkpoint
+    # (saved after the phase's final eval, so a restart never writes that eval twice).
+    ckpt_due = (c.checkpoint_every_steps and done_steps % c.checkpoint_every_steps == 0
+                and done_steps < pc.steps)
+    stop = preempted.check(gstep)
+    if ckpt_due or stop:
       skipped += _check_finite(c, phase, *pending)
       pending = None
-      summary[f"{phase}/skipped_steps"] = skipped
       checkpoints.save(mngr, offset + done_steps, state["params"], state["opt_state"],
-                       phase_index=phase_index, phase_step=done_steps, force=preempted.flag)
-      if preempted.flag:
-        mngr.wait_until_finished()
-        say(f"SIGTERM: saved a checkpoint at {phase} step {done_steps}; exiting.")
-        return state["params"], state["opt_state"], False
+                       phase_index=phase_index, phase_step=done_steps, phase=phase,
+                       skipped_steps=skipped)
+      if stop:
+        _exit_preempted(mngr, f"{phase} step {done_steps}")
   if pending is not None:
     skipped += _check_finite(c, phase, *pending)
   final = run_eval(exp, state["params"], with_teacher=with_teacher)
@@ -417,7 +534,7 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, mngr, 
   summary[f"{phase}/skipped_steps"] = skipped
   if jax.process_index() == 0:
     metrics_io.write_summary(writer.workdir, summary)
-  return state["params"], state["opt_state"], True
+  return state["params"], state["opt_state"]
 
 
 def _check_finite(c, phase, step, metrics) -> int:
@@ -426,10 +543,11 @@ def _check_finite(c, phase, step, metrics) -> int:
     return 0
   m = jax.device_get(metrics)
   bad = sorted(k for k, v in m.items() if k != "finite" and not np.all(np.isfinite(v)))
+  what = ", ".join(bad) if bad else "the parameter update (finite loss and gradients)"
   if c.nan_policy == "skip":
-    logging.warning("%s step %d: non-finite %s; update skipped.", phase, step + 1, bad)
+    logging.warning("%s step %d: non-finite %s; update skipped.", phase, step + 1, what)
     return 1
   raise NonFiniteError(
-      f"{phase} step {step + 1}: non-finite value in {', '.join(bad) or 'gradients'}; the update "
-      f"was not applied and the last good checkpoint is kept. Lower the learning rate, or set "
-      f"--config.nan_policy=skip to skip such steps.")
+      f"{phase} step {step + 1}: non-finite value in {what}; the update was not applied and the "
+      f"last good checkpoint is kept. Lower {phase}.lr or optim.clip_norm, or set "
+      f"--config.nan_policy=skip to skip such steps and count them.")

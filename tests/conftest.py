@@ -7,6 +7,8 @@ the suite runs quickly on CPU; tests that need float64 enable it locally with th
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,16 @@ from flax import nnx
 import smt_jax
 
 KINDS = tuple(sorted(smt_jax.UPDATERS))
+
+
+def pytest_configure(config):
+  """A persistent compilation cache shared by the test processes: the runner tests build the same
+  smoke programs many times (a new jit per run), and a cache hit skips XLA's compile."""
+  del config
+  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                os.path.join(tempfile.gettempdir(), "smt_jax_test_compile_cache"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,21 @@ def check_int(name: str, value, *, minimum: int, fix: str = '') -> int:
   return int(value)
 
 
+def check_tokens(what: str, tokens, vocab_size: int) -> None:
+  """Raises ValueError unless `tokens` is a 1-D integer array with every id in [0, vocab_size)."""
+  tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'{what} must be a 1-D array of integer token ids, got {tokens.dtype} '
+                     f'{tokens.shape}.')
+  # An unsigned dtype too narrow to hold vocab_size cannot go out of range: skip the O(N) scan
+  # (a memory-mapped byte corpus with V = 256 is never read up front).
+  if np.issubdtype(tokens.dtype, np.unsignedinteger) and np.iinfo(tokens.dtype).max < vocab_size:
+    return
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(f'{what} has token ids in [{tokens.min()}, {tokens.max()}], outside the '
+                     f'vocabulary [0, {vocab_size}); the data and vocab_size disagree.')
+
+
 def check_split(split: str) -> int:
   """Returns the id of `split` ('train' or 'eval'), or raises ValueError."""
   if split not in SPLITS:
@@ -96,7 +111,14 @@ class Source:
     y = np.empty((rows, self.seq_len), np.int32)
     for i in range(rows):
       rng = row_rng(seed=seed, split=split, step=step, row=first + i)
-      x[i], y[i] = self.example(rng, split=split)
+      xi, yi = self.example(rng, split=split)
+      # Row assignment would broadcast a short row and truncate floats: check instead.
+      for name, v in (('x', xi), ('y', yi)):
+        if np.shape(v) != (self.seq_len,) or not np.issubdtype(np.asarray(v).dtype, np.integer):
+          raise ValueError(
+              f'{self.name}: example() returned {name} of shape {np.shape(v)} and dtype '
+              f'{np.asarray(v).dtype}; expected integers of shape ({self.seq_len},) (seq_len).')
+      x[i], y[i] = xi, yi
     return {'x': x, 'y': y}
 
   def __repr__(self) -> str:
@@ -113,8 +135,10 @@ class StreamSource(Source):
                fix: str = ''):
     """Args: streams: split -> int [N] tokens; fix: advice appended to a too-short error."""
     self.seq_len = check_int('seq_len', seq_len, minimum=1)
-    self.vocab_size = vocab_size
+    self.vocab_size = check_int('vocab_size', vocab_size, minimum=1)
     for split in SPLITS:
+      check_tokens(f"{getattr(self, 'name', type(self).__name__)}: the {split} stream",
+                   streams[split], vocab_size)
       n = len(streams[split])
       if n < self.seq_len + 1:
         raise ValueError(

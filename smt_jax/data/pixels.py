@@ -77,6 +77,24 @@ def image_stream(images: np.ndarray, bos: int) -> np.ndarray:
   return np.concatenate([bos_column, images.reshape(n, -1).astype(np.uint16)], axis=1).reshape(-1)
 
 
+def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
+  """Every split: integer images [N >= 1, H, W] of one common (H, W), values in [0, levels)."""
+  if sorted(images) != sorted(SPLITS):
+    raise ValueError(f'images must have the splits {sorted(SPLITS)}, got {sorted(images)}.')
+  shapes = set()
+  for split, im in images.items():
+    im = np.asarray(im)
+    if im.ndim != 3 or not len(im) or not np.issubdtype(im.dtype, np.integer):
+      raise ValueError(f'{split} images must be integer intensities [N >= 1, H, W], got '
+                       f'{im.dtype} {im.shape}; quantise float images to 0..levels-1 first.')
+    if im.min() < 0 or im.max() >= levels:
+      raise ValueError(f'{split} images hold intensities in [{im.min()}, {im.max()}], outside '
+                       f'[0, levels={levels}); quantise them (or raise levels), never clip.')
+    shapes.add(im.shape[1:])
+  if len(shapes) != 1:
+    raise ValueError(f'train and eval images differ in shape: {sorted(shapes)}; one (H, W).')
+
+
 class PixelSource(StreamSource):
   """Next-token prediction on concatenated raster-scanned images.
 
@@ -87,6 +105,8 @@ class PixelSource(StreamSource):
   """
 
   def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int):
+    levels = check_int('levels', levels, minimum=2)
+    _check_images(images, levels)
     self._images = images
     self.image_shape = tuple(images['train'].shape[1:])
     self.levels = levels

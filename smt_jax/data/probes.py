@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from smt_jax.data.base import IGNORE, Source, check_int
+from smt_jax.data.base import IGNORE, Source, check_int, check_tokens
 
 
 def _check_seq_len(probe: str, seq_len, minimum: int, why: str) -> int:
@@ -185,9 +185,14 @@ class ProbeSource(Source):
                vocab_size: int, train_kwargs: dict, eval_kwargs: dict | None = None):
     self._generate = generate
     self._kwargs = {'train': train_kwargs, 'eval': train_kwargs if eval_kwargs is None else eval_kwargs}
-    # Dry run: the generator raises ValueError on bad arguments, now rather than mid-training.
+    # Dry run: the generator raises ValueError on bad arguments, now rather than mid-training;
+    # and its tokens must fit the vocabulary (x in [0, V), targets y in [-1, V)).
     for kwargs in self._kwargs.values():
-      generate(np.random.default_rng(0), **kwargs)
+      x, y = (np.asarray(a) for a in generate(np.random.default_rng(0), **kwargs))
+      check_tokens(f'{generate.__name__}: x', x, int(vocab_size))
+      if y.shape != x.shape or y.min() < IGNORE or y.max() >= vocab_size:
+        raise ValueError(f'{generate.__name__}: targets y {y.shape} in [{y.min()}, {y.max()}] '
+                         f'do not fit x {x.shape} and the vocabulary [0, {vocab_size}) (or -1).')
     self.seq_len = int(train_kwargs['seq_len'])
     self.vocab_size = int(vocab_size)
 

@@ -1,0 +1,293 @@
+"""Bad configs fail before anything is loaded or compiled, naming the field, the value and the fix.
+
+Every rule of `smt_jax.config_checks` has a case here, run through `train.train_and_evaluate` (the
+real entry point) with a guard that fails the test if data is loaded (for the rules that need no
+data) or if JAX traces or compiles anything. Fast: nothing here trains.
+"""
+
+import contextlib
+import json
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import pixels, synthetic, text
+from smt_jax import checkpoints, config_checks, data, train
+from smt_jax.config_checks import ConfigError
+
+
+@contextlib.contextmanager
+def no_compile():
+  """Counts JAX tracing/lowering/compilation events inside; fails if there were any."""
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event.startswith("/jax/core/compile"):
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not events, f"JAX compiled before the config was rejected: {sorted(set(events))}"
+
+
+def test_the_compile_guard_sees_compiles():
+  with pytest.raises(AssertionError, match="compiled"):
+    with no_compile():
+      jax.jit(lambda a: a * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+  """Fails the test if the dataset is built (config-only rules must fire before any data load)."""
+  def refuse(config):
+    raise AssertionError(f"data {config.data.name!r} loaded before the config was rejected")
+  monkeypatch.setattr(train, "make_base_source", refuse)
+
+
+def _config(base: str, overrides: dict):
+  module, arg = base.split(":")
+  c = {"synthetic": synthetic, "pixels": pixels, "text": text}[module].get_config(arg)
+  for field, value in overrides.items():
+    target = c
+    *parents, leaf = field.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+def _rejects(c, tmp_path, *fragments):
+  with no_compile(), pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  msg = str(e.value)
+  for f in fragments:
+    assert f in msg, f"{f!r} not in the error: {msg}"
+  assert not os.path.exists(tmp_path / "run" / "config.json"), "a rejected config took the workdir"
+  return msg
+
+
+# (base config, overrides, what the message must contain): field = value, and a hint of the fix.
+CONFIG_ONLY = {
+    # memory layout: width must split into an even width per head (K x width is the memory)
+    "width_per_head": ("pixels:smoke", {"model.width": 20},
+                       ["config.model.width = 20", "multiple of 2 * model.num_heads = 8"]),
+    # T vs Tc + Tf and Tc + Td + Tf where T is settable (episodes); streams derive T from them
+    "context_past_episode": ("synthetic:parity,smoke", {"smt.context_length": 17},
+                             ["config.smt.context_length = 17", "data.seq_len = 16"]),
+    "future_past_episode": ("synthetic:parity,smoke", {"smt.future_length": 20},
+                            ["config.smt.future_length = 20", "<= 16"]),
+    "rollout_past_episode": ("synthetic:parity,smoke", {"dmt.rollout_length": 32},
+                             ["config.dmt.rollout_length = 32", "at most data.seq_len = 16"]),
+    "one_transition_needs_tc_below_t": ("synthetic:parity,smoke", {"smt.num_transitions": 1},
+                                        ["config.smt.context_length = 16", "Tc must be < T"]),
+    # k divides the rollout
+    "label_every_divides": ("pixels:smoke", {"dmt.label_every": 3},
+                            ["config.dmt.label_every = 3", "must divide dmt.rollout_length = 8"]),
+    # num_transitions in range
+    "transitions_zero": ("pixels:smoke", {"smt.num_transitions": 0},
+                         ["config.smt.num_transitions = 0", "[1, T = 20]"]),
+    "transitions_above_t": ("pixels:smoke", {"smt.num_transitions": 21},
+                            ["config.smt.num_transitions = 21", "[1, T = 20]"]),
+    # names: list the valid ones
+    "unknown_rnn_kind": ("pixels:smoke", {"model.rnn_kind": "rwkv"},
+                         ["config.model.rnn_kind = 'rwkv'", "'gru'", "'transformer'"]),
+    "unknown_dataset": ("pixels:smoke", {"data.name": "cifar"},
+                        ["config.data.name = 'cifar'", "'digits'", "'text'"]),
+    "unknown_phase": ("pixels:smoke", {"phases": "smt,rl"}, ["unknown phase 'rl'", "'bptt'"]),
+    # periods
+    "zero_log_period": ("pixels:smoke", {"log_every_steps": 0},
+                        ["config.log_every_steps = 0", "positive number of steps"]),
+    "negative_checkpoint_period": ("pixels:smoke", {"checkpoint_every_steps": -5},
+                                   ["config.checkpoint_every_steps = -5"]),
+    "zero_eval_period": ("pixels:smoke", {"eval.every_steps": 0}, ["config.eval.every_steps = 0"]),
+    # data paths
+    "text_without_path": ("text:smoke", {"data.path": ""},
+                          ["config.data.path = ''", "--config.data.path=FILE_OR_FOLDER"]),
+    "text_missing_path": ("text:smoke", {"data.path": "/nonexistent/corpus.txt"},
+                          ["config.data.path = '/nonexistent/corpus.txt'", "does not exist"]),
+    "path_for_a_dataset_without_files": ("pixels:smoke", {"data.path": "/data/mnist"},
+                                         ["config.data.path = '/data/mnist'", "ignored"]),
+    # mesh axes (config alone)
+    "unknown_mesh_axis": ("pixels:smoke", {"mesh.model": 2},
+                          ["config.mesh.model = 2", "['data', 'fsdp', 'time']"]),
+    "two_minus_one_axes": ("pixels:smoke", {"mesh.fsdp": -1}, ["at most one axis may be -1"]),
+    # the rest of the config
+    "negative_seed": ("pixels:smoke", {"seed": -1}, ["config.seed = -1", "non-negative"]),
+    "nan_policy": ("pixels:smoke", {"nan_policy": "ignore"}, ["config.nan_policy = 'ignore'",
+                                                             "'skip'"]),
+    "dtype": ("pixels:smoke", {"model.dtype": "float64"}, ["config.model.dtype = 'float64'"]),
+    "zero_lr": ("pixels:smoke", {"smt.lr": 0.0}, ["config.smt.lr = 0.0", "(0.0, inf)"]),
+    "zero_steps": ("pixels:smoke", {"dmt.steps": 0}, ["config.dmt.steps = 0", "positive"]),
+    "b2_of_one": ("pixels:smoke", {"optim.b2": 1.0}, ["config.optim.b2 = 1.0", "[0.0, 1.0)"]),
+    "negative_loss_weight": ("pixels:smoke", {"smt.c_dyn": -0.1}, ["config.smt.c_dyn = -0.1"]),
+    "dmt_without_smt": ("pixels:smoke", {"phases": "dmt"},
+                        ["config.phases = 'dmt'", "--config.phases=smt,dmt"]),
+    "episodic_flag_of_a_stream": ("pixels:smoke", {"data.episodic": True},
+                                  ["config.data.episodic = True", "episodic=False"]),
+    "seq_len_of_a_stream": ("pixels:smoke", {"data.seq_len": 64}, ["config.data.seq_len = 64"]),
+    "unknown_data_option": ("synthetic:parity,smoke", {"data.options.num_tokens": 4},
+                            ["config.data.options.num_tokens = 4", "no such option"]),
+    "prompt_too_long": ("pixels:smoke", {"eval.prompt_length": 24},
+                        ["config.eval.prompt_length = 24", "[0, eval sequence length 24)"]),
+    "negative_truncation": ("synthetic:parity,smoke", {"phases": "bptt", "bptt.truncation": -1},
+                            ["config.bptt.truncation = -1"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_ONLY))
+def test_config_rule_fails_before_data_and_compile(name, tmp_path, no_data):
+  base, overrides, fragments = CONFIG_ONLY[name]
+  _rejects(_config(base, overrides), tmp_path, *fragments)
+
+
+def test_empty_text_file_and_empty_folder(tmp_path, no_data):
+  (tmp_path / "empty.txt").write_bytes(b"")
+  _rejects(_config("text:smoke", {"data.path": str(tmp_path / "empty.txt")}), tmp_path,
+           "empty file")
+  (tmp_path / "nothing").mkdir()
+  (tmp_path / "nothing" / ".hidden").write_text("x")
+  _rejects(_config("text:smoke", {"data.path": str(tmp_path / "nothing")}), tmp_path,
+           "no files in it")
+  (tmp_path / "a_file").write_text("x" * 100)
+  _rejects(_config("pixels:mnist", {"data.path": str(tmp_path / "a_file")}), tmp_path,
+           "is not a folder")
+
+
+# --------------------------------------------------------------------------- needs the data
+
+
+def test_corpus_too_short_for_a_phase(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("abcdefgh " * 120)  # 1080 bytes: eval holds the last 257
+  c = _config("text:smoke", {"data.path": str(corpus), "eval.seq_len": 300,
+                             "eval.prompt_length": 8})
+  _rejects(c, tmp_path, "config.eval.seq_len = 300", "eval stream holds only 257")
+  corpus.write_text("tiny")  # shorter than one crop: the source itself says so
+  _rejects(_config("text:smoke", {"data.path": str(corpus)}), tmp_path, "data 'text'",
+           "has 4 bytes")
+
+
+class _OutOfVocabulary(data.Source):
+  """A dataset whose tokens do not fit its vocabulary."""
+  name = "out_of_vocabulary"
+
+  def __init__(self, *, seq_len: int = 16):
+    self.seq_len, self.vocab_size = seq_len, 2
+
+  def example(self, rng, *, split):
+    x = rng.integers(0, 3, self.seq_len).astype(np.int32)  # 2 is outside [0, 2)
+    x[0] = 2
+    return x, x
+
+
+def test_tokens_outside_the_vocabulary(tmp_path, monkeypatch):
+  monkeypatch.setitem(data.DATASETS, "out_of_vocabulary", _OutOfVocabulary)
+  c = _config("synthetic:parity,smoke", {"data.name": "out_of_vocabulary"})
+  _rejects(c, tmp_path, "outside [0, vocab_size=2)", "x in [0, 2]")
+
+
+def test_mesh_larger_than_the_devices(tmp_path):
+  n = jax.device_count()
+  _rejects(_config("pixels:smoke", {"mesh.data": n + 1}), tmp_path,
+           f"needs {n + 1} devices, but {n} are available")
+
+
+def _mesh(**shape):
+  return types.SimpleNamespace(shape={"data": 1, "fsdp": 1, "time": 1, **shape})
+
+
+def test_batch_and_transitions_must_split_over_the_mesh():
+  c = _config("pixels:smoke", {"smt.batch_size": 6})
+  with pytest.raises(ConfigError, match=r"config.smt.batch_size = 6: must be divisible by data x "
+                                        r"fsdp = 4 .* e.g. smt.batch_size=8"):
+    config_checks.validate_with_mesh(c, ["smt", "dmt"], _mesh(data=2, fsdp=2))
+  c = _config("pixels:smoke", {"eval.batch_size": 2})
+  with pytest.raises(ConfigError, match="config.eval.batch_size = 2"):
+    config_checks.validate_with_mesh(c, ["smt"], _mesh(data=4))
+  c = _config("pixels:smoke", {"smt.num_transitions": 3})
+  with pytest.raises(ConfigError, match="config.smt.num_transitions = 3: must be divisible by "
+                                        "mesh.time = 2"):
+    config_checks.validate_with_mesh(c, ["smt"], _mesh(time=2))
+  c = _config("synthetic:parity,smoke", {"phases": "bptt"})
+  with pytest.raises(ConfigError, match="config.mesh.time = 2: .* no SMT phase"):
+    config_checks.validate_with_mesh(c, ["bptt"], _mesh(time=2))
+  config_checks.validate_with_mesh(_config("pixels:smoke", {}), ["smt", "dmt"], _mesh(data=4))
+
+
+def test_smoke_configs_pass():
+  for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
+    c = _config(base, {})
+    config_checks.validate(c, train.phase_list(c))
+
+
+# --------------------------------------------------------------------------- the workdir
+
+
+def _fake_run(workdir, config, steps=(3,)):
+  """A workdir as a run of `config` leaves it: config.json and checkpoint folders."""
+  os.makedirs(workdir / "checkpoints", exist_ok=True)
+  for s in steps:
+    (workdir / "checkpoints" / str(s)).mkdir()
+  (workdir / "config.json").write_text(config.to_json())
+  (workdir / "metrics.jsonl").write_text('{"step": 2, "phase": "smt", "phase_step": 2}\n')
+
+
+def test_workdir_of_another_config_is_refused_before_anything_is_built(tmp_path, no_data):
+  old = _config("pixels:smoke", {})
+  _fake_run(tmp_path, old)
+  new = _config("pixels:smoke", {"smt.lr": 2e-3, "model.rnn_kind": "gru"})
+  with no_compile(), pytest.raises(checkpoints.WorkdirError) as e:
+    train.train_and_evaluate(new, str(tmp_path))
+  msg = str(e.value)
+  assert "model.rnn_kind: 'transformer' -> 'gru'" in msg and "smt.lr: 0.001 -> 0.002" in msg
+  assert "--overwrite" in msg and "--fork" in msg
+  assert json.loads((tmp_path / "config.json").read_text()) == json.loads(old.to_json())
+  with pytest.raises(checkpoints.WorkdirError, match="exclude each other"):
+    checkpoints.check_workdir(str(tmp_path), new, overwrite=True, fork=True)
+
+
+def test_claim_workdir_same_new_overwrite_fork(tmp_path):
+  old, new = _config("pixels:smoke", {}), _config("pixels:smoke", {"smt.steps": 9})
+  claim = lambda wd, c, **kw: checkpoints.claim_workdir(
+      str(wd), c, overwrite=kw.get("overwrite", False), fork=kw.get("fork", False), is_main=True)
+  assert claim(tmp_path / "fresh", old) == "new"
+  assert claim(tmp_path / "fresh", old) == "same"
+
+  _fake_run(tmp_path / "ow", old)
+  assert claim(tmp_path / "ow", new, overwrite=True) == "overwrite"
+  assert not (tmp_path / "ow" / "checkpoints").exists()
+  assert not (tmp_path / "ow" / "metrics.jsonl").exists()
+  assert json.loads((tmp_path / "ow" / "config.json").read_text())["smt"]["steps"] == 9
+
+  _fake_run(tmp_path / "fk", old)
+  assert claim(tmp_path / "fk", new, fork=True) == "fork"
+  assert (tmp_path / "fk" / "checkpoints" / "3").is_dir()  # kept, to be continued
+  assert json.loads((tmp_path / "fk" / "config.1.json").read_text())["smt"]["steps"] == 6
+  assert json.loads((tmp_path / "fk" / "config.json").read_text())["smt"]["steps"] == 9
+  assert claim(tmp_path / "fk", old, fork=True) == "fork"  # and back: the history grows
+  assert (tmp_path / "fk" / "config.2.json").exists()
+
+
+def test_checkpoints_without_a_config_are_refused(tmp_path):
+  _fake_run(tmp_path, _config("pixels:smoke", {}))
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(checkpoints.WorkdirError, match="checkpoints but no config.json"):
+    checkpoints.check_workdir(str(tmp_path), _config("pixels:smoke", {}), overwrite=False,
+                              fork=False)
+
+
+def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
+  with checkpoints.workdir_lock(str(tmp_path), is_main=True):
+    with pytest.raises(RuntimeError, match=f"in use by a running job \\(pid {os.getpid()}\\)"):
+      with checkpoints.workdir_lock(str(tmp_path), is_main=True):
+        pass
+  with checkpoints.workdir_lock(str(tmp_path), is_main=True):  # released on exit
+    pass
