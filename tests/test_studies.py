@@ -1,0 +1,236 @@
+"""The study set (experiments/compare.py) and the analysis functions it rests on (smt_jax.analysis).
+
+Unit tests pin the math of `smt_jax.analysis` against independent computations. The smoke tests run
+`python -m experiments.compare --budget=smoke` end to end through the real training runner (in a
+subprocess, with XLA's cheaper CPU compile settings, since the time goes into compiling) and check
+what it leaves: every figure and table, finite numbers, the expected rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smt_jax import analysis, objectives
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+
+
+# -------------------------------------------------------------------------------------------------
+# smt_jax.analysis: the math.
+
+
+def test_rollout_state_gradient_norms_match_the_linear_recurrence():
+  # m_t = A m_{t-1} + e(x_t), L = <w, m_{L-1}> (only the last state): dL/dm_t = (A^T)^{L-1-t} w.
+  rng = np.random.default_rng(0)
+  k, d, length = 2, 3, 6
+  a = rng.normal(size=(k * d, k * d)) * 0.5
+  emb = rng.normal(size=(5, k * d))
+  w = rng.normal(size=(k * d,))
+  update = lambda p, m, x: (m.reshape(len(x), -1) @ p["a"].T + p["e"][x]).reshape(m.shape)
+  params = {"a": jnp.asarray(a), "e": jnp.asarray(emb)}
+  x = jnp.asarray(rng.integers(0, 5, (2, length)))
+  m0 = jnp.asarray(rng.normal(size=(2, k, d)))
+  loss = lambda states: jnp.sum(states[:, -1].reshape(2, -1) @ jnp.asarray(w))
+  norms = np.asarray(analysis.rollout_state_gradient_norms(loss, params, m0, x, update=update))
+  expected = [np.linalg.norm(np.linalg.matrix_power(a.T, length - 1 - t) @ w)
+              for t in range(length)]
+  assert norms.shape == (2, length)
+  np.testing.assert_allclose(norms, np.tile(expected, (2, 1)), rtol=1e-4)
+
+
+def test_smt_memory_gradient_norms_find_each_windows_memory(tiny):
+  # L = sum_t <c_t, E(window ending at t)> over t = -1..T-1: dL/dm_t = c_t exactly.
+  tfns, tparams = tiny.teacher()
+  b, t = 2, 4
+  batch = tiny.batch(0, b, t)
+  c = jax.random.normal(jax.random.key(1), (t + 1, tiny.num_memory_tokens, tiny.width))
+
+  def loss_fn(params, batch, key, *, teacher):
+    del key
+    mem = objectives.encode_over_time(teacher, params["teacher"], objectives.windows(
+        batch["x"], jnp.arange(-1, t), t))  # [B, T+1, K, d]
+    return jnp.sum(mem * c), {}
+
+  norms = jax.jit(lambda p: analysis.smt_memory_gradient_norms(
+      loss_fn, {"teacher": p, "rnn": {}}, batch, None, teacher=tfns))(tparams)
+  expected = np.linalg.norm(np.asarray(c).reshape(t + 1, -1), axis=-1)
+  np.testing.assert_allclose(np.asarray(norms), np.tile(expected, (b, 1)), rtol=1e-5)
+
+
+def test_perturbable_teacher_is_the_teacher_at_zero(tiny):
+  tfns, tparams = tiny.teacher()
+  x = tiny.batch(0, 3, 5)["x"]
+  ctx = objectives.windows(x, jnp.arange(-1, 5), 5)[:, 2]  # window ending at t = 1: fill 2
+  np.testing.assert_array_equal(np.asarray(analysis.window_fill(ctx)), [2, 2, 2])
+  wrapped = analysis.perturbable_teacher(tfns)
+  delta = jnp.zeros((3, 6, tiny.num_memory_tokens, tiny.width)).at[:, 2].set(1.0)
+  got, plain = jax.jit(lambda p: (wrapped.encode({"teacher": p, "delta": delta}, ctx),
+                                   tfns.encode(p, ctx)))(tparams)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(plain) + 1.0, rtol=1e-6)
+
+
+def test_drift_along_time_matches_numpy():
+  rng = np.random.default_rng(0)
+  p, t = rng.normal(size=(5, 4, 2, 3)), rng.normal(size=(5, 4, 2, 3))
+  out = analysis.drift_along_time(jnp.asarray(p), jnp.asarray(t))
+  mse = ((p - t) ** 2).mean(axis=(0, 2, 3))
+  r = ((p - t) ** 2).sum(axis=(0, 2, 3)) / ((t - t.mean(0)) ** 2).sum(axis=(0, 2, 3))
+  np.testing.assert_allclose(np.asarray(out["mse"]), mse, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["one_minus_r2"]), r, rtol=1e-5)
+  zero = analysis.drift_along_time(jnp.asarray(t), jnp.asarray(t))["one_minus_r2"]
+  np.testing.assert_allclose(np.asarray(zero), 0.0, atol=1e-7)
+  with pytest.raises(ValueError, match=r"\[B, T, K, d\]"):
+    analysis.drift_along_time(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
+
+
+def test_one_step_predictions_are_vmapped_updates(tiny):
+  rfns, rparams = tiny.rnn("gru")
+  rng = np.random.default_rng(0)
+  mem = jnp.asarray(rng.normal(size=(2, 3, tiny.num_memory_tokens, tiny.width)), jnp.float32)
+  x = jnp.asarray(rng.integers(0, tiny.vocab_size, (2, 3)))
+  got, loop = jax.jit(lambda p: (analysis.one_step_predictions(rfns, p, mem, x), jnp.stack(
+      [rfns.update(p, mem[:, i], x[:, i]) for i in range(3)], axis=1)))(rparams)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(loop), atol=1e-5)
+
+
+def test_pca_and_participation_ratio():
+  rng = np.random.default_rng(0)
+  line = np.outer(rng.normal(size=50), [3.0, 4.0, 0.0]) + 1.0
+  p = analysis.pca(line, 2)
+  np.testing.assert_allclose(p["explained_variance_ratio"], [1.0, 0.0], atol=1e-9)
+  np.testing.assert_allclose(np.abs(p["components"][0]), [0.6, 0.8, 0.0], atol=1e-9)
+  np.testing.assert_allclose(p["projection"][:, 0] ** 2, ((line - line.mean(0)) ** 2).sum(1),
+                             rtol=1e-9)
+  assert analysis.participation_ratio(line) == pytest.approx(1.0)
+  iso = rng.normal(size=(20000, 4))
+  assert analysis.participation_ratio(iso) == pytest.approx(4.0, rel=0.02)
+  with pytest.raises(ValueError, match="num_components"):
+    analysis.pca(line, 4)
+
+
+def test_count_flops_and_seq_flops():
+  f = analysis.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
+  assert f == 2 * 4 * 8 * 16
+  kw = dict(f_update=10.0, f_readout=2.0, f_encode=100.0, f_decode=50.0, rollout_length=8)
+  bptt = [analysis.seq_flops_per_step("bptt", seq_len=t, **kw) for t in (16, 32)]
+  smt = [analysis.seq_flops_per_step("smt", seq_len=t, **kw) for t in (16, 32)]
+  assert bptt == [3 * (16 * 10 + 2), 3 * (32 * 10 + 2)]  # grows with T
+  assert smt == [3 * (100 + 50)] * 2  # does not
+  assert analysis.seq_flops_per_step("dmt", seq_len=16, **kw) == 100 + 8 * 10 + 2 + 2 * 12
+  with pytest.raises(ValueError, match="method"):
+    analysis.seq_flops_per_step("tbptt", seq_len=4, **kw)
+
+
+# -------------------------------------------------------------------------------------------------
+# The smoke study, end to end.
+
+# Compile time dominates a smoke run on CPU: cheaper LLVM settings cut it without changing results
+# beyond float rounding. The study set runs as two processes side by side (one per core): the probe
+# studies, and the digit studies.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+GROUPS = ("probes,steps,gradients,drift,length,updaters", "samples,geometry")
+FIGURES = {"probes": ["probes.png", "probes_compute.png"], "steps": ["steps.png"],
+           "gradients": ["gradients.png"], "drift": ["drift.png"], "length": ["length.png"],
+           "updaters": ["updaters.png"], "samples": ["samples.png"], "geometry": ["geometry.png"]}
+
+
+def _run_smoke(tmp_path) -> dict:
+  """Runs every study at the smoke budget; returns {study: results json + its table as 'md'}."""
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
+             JAX_PLATFORMS="cpu")
+  procs = []
+  for i, studies in enumerate(GROUPS):
+    out, runs, log = tmp_path / f"docs{i}", tmp_path / f"runs{i}", tmp_path / f"log{i}.txt"
+    with open(log, "w") as f:  # a file, not a pipe: neither process can block on a full pipe
+      procs.append((studies, out, log, subprocess.Popen(
+          [sys.executable, "-m", "experiments.compare", f"--study={studies}", "--budget=smoke",
+           f"--out={out}", f"--runs={runs}"], cwd=ROOT, env=env, stdout=f,
+          stderr=subprocess.STDOUT)))
+  results = {}
+  for studies, out, log, proc in procs:
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, log.read_text()[-5000:]
+    for name in studies.split(","):
+      for fig in FIGURES[name]:
+        assert (out / fig).stat().st_size > 5_000, fig
+      with open(out / "studies" / f"{name}.json") as f:
+        results[name] = json.load(f)
+      results[name]["md"] = (out / "studies" / f"{name}.md").read_text()
+      _assert_finite(results[name], name)
+  return results
+
+
+def _assert_finite(x, where):
+  if isinstance(x, dict):
+    for k, v in x.items():
+      _assert_finite(v, f"{where}.{k}")
+  elif isinstance(x, list):
+    for i, v in enumerate(x):
+      _assert_finite(v, f"{where}[{i}]")
+  elif isinstance(x, float):
+    assert math.isfinite(x), where
+
+
+def _table_rows(md: str, first_header: str) -> list[list[str]]:
+  """Body rows of the markdown table whose header starts with `| first_header |`."""
+  lines = md.splitlines()
+  start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+  rows = []
+  for ln in lines[start + 2:]:
+    if not ln.startswith("|"):
+      break
+    rows.append([c.strip() for c in ln.strip("|").split("|")])
+  return rows
+
+
+def test_smoke_studies(tmp_path):
+  """`experiments.compare --study=all --budget=smoke` leaves every figure and the expected tables."""
+  from experiments.configs import studies
+  b = studies.get_config("smoke")
+  res = _run_smoke(tmp_path)
+  assert set(res) == set(FIGURES)
+
+  rows = _table_rows(res["probes"]["md"], "task")
+  assert len(rows) == len(b.probes.tasks) * len(b.probes.lengths) * 4
+  assert {r[2] for r in rows} == {"BPTT", "SMT (before DMT)", "SMT->DMT", "teacher"}
+  for cell in res["probes"]["cells"]:
+    assert 0.0 <= np.mean(cell["methods"]["smt_dmt"]["acc"]) <= 1.0
+    # SeqFLOPs: BPTT's serial path is the unrolled sequence, SMT's one transition.
+    f = cell["unit_flops"]
+    assert cell["methods"]["bptt"]["seq_flops"][0] > cell["length"] * f["update"]
+
+  rows = _table_rows(res["steps"]["md"], "total steps")
+  assert len(rows) == 2 * len(b.steps.totals)
+
+  rows = _table_rows(res["gradients"]["md"], "curve")
+  assert [r[0] for r in rows] == ["BPTT, init", "BPTT, trained", "SMT, init", "SMT, trained"]
+  t = b.gradients.length
+  assert len(res["gradients"]["curves"]["SMT, init"]["median"]) == t + 1
+  assert len(res["gradients"]["curves"]["BPTT, init"]["median"]) == t
+
+  assert [r[0] for r in _table_rows(res["drift"]["md"], "model")] == ["after SMT",
+                                                                      "after SMT->DMT"]
+  assert len(_table_rows(res["drift"]["md"], "c_dyn")) == 1 + len(b.drift.settings)
+  assert len(res["drift"]["along"]["after SMT"]["rollout_1mr2"]) == b.drift.length
+
+  rows = _table_rows(res["length"]["md"], "model")
+  assert len(rows) == 3 and all(len(r) == 1 + len(b.length.factors) for r in rows)
+  assert res["length"]["lengths"] == [f * b.length.length for f in b.length.factors]
+
+  assert [r[0] for r in _table_rows(res["updaters"]["md"], "updater")] == list(b.updaters.kinds)
+
+  assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
+  assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}
+  rows = _table_rows(res["geometry"]["md"], "trajectory")
+  assert len(rows) == 3 and rows[0][0] == "digit" and rows[1][0].startswith("stack")
+  ev = res["geometry"]["pca"]["digit"]["explained_variance_ratio"]
+  assert len(ev) == 3 and 0.0 < sum(ev) <= 1.0 + 1e-6
