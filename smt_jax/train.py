@@ -431,6 +431,8 @@ def _train(exp: Experiment, params, workdir: str, t_start: float, claim) -> dict
                                        preempted, summary, with_teacher)
         opt_state = None
         if phase == "smt" and c.smt.copy_decoder_to_readout:
+          # After SMT's final eval (which scores the RNN's own readout): later phases, samples and
+          # the boundary checkpoint use the readout with the teacher decoder's weights.
           params = copy_decoder_to_readout(params, c.model.rnn_kind)
         # Phase boundary checkpoint: a restart continues with the next phase.
         nxt = exp.phases[pi + 1] if pi + 1 < len(exp.phases) else None
