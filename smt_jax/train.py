@@ -482,6 +482,7 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, skippe
 
   t_compile = time.time()
   t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
+  train_s, train_steps = 0.0, 0  # measured training time and steps, for the summary's throughput
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(start, pc.steps):
     gstep = offset + step
@@ -504,6 +505,7 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, skippe
       dt = time.time() - t_last
       if steps_since and dt > 0:  # not measurable when this is the first step after a (re)start
         rate = steps_since / dt
+        train_s, train_steps = train_s + dt, train_steps + steps_since
         row.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step)
         msg += f"  {rate:.2f} steps/s  {rate * tokens_per_step:,.0f} tokens/s"
       if skipped:
@@ -532,6 +534,9 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, skippe
     skipped += _check_finite(c, phase, *pending)
   final = run_eval(exp, state["params"], with_teacher=with_teacher)
   writer.write(offset + pc.steps, phase, pc.steps, final)
+  if train_steps:  # this process's measured part of the phase (a resumed run: since the restart)
+    summary[f"{phase}/steps_per_s"] = train_steps / train_s
+    summary[f"{phase}/tokens_per_s"] = train_steps / train_s * tokens_per_step
   summary[phase] = final
   summary[f"{phase}/skipped_steps"] = skipped
   if jax.process_index() == 0:

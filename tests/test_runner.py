@@ -26,6 +26,7 @@ def _check_outputs(workdir, phases):
   for p in phases:
     assert np.isfinite(summary[p]["eval/rnn_nll"])
   assert summary["baseline/unigram_nll"] > 0
+  assert all(summary[f"{p}/tokens_per_s"] > 0 for p in phases)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   return summary
