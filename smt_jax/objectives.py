@@ -37,7 +37,17 @@ class RNNFns(NamedTuple):
   initial_memory: Callable[[Params], jax.Array]  # (p) -> [K, d]
 
 
+def _check_params(params: Params, keys: tuple[str, ...], what: str) -> None:
+  if not hasattr(params, "keys") or any(k not in params for k in keys):
+    raise ValueError(f"{what}: params must be a mapping with entries {list(keys)} (the models' "
+                     f"parameters), got {type(params).__name__}"
+                     f"{' with ' + str(list(params.keys())) if hasattr(params, 'keys') else ''}.")
+
+
 def _check_batch(batch: Batch, min_len: int, what: str) -> tuple[jax.Array, jax.Array]:
+  if not hasattr(batch, "keys") or "x" not in batch or "y" not in batch:
+    raise ValueError(f"{what}: batch must be a mapping {{'x': int [B, T], 'y': int [B, T]}}, got "
+                     f"{type(batch).__name__}.")
   x, y = batch["x"], batch["y"]
   if x.ndim != 2 or x.shape != y.shape:
     raise ValueError(f"batch['x'] and batch['y'] must both be int [B, T]; got {x.shape} and "
@@ -80,6 +90,14 @@ def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) ->
 
   context int [B, N, Tc] -> memories [B, N, K, d].
   """
+  if context.ndim != 3 or not jnp.issubdtype(context.dtype, jnp.integer):
+    raise ValueError(f"context must be int [B, N, Tc] (windows per time position), got "
+                     f"{context.dtype} {context.shape}.")
+  import os
+  if os.environ.get("SMT_FLAT"):
+    b, n, tc = context.shape
+    m = teacher.encode(params, context.reshape(b * n, tc))
+    return m.reshape(b, n, *m.shape[1:])
   return jax.vmap(teacher.encode, in_axes=(None, 1), out_axes=1)(params, context)
 
 
@@ -146,6 +164,7 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   if uniformity_over not in ("tokens", "states"):
     raise ValueError(f"uniformity_over must be 'tokens' or 'states', got {uniformity_over!r}.")
   x, y = _check_batch(batch, 2, "smt_loss")
+  _check_params(params, ("teacher", "rnn"), "smt_loss")
   seq_len = x.shape[1]
   k_pos, k_unif = jax.random.split(key) if key is not None else (None, None)
   src = transition_positions(seq_len, num_transitions, context_length, k_pos)  # [N]
@@ -218,7 +237,15 @@ def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Cal
   Returns:
     states [B, L, K, d]: states[:, i] has read inputs[:, :i+1].
   """
-  update_step = jax.checkpoint(update) if remat else update
+  if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
+    raise ValueError(f"inputs must be int [B, L], got {inputs.dtype} {inputs.shape}.")
+  if memory.ndim < 2 or memory.shape[0] != inputs.shape[0]:
+    raise ValueError(f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]} "
+                     f"(no broadcasting), got {memory.shape}.")
+  if stop_gradient_every is not None:
+    _positive(stop_gradient_every=stop_gradient_every)
+  # prevent_cse=False: scan already keeps iterations apart, and the barrier would block fusion.
+  update_step = jax.checkpoint(update, prevent_cse=False) if remat else update
 
   def step(m, xs):
     i, x_t = xs
@@ -277,15 +304,28 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
   if t0 < -1:
     raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
   x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
+  _check_params(params, ("teacher", "rnn"), "dmt_loss")
   tp = jax.lax.stop_gradient(params["teacher"])
   rp = params["rnn"]
   label_steps = jnp.arange(0, rollout_length + 1, label_every)  # s = 0, k, .., Td
   labels = encode_over_time(teacher, tp, windows(x, label_steps + t0, context_length))  # [B,S,K,d]
   inputs = x[:, t0 + 1:t0 + 1 + rollout_length]
-  states = rollout(rp, labels[:, 0], inputs, update=rnn.update,
-                   stop_gradient_every=1 if stop_carry_grad else None)
-  states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
-  l_dyn = losses.dynamics_loss(states[:, label_steps[1:]], labels[:, 1:])
+  if stop_carry_grad:
+    # With the carry cut before every update, the gradient reaches only the updates whose outputs
+    # are labelled (s = k, 2k, .., Td): every other step would backpropagate zeros. So the rollout
+    # runs forward only (no residuals, no backward scan), and the Td/k labelled updates are redone
+    # with gradients, all at once (one vmap): the same loss and gradients, for a fraction of the
+    # work.
+    states = rollout(jax.lax.stop_gradient(rp), labels[:, 0], inputs, update=rnn.update,
+                     remat=False)
+    states = jax.lax.stop_gradient(jnp.concatenate([labels[:, :1], states], axis=1))  # s=0..Td
+    predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
+        rp, states[:, label_steps[1:] - 1], inputs[:, label_steps[1:] - 1])  # [B, Td/k, K, d]
+  else:
+    states = rollout(rp, labels[:, 0], inputs, update=rnn.update)
+    states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
+    predicted = states[:, label_steps[1:]]
+  l_dyn = losses.dynamics_loss(predicted, labels[:, 1:])
   logits = readout_over_time(rnn, rp, jax.lax.stop_gradient(states))
   y_rollout = shifted(y, jnp.array([t0]), rollout_length + 1)[:, 0]  # y[t0 .. t0+Td], [B, Td+1]
   ce, mask = losses.masked_cross_entropy(logits, y_rollout)
@@ -312,6 +352,7 @@ def bptt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, rnn
   if truncation is not None:
     _positive(truncation=truncation)
   x, y = _check_batch(batch, 1, "bptt_loss")
+  _check_params(params, ("rnn",), "bptt_loss")
   rp = params["rnn"]
   m_init = rnn.initial_memory(rp)
   m0 = jnp.broadcast_to(m_init, (x.shape[0], *m_init.shape))

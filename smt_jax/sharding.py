@@ -77,15 +77,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def time_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array] | None:
-  """A constraint putting the time-position axis (axis 1) of [B, N, ...] arrays on `time`."""
+  """A constraint putting the time-position axis (axis 1) of [B, N, ...] arrays on `time`.
+
+  Under `jit`, N need not divide evenly (e.g. the T+1 teacher memories of T transitions: the last
+  shard is padded); outside `jit` such arrays are left as they are. Rows stay split over the batch
+  axes. None when the mesh has no time axis.
+  """
   t = mesh.shape["time"]
   if t == 1:
     return None
   b = mesh.shape["data"] * mesh.shape["fsdp"]
+  spec = NamedSharding(mesh, P(BATCH_AXES, "time"))
 
   def constrain(a: jax.Array) -> jax.Array:
-    if a.ndim < 2 or a.shape[1] % t or a.shape[0] % b:
+    if a.ndim < 2 or a.shape[1] < t or a.shape[0] % b:
       return a
-    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(BATCH_AXES, "time")))
+    if a.shape[1] % t and not isinstance(a, jax.core.Tracer):
+      return a
+    return jax.lax.with_sharding_constraint(a, spec)
 
   return constrain

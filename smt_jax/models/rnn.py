@@ -74,8 +74,8 @@ class TransformerRNN(RNN):
     b, k, _ = memory.shape
     h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
                          layers.embed_tokens(self.embed, x)[:, None]], axis=1)  # [B, K+1, d]
-    h = self.transformer(h, jnp.ones((1, k + 1, k + 1), bool))
-    return layers.rms_normalize(h[:, :k]).astype(memory.dtype)
+    h = self.transformer(h, None, outputs=slice(0, k))  # bidirectional: no mask; keep the K rows
+    return layers.rms_normalize(h).astype(memory.dtype)
 
   def readout(self, memory):
     return self.decoder.next_logits(memory)

@@ -33,8 +33,8 @@ class Encoder(nnx.Module):
                          jnp.broadcast_to(self.registers[...].astype(self.embed.dtype or jnp.float32),
                                           (b, k, self.registers.shape[1]))], axis=1)
     valid = jnp.concatenate([context != -1, jnp.ones((b, k), bool)], axis=1)  # keys [B, Tc+K]
-    mask = jnp.broadcast_to(valid[:, None, :], (b, tc + k, tc + k))
-    return layers.rms_normalize(self.transformer(x, mask)[:, tc:])
+    # Only the K register rows are kept: the last block computes those alone.
+    return layers.rms_normalize(self.transformer(x, valid[:, None, :], outputs=slice(tc, None)))
 
 
 class Decoder(nnx.Module):
@@ -49,18 +49,20 @@ class Decoder(nnx.Module):
   def __call__(self, memory: jax.Array, x_future: jax.Array) -> jax.Array:
     """memory [B, K, d], x_future int [B, Tf] -> logits [B, Tf, V] for targets y[t .. t+Tf-1]."""
     k, tf = memory.shape[1], x_future.shape[1]
-    h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
-                         layers.embed_tokens(self.embed, x_future)], axis=1)
-    h = self.transformer(h, layers.causal_mask(k + tf))
     # Position K-1+j has seen the memory and x_future[:j]: it predicts future target j. The last
-    # input token x_future[Tf-1] is fed only to keep shapes fixed; its output is unused.
-    return self.head(h[:, k - 1:k - 1 + tf]).astype(jnp.float32)
+    # input x_future[Tf-1] would only feed its own (unused) output under the causal mask, so it
+    # is dropped; the last block computes only the Tf predicting rows K-1 .. K+Tf-2.
+    h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
+                         layers.embed_tokens(self.embed, x_future[:, :tf - 1])], axis=1)
+    h = self.transformer(h, layers.causal_mask(k + tf - 1), outputs=slice(k - 1, None))
+    return self.head(h).astype(jnp.float32)
 
   def next_logits(self, memory: jax.Array) -> jax.Array:
     """memory [B, K, d] -> logits [B, V] for the next target (the output at position K-1)."""
-    h = self.transformer(memory.astype(self.embed.dtype or memory.dtype),
-                         layers.causal_mask(memory.shape[1]))
-    return self.head(h[:, -1]).astype(jnp.float32)
+    k = memory.shape[1]
+    h = self.transformer(memory.astype(self.embed.dtype or memory.dtype), layers.causal_mask(k),
+                         outputs=slice(k - 1, k))
+    return self.head(h[:, 0]).astype(jnp.float32)
 
 
 class Teacher(nnx.Module):

@@ -1,0 +1,401 @@
+"""Times steady-state SMT, DMT and BPTT train steps: a table on stdout, JSON with --out.
+
+  python -m experiments.benchmark --config=experiments/configs/bench.py --out=bench.json
+  python -m experiments.benchmark --config=experiments/configs/bench.py --objectives=smt --steps=50
+  python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=seq_len
+  python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=devices
+
+What is timed is the real train step of the runner (`train.make_loss`, `train.make_optimizer`,
+`train.make_train_step`, jitted with the runner's shardings and donation), on parameters created
+already sharded on the config's mesh. Compilation (`lower().compile()`) is timed on its own; then
+`--warmup` steps run untimed and `--steps` steps are timed in steady state, as the training loop
+runs them (the next step is dispatched before the last one is waited for): a step's time is the
+interval between consecutive completions, and the median is reported. The batch is uniform random
+tokens of the config's vocabulary: step time does not depend on token values, and this keeps data
+generation out of the measurement.
+
+Per objective the JSON holds `median_s` (per train step), `tokens_per_s` (B*T / median_s),
+`compile_s`, `seq_depth` (updates on the sequential critical path: SMT 1, DMT Td, BPTT T),
+`cpu_s` (process CPU seconds per step, all threads: steadier than wall time on a shared machine),
+`flops` (matmul FLOPs of one step, counted on its jaxpr: backward, rematerialisation and every
+scan iteration included), `xla_flops` (XLA's `cost_analysis()`, which counts a while-loop body
+once, so it undercounts DMT and BPTT), `flops_per_s`, and on GPU `mfu` = flops_per_s over the
+peak of the dtype the run used (`PEAK_FLOPS`).
+
+Sweeps (`--sweep`):
+  seq_len  BPTT at T in --seq_lens, and SMT training every transition of an episode of length T
+           (Tc and Tf fixed): step time and per-transition (per-token) cost side by side.
+  devices  the same config on 1, 2, 4, 8 devices (`--device_counts`), one subprocess per count
+           with XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU; the devices go to the
+           mesh axis `--sweep_axis` (data, fsdp or time).
+Wall-clock numbers on a shared machine are noisy: compare ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "experiments/configs/bench.py",
+                                 "Path to a config file (and :arg).", lock_config=False)
+flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+flags.DEFINE_list("objectives", ["smt", "dmt", "bptt"], "Which train steps to time.")
+flags.DEFINE_integer("steps", 20, "Timed steps per objective (the median is reported).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_enum("sweep", None, ["seq_len", "devices"], "An optional scaling sweep.")
+flags.DEFINE_list("seq_lens", ["16", "32", "64", "128"], "Sequence lengths of --sweep=seq_len.")
+flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: the config's).")
+flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
+flags.DEFINE_enum("sweep_axis", "data", ["data", "fsdp", "time"],
+                  "--sweep=devices: the mesh axis that takes the devices.")
+flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
+FLAGS = flags.FLAGS
+
+OBJECTIVES = ("smt", "dmt", "bptt")
+
+# Dense peak FLOP/s by device and dtype (NVIDIA datasheets, no sparsity). float32 matmuls on these
+# GPUs run as TF32 under JAX's default matmul precision, so a float32 run is measured against the
+# TF32 peak (`float32_ieee` is the non-tensor-core peak, for reference).
+PEAK_FLOPS = {
+    "H100 SXM": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
+    "H100 PCIe": {"bfloat16": 756.0e12, "float32": 378.0e12, "float32_ieee": 51.2e12},
+    "H200": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
+    "A100": {"bfloat16": 312.0e12, "float32": 156.0e12, "float32_ieee": 19.5e12},
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> tuple[str | None, float | None]:
+  """(table row, peak FLOP/s) for a device kind string such as 'NVIDIA H100 80GB HBM3'."""
+  kind = device_kind.upper()
+  if "H200" in kind:
+    row = "H200"
+  elif "H100" in kind:
+    row = "H100 PCIe" if "PCIE" in kind else "H100 SXM"
+  elif "A100" in kind:
+    row = "A100"
+  else:
+    return None, None
+  return row, PEAK_FLOPS[row]["bfloat16" if dtype in ("bfloat16", "float16") else "float32"]
+
+
+def seq_depth(config, phase: str, seq_len: int) -> int:
+  """RNN updates on the sequential critical path of one train step."""
+  if phase == "smt":
+    return 1  # every transition is regressed in parallel (vmap): one update deep
+  if phase == "dmt":
+    return config.dmt.rollout_length  # a lax.scan of Td updates
+  return seq_len  # BPTT unrolls the whole sequence
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's own FLOP count of a compiled program (it counts a while-loop body once)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def matmul_flops(jaxpr) -> float:
+  """FLOPs of every dot_general in a (closed) jaxpr: 2 * output size * contracted size.
+
+  Sub-jaxprs (jit, remat, custom rules, scan bodies) are walked; a scan body counts once per
+  iteration, a cond its costliest branch. Rematerialised recomputation is counted (it runs).
+  """
+  import numpy as np
+  from jax.extend import core as jcore
+
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+      continue
+    subs = []
+    for v in eqn.params.values():
+      for x in (v if isinstance(v, (list, tuple)) else [v]):
+        if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
+          subs.append(matmul_flops(x))
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    total += times * (max(subs, default=0.0) if eqn.primitive.name == "cond" else sum(subs))
+  return total
+
+
+def random_batch(rng, batch_size: int, seq_len: int, vocab_size: int):
+  """Uniform tokens; y is the next token (the last one has no target)."""
+  import numpy as np
+  x = rng.integers(0, vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+  y = x[:, 1:].copy()
+  y[:, -1] = -1
+  return {"x": x[:, :-1], "y": y}
+
+
+def time_objective(config, phase: str, *, steps: int, warmup: int) -> dict:
+  """Compiles and times one objective's train step on the config's mesh; returns its stats."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from smt_jax import sharding, train
+  from smt_jax.models import rnn_fns, teacher_fns
+
+  config = config.copy_and_resolve_references()
+  config.phases = phase
+  vocab_size = train.make_base_source(config).vocab_size
+  seq_len = train.phase_seq_len(config, phase)
+  batch_size = config[phase].batch_size
+  mesh = sharding.make_mesh(dict(config.mesh))
+
+  # As the runner does: shapes first, then parameters materialised in their sharded layout.
+  abstract = nnx.eval_shape(lambda: train.build_models(config, vocab_size, config.seed))
+  (tg, t_abs), (rg, r_abs) = nnx.split(abstract[0]), nnx.split(abstract[1])
+  params_sharding = sharding.param_shardings({"teacher": t_abs, "rnn": r_abs}, mesh)
+
+  def init():
+    teacher, rnn = train.build_models(config, vocab_size, config.seed)
+    return {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
+
+  with jax.set_mesh(mesh):
+    params = jax.jit(init, out_shardings=params_sharding)()
+    fns = (teacher_fns(tg), rnn_fns(rg))
+    loss_fn = train.make_loss(config, phase, fns, constrain_time=sharding.time_constraint(mesh))
+    optimizer = train.make_optimizer(config, phase)
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    state_sharding = sharding.state_shardings(state, mesh)
+    state = jax.device_put(state, state_sharding)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(train.make_train_step(loss_fn, optimizer, skip_nonfinite=False),
+                      in_shardings=(state_sharding, batch_sharding, None),
+                      out_shardings=(state_sharding, None), donate_argnums=0)
+    rng = np.random.default_rng(config.seed)
+    batches = [{k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in
+                random_batch(rng, batch_size, seq_len, vocab_size).items()} for _ in range(2)]
+    keys = [jax.random.fold_in(jax.random.key(config.seed), i) for i in range(2)]
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batches[0], keys[0]).compile()
+    compile_s = time.perf_counter() - t0
+    flops = matmul_flops(jax.make_jaxpr(step_fn)(state, batches[0], keys[0]))
+
+    for i in range(warmup):
+      state, metrics = compiled(state, batches[i % 2], keys[i % 2])
+    jax.block_until_ready(state)
+    # Steady state as the training loop runs it: step i+1 is dispatched before step i is waited
+    # for, so Python's dispatch overlaps the device's work. A step's time is the interval between
+    # consecutive completions; its CPU time, the process's CPU seconds (all threads) in it.
+    times, cpu_times = [], []
+    t_last, c_last, pending = time.perf_counter(), time.process_time(), None
+    for i in range(steps + 1):
+      if i < steps:
+        state, metrics = compiled(state, batches[i % 2], keys[i % 2])
+      if pending is not None:
+        jax.block_until_ready(pending)
+        t_now, c_now = time.perf_counter(), time.process_time()
+        times.append(t_now - t_last)
+        cpu_times.append(c_now - c_last)
+        t_last, c_last = t_now, c_now
+      pending = metrics["loss"]
+    loss = float(metrics["loss"])
+
+  median = float(np.median(times))
+  device = jax.devices()[0]
+  dtype = str(config.model.dtype)
+  peak_row, peak = peak_flops(device.device_kind, dtype) if device.platform == "gpu" else (None,
+                                                                                           None)
+  out = {
+      "median_s": median,
+      "min_s": float(np.min(times)),
+      "p90_s": float(np.percentile(times, 90)),
+      "cpu_s": float(np.median(cpu_times)),
+      "tokens_per_s": batch_size * seq_len / median,
+      "compile_s": compile_s,
+      "seq_depth": seq_depth(config, phase, seq_len),
+      "seq_len": seq_len,
+      "batch_size": batch_size,
+      "steps": steps,
+      "flops": flops,
+      "xla_flops": xla_flops(compiled),
+      "flops_per_s": flops / median if flops else None,
+      "mfu": (flops / median / peak) if (flops and peak) else None,
+      "peak_flops": peak,
+      "peak_row": peak_row,
+      "dtype": dtype,
+      "loss": loss,
+  }
+  if phase == "smt":
+    n = config.smt.num_transitions
+    out["num_transitions"] = n
+    out["per_transition_s"] = median / n
+  return out
+
+
+def run_objectives(config, objectives, *, steps: int, warmup: int) -> dict:
+  return {p: time_objective(config, p, steps=steps, warmup=warmup) for p in objectives}
+
+
+def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, warmup: int,
+                  objectives) -> dict:
+  """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed)."""
+  rows = []
+  for t in lengths:
+    row = {"seq_len": t}
+    c = config.copy_and_resolve_references()
+    if "bptt" in objectives:
+      c.bptt.seq_len = t
+      if batch_size:
+        c.bptt.batch_size = batch_size
+      r = time_objective(c, "bptt", steps=steps, warmup=warmup)
+      row["bptt_s"] = r["median_s"]
+      row["bptt_per_token_s"] = r["median_s"] / t
+      row["bptt_seq_depth"] = r["seq_depth"]
+    if "smt" in objectives:
+      c = config.copy_and_resolve_references()
+      c.data.episodic, c.data.seq_len = True, t
+      c.smt.num_transitions = t
+      if batch_size:
+        c.smt.batch_size = batch_size
+      r = time_objective(c, "smt", steps=steps, warmup=warmup)
+      row["smt_s"] = r["median_s"]
+      row["smt_per_transition_s"] = r["per_transition_s"]
+      row["smt_seq_depth"] = r["seq_depth"]
+    rows.append(row)
+  return {"batch_size": batch_size or None, "context_length": config.smt.context_length,
+          "future_length": config.smt.future_length, "rows": rows}
+
+
+def sweep_devices(argv_config: str, counts: list[int], axis: str, *, steps: int, warmup: int,
+                  objectives, overrides: list[str]) -> dict:
+  """One subprocess per device count (fake CPU devices must be set before JAX starts)."""
+  rows = []
+  for n in counts:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={n}").strip()
+    mesh = {"data": 1, "fsdp": 1, "time": 1, axis: n}
+    cmd = [sys.executable, "-m", "experiments.benchmark", f"--config={argv_config}", "--child",
+           f"--objectives={','.join(objectives)}", f"--steps={steps}", f"--warmup={warmup}",
+           *[f"--config.mesh.{a}={s}" for a, s in mesh.items()], *overrides]
+    if axis == "time":
+      cmd.append(f"--config.smt.num_transitions={8 * max(counts)}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise RuntimeError(f"device sweep, {n} devices: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows.append({"devices": n, **{f"{p}_s": result[p]["median_s"] for p in objectives}})
+  return {"axis": axis, "rows": rows}
+
+
+def format_table(results: dict) -> str:
+  lines = [f"{'objective':<10}{'median s':>10}{'min s':>9}{'CPU s':>8}{'tokens/s':>11}"
+           f"{'compile s':>11}{'seq depth':>11}{'GFLOP/s':>9}{'MFU':>7}"]
+  for p in OBJECTIVES:
+    r = results.get(p)
+    if not r:
+      continue
+    gf = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+    lines.append(f"{p:<10}{r['median_s']:>10.4f}{r['min_s']:>9.4f}{r['cpu_s']:>8.3f}"
+                 f"{r['tokens_per_s']:>11,.0f}"
+                 f"{r['compile_s']:>11.1f}{r['seq_depth']:>11}{gf:>9}{mfu:>7}")
+  return "\n".join(lines)
+
+
+def format_seq_sweep(s: dict) -> str:
+  lines = [f"{'T':>5}{'BPTT s':>10}{'BPTT s/token':>14}{'depth':>7}{'SMT s':>10}"
+           f"{'SMT s/transition':>18}{'depth':>7}"]
+  for r in s["rows"]:
+    def f(k, w, fmt=".4f"):
+      return f"{r[k]:>{w}{fmt}}" if k in r else f"{'-':>{w}}"
+    lines.append(f"{r['seq_len']:>5}{f('bptt_s', 10)}{f('bptt_per_token_s', 14, '.5f')}"
+                 f"{f('bptt_seq_depth', 7, 'd')}{f('smt_s', 10)}"
+                 f"{f('smt_per_transition_s', 18, '.5f')}{f('smt_seq_depth', 7, 'd')}")
+  rows = s["rows"]
+  if len(rows) > 1:
+    first, last = rows[0], rows[-1]
+    growth = last["seq_len"] / first["seq_len"]
+    parts = [f"T x{growth:g}:"]
+    if "bptt_s" in first:
+      parts.append(f"BPTT step x{last['bptt_s'] / first['bptt_s']:.2f}")
+    if "smt_s" in first:
+      parts.append(f"SMT per-transition x{last['smt_per_transition_s'] / first['smt_per_transition_s']:.2f}")
+    lines.append("  ".join(parts))
+  return "\n".join(lines)
+
+
+def format_device_sweep(s: dict) -> str:
+  keys = [k for k in s["rows"][0] if k.endswith("_s")]
+  lines = [f"{'devices':>8}" + "".join(f"{k[:-2].upper() + ' s':>10}" for k in keys) +
+           f"   (mesh axis '{s['axis']}')"]
+  for r in s["rows"]:
+    lines.append(f"{r['devices']:>8}" + "".join(f"{r[k]:>10.4f}" for k in keys))
+  return "\n".join(lines)
+
+
+def _config_overrides(argv: list[str]) -> list[str]:
+  return [a for a in argv[1:] if a.startswith("--config.")]
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  objectives = [o.strip() for o in FLAGS.objectives if o.strip()]
+  bad = sorted(set(objectives) - set(OBJECTIVES))
+  if bad:
+    raise app.UsageError(f"--objectives: unknown {bad}; choose from {list(OBJECTIVES)}.")
+  config = FLAGS.config
+  if FLAGS.child:
+    print(json.dumps(run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup)))
+    return
+
+  import jax
+  device = jax.devices()[0]
+  meta = {"device_kind": device.device_kind, "platform": device.platform,
+          "device_count": jax.device_count(), "jax": jax.__version__,
+          "config": FLAGS["config"].config_filename, "overrides": _config_overrides(sys.argv),
+          "dtype": str(config.model.dtype), "cpu_count": os.cpu_count(),
+          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+  print(f"device: {device.device_kind} x{jax.device_count()} ({device.platform}), "
+        f"dtype {config.model.dtype}, config {meta['config']}", flush=True)
+  results = run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  results["meta"] = meta
+  print(format_table(results), flush=True)
+  if any(r.get("mfu") for r in results.values() if isinstance(r, dict)):
+    row = next(r for r in results.values() if isinstance(r, dict) and r.get("peak_row"))
+    print(f"MFU against {row['peak_row']} {row['dtype']} peak {row['peak_flops'] / 1e12:.1f} "
+          f"TFLOP/s (XLA's FLOP count, rematerialisation included)")
+
+  if FLAGS.sweep == "seq_len":
+    results["sweep_seq_len"] = sweep_seq_len(
+        config, [int(t) for t in FLAGS.seq_lens], batch_size=FLAGS.sweep_batch_size,
+        steps=FLAGS.steps, warmup=FLAGS.warmup,
+        objectives=[o for o in objectives if o in ("smt", "bptt")])
+    print(format_seq_sweep(results["sweep_seq_len"]), flush=True)
+  elif FLAGS.sweep == "devices":
+    results["sweep_devices"] = sweep_devices(
+        FLAGS["config"].config_filename, [int(n) for n in FLAGS.device_counts], FLAGS.sweep_axis,
+        steps=FLAGS.steps, warmup=FLAGS.warmup,
+        objectives=["smt"] if FLAGS.sweep_axis == "time" else objectives,
+        overrides=[o for o in _config_overrides(sys.argv) if not o.startswith("--config.mesh.")])
+    print(format_device_sweep(results["sweep_devices"]), flush=True)
+
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+      json.dump(results, f, indent=2)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,238 @@
+"""Sharded training equals unsharded training, on 8 fake CPU devices.
+
+The device count must be fixed before JAX starts, so the checks run in a subprocess: this file
+executed as a script (`python tests/test_sharding.py OUTDIR` with
+XLA_FLAGS=--xla_force_host_platform_device_count=8) prints one JSON line of results, and the tests
+below assert on it. What is checked:
+- SMT, DMT and BPTT train steps (the runner's own `make_loss` / `make_optimizer` /
+  `make_train_step`, jitted with the runner's shardings and donation) on meshes (data, fsdp, time)
+  = (8,1,1), (2,4,1), (2,1,4) give the loss, metrics, parameters and optimiser state of the same
+  steps on one device (two steps of each program, as the warm-up's first learning rate is 0);
+- the parameters really are sharded (fsdp leaves split across devices), parameters created sharded
+  equal those created on one device, and the time axis really constrains SMT's transitions;
+- a checkpoint saved on one mesh restores onto a different mesh with identical values, in the
+  restoring mesh's layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 1, 4))  # (data, fsdp, time)
+PHASES = ("smt", "dmt", "bptt")
+RNN_KIND = os.environ.get("SHARDING_TEST_RNN", "elman")
+RTOL, ATOL = 1e-5, 1e-6
+# Unoptimised LLVM code generation: these programs run twice, so compile time is what counts.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker (runs in the subprocess, with 8 fake devices).
+
+
+def _config(mesh):
+  from experiments.configs import synthetic
+  c = synthetic.get_config("copy,smoke")  # episodes of T = 16, all 16 transitions (divisible by 4)
+  c.phases = ",".join(PHASES)
+  for p in (*PHASES, "eval"):
+    c[p].batch_size = 8
+  for p in PHASES:
+    # Adam moves every weight by about lr, whatever its gradient: weights with gradients near zero
+    # (e.g. 1e-7, where float32 summation order shows) move by lr * O(1) either way. A small lr
+    # keeps that rounding well inside the tolerance; a sharding bug still moves weights by ~lr.
+    c[p].lr = 1e-4
+  c.mesh.data, c.mesh.fsdp, c.mesh.time = mesh
+  c.model.rnn_kind = RNN_KIND
+  return c
+
+
+def _excess(a, b) -> float:
+  """max(|a - b| - (atol + rtol |b|)): <= 0 when a and b agree within tolerance."""
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape:
+    return float("inf")
+  return float(np.max(np.abs(a - b) - (ATOL + RTOL * np.abs(b)), initial=-1.0))
+
+
+def _tree_excess(a, b) -> float:
+  import jax
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  if len(la) != len(lb):
+    return float("inf")
+  return max(_excess(x, y) for x, y in zip(la, lb))
+
+
+def _jaxpr_time_constraints(fn, *args) -> int:
+  """How many sharding constraints in fn's jaxpr put an axis on the mesh's 'time' axis."""
+  import re
+
+  import jax
+  text = str(jax.make_jaxpr(fn)(*args))
+  return len(re.findall(r"sharding_constraint\[[^\]]*'time'", text))
+
+
+def worker(outdir: str) -> dict:
+  import jax
+  import numpy as np
+
+  from smt_jax import checkpoints, sharding, train
+
+  assert jax.device_count() == 8, jax.devices()
+  out = {"devices": jax.device_count(), "steps": {}, "init_excess": {}}
+  key = jax.random.fold_in(jax.random.key(0), 0)
+
+  def one_step(exp, params, phase, *, sharded: bool):
+    c = exp.config
+    source = train.with_seq_len(exp.source, train.phase_seq_len(c, phase))
+    optimizer = train.make_optimizer(c, phase)
+    constrain = sharding.time_constraint(exp.mesh) if sharded else None
+    loss_fn = train.make_loss(c, phase, exp.fns, constrain_time=constrain)
+    step = train.make_train_step(loss_fn, optimizer, skip_nonfinite=False)
+    if sharded:  # exactly as the runner does (on a copy: the step donates its input)
+      params = jax.tree.map(lambda a: a.copy(), params)
+      state = {"params": params, "opt_state": optimizer.init(params)}
+      state_sharding = sharding.state_shardings(state, exp.mesh)
+      state = jax.device_put(state, state_sharding)
+      batch = train.global_batch(exp, source, split="train", step=0, batch_size=c[phase].batch_size)
+      fn = jax.jit(step, in_shardings=(state_sharding, exp.batch_sharding, None),
+                   out_shardings=(state_sharding, None), donate_argnums=0,
+                   compiler_options=FAST_COMPILE)
+    else:  # everything on one device
+      dev = jax.devices()[0]
+      p1 = jax.device_put(jax.device_get(params), dev)
+      state = {"params": p1, "opt_state": optimizer.init(p1)}
+      batch = jax.device_put(source.batch(split="train", step=0, batch_size=c[phase].batch_size,
+                                          seed=c.seed), dev)
+      fn = jax.jit(step, compiler_options=FAST_COMPILE)
+    time_constraints = (_jaxpr_time_constraints(loss_fn, state["params"], batch, key)
+                        if sharded and phase == "smt" else 0)
+    # Two steps of the same program: the first has learning rate 0 (the warm-up starts at 0), so it
+    # is the second that moves the parameters.
+    for i in range(2):
+      state, metrics = fn(state, batch, jax.random.fold_in(key, i))
+    return state, jax.device_get(metrics), time_constraints
+
+  reference, ref_params = {}, None
+  for mesh in MESHES:
+    exp, params = train.build_experiment(_config(mesh))
+    name = "x".join(map(str, mesh))
+    if ref_params is None:
+      ref_params = jax.device_get(params)
+      ref_exp = exp
+      for phase in PHASES:
+        new, metrics, _ = one_step(exp, params, phase, sharded=False)
+        reference[phase] = (jax.device_get(new), metrics)
+    out["init_excess"][name] = _tree_excess(jax.device_get(params), ref_params)
+    for phase in PHASES:
+      new, metrics, n_time = one_step(exp, params, phase, sharded=True)
+      ref_new, ref_metrics = reference[phase]
+      out["steps"][f"{name}/{phase}"] = {
+          "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
+          "metrics_excess": max(_excess(metrics[k], ref_metrics[k]) for k in ref_metrics),
+          "params_excess": _tree_excess(jax.device_get(new["params"]), ref_new["params"]),
+          "opt_state_excess": _tree_excess(jax.device_get(new["opt_state"]),
+                                           ref_new["opt_state"]),
+          "params_changed": _tree_excess(ref_new["params"], ref_params) > 0,
+          "time_constraints": n_time,
+      }
+      if mesh == (2, 4, 1) and phase == "smt":
+        saved = new  # saved below, on this mesh
+        leaves = jax.tree.leaves(new["params"])
+        out["fsdp_leaves"] = sum("fsdp" in str(a.sharding.spec) for a in leaves)
+        out["fsdp_split"] = sum(a.addressable_shards[0].data.shape != a.shape for a in leaves)
+        out["num_leaves"] = len(leaves)
+        mngr = checkpoints.make_manager(outdir, keep=2)
+        checkpoints.save(mngr, 1, saved["params"], saved["opt_state"], phase_index=0,
+                         phase_step=1)
+        mngr.wait_until_finished()
+        saved_host = jax.device_get(saved)
+        saved_shards = [a.addressable_shards[0].data.shape for a in leaves]
+
+  # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
+  exp_b, params_b = train.build_experiment(_config((1, 8, 1)))
+  mngr = checkpoints.make_manager(outdir, keep=2)
+  params_r, opt_r, phase_index, phase_step = checkpoints.restore_latest(
+      mngr, exp_b, params_b, train.make_optimizer)
+  restored = {"params": params_r, "opt_state": opt_r}
+  leaves_r = jax.tree.leaves(params_r)
+  want = jax.tree.leaves(exp_b.params_sharding)
+  out["restore"] = {
+      "phase": [phase_index, phase_step],
+      "identical": all(np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved_host))),
+      "same_structure": (jax.tree.structure(jax.device_get(restored)) ==
+                         jax.tree.structure(saved_host)),
+      "layout_is_target": all(a.sharding.is_equivalent_to(s, a.ndim)
+                              for a, s in zip(leaves_r, want)),
+      "layout_changed": [a.addressable_shards[0].data.shape for a in leaves_r] != saved_shards,
+      "mesh": dict(leaves_r[0].sharding.mesh.shape),
+  }
+  del ref_exp
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The tests (in the pytest process).
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      " --xla_force_host_platform_device_count=8").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  outdir = tmp_path_factory.mktemp("sharding_ckpt")
+  proc = subprocess.run([sys.executable, __file__, str(outdir)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])
+@pytest.mark.parametrize("phase", PHASES)
+def test_sharded_train_step_equals_one_device(results, mesh, phase):
+  r = results["steps"][f"{mesh}/{phase}"]
+  assert r["params_changed"], "the reference step did not move the parameters"
+  assert abs(r["loss"] - r["ref_loss"]) <= ATOL + RTOL * abs(r["ref_loss"]), r
+  assert r["metrics_excess"] <= 0, r
+  assert r["params_excess"] <= 0, r
+  assert r["opt_state_excess"] <= 0, r
+
+
+@pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])
+def test_parameters_created_sharded_equal_the_one_device_init(results, mesh):
+  assert results["init_excess"][mesh] <= 0
+
+
+def test_fsdp_really_shards_the_parameters(results):
+  assert results["devices"] == 8
+  # Most leaves split over fsdp (the rest are too small to split evenly and stay replicated).
+  assert results["fsdp_leaves"] >= results["num_leaves"] // 2, results
+  assert results["fsdp_split"] == results["fsdp_leaves"], results
+
+
+def test_time_axis_constrains_smt_transitions(results):
+  assert results["steps"]["2x1x4/smt"]["time_constraints"] >= 3
+  for mesh in ("8x1x1", "2x4x1"):
+    assert results["steps"][f"{mesh}/smt"]["time_constraints"] == 0
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(results):
+  r = results["restore"]
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "time": 1}
+  assert r["phase"] == [0, 1]
+  assert r["same_structure"] and r["identical"]
+  assert r["layout_is_target"] and r["layout_changed"]
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(REPO))
+  print(json.dumps(worker(sys.argv[1])))
