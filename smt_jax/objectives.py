@@ -93,11 +93,6 @@ def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) ->
   if context.ndim != 3 or not jnp.issubdtype(context.dtype, jnp.integer):
     raise ValueError(f"context must be int [B, N, Tc] (windows per time position), got "
                      f"{context.dtype} {context.shape}.")
-  import os
-  if os.environ.get("SMT_FLAT"):
-    b, n, tc = context.shape
-    m = teacher.encode(params, context.reshape(b * n, tc))
-    return m.reshape(b, n, *m.shape[1:])
   return jax.vmap(teacher.encode, in_axes=(None, 1), out_axes=1)(params, context)
 
 
