@@ -54,6 +54,8 @@ flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: t
 flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
 flags.DEFINE_enum("sweep_axis", "data", ["data", "fsdp", "time"],
                   "--sweep=devices: the mesh axis that takes the devices.")
+flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the config's dataset's; set it to "
+                     "time a config whose data is not on this machine, e.g. 257 for mnist).")
 flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
 FLAGS = flags.FLAGS
 
@@ -142,7 +144,7 @@ def random_batch(rng, batch_size: int, seq_len: int, vocab_size: int):
   return {"x": x[:, :-1], "y": y}
 
 
-def time_objective(config, phase: str, *, steps: int, warmup: int) -> dict:
+def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
   """Compiles and times one objective's train step on the config's mesh; returns its stats."""
   import jax
   import numpy as np
@@ -153,7 +155,7 @@ def time_objective(config, phase: str, *, steps: int, warmup: int) -> dict:
 
   config = config.copy_and_resolve_references()
   config.phases = phase
-  vocab_size = train.make_base_source(config).vocab_size
+  vocab_size = vocab_size or train.make_base_source(config).vocab_size
   seq_len = train.phase_seq_len(config, phase)
   batch_size = config[phase].batch_size
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -241,12 +243,13 @@ def time_objective(config, phase: str, *, steps: int, warmup: int) -> dict:
   return out
 
 
-def run_objectives(config, objectives, *, steps: int, warmup: int) -> dict:
-  return {p: time_objective(config, p, steps=steps, warmup=warmup) for p in objectives}
+def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
+  return {p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
+          for p in objectives}
 
 
 def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, warmup: int,
-                  objectives) -> dict:
+                  objectives, vocab_size: int = 0) -> dict:
   """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed)."""
   rows = []
   for t in lengths:
@@ -256,7 +259,7 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
       c.bptt.seq_len = t
       if batch_size:
         c.bptt.batch_size = batch_size
-      r = time_objective(c, "bptt", steps=steps, warmup=warmup)
+      r = time_objective(c, "bptt", steps=steps, warmup=warmup, vocab_size=vocab_size)
       row["bptt_s"] = r["median_s"]
       row["bptt_per_token_s"] = r["median_s"] / t
       row["bptt_seq_depth"] = r["seq_depth"]
@@ -266,7 +269,7 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
       c.smt.num_transitions = t
       if batch_size:
         c.smt.batch_size = batch_size
-      r = time_objective(c, "smt", steps=steps, warmup=warmup)
+      r = time_objective(c, "smt", steps=steps, warmup=warmup, vocab_size=vocab_size)
       row["smt_s"] = r["median_s"]
       row["smt_per_transition_s"] = r["per_transition_s"]
       row["smt_seq_depth"] = r["seq_depth"]
@@ -275,20 +278,26 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
           "future_length": config.smt.future_length, "rows": rows}
 
 
-def sweep_devices(argv_config: str, counts: list[int], axis: str, *, steps: int, warmup: int,
-                  objectives, overrides: list[str]) -> dict:
-  """One subprocess per device count (fake CPU devices must be set before JAX starts)."""
+def sweep_devices(config, argv_config: str, counts: list[int], axis: str, *, steps: int,
+                  warmup: int, objectives, overrides: list[str], vocab_size: int = 0) -> dict:
+  """One subprocess per device count, on fake CPU devices (their number is fixed before JAX
+  starts). On the time axis SMT trains a multiple of max(counts) transitions, at most 8 per
+  device count step, so that every count divides them."""
+  from smt_jax import train
   rows = []
   for n in counts:
-    env = dict(os.environ)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={n}").strip()
     mesh = {"data": 1, "fsdp": 1, "time": 1, axis: n}
     cmd = [sys.executable, "-m", "experiments.benchmark", f"--config={argv_config}", "--child",
            f"--objectives={','.join(objectives)}", f"--steps={steps}", f"--warmup={warmup}",
-           *[f"--config.mesh.{a}={s}" for a, s in mesh.items()], *overrides]
+           f"--vocab_size={vocab_size}", *[f"--config.mesh.{a}={s}" for a, s in mesh.items()],
+           *overrides]
     if axis == "time":
-      cmd.append(f"--config.smt.num_transitions={8 * max(counts)}")
+      top = max(counts)
+      per = max(1, min(8, train.phase_seq_len(config, "smt") // top))
+      cmd.append(f"--config.smt.num_transitions={top * per}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
       raise RuntimeError(f"device sweep, {n} devices: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -356,7 +365,8 @@ def main(argv):
     raise app.UsageError(f"--objectives: unknown {bad}; choose from {list(OBJECTIVES)}.")
   config = FLAGS.config
   if FLAGS.child:
-    print(json.dumps(run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup)))
+    print(json.dumps(run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                                    vocab_size=FLAGS.vocab_size)))
     return
 
   import jax
@@ -368,26 +378,29 @@ def main(argv):
           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
   print(f"device: {device.device_kind} x{jax.device_count()} ({device.platform}), "
         f"dtype {config.model.dtype}, config {meta['config']}", flush=True)
-  results = run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup)
+  results = run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                           vocab_size=FLAGS.vocab_size)
   results["meta"] = meta
   print(format_table(results), flush=True)
   if any(r.get("mfu") for r in results.values() if isinstance(r, dict)):
     row = next(r for r in results.values() if isinstance(r, dict) and r.get("peak_row"))
-    print(f"MFU against {row['peak_row']} {row['dtype']} peak {row['peak_flops'] / 1e12:.1f} "
-          f"TFLOP/s (XLA's FLOP count, rematerialisation included)")
+    print(f"MFU against the {row['peak_row']} {row['dtype']} peak, "
+          f"{row['peak_flops'] / 1e12:.1f} TFLOP/s (matmul FLOPs of the jaxpr, "
+          f"rematerialisation included)")
 
   if FLAGS.sweep == "seq_len":
     results["sweep_seq_len"] = sweep_seq_len(
         config, [int(t) for t in FLAGS.seq_lens], batch_size=FLAGS.sweep_batch_size,
         steps=FLAGS.steps, warmup=FLAGS.warmup,
-        objectives=[o for o in objectives if o in ("smt", "bptt")])
+        objectives=[o for o in objectives if o in ("smt", "bptt")], vocab_size=FLAGS.vocab_size)
     print(format_seq_sweep(results["sweep_seq_len"]), flush=True)
   elif FLAGS.sweep == "devices":
     results["sweep_devices"] = sweep_devices(
-        FLAGS["config"].config_filename, [int(n) for n in FLAGS.device_counts], FLAGS.sweep_axis,
-        steps=FLAGS.steps, warmup=FLAGS.warmup,
+        config, FLAGS["config"].config_filename, [int(n) for n in FLAGS.device_counts],
+        FLAGS.sweep_axis, steps=FLAGS.steps, warmup=FLAGS.warmup,
         objectives=["smt"] if FLAGS.sweep_axis == "time" else objectives,
-        overrides=[o for o in _config_overrides(sys.argv) if not o.startswith("--config.mesh.")])
+        overrides=[o for o in _config_overrides(sys.argv) if not o.startswith("--config.mesh.")],
+        vocab_size=FLAGS.vocab_size)
     print(format_device_sweep(results["sweep_devices"]), flush=True)
 
   if FLAGS.out:
