@@ -178,7 +178,7 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
     state_sharding = sharding.state_shardings(state, mesh)
     state = jax.device_put(state, state_sharding)
     batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(train.make_train_step(loss_fn, optimizer, skip_nonfinite=False),
+    step_fn = jax.jit(train.make_train_step(loss_fn, optimizer),
                       in_shardings=(state_sharding, batch_sharding, None),
                       out_shardings=(state_sharding, None), donate_argnums=0)
     rng = np.random.default_rng(config.seed)

@@ -168,13 +168,12 @@ def make_loss(config, phase: str, fns, constrain_time=None):
                            truncation=config.bptt.truncation or None)
 
 
-def make_train_step(loss_fn, optimizer, *, skip_nonfinite: bool):
+def make_train_step(loss_fn, optimizer):
   """One optimiser step as a pure function (jitted and donated by the caller).
 
   Non-finite loss or gradients never reach the parameters: the update is dropped and `finite` is
   reported, so the shell can stop (keeping the last good checkpoint) or count the skip.
   """
-  del skip_nonfinite  # both policies drop the update; the shell decides whether to stop
 
   def step(state, batch, key):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch,
@@ -472,7 +471,7 @@ def _run_phase(exp, phase, phase_index, offset, start, params, opt_state, skippe
            "opt_state": opt_state if opt_state is not None else optimizer.init(params)}
   state_sharding = sharding.state_shardings(state, exp.mesh)
   state = jax.device_put(state, state_sharding)
-  step_fn = jax.jit(make_train_step(loss_fn, optimizer, skip_nonfinite=c.nan_policy == "skip"),
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer),
                     in_shardings=(state_sharding, exp.batch_sharding, None),
                     out_shardings=(state_sharding, None), donate_argnums=0)
   schedule = make_schedule(pc.lr, pc.steps, c.optim.warmup_frac,

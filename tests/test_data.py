@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import warnings
 
 import numpy as np
 import pytest

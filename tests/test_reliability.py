@@ -124,7 +124,7 @@ def test_train_step_drops_a_non_finite_update():
   p = {"w": jnp.ones(3)}
   opt = train.optax.sgd(1e38)  # finite loss and gradients, but the update overflows
   step = train.make_train_step(lambda q, b, k: (jnp.sum(q["w"] ** 2), {"loss": jnp.sum(q["w"])}),
-                               opt, skip_nonfinite=False)
+                               opt)
   state = {"params": p, "opt_state": opt.init(p)}
   new, m = jax.jit(step)(state, None, None)
   assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))

@@ -93,7 +93,7 @@ def worker(outdir: str) -> dict:
     optimizer = train.make_optimizer(c, phase)
     constrain = sharding.time_constraint(exp.mesh) if sharded else None
     loss_fn = train.make_loss(c, phase, exp.fns, constrain_time=constrain)
-    step = train.make_train_step(loss_fn, optimizer, skip_nonfinite=False)
+    step = train.make_train_step(loss_fn, optimizer)
     if sharded:  # exactly as the runner does (on a copy: the step donates its input)
       params = jax.tree.map(lambda a: a.copy(), params)
       state = {"params": params, "opt_state": optimizer.init(params)}
