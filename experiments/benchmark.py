@@ -28,6 +28,8 @@ Sweeps (`--sweep`):
   devices  the same config on 1, 2, 4, 8 devices (`--device_counts`), one subprocess per count
            with XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU; the devices go to the
            mesh axis `--sweep_axis` (data, fsdp or time).
+`--host_devices=N` runs the main table on N CPU devices: one per core is the fastest split of a
+small model on a small CPU, as the devices run their shards concurrently.
 Wall-clock numbers on a shared machine are noisy: compare ratios measured in the same run.
 """
 
@@ -56,6 +58,8 @@ flags.DEFINE_enum("sweep_axis", "data", ["data", "fsdp", "time"],
                   "--sweep=devices: the mesh axis that takes the devices.")
 flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the config's dataset's; set it to "
                      "time a config whose data is not on this machine, e.g. 257 for mnist).")
+flags.DEFINE_integer("host_devices", 0, "CPU only: split the host into this many XLA devices "
+                     "(e.g. one per core; the mesh's data axis takes them). 0: JAX's default.")
 flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
 FLAGS = flags.FLAGS
 
@@ -300,7 +304,8 @@ def sweep_devices(config, argv_config: str, counts: list[int], axis: str, *, ste
       cmd.append(f"--config.smt.num_transitions={top * per}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-      raise RuntimeError(f"device sweep, {n} devices: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+      raise RuntimeError(f"device sweep, {n} devices: {' '.join(cmd)} failed:\n"
+                         f"{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows.append({"devices": n, **{f"{p}_s": result[p]["median_s"] for p in objectives}})
   return {"axis": axis, "rows": rows}
@@ -338,7 +343,8 @@ def format_seq_sweep(s: dict) -> str:
     if "bptt_s" in first:
       parts.append(f"BPTT step x{last['bptt_s'] / first['bptt_s']:.2f}")
     if "smt_s" in first:
-      parts.append(f"SMT per-transition x{last['smt_per_transition_s'] / first['smt_per_transition_s']:.2f}")
+      ratio = last["smt_per_transition_s"] / first["smt_per_transition_s"]
+      parts.append(f"SMT per-transition x{ratio:.2f}")
     lines.append("  ".join(parts))
   return "\n".join(lines)
 
@@ -364,6 +370,9 @@ def main(argv):
   if bad:
     raise app.UsageError(f"--objectives: unknown {bad}; choose from {list(OBJECTIVES)}.")
   config = FLAGS.config
+  if FLAGS.host_devices:  # before JAX starts: the device count is fixed at backend creation
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={FLAGS.host_devices}")
   if FLAGS.child:
     print(json.dumps(run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup,
                                     vocab_size=FLAGS.vocab_size)))

@@ -53,7 +53,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
 
 
 def _dense(layer: nnx.Linear, x: jax.Array, columns: slice | None = None) -> jax.Array:
-  """`layer(x)` (no bias) restricted to a slice of its output columns, without computing the rest."""
+  """`layer(x)` (no bias) for a slice of its output columns only, the others never computed."""
   kernel = layer.kernel[...]
   if columns is not None:
     kernel = kernel[:, columns]
