@@ -39,7 +39,8 @@ def pixel_samples(exp, params, key, path: str) -> str:
   """A grid: real eval digits | the RNN alone (from BOS) | RNN completions of real top halves.
 
   Completions start from the teacher's memory of the top half when the run trained a teacher,
-  else from the RNN's own rollout over it.
+  else from the RNN's own rollout over it. A stream without BOS marks no image start, so there
+  every prompt begins with the whole eval image before (`PixelSource.image_prefix`) instead.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -49,13 +50,13 @@ def pixel_samples(exp, params, key, path: str) -> str:
   n = exp.config.samples.num
   h, w = src.image_shape
   real = src.images("eval")[:n]
-  bos = np.full((n, 1), src.bos, np.int32)
+  prefix = src.image_prefix("eval", n)  # [BOS], or the image before (no BOS)
   k1, k2 = jax.random.split(key)
-  alone = _generate(exp, params, k1, bos, h * w, use_teacher=False)
+  alone = _generate(exp, params, k1, prefix, h * w, use_teacher=False)
   half = (h // 2) * w
-  top = np.concatenate([bos, real.reshape(n, -1)[:, :half].astype(np.int32)], axis=1)
+  top = np.concatenate([prefix, real.reshape(n, -1)[:, :half].astype(np.int32)], axis=1)
   rest = _generate(exp, params, k2, top, h * w - half, use_teacher="smt" in exp.phases)
-  completed = np.concatenate([top[:, 1:], rest], axis=1)
+  completed = np.concatenate([top[:, prefix.shape[1]:], rest], axis=1)
 
   def to_img(tokens):  # a sampled BOS inside an image shows as background
     t = np.where(tokens >= src.levels, 0, tokens)

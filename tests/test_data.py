@@ -13,7 +13,9 @@ from smt_jax import data
 from smt_jax.data import (DATASETS, generate_copy, generate_keys_values, generate_modular,
                           generate_parity, generate_retrieval, generate_stack, make_source)
 
-MNIST_DIR = '/work/shared/data/mnist'
+# The project's read-only shared material sits beside the repository (../shared).
+MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
+                         'shared', 'data', 'mnist')
 BATCH = 32
 
 
@@ -376,6 +378,138 @@ def test_mnist_through_tfds_mock():
   batch = _batch(source, batch_size=4)
   _check_stream(source, batch)
   _check_images_in_rows(source, batch, 'train')
+
+
+# --------------------------------------------------------------------------------------------
+# bos=False: the authors' MNIST stream (images back to back, vocab 256, no separator).
+
+
+def _decode_idx_images(path):
+  """An MNIST image IDX file decoded independently of smt_jax: gzip + numpy -> uint8 [N, 28, 28]."""
+  raw = (gzip.open if path.endswith('.gz') else open)(path, 'rb').read()
+  assert raw[:4] == b'\0\0\x08\x03'
+  n, h, w = struct.unpack('>3I', raw[4:16])
+  return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
+
+
+def _check_windows(source, batch, stream, *, split, seed, step):
+  """Row r is the window stream[s:s+T+1] (x its first T, y its last T) with s drawn from the
+  row's own generator, as a pure function of (seed, split, step, r)."""
+  T = source.seq_len
+  for r, (x, y) in enumerate(zip(batch['x'], batch['y'])):
+    rng = np.random.default_rng([seed, data.SPLITS[split], step, r])
+    start = int(rng.integers(0, len(stream) - T))
+    window = stream[start:start + T + 1].astype(np.int32)
+    assert (x == window[:-1]).all() and (y == window[1:]).all()
+
+
+def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
+  rng = np.random.default_rng(2)
+  train = rng.integers(0, 256, size=(5, 28, 28)).astype(np.uint8)
+  test = rng.integers(0, 256, size=(3, 28, 28)).astype(np.uint8)
+  train[0, 0, 0], test[0, 0, 0] = 255, 0  # both extremes of the vocabulary occur
+  _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', train, compress=True)
+  _write_idx(tmp_path / 't10k-images-idx3-ubyte', test)
+  decoded = {'train': _decode_idx_images(str(tmp_path / 'train-images-idx3-ubyte.gz')),
+             'eval': _decode_idx_images(str(tmp_path / 't10k-images-idx3-ubyte'))}
+  source = make_source('mnist', seq_len=1000, data_dir=str(tmp_path), bos=False)
+  assert source.vocab_size == 256 and source.bos is None and source.levels == 256
+  for split in ('train', 'eval'):
+    expected = decoded[split].reshape(-1)  # row-major pixels, image after image, nothing between
+    stream = source.streams[split]
+    assert stream.dtype == np.uint8 and stream.shape == expected.shape
+    assert (stream == expected).all()
+    for step in (0, 3):
+      batch = _batch(source, split, step=step, batch_size=8, seed=4)
+      _check_stream(source, batch)  # y[t] == x[t+1], every step has a target
+      _check_windows(source, batch, expected, split=split, seed=4, step=step)
+  # The same images with a BOS: each image after token 256, vocab 257 (unchanged default).
+  with_bos = make_source('mnist', seq_len=1000, data_dir=str(tmp_path))
+  assert with_bos.vocab_size == 257 and with_bos.bos == 256
+  framed = with_bos.streams['train'].reshape(len(train), 785)
+  assert (framed[:, 0] == 256).all() and (framed[:, 1:] == train.reshape(len(train), -1)).all()
+  # The longest window a split allows: seq_len + 1 == its token count (3 test images).
+  longest = make_source('mnist', seq_len=3 * 784 - 1, data_dir=str(tmp_path), bos=False)
+  batch = _batch(longest, 'eval', batch_size=2)
+  assert (batch['x'][0] == test.reshape(-1)[:-1]).all() and (batch['y'][0] == test.reshape(-1)[1:]).all()
+  with pytest.raises(ValueError, match='seq_len'):
+    make_source('mnist', seq_len=3 * 784, data_dir=str(tmp_path), bos=False)
+  for bad in ('False', 0, None):
+    with pytest.raises(ValueError, match='bos'):
+      make_source('mnist', data_dir=str(tmp_path), bos=bad)
+  quantised = make_source('mnist', seq_len=100, data_dir=str(tmp_path), levels=16, bos=False)
+  assert quantised.vocab_size == 16 and (quantised.streams['train'] == train.reshape(-1) // 16).all()
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason='real MNIST files absent (../shared)')
+def test_mnist_real_t10k_without_bos():
+  pixels = _decode_idx_images(os.path.join(MNIST_DIR, 't10k-images-idx3-ubyte.gz'))
+  assert pixels.shape == (10000, 28, 28)
+  with pytest.warns(UserWarning, match='9000'):
+    source = make_source('mnist', seq_len=2 * 784, data_dir=MNIST_DIR, bos=False)
+  assert source.vocab_size == 256 and source.bos is None
+  streams = {'train': pixels[:9000].reshape(-1), 'eval': pixels[9000:].reshape(-1)}
+  for split, expected in streams.items():
+    assert (source.streams[split] == expected).all()
+    batch = _batch(source, split, step=7, batch_size=8, seed=0)
+    _check_stream(source, batch)
+    _check_windows(source, batch, expected, split=split, seed=0, step=7)
+  # Literal values of MNIST t10k: test image 0 (a 7) has 116 nonzero pixels, the first at row 7,
+  # column 6 (stream index 202), and no token is put before it.
+  train = source.streams['train']
+  assert int((train[:784] > 0).sum()) == 116 and int(np.flatnonzero(train)[0]) == 7 * 28 + 6
+  assert list(train[202:207]) == [84, 185, 159, 151, 60]
+  assert len(train) == 9000 * 784 and len(source.streams['eval']) == 1000 * 784
+
+
+def test_digits_bos_option(digits):
+  framed = make_source('digits', seq_len=200, bos=True)  # the default, spelled out
+  assert framed.vocab_size == digits.vocab_size == 18 and framed.bos == digits.bos == 17
+  for split in ('train', 'eval'):
+    assert (framed.streams[split] == digits.streams[split]).all()
+    for k in ('x', 'y'):
+      assert (_batch(framed, split)[k] == _batch(digits, split)[k]).all()
+  bare = make_source('digits', seq_len=200, bos=False)
+  assert bare.vocab_size == 17 and bare.bos is None
+  for split in ('train', 'eval'):
+    images = bare.images(split)
+    assert (images == digits.images(split)).all()
+    assert (bare.streams[split] == images.reshape(-1)).all()
+    batch = _batch(bare, split, step=2, seed=3)
+    _check_stream(bare, batch)
+    assert batch['x'].max() < 17
+    _check_windows(bare, batch, images.reshape(-1), split=split, seed=3, step=2)
+
+
+def test_image_prefix_puts_a_model_at_an_image_start(digits):
+  assert (digits.image_prefix('eval', 3) == 17).all() and digits.image_prefix('eval', 3).shape == (3, 1)
+  bare = make_source('digits', seq_len=200, bos=False)
+  for source in (digits, bare):
+    images = source.images('eval').reshape(len(source.images('eval')), -1)
+    prefix = source.image_prefix('eval', 5)
+    assert prefix.dtype == np.int32
+    stream = source.streams['eval'].astype(np.int32)
+    per_image = len(stream) // len(images)
+    for i in range(1, 5):  # prefix then image i is exactly the stream's run up to image i's end
+      end = (i + 1) * per_image
+      run = np.concatenate([prefix[i], images[i]])
+      assert (stream[end - len(run):end] == run).all()
+  assert (bare.image_prefix('eval', 2)[0] == bare.images('eval')[-1].reshape(-1)).all()
+  with pytest.raises(ValueError, match='images'):
+    bare.image_prefix('eval', 10_000)
+
+
+def test_mnist_config_streams_as_the_reference(tmp_path):
+  from experiments.configs import pixels
+  c = pixels.get_config('mnist')
+  assert c.data.options.bos is False
+  assert c.eval.seq_len == 2 * 784 and c.eval.prompt_length == 784 + 392
+  images = np.random.default_rng(3).integers(0, 256, size=(2, 28, 28)).astype(np.uint8)
+  for name in ('train-images-idx3-ubyte', 't10k-images-idx3-ubyte'):
+    _write_idx(tmp_path / name, images)
+  source = make_source(c.data.name, data_dir=str(tmp_path), **dict(c.data.options))
+  assert source.vocab_size == 256 and (source.streams['train'] == images.reshape(-1)).all()
+  assert pixels.get_config('digits').data.options.get('bos', True) is True  # digits keeps its BOS
 
 
 def test_text_stream_decodes_to_corpus(text_path):

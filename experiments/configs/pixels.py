@@ -4,7 +4,8 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
   digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
                     model; SMT then DMT in under 10 minutes on a 2-core CPU, no network needed.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
-                    --config.data.path); the paper's model and schedules (SPEC section 6).
+                    --config.data.path), streamed as the authors do (vocab 256, no BOS); the
+                    paper's model and schedules (SPEC section 6).
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
 
 Commands:
@@ -50,10 +51,14 @@ def get_config(arg: str = "digits"):
       common.smoke(c)
   elif arg == "mnist":
     c.data.name = "mnist"
+    # The authors' stream: every image's 784 pixels in row-major order, back to back with no
+    # separator, vocabulary exactly 256; rows are random windows of it (train: the 60k train
+    # images, eval: the 10k test images).
+    c.data.options.bos = False
     c.smt.context_length = 256
     c.smt.future_length = 64
-    c.eval.seq_len = 1570  # two whole images (785 tokens each with BOS)
-    c.eval.prompt_length = 785 + 392  # an image, then the top half of the next
+    c.eval.seq_len = 1568  # two images' worth of tokens (784 each; windows start anywhere)
+    c.eval.prompt_length = 784 + 392  # an image's worth, then half of one more
     c.bptt.seq_len = 320
   else:
     raise ValueError(f"pixels.py: unknown argument {arg!r}; use digits, mnist or smoke.")

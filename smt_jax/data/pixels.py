@@ -1,8 +1,11 @@
 """Pixel streams (SPEC 8): images as raster-scan intensity tokens, concatenated into one stream.
 
-Each image becomes [BOS, p_0, ..., p_{H*W-1}] with BOS = levels (one past the largest
-intensity), so vocab = levels + 1 and BOS recurs every H*W + 1 tokens. A batch row is a random
-crop of T+1 tokens of its split's stream (`StreamSource`).
+With `bos=True` (the default) each image becomes [BOS, p_0, ..., p_{H*W-1}] with BOS = levels
+(one past the largest intensity), so vocab = levels + 1 and BOS recurs every H*W + 1 tokens.
+With `bos=False` the stream is the images' pixels alone, concatenated with no separator, and
+vocab = levels: for MNIST that is the authors' stream exactly (every image's 784 uint8 pixels in
+row-major order, one image after another, vocabulary 256). A batch row is a random crop of T+1
+tokens of its split's stream (`StreamSource`), x = crop[:-1], y = crop[1:].
 
 - `digits`: scikit-learn's bundled 8x8 digits (17 levels), offline.
 - `mnist`: 28x28, 256 levels, from IDX files in `data_dir` or through tensorflow-datasets.
@@ -28,6 +31,13 @@ MNIST_FILES = {'train': 'train-images-idx3-ubyte', 'eval': 't10k-images-idx3-uby
 
 # Fixed digits split: the first 1500 images of a seed-0 shuffle train, the other 297 evaluate.
 DIGITS_TRAIN_IMAGES = 1500
+
+
+def check_bool(name: str, value) -> bool:
+  """Returns `value` as a Python bool, or raises ValueError (a string 'False' is not a bool)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be True or False, got {value!r}.')
+  return bool(value)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -70,11 +80,20 @@ def read_mnist_images(path: str) -> np.ndarray:
   return images
 
 
-def image_stream(images: np.ndarray, bos: int) -> np.ndarray:
-  """images int [N, H, W] -> uint16 [N * (H*W + 1)]: each image in raster order after a BOS."""
+def image_stream(images: np.ndarray, bos: int | None) -> np.ndarray:
+  """images int [N, H, W] -> the split's token stream, each image in raster order.
+
+  bos an int: uint16 [N * (H*W + 1)], each image after a `bos` token.
+  bos None: [N * H*W], the images' pixels concatenated with no separator (uint8 when the
+  pixels fit in a byte, as MNIST's do, else uint16).
+  """
   n = len(images)
+  pixels = images.reshape(n, -1)
+  if bos is None:
+    dtype = np.uint8 if pixels.size == 0 or int(pixels.max()) < 256 else np.uint16
+    return pixels.astype(dtype).reshape(-1)
   bos_column = np.full((n, 1), bos, np.uint16)
-  return np.concatenate([bos_column, images.reshape(n, -1).astype(np.uint16)], axis=1).reshape(-1)
+  return np.concatenate([bos_column, pixels.astype(np.uint16)], axis=1).reshape(-1)
 
 
 def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
@@ -101,18 +120,21 @@ class PixelSource(StreamSource):
   Attributes:
     image_shape: (H, W).
     levels: intensity tokens are 0..levels-1.
-    bos: the token before each image (= levels); vocab_size = levels + 1.
+    bos: the token before each image (= levels; vocab_size = levels + 1), or None when the
+      source was built with `bos=False` (images back to back; vocab_size = levels).
   """
 
-  def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int):
+  def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int,
+               bos: bool = True):
     levels = check_int('levels', levels, minimum=2)
+    bos = check_bool('bos', bos)
     _check_images(images, levels)
     self._images = images
     self.image_shape = tuple(images['train'].shape[1:])
     self.levels = levels
-    self.bos = levels
+    self.bos = levels if bos else None
     streams = {split: image_stream(images[split], self.bos) for split in SPLITS}
-    super().__init__(streams=streams, vocab_size=levels + 1, seq_len=seq_len)
+    super().__init__(streams=streams, vocab_size=levels + int(bos), seq_len=seq_len)
 
   def images(self, split: str) -> np.ndarray:
     """The split's images as tokens (quantised to `levels`): uint8 [N, H, W] (uint16 if levels > 256)."""
@@ -120,18 +142,34 @@ class PixelSource(StreamSource):
       raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
     return self._images[split]
 
+  def image_prefix(self, split: str, n: int) -> np.ndarray:
+    """What precedes image i of `split` in its stream, for i < n: int32 [n, P].
+
+    With a BOS: [BOS] (P = 1). Without one the stream marks no image boundary, so the prefix is
+    the whole image before it (image i-1; image 0 gets the split's last image; P = H*W): a model
+    that has read it is at the start of an image. Prompts for sampling images start with it.
+    """
+    images = self.images(split)
+    n = check_int('n', n, minimum=1)
+    if n > len(images):
+      raise ValueError(f'n={n} is more than the {len(images)} {split} images.')
+    if self.bos is not None:
+      return np.full((n, 1), self.bos, np.int32)
+    return images[np.arange(-1, n - 1)].reshape(n, -1).astype(np.int32)
+
 
 class DigitsSource(PixelSource):
-  """scikit-learn's 8x8 handwritten digits (1797 images, 17 levels, BOS 17, vocab 18)."""
+  """scikit-learn's 8x8 handwritten digits (1797 images, 17 levels; BOS 17 and vocab 18, or
+  with `bos=False` no BOS and vocab 17)."""
   name = 'digits'
 
-  def __init__(self, *, seq_len: int = 256):
+  def __init__(self, *, seq_len: int = 256, bos: bool = True):
     from sklearn.datasets import load_digits  # lazy: only this source needs scikit-learn
     images = load_digits().images.astype(np.uint8)  # [1797, 8, 8], values 0..16
     order = np.random.default_rng(0).permutation(len(images))  # fixed: same split everywhere
     super().__init__(images={'train': images[order[:DIGITS_TRAIN_IMAGES]],
                              'eval': images[order[DIGITS_TRAIN_IMAGES:]]},
-                     levels=17, seq_len=seq_len)
+                     levels=17, seq_len=seq_len, bos=bos)
 
 
 def _find_mnist_file(data_dir: str, split: str) -> str | None:
@@ -186,10 +224,16 @@ def load_mnist_tfds() -> dict[str, np.ndarray]:
 
 
 class MnistSource(PixelSource):
-  """MNIST as pixel streams: 28x28, `levels` intensities (256: raw), BOS = levels."""
+  """MNIST as pixel streams: 28x28, `levels` intensities (256: raw).
+
+  `bos=False` with levels=256 is the authors' stream: vocab 256, images back to back, no
+  separator (`experiments/configs/pixels.py:mnist`). `bos=True` puts BOS = levels before each
+  image (vocab levels + 1).
+  """
   name = 'mnist'
 
-  def __init__(self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256):
+  def __init__(self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256,
+               bos: bool = True):
     levels = check_int('levels', levels, minimum=2, fix='Use 2..256 intensity levels.')
     if levels > 256:
       raise ValueError(f'levels must be <= 256, got {levels}. Use 2..256 intensity levels.')
@@ -197,4 +241,4 @@ class MnistSource(PixelSource):
     if levels < 256:  # quantise v in 0..255 to v*levels//256 in 0..levels-1
       images = {split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)
                 for split, im in images.items()}
-    super().__init__(images=images, levels=levels, seq_len=seq_len)
+    super().__init__(images=images, levels=levels, seq_len=seq_len, bos=bos)
