@@ -11,7 +11,7 @@ import inspect
 import math
 import os
 
-from smt_jax.models import UPDATERS
+from smt_jax.models import UPDATERS, head_width
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
 _SOURCE_ARGS_FROM_CONFIG = {"seq_len": "data.seq_len (episodic sources) or the phases' lengths",
@@ -77,10 +77,10 @@ def validate(config, phases: list[str]) -> None:
                   "the phase's steps.")
   if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
-  if c.model.width % (2 * c.model.num_heads):
-    _fail("model.width", c.model.width,
-          f"must be a multiple of 2 * model.num_heads = {2 * c.model.num_heads} (rotary "
-          f"embedding needs an even head width).")
+  _validate_heads(c)
+  if c.model.rnn_initial_memory not in ("learned", "zeros"):
+    _fail("model.rnn_initial_memory", c.model.rnn_initial_memory,
+          "use 'learned' (trained towards E(empty) by smt.c_init) or 'zeros' (the reference's).")
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     _fail("model.dtype", c.model.dtype, "use float32, bfloat16 or float16.")
   if c.nan_policy not in ("stop", "skip"):
@@ -208,8 +208,28 @@ def _validate_smt(c) -> None:
     _fail("smt.uniformity_max_samples", s.uniformity_max_samples, "must be an integer >= 2.")
   _number_in(c, "smt.gamma", 0.0, math.inf, lo_open=True,
              why="the discount of future steps (1 weighs every one equally)")
-  for f in ("c_dec", "c_dyn", "c_unif", "c_readout"):
+  for f in ("c_dec", "c_dyn", "c_init", "c_unif", "c_readout"):
     _number_in(c, f"smt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
+  if s.c_init and c.model.rnn_initial_memory == "zeros":
+    _fail("smt.c_init", s.c_init, "a zero initial memory has nothing to train: set smt.c_init=0 "
+                                  "or model.rnn_initial_memory='learned'.")
+
+
+def _validate_heads(c) -> None:
+  m = c.model
+  if not _is_int(m.head_dim) or m.head_dim < 0:
+    _fail("model.head_dim", m.head_dim, "must be >= 0 (64: the reference's; 0: width // "
+                                        "num_heads).")
+  if not m.head_dim and m.width % m.num_heads:
+    _fail("model.width", m.width, f"with model.head_dim=0 the heads split the width: use a "
+                                  f"multiple of model.num_heads = {m.num_heads}.")
+  if head_width(m.width, m.num_heads, m.head_dim) % 4:
+    _fail("model.head_dim", head_width(m.width, m.num_heads, m.head_dim), "the head width must be a multiple of 4 (rotary "
+                                         "embedding turns pairs in the first half of each head).")
+  if m.num_heads == 1 and head_width(m.width, m.num_heads, m.head_dim) != m.width and m.rnn_kind == "transformer":
+    _fail("model.head_dim", m.head_dim, f"one head has no output projection (as in the "
+                                        f"reference): its width must equal model.width = "
+                                        f"{m.width}; use more heads or model.head_dim=0.")
 
 
 def _validate_dmt(c) -> None:

@@ -129,7 +129,7 @@ def uniformity_loss(tokens: jax.Array, *, key: jax.Array | None = None, max_samp
                     temperature: float = 2.0) -> jax.Array:
   """The uniformity loss L_unif, which keeps memories from collapsing (Wang & Isola, 2020).
 
-  z_i = tokens_i / ||tokens_i||, over at most `max_samples` tokens (a random subset when `key` is
+  z_i = tokens_i / (||tokens_i|| + eps) (eps = float32's, as the reference), over at most `max_samples` tokens (a random subset when `key` is
   given, else the first ones), and
 
     L_unif = log( mean_{i != j} exp(-t * ||z_i - z_j||^2) ),
@@ -158,9 +158,10 @@ def uniformity_loss(tokens: jax.Array, *, key: jax.Array | None = None, max_samp
            else jnp.arange(max_samples))
     z = z[idx]
     n = max_samples
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-  # ||z_i - z_j||^2 = 2 - 2 <z_i, z_j> for unit vectors (clipped against rounding below zero).
-  sq = jnp.maximum(2.0 - 2.0 * z @ z.T, 0.0)
+  z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+  # ||z_i - z_j||^2 = |z_i|^2 + |z_j|^2 - 2 <z_i, z_j> (clipped against rounding below zero).
+  n2 = jnp.sum(jnp.square(z), axis=-1)
+  sq = jnp.maximum(n2[:, None] + n2[None, :] - 2.0 * z @ z.T, 0.0)
   logits = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, -temperature * sq)
   return jax.nn.logsumexp(logits) - jnp.log(n * (n - 1.0))
 

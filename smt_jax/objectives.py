@@ -122,21 +122,25 @@ def transition_positions(seq_len: int, num_transitions: int, context_length: int
 def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: TeacherFns,
              rnn: RNNFns, context_length: int, future_length: int, num_transitions: int = 1,
              c_dec: float = 1.0, c_dyn: float = 0.1, c_unif: float = 1e-3, c_readout: float = 1.0,
-             gamma: float = 1.0, stop_teacher_grad: bool = False,
+             c_init: float = 0.1, gamma: float = 1.0, stop_teacher_grad: bool = False,
              uniformity_max_samples: int = 512, uniformity_temperature: float = 2.0,
              uniformity_over: str = "tokens",
              constrain_time: Callable[[jax.Array], jax.Array] | None = None,
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Supervised Memory Training: teacher + RNN, every transition in parallel over time.
 
-    L = c_dec L_dec + c_dyn (L_dyn + L_init) + c_unif L_unif + c_readout L_readout
+    L = c_dec L_dec + c_dyn L_dyn + c_init L_init + c_unif L_unif + c_readout L_readout
+
+  With c_init = c_readout = 0 this is the reference's `forward_smt` (its loss and each term).
 
   L_dec     decoding_loss of D(m_t, x[t+1 .. t+Tf]) against y[t .. t+Tf-1] (gamma-discounted);
   L_dyn     MSE(update(m_t, x[t+1]), m_{t+1}), the one-step transition regression;
-  L_init    MSE(RNN initial memory, E(empty)), so the RNN starts where the teacher does;
+  L_init    MSE(RNN initial memory, E(empty)), so the RNN starts where the teacher does (not in
+            the reference);
   L_unif    uniformity_loss of the memories (per token, or per whole state);
   L_readout CE(readout(stop_gradient(m_{t+1})), y[t+1]): trains the RNN's readout on teacher
-            memories (no gradient into the teacher).
+            memories (no gradient into the teacher; not in the reference, whose readout learns in
+            DMT and takes the decoder's weights at the end of SMT).
   All teacher memories come from one `vmap` of the encoder over time positions and all RNN
   transitions from one `vmap` of `update`: no unrolling, an O(1) gradient path between any tokens.
 
@@ -191,8 +195,11 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
       rp, teacher_out(m_src), x_next)
   l_dyn = losses.dynamics_loss(predicted, teacher_out(m_tgt))
-  m_init = teacher.encode(tp, jnp.full((1, context_length), -1, x.dtype))[0]
-  l_init = losses.dynamics_loss(rnn.initial_memory(rp)[None], teacher_out(m_init)[None])
+  if c_init:
+    m_init = teacher.encode(tp, jnp.full((1, context_length), -1, x.dtype))[0]
+    l_init = losses.dynamics_loss(rnn.initial_memory(rp)[None], teacher_out(m_init)[None])
+  else:
+    l_init = jnp.zeros((), jnp.float32)
 
   # Uniformity over the source memories (tokens, or whole flattened states).
   unif_in = m_src if uniformity_over == "tokens" else m_src.reshape(*m_src.shape[:2], -1)
@@ -206,7 +213,8 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
   l_readout = losses.masked_mean(r_ce, r_mask)
 
-  loss = c_dec * l_dec + c_dyn * (l_dyn + l_init) + c_unif * l_unif + c_readout * l_readout
+  loss = (c_dec * l_dec + c_dyn * l_dyn + c_init * l_init + c_unif * l_unif
+          + c_readout * l_readout)
   metrics = {
       "loss": loss, "decoding_loss": l_dec, "dynamics_loss": l_dyn, "init_loss": l_init,
       "uniformity_loss": l_unif, "readout_loss": l_readout,
@@ -265,20 +273,27 @@ def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Arr
 def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teacher: TeacherFns,
              rnn: RNNFns, context_length: int, rollout_length: int, label_every: int,
              c_dyn: float = 10.0, c_readout: float = 1.0, stop_carry_grad: bool = True,
-             start: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+             start: int | None = None, reference_labels: bool = False
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
 
   The rollout starts at memory time t0 = `start` (default Tc-1, the stream recipe; -1 starts from
-  the initial memory E(empty), as for episodic tasks). With s = 0..Td, labels
+  the initial memory E(empty), as for episodic tasks). Labels are the teacher's memories
   m_enc(s) = m_{t0+s} = E(x[t0+s-Tc+1 .. t0+s]) (for t0 = Tc-1: E(x[s .. s+Tc-1])) every k steps.
-  The RNN starts from m_enc(0) and reads x[t0+1 .. t0+Td] with `lax.scan`; its state after s inputs
-  is state_s.
+  The RNN starts from m_enc(0) and reads x[t0+1 ..] with `lax.scan`; its state after s inputs is
+  state_s.
 
-    L = c_dyn * mean_{s in k, 2k, .., Td} MSE(state_s, m_enc(s))
-        + c_readout * mean_{s=0..Td} CE(readout(stop_gradient(state_s)), y[t0+s])
+    L = c_dyn * mean_{s in S} MSE(state_s, m_enc(s))
+        + c_readout * mean_{s in R} CE(readout(stop_gradient(state_s)), y[t0+s])
+
+  Default: S = {k, 2k, .., Td}, R = {0, .., Td} (every label is of a state the RNN wrote).
+  reference_labels: the reference's `forward_dmt`, S = {0, k, .., Td-k} (s = 0, where state and
+  label coincide, counts in the mean) and R = {0, .., Td-1}.
 
   stop_carry_grad (default) applies stop_gradient to the carried state before every update, so
-  each label trains only the last update (imitation, not BPTT). The teacher gets no gradient.
+  each label trains only the last update (imitation, not BPTT); False lets the gradient flow
+  through the whole rollout, as the reference's code does (its `detach_rnn=True`). The teacher
+  gets no gradient.
 
   Args:
     params: {'teacher': ..., 'rnn': ...}. batch: x, y int [B, T] with T >= t0 + 1 + Td.
@@ -302,30 +317,36 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
   _check_params(params, ("teacher", "rnn"), "dmt_loss")
   tp = jax.lax.stop_gradient(params["teacher"])
   rp = params["rnn"]
-  label_steps = jnp.arange(0, rollout_length + 1, label_every)  # s = 0, k, .., Td
+  last = rollout_length - label_every if reference_labels else rollout_length
+  label_steps = jnp.arange(0, last + 1, label_every)  # s = 0, k, .., last
+  num_states = rollout_length if reference_labels else rollout_length + 1  # readout: s < this
+  trained = label_steps[1:]  # the labels of states the RNN wrote (s > 0)
   labels = encode_over_time(teacher, tp, windows(x, label_steps + t0, context_length))  # [B,S,K,d]
   inputs = x[:, t0 + 1:t0 + 1 + rollout_length]
   if stop_carry_grad:
     # With the carry cut before every update, the gradient reaches only the updates whose outputs
-    # are labelled (s = k, 2k, .., Td): every other step would backpropagate zeros. So the rollout
-    # runs forward only (no residuals, no backward scan), and the Td/k labelled updates are redone
-    # with gradients, all at once (one vmap): the same loss and gradients, for a fraction of the
-    # work.
+    # are labelled: every other step would backpropagate zeros. So the rollout runs forward only
+    # (no residuals, no backward scan), and the labelled updates are redone with gradients, all
+    # at once (one vmap): the same loss and gradients, for a fraction of the work.
     states = rollout(jax.lax.stop_gradient(rp), labels[:, 0], inputs, update=rnn.update,
                      remat=False)
     states = jax.lax.stop_gradient(jnp.concatenate([labels[:, :1], states], axis=1))  # s=0..Td
     predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
-        rp, states[:, label_steps[1:] - 1], inputs[:, label_steps[1:] - 1])  # [B, Td/k, K, d]
+        rp, states[:, trained - 1], inputs[:, trained - 1])  # [B, |trained|, K, d]
   else:
     states = rollout(rp, labels[:, 0], inputs, update=rnn.update)
     states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
-    predicted = states[:, label_steps[1:]]
-  l_dyn = losses.dynamics_loss(predicted, labels[:, 1:])
-  logits = readout_over_time(rnn, rp, jax.lax.stop_gradient(states))
-  y_rollout = shifted(y, jnp.array([t0]), rollout_length + 1)[:, 0]  # y[t0 .. t0+Td], [B, Td+1]
+    predicted = states[:, trained]
+  if reference_labels:  # s = 0 counts in the mean, with a zero error
+    predicted = jnp.concatenate([labels[:, :1], predicted], axis=1)
+    l_dyn = losses.dynamics_loss(predicted, labels)
+  else:
+    l_dyn = losses.dynamics_loss(predicted, labels[:, 1:])
+  logits = readout_over_time(rnn, rp, jax.lax.stop_gradient(states[:, :num_states]))
+  y_rollout = shifted(y, jnp.array([t0]), num_states)[:, 0]  # y[t0 + s], [B, num_states]
   ce, mask = losses.masked_cross_entropy(logits, y_rollout)
   l_readout = losses.masked_mean(ce, mask)
-  d = losses.drift(jax.lax.stop_gradient(states[:, label_steps[1:]]), labels[:, 1:])
+  d = losses.drift(jax.lax.stop_gradient(states[:, trained]), labels[:, 1:])
   loss = c_dyn * l_dyn + c_readout * l_readout
   return loss, {"loss": loss, "dynamics_loss": l_dyn, "readout_loss": l_readout,
                 "drift_mse": d["mse"], "drift_1mr2": d["one_minus_r2"]}

@@ -37,7 +37,7 @@ from absl import logging
 from flax import nnx
 
 from smt_jax import checkpoints, data, evaluation, metrics_io, objectives, sharding
-from smt_jax.models import Teacher, make_rnn, rnn_fns, teacher_fns
+from smt_jax.models import Teacher, head_width, make_rnn, rnn_fns, teacher_fns
 
 PHASES = ("smt", "dmt", "bptt")
 
@@ -114,10 +114,12 @@ def build_models(config, vocab_size: int, seed: int):
   rngs = nnx.Rngs(seed)
   teacher = Teacher(vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens, width=m.width,
                     encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth,
-                    num_heads=m.num_heads, dtype=dtype, rngs=rngs)
+                    num_heads=m.num_heads, head_dim=head_width(m.width, m.num_heads, m.head_dim), dtype=dtype,
+                    rngs=rngs)
   rnn = make_rnn(m.rnn_kind, vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens,
                  width=m.width, depth=m.rnn_depth, num_heads=m.num_heads,
-                 readout_depth=m.readout_depth, hidden=m.rnn_hidden or None, dtype=dtype,
+                 head_dim=head_width(m.width, m.num_heads, m.head_dim), readout_depth=m.readout_depth,
+                 hidden=m.rnn_hidden or None, initial_memory=m.rnn_initial_memory, dtype=dtype,
                  rngs=rngs)
   return teacher, rnn
 
@@ -154,7 +156,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
     return functools.partial(
         objectives.smt_loss, teacher=tfns, rnn=rfns, context_length=s.context_length,
         future_length=s.future_length, num_transitions=s.num_transitions, c_dec=s.c_dec,
-        c_dyn=s.c_dyn, c_unif=s.c_unif, c_readout=s.c_readout, gamma=s.gamma,
+        c_dyn=s.c_dyn, c_init=s.c_init, c_unif=s.c_unif, c_readout=s.c_readout, gamma=s.gamma,
         stop_teacher_grad=s.stop_teacher_grad, uniformity_max_samples=s.uniformity_max_samples,
         uniformity_over=s.uniformity_over, constrain_time=constrain_time)
   if phase == "dmt":
@@ -163,7 +165,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
         objectives.dmt_loss, teacher=tfns, rnn=rfns, context_length=config.smt.context_length,
         rollout_length=d.rollout_length, label_every=d.label_every, c_dyn=d.c_dyn,
         c_readout=d.c_readout, stop_carry_grad=d.stop_carry_grad,
-        start=-1 if config.data.episodic else None)
+        reference_labels=d.reference_labels, start=-1 if config.data.episodic else None)
   return functools.partial(objectives.bptt_loss, rnn=rfns,
                            truncation=config.bptt.truncation or None)
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 import smt_jax
 from conftest import KINDS, get_leaf, with_leaf
-from smt_jax.models import Decoder
+from smt_jax.models import Teacher
 from smt_jax.models.layers import rms_normalize
 
 
@@ -48,7 +48,7 @@ def test_left_padding_equals_the_shorter_context(encoder):
 def test_padding_ignores_the_embedding_it_is_mapped_to(encoder):
   encode, tp = encoder
   ctx = jnp.array([[-1, -1, 3, 5]], jnp.int32)
-  tp2 = with_leaf(tp, "encoder/embed/embedding", lambda e: e.at[0].set(7.0))
+  tp2 = with_leaf(tp, "embed/embedding", lambda e: e.at[0].set(7.0))
   np.testing.assert_allclose(encode(tp2, ctx), encode(tp, ctx), atol=1e-6)
   ctx0 = jnp.array([[0, 2, 3, 5]], jnp.int32)  # a real token 0 does use that row
   assert np.max(np.abs(encode(tp2, ctx0) - encode(tp, ctx0))) > 1e-3
@@ -106,9 +106,10 @@ def _fit_decoder(leak: jax.Array, steps: int = 120):
   `leak` is traced, so both variants share one compilation.
   """
   v, k, d, tf = 5, 2, 16, 4
-  graphdef, params = nnx.split(Decoder(vocab_size=v, width=d, depth=1, num_heads=2,
+  graphdef, params = nnx.split(Teacher(vocab_size=v, num_memory_tokens=k, width=d,
+                                       encoder_depth=1, decoder_depth=1, num_heads=2, head_dim=8,
                                        rngs=nnx.Rngs(0)))
-  decode = lambda p, m, x: nnx.merge(graphdef, p)(m, x)
+  decode = lambda p, m, x: nnx.merge(graphdef, p).decode(m, x)
   classes = rms_normalize(jax.random.normal(jax.random.key(1), (v, k, d)))
 
   def data(key, b):

@@ -141,12 +141,12 @@ class HandSMT:
             "readout_loss": sum(p["r_sum"] for p in ps) / max(sum(p["r_cnt"] for p in ps), 1)}
 
 
-COEF = dict(c_dec=1.3, c_dyn=0.7, c_unif=0.05, c_readout=0.6)
+COEF = dict(c_dec=1.3, c_dyn=0.7, c_init=0.4, c_unif=0.05, c_readout=0.6)
 
 
 def total(terms):
   return (COEF["c_dec"] * terms["decoding_loss"]
-          + COEF["c_dyn"] * (terms["dynamics_loss"] + terms["init_loss"])
+          + COEF["c_dyn"] * terms["dynamics_loss"] + COEF["c_init"] * terms["init_loss"]
           + COEF["c_unif"] * terms["uniformity_loss"] + COEF["c_readout"] * terms["readout_loss"])
 
 
@@ -432,7 +432,7 @@ def test_smt_credit_path_does_not_vanish_with_length(tiny):
           p, batch, None, teacher=tfns, rnn=rfns, context_length=seq_len, future_length=2,
           num_transitions=seq_len, c_dyn=0.0, c_unif=0.0, c_readout=0.0)[0])(params)
       return (jnp.linalg.norm(get_leaf(g_bptt["rnn"], "embed/embedding")[v - 1]),
-              jnp.linalg.norm(get_leaf(g_smt["teacher"], "encoder/embed/embedding")[v - 1]))
+              jnp.linalg.norm(get_leaf(g_smt["teacher"], "embed/embedding")[v - 1]))
 
     return [float(a) for a in grads({"teacher": tp, "rnn": rp})]
 

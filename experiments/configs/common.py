@@ -24,10 +24,12 @@ def base() -> ml_collections.ConfigDict:
   c.model.width = 256  # d: model width = memory token width
   c.model.num_memory_tokens = 16  # K
   c.model.num_heads = 8
+  c.model.head_dim = 64  # per head, whatever the width (the reference's); 0: width // num_heads
   c.model.encoder_depth = 8
   c.model.decoder_depth = 4
   c.model.rnn_depth = 8
   c.model.readout_depth = 4
+  c.model.rnn_initial_memory = "learned"  # or "zeros" (the reference's)
   c.model.rnn_hidden = 0  # mlp / cell readout hidden size (0: K * d)
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
 
@@ -48,7 +50,8 @@ def base() -> ml_collections.ConfigDict:
   c.smt.c_dec = 1.0
   c.smt.c_dyn = 0.1
   c.smt.c_unif = 0.001
-  c.smt.c_readout = 1.0
+  c.smt.c_init = 0.1  # L_init: RNN initial memory -> E(empty) (not in the reference)
+  c.smt.c_readout = 1.0  # L_readout: RNN readout on teacher memories (not in the reference)
   c.smt.gamma = 1.0
   c.smt.stop_teacher_grad = False
   c.smt.uniformity_max_samples = 512
@@ -64,6 +67,7 @@ def base() -> ml_collections.ConfigDict:
   c.dmt.c_dyn = 10.0
   c.dmt.c_readout = 1.0
   c.dmt.stop_carry_grad = True
+  c.dmt.reference_labels = False  # True: labels s = 0, k, .., Td-k and Td readouts (reference)
 
   c.bptt = ml_collections.ConfigDict()
   c.bptt.steps = 150_000
@@ -93,6 +97,30 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.time = 1  # SMT's time axis: the vmapped transitions split across devices
   return c
+
+
+def reference_recipe(c: ml_collections.ConfigDict) -> None:
+  """Every published choice of the reference implementation at once (docs/parity.md).
+
+  The losses are then the reference's `forward_smt` / `forward_dmt` / `forward_bptt`: no L_init and
+  no L_readout in SMT (the readout takes the decoder's weights at the end of SMT and learns in
+  DMT), DMT labels s = 0, k, .., Td-k with gradients through the rollout, the RNN (and BPTT)
+  starting from a zero memory, one transition per sequence, 64-wide heads.
+  """
+  c.model.head_dim = 64
+  c.model.rnn_initial_memory = "zeros"
+  c.smt.num_transitions = 1
+  c.smt.c_dec, c.smt.c_dyn, c.smt.c_unif = 1.0, 0.1, 0.001
+  c.smt.c_init = 0.0
+  c.smt.c_readout = 0.0
+  c.smt.gamma = 1.0
+  c.smt.stop_teacher_grad = False
+  c.smt.uniformity_over = "tokens"
+  c.smt.uniformity_max_samples = 512
+  c.smt.copy_decoder_to_readout = True
+  c.dmt.c_dyn, c.dmt.c_readout = 10.0, 1.0
+  c.dmt.reference_labels = True
+  c.dmt.stop_carry_grad = False
 
 
 def cpu_model(c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4,

@@ -7,8 +7,13 @@ import functools
 from flax import nnx
 
 from smt_jax.models.rnn import RNN, UPDATERS, make_rnn
-from smt_jax.models.teacher import Decoder, Encoder, Teacher
+from smt_jax.models.teacher import DEFAULT_HEAD_DIM, Decoder, Teacher
 from smt_jax.objectives import RNNFns, TeacherFns
+
+
+def head_width(width: int, num_heads: int, head_dim: int) -> int:
+  """The attention head width: `head_dim` (64, the reference's), or width // num_heads when 0."""
+  return head_dim or width // num_heads
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,5 +33,5 @@ def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
       initial_memory=lambda p: nnx.merge(graphdef, p).initial_memory())
 
 
-__all__ = ["Decoder", "Encoder", "RNN", "Teacher", "UPDATERS", "make_rnn", "rnn_fns",
+__all__ = ["DEFAULT_HEAD_DIM", "Decoder", "RNN", "Teacher", "UPDATERS", "head_width", "make_rnn", "rnn_fns",
            "teacher_fns"]

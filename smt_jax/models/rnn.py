@@ -22,18 +22,30 @@ import jax.numpy as jnp
 from flax import nnx
 
 from smt_jax.models import layers
-from smt_jax.models.teacher import Decoder
+from smt_jax.models.teacher import DEFAULT_HEAD_DIM, Decoder
+
+INITIAL_MEMORIES = ("learned", "zeros")
 
 
 class RNN(nnx.Module):
-  """Base class: a learned initial memory and the `update` / `readout` pair."""
+  """Base class: the initial memory and the `update` / `readout` pair.
 
-  def __init__(self, *, num_memory_tokens: int, width: int, rngs: nnx.Rngs):
+  initial_memory: "learned" (a parameter [K, d], RMS-normalised; SMT's L_init pulls it to the
+  teacher's E(empty)) or "zeros" (the reference's BPTT and `encode_with_rnn` start; no parameter).
+  """
+
+  def __init__(self, *, num_memory_tokens: int, width: int, initial_memory: str = "learned",
+               rngs: nnx.Rngs):
+    if initial_memory not in INITIAL_MEMORIES:
+      raise ValueError(f"initial_memory must be one of {INITIAL_MEMORIES}, got {initial_memory!r}.")
     self.memory_shape = (num_memory_tokens, width)
-    self.init_memory = nnx.Param(jax.random.normal(rngs.params(), self.memory_shape))
+    self.init_memory = (nnx.Param(jax.random.normal(rngs.params(), self.memory_shape))
+                        if initial_memory == "learned" else None)
 
   def initial_memory(self) -> jax.Array:
-    """The RNN's own starting state, [K, d] (RMS-normalised)."""
+    """The RNN's own starting state, [K, d]."""
+    if self.init_memory is None:
+      return jnp.zeros(self.memory_shape, jnp.float32)
     return layers.rms_normalize(self.init_memory[...])
 
   def update(self, memory: jax.Array, x: jax.Array) -> jax.Array:
@@ -58,37 +70,42 @@ class MLPReadout(nnx.Module):
 
 
 class TransformerRNN(RNN):
-  """The paper's updater: a bidirectional Transformer over [m, embed(x)]."""
+  """The paper's updater: a bidirectional Transformer over [m, embed(x)], keeping the first K
+  outputs (no residual from m), and a causal-Transformer readout of the teacher decoder's shape."""
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
-               num_heads: int, readout_depth: int, hidden: int | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               num_heads: int, readout_depth: int, head_dim: int = DEFAULT_HEAD_DIM,
+               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     del hidden
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
-    self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
-    self.transformer = layers.Transformer(width, depth, num_heads, dtype=dtype, rngs=rngs)
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
+                     initial_memory=initial_memory, rngs=rngs)
+    self.embed = layers.embedding(vocab_size, width, dtype=dtype, rngs=rngs)
+    self.rnn = layers.Transformer(width, depth, num_heads, head_dim, dtype=dtype, rngs=rngs)
     self.decoder = Decoder(vocab_size=vocab_size, width=width, depth=readout_depth,
-                           num_heads=num_heads, dtype=dtype, rngs=rngs)
+                               num_heads=num_heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
 
   def update(self, memory, x):
-    b, k, _ = memory.shape
+    k = memory.shape[1]
     h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
                          layers.embed_tokens(self.embed, x)[:, None]], axis=1)  # [B, K+1, d]
-    h = self.transformer(h, None, outputs=slice(0, k))  # bidirectional: no mask; keep the K rows
+    h = self.rnn(h, None, outputs=slice(0, k))  # bidirectional: no mask; keep the K rows
     return layers.rms_normalize(h).astype(memory.dtype)
 
   def readout(self, memory):
-    return self.decoder.next_logits(memory)
+    return self.decoder.next_logits(memory, self.embed.dtype or memory.dtype)
 
 
 class MLPRNN(RNN):
   """m' = rmsnorm(m + MLP([flatten(m), embed(x)])), a deep residual MLP."""
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
-               num_heads: int = 1, readout_depth: int = 1, hidden: int | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    del num_heads, readout_depth
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
+               num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
+               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    del num_heads, readout_depth, head_dim
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
+                     initial_memory=initial_memory, rngs=rngs)
     size = num_memory_tokens * width
     hidden = hidden or size
     self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
@@ -117,10 +134,12 @@ class _CellRNN(RNN):
   """Shared plumbing for the classic cells: embedding of x, flat state, MLP readout."""
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int = 1,
-               num_heads: int = 1, readout_depth: int = 1, hidden: int | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    del depth, num_heads, readout_depth
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width, rngs=rngs)
+               num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
+               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    del depth, num_heads, readout_depth, head_dim
+    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
+                     initial_memory=initial_memory, rngs=rngs)
     self.size = num_memory_tokens * width
     self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
     self.head = MLPReadout(self.size, hidden or self.size, vocab_size, dtype=dtype, rngs=rngs)
