@@ -101,7 +101,7 @@ def _load(params: dict[str, nnx.Param], state: StateDict, model: str, head_dim: 
       raise ValueError(f"{model} state_dict {name!r} has shape {state.get(name, value).shape}, "
                        f"the model expects {param[...].shape} (transposed for Linear weights): "
                        f"check vocab_size, width, num_heads and num_memory_tokens.")
-    param.value = jnp.asarray(value, param[...].dtype)
+    param[...] = jnp.asarray(value, param[...].dtype)
   inv_freq = np.asarray(layers.rotary_inv_freq(head_dim))
   for stack in _stacks(model):
     key = f"{stack}.rotary_pos_emb.inv_freq"

@@ -76,9 +76,15 @@ def _rejects(c, tmp_path, *fragments):
 
 # (base config, overrides, what the message must contain): field = value, and a hint of the fix.
 CONFIG_ONLY = {
-    # memory layout: width must split into an even width per head (K x width is the memory)
-    "width_per_head": ("pixels:smoke", {"model.width": 20},
-                       ["config.model.width = 20", "multiple of 2 * model.num_heads = 8"]),
+    # heads: rotary turns pairs in the first half of each head; one head has no output projection
+    "head_dim_multiple_of_4": ("pixels:smoke", {"model.head_dim": 30},
+                               ["config.model.head_dim = 30", "multiple of 4"]),
+    "compact_heads_split_width": ("pixels:smoke", {"model.head_dim": 0, "model.width": 20},
+                                  ["config.model.width = 20", "multiple of model.num_heads = 4"]),
+    "one_head_width": ("pixels:smoke", {"model.num_heads": 1},
+                       ["config.model.head_dim = 64", "must equal model.width = 16"]),
+    "c_init_with_zero_memory": ("pixels:smoke", {"model.rnn_initial_memory": "zeros"},
+                                ["config.smt.c_init = 0.1", "smt.c_init=0"]),
     # T vs Tc + Tf and Tc + Td + Tf where T is settable (episodes); streams derive T from them
     "context_past_episode": ("synthetic:parity,smoke", {"smt.context_length": 17},
                              ["config.smt.context_length = 17", "data.seq_len = 16"]),
