@@ -247,3 +247,23 @@ def test_make_rnn_rejects_unknown_kind_and_lists_the_valid_ones(tiny):
   for kind in ("transformer", "mlp", "gru", "elman", "lstm"):
     assert kind in str(err.value)
   assert set(smt_jax.UPDATERS) >= {"transformer", "mlp", "gru", "elman", "lstm"}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dot_product_attention_equals_the_explicit_form(masked):
+  """Both attention paths (accelerators use jax.nn.dot_product_attention): values and grads."""
+  from smt_jax.models import layers
+  q, k, v = (jax.random.normal(key, (2, 5, 3, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  mask = (jnp.tril(jnp.ones((5, 5), bool))[None] & (jnp.arange(5) != 1)[None, None]
+          if masked else None)
+
+  def f(impl):
+    out = lambda q, k, v: layers.attend(q, k, v, mask, implementation=impl)
+    return out(q, k, v), jax.grad(lambda *a: jnp.sum(jnp.sin(out(*a))), argnums=(0, 1, 2))(q, k, v)
+
+  (o1, g1), (o2, g2) = f("explicit"), f("xla")
+  np.testing.assert_allclose(o1, o2, atol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  with pytest.raises(ValueError, match="implementation"):
+    layers.attend(q, k, v, mask, implementation="flash")

@@ -114,11 +114,29 @@ def _dense(layer: nnx.Linear, x: jax.Array, columns: slice | None = None) -> jax
                              precision=layer.precision)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """softmax(q k^T / sqrt(Dh)) v with float32 logits and softmax; q [B,Q,H,Dh], k, v [B,L,H,Dh],
-  mask bool broadcastable to [B, Q, L] (True: may attend) or None. Returns [B, Q, H, Dh]."""
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+           implementation: str | None = None) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v with float32 logits and softmax.
+
+  Args:
+    q [B, Q, H, Dh]; k, v [B, L, H, Dh]; mask bool broadcastable to [B, Q, L] (True: may attend),
+      or None.
+    implementation: "xla" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs where it
+      applies, XLA elsewhere), "explicit" (two einsums and a softmax), or None: explicit on CPU,
+      where it measured faster at these sizes (docs/benchmarks.md), `dot_product_attention`
+      elsewhere.
+  Returns:
+    [B, Q, H, Dh].
+  """
+  if implementation is None:
+    implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+  scale = q.shape[-1] ** -0.5
+  if implementation == "xla":
+    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                        scale=scale)
+  if implementation != "explicit":
+    raise ValueError(f"implementation must be 'xla', 'explicit' or None, got {implementation!r}.")
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
                       preferred_element_type=jnp.float32)  # [B, H, Q, L]
   if mask is not None:
     scores = jnp.where(mask[:, None], scores, -jnp.finfo(jnp.float32).max)
