@@ -247,9 +247,23 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
   return out
 
 
+def count_params(config, vocab_size: int = 0) -> dict:
+  """{'n_params_teacher': .., 'n_params_rnn': ..} of the config's models (shapes only)."""
+  import jax
+  from flax import nnx
+
+  from smt_jax import train
+  vocab_size = vocab_size or train.make_base_source(config).vocab_size
+  teacher, rnn = nnx.eval_shape(lambda: train.build_models(config, vocab_size, config.seed))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  return {"n_params_teacher": count(teacher), "n_params_rnn": count(rnn)}
+
+
 def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
-  return {p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
-          for p in objectives}
+  out = {p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
+         for p in objectives}
+  out.update(count_params(config, vocab_size))
+  return out
 
 
 def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, warmup: int,
@@ -391,6 +405,8 @@ def main(argv):
                            vocab_size=FLAGS.vocab_size)
   results["meta"] = meta
   print(format_table(results), flush=True)
+  print(f"parameters: teacher {results['n_params_teacher']:,}, RNN {results['n_params_rnn']:,}",
+        flush=True)
   if any(r.get("mfu") for r in results.values() if isinstance(r, dict)):
     row = next(r for r in results.values() if isinstance(r, dict) and r.get("peak_row"))
     print(f"MFU against the {row['peak_row']} {row['dtype']} peak, "

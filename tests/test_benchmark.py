@@ -57,6 +57,15 @@ def test_one_entry_per_objective_with_the_promised_fields(main_run):
   assert main_run["meta"]["platform"] == "cpu" and main_run["meta"]["dtype"] == "float32"
 
 
+def test_parameter_counts_are_the_reference_formula(main_run):
+  # PARITY.md: a stack of depth L has L (4 H 64 d + 8 d^2 + 7 d) + d parameters; teacher
+  # V d + enc + dec + (d V + V) + K d; RNN the same without registers (zero initial memory).
+  v, d, h, k = 16, 16, 2, 2
+  stack = lambda depth: depth * (4 * h * 64 * d + 8 * d * d + 7 * d) + d
+  assert main_run["n_params_teacher"] == v * d + stack(1) + stack(1) + d * v + v + k * d
+  assert main_run["n_params_rnn"] == v * d + stack(1) + stack(1) + d * v + v
+
+
 def test_sequential_depths_and_lengths(main_run):
   # SMT: one update deep; DMT: Td updates; BPTT: T. Sequence lengths Tc+Tf, Tc+Td+Tf, T.
   assert main_run["smt"]["seq_depth"] == 1 and main_run["smt"]["seq_len"] == 8 + 4

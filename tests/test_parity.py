@@ -326,3 +326,37 @@ def test_a_port_with_the_rotary_pairs_wrong_fails(monkeypatch):
 
   monkeypatch.setattr(layers, "rotate", full_width)
   assert _encode_error(c, c.teacher_state) > 100 * ATOL
+
+
+def reference_param_counts(v, d, h, k, enc, dec, rnn, readout, head_dim=64):
+  """PARITY.md's formula (x-transformers leaves out the output projection with one head)."""
+  attn = (3 if h == 1 else 4) * h * head_dim * d
+  stack = lambda depth: depth * (attn + 8 * d * d + 7 * d) + d
+  return (v * d + stack(enc) + stack(dec) + d * v + v + k * d,
+          v * d + stack(rnn) + stack(readout) + d * v + v)
+
+
+@pytest.mark.parametrize("dims", [
+    (16, 64, 4, 4, 2, 1, 2, 1),  # the bench config: 298,704 and 298,448
+    (256, 256, 8, 16, 8, 4, 8, 4),  # the paper's
+    (11, 32, 4, 3, 1, 2, 3, 1),
+    (7, 64, 1, 2, 1, 1, 1, 1),  # one head: no output projection
+])
+@pytest.mark.parametrize("initial_memory", ["zeros", "learned"])
+def test_runner_models_have_the_reference_parameter_counts(dims, initial_memory):
+  from experiments.configs import common
+  from smt_jax import train
+  v, d, h, k, enc, dec, rnn, readout = dims
+  c = common.base()
+  common.reference_recipe(c)
+  c.model.update(width=d, num_heads=h, num_memory_tokens=k, encoder_depth=enc,
+                 decoder_depth=dec, rnn_depth=rnn, readout_depth=readout,
+                 rnn_initial_memory=initial_memory)
+  teacher, rnn_model = nnx.eval_shape(lambda: train.build_models(c, v, 0))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  ref_teacher, ref_rnn = reference_param_counts(*dims)
+  assert count(teacher) == ref_teacher
+  # A learned initial memory is the one parameter beyond the reference's: K x d.
+  assert count(rnn_model) == ref_rnn + (k * d if initial_memory == "learned" else 0)
+  if dims[:4] == (16, 64, 4, 4):
+    assert (ref_teacher, ref_rnn) == (298_704, 298_448)
