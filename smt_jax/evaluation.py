@@ -12,20 +12,26 @@ from smt_jax.inference import read
 from smt_jax.objectives import Params, RNNFns, TeacherFns, encode_over_time, windows
 
 
-@functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length"))
+@functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length",
+                                             "future_length"))
 def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
              teacher: TeacherFns | None = None, context_length: int | None = None,
-             prompt_length: int = 0) -> dict[str, jax.Array]:
+             prompt_length: int = 0, future_length: int = 0) -> dict[str, jax.Array]:
   """Sums and counts over one eval batch (divide after summing over batches).
 
   rnn_*        the RNN read teacher-forced from its own initial memory (no teacher at all).
   prompted_*   the RNN started from the teacher's memory of the first `prompt_length` tokens.
-  teacher_*    the teacher decoder's next-target prediction from m_t = E(x[t-Tc+1 .. t]).
+  teacher_*    the teacher decoder's next-target prediction from m_t = E(x[t-Tc+1 .. t]), at every
+               t (short, left-padded windows included).
+  teacher_full_*  the same at full context only (t >= Tc-1: windows of Tc real tokens).
+  teacher_decoding_*  the reference's evaluation: the decoder's Tf-step loss from E(x[0 .. Tc-1])
+               against y[Tc-1 .. Tc+Tf-2] (its `loss_decoder` on held-out data; needs T >= Tc+Tf).
   drift_*      the RNN's own states vs the teacher's memories m_t along the sequence.
 
   Returns scalars: {rnn_nll_sum, rnn_correct_sum, count} and, with a teacher, {teacher_nll_sum,
-  teacher_correct_sum, drift_mse, drift_1mr2 (per-batch means)} and, with a prompt,
-  {prompted_nll_sum, prompted_count}.
+  teacher_correct_sum, teacher_full_nll_sum, teacher_full_count, drift_mse, drift_1mr2 (per-batch
+  means)}, with future_length > 0 {teacher_decoding_sum, teacher_decoding_count} and, with a
+  prompt, {prompted_nll_sum, prompted_count}.
   """
   x, y = batch["x"], batch["y"]
   r = read(params, batch, rnn=rnn)
@@ -41,6 +47,14 @@ def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
   t_nll, t_mask = losses.masked_cross_entropy(logits[:, :, 0], y)
   out["teacher_nll_sum"] = jnp.sum(t_nll)
   out["teacher_correct_sum"] = jnp.sum((jnp.argmax(logits[:, :, 0], -1) == y) & t_mask)
+  full = t_mask & (jnp.arange(x.shape[1]) >= context_length - 1)
+  out["teacher_full_nll_sum"] = jnp.sum(jnp.where(full, t_nll, 0.0))
+  out["teacher_full_count"] = jnp.sum(full)
+  if future_length and x.shape[1] >= context_length + future_length:
+    tc, tf = context_length, future_length
+    dec = teacher.decode(tp, mem[:, tc - 1], x[:, tc:tc + tf])
+    d_nll, d_mask = losses.masked_cross_entropy(dec, y[:, tc - 1:tc - 1 + tf])
+    out["teacher_decoding_sum"], out["teacher_decoding_count"] = jnp.sum(d_nll), jnp.sum(d_mask)
   d = losses.drift(r["states"], mem)
   out["drift_mse"], out["drift_1mr2"] = d["mse"], d["one_minus_r2"]
   if prompt_length > 0:

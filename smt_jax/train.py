@@ -278,7 +278,8 @@ def run_eval(exp: Experiment, params, *, with_teacher: bool) -> dict[str, float]
     batch = global_batch(exp, source, split="eval", step=i, batch_size=c.eval.batch_size)
     out = evaluation.evaluate(params, batch, rnn=rfns, teacher=tfns if with_teacher else None,
                               context_length=c.smt.context_length,
-                              prompt_length=c.eval.prompt_length if with_teacher else 0)
+                              prompt_length=c.eval.prompt_length if with_teacher else 0,
+                              future_length=c.smt.future_length if with_teacher else 0)
     for k, v in jax.device_get(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = c.eval.num_batches
@@ -287,6 +288,11 @@ def run_eval(exp: Experiment, params, *, with_teacher: bool) -> dict[str, float]
   if with_teacher:
     res["eval/teacher_nll"] = totals["teacher_nll_sum"] / max(totals["count"], 1)
     res["eval/teacher_acc"] = totals["teacher_correct_sum"] / max(totals["count"], 1)
+    res["eval/teacher_full_nll"] = (totals["teacher_full_nll_sum"]
+                                    / max(totals["teacher_full_count"], 1))
+    if "teacher_decoding_sum" in totals:
+      res["eval/teacher_decoding_nll"] = (totals["teacher_decoding_sum"]
+                                          / max(totals["teacher_decoding_count"], 1))
     res["eval/drift_mse"] = totals["drift_mse"] / n
     res["eval/drift_1mr2"] = totals["drift_1mr2"] / n
     if "prompted_nll_sum" in totals:

@@ -130,3 +130,32 @@ def test_write_samples_follow_the_tempered_softmax(tiny, setup):
   a = smt_jax.write(params, jax.random.key(2), m0[:64], rnn=rfns, num_steps=5)
   b = smt_jax.write(params, jax.random.key(3), m0[:64], rnn=rfns, num_steps=5)
   assert np.any(np.asarray(a) != np.asarray(b))
+
+
+def test_teacher_eval_at_full_context_and_the_references_decoding_loss(setup):
+  """teacher_full_*: the decoder's next-target NLL from m_t at t >= Tc-1 only (a loop over t);
+  teacher_decoding_*: its Tf-step loss from E(x[0..Tc-1]), the reference's held-out loss."""
+  from smt_jax import evaluation
+  tfns, rfns, params, _, _ = setup
+  tc, tf, t_len = 3, 2, 7
+  x = jax.random.randint(jax.random.key(4), (3, t_len), 0, 6)
+  y = jnp.concatenate([x[:, 1:], jnp.full((3, 1), -1, x.dtype)], axis=1)
+  out = evaluation.evaluate(params, {"x": x, "y": y}, rnn=rfns, teacher=tfns, context_length=tc,
+                            future_length=tf)
+  x, y = np.asarray(x), np.asarray(y)
+  total, count, every = 0.0, 0, 0.0
+  for t in range(t_len):
+    m = tfns.encode(params["teacher"], jnp.asarray(_left_padded(x, t, tc)))
+    logits = np.asarray(tfns.decode(params["teacher"], m, jnp.asarray(x[:, t:t + 1]))[:, 0])
+    nll, mask, _ = _score(logits, y[:, t])
+    every += nll.sum()
+    if t >= tc - 1:
+      total, count = total + nll.sum(), count + mask.sum()
+  np.testing.assert_allclose(out["teacher_nll_sum"], every, rtol=1e-5)
+  np.testing.assert_allclose(out["teacher_full_nll_sum"], total, rtol=1e-5)
+  assert int(out["teacher_full_count"]) == count
+  m = tfns.encode(params["teacher"], jnp.asarray(x[:, :tc]))
+  dec = smt_jax.decoding_loss(tfns.decode(params["teacher"], m, jnp.asarray(x[:, tc:tc + tf])),
+                              jnp.asarray(y[:, tc - 1:tc - 1 + tf]))
+  np.testing.assert_allclose(out["teacher_decoding_sum"] / out["teacher_decoding_count"], dec,
+                             rtol=1e-5)
