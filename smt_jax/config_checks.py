@@ -224,8 +224,12 @@ def _validate_heads(c) -> None:
     _fail("model.width", m.width, f"with model.head_dim=0 the heads split the width: use a "
                                   f"multiple of model.num_heads = {m.num_heads}.")
   if head_width(m.width, m.num_heads, m.head_dim) % 4:
-    _fail("model.head_dim", head_width(m.width, m.num_heads, m.head_dim), "the head width must be a multiple of 4 (rotary "
-                                         "embedding turns pairs in the first half of each head).")
+    why = ("the head width must be a multiple of 4 (rotary embedding turns pairs in the first "
+           "half of each head)")
+    if m.head_dim:
+      _fail("model.head_dim", m.head_dim, why + ".")
+    _fail("model.width", m.width, f"with model.head_dim=0 each head is model.width / "
+                                  f"model.num_heads = {m.width // m.num_heads} wide: {why}.")
   if m.num_heads == 1 and head_width(m.width, m.num_heads, m.head_dim) != m.width and m.rnn_kind == "transformer":
     _fail("model.head_dim", m.head_dim, f"one head has no output projection (as in the "
                                         f"reference): its width must equal model.width = "

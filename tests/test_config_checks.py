@@ -79,8 +79,10 @@ CONFIG_ONLY = {
     # heads: rotary turns pairs in the first half of each head; one head has no output projection
     "head_dim_multiple_of_4": ("pixels:smoke", {"model.head_dim": 30},
                                ["config.model.head_dim = 30", "multiple of 4"]),
-    "compact_heads_split_width": ("pixels:smoke", {"model.head_dim": 0, "model.width": 20},
-                                  ["config.model.width = 20", "multiple of model.num_heads = 4"]),
+    "compact_heads_split_width": ("pixels:smoke", {"model.head_dim": 0, "model.width": 18},
+                                  ["config.model.width = 18", "multiple of model.num_heads = 4"]),
+    "compact_heads_width_per_head": ("pixels:smoke", {"model.head_dim": 0, "model.width": 20},
+                                     ["config.model.width = 20", "= 5 wide", "multiple of 4"]),
     "one_head_width": ("pixels:smoke", {"model.num_heads": 1},
                        ["config.model.head_dim = 64", "must equal model.width = 16"]),
     "c_init_with_zero_memory": ("pixels:smoke", {"model.rnn_initial_memory": "zeros"},

@@ -256,9 +256,9 @@ def test_smt_gradient_routing(tiny):
   @jax.jit
   def grads(params):
     g = lambda **c: jax.grad(lambda p: smt_jax.smt_loss(p, batch, None, **kw, **c)[0])(params)
-    return (g(c_dyn=1.0, c_readout=1.0, stop_teacher_grad=True),
-            g(c_dyn=1.0, c_readout=0.0, stop_teacher_grad=False),
-            g(c_dyn=0.0, c_readout=1.0, stop_teacher_grad=False))
+    return (g(c_dyn=1.0, c_init=1.0, c_readout=1.0, stop_teacher_grad=True),
+            g(c_dyn=1.0, c_init=1.0, c_readout=0.0, stop_teacher_grad=False),
+            g(c_dyn=0.0, c_init=0.0, c_readout=1.0, stop_teacher_grad=False))
 
   stopped, flowing, readout = grads({"teacher": tp, "rnn": rp})
   norm = lambda t: float(optax.tree.norm(t))

@@ -142,10 +142,12 @@ def test_uniformity_loss(name):
 
 # ------------------------------------------------------------------------ the objectives
 
-def smt(c: Case, batch, params=None, **kw):
-  return smt_jax.smt_loss(params or c.params, batch, None, teacher=c.tfns, rnn=c.rfns,
-                          context_length=c.cfg["Tc"], future_length=c.cfg["Tf"],
-                          num_transitions=1, c_init=0.0, c_readout=0.0, **kw)
+def smt(c: Case, batch, params=None, gamma=1.0):
+  """The reference's forward_smt: our SMT loss with c_init = c_readout = 0 (jitted)."""
+  loss = functools.partial(smt_jax.smt_loss, teacher=c.tfns, rnn=c.rfns,
+                           context_length=c.cfg["Tc"], future_length=c.cfg["Tf"],
+                           num_transitions=1, c_init=0.0, c_readout=0.0, gamma=gamma)
+  return jax.jit(loss)(params or c.params, batch, None)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -165,7 +167,7 @@ def test_smt_loss_terms(name, call, inputs, gamma):
 def test_smt_gradients_equal_the_reference():
   c = case("a")
   batch = {"x": jnp.asarray(c["in/x_smt"]), "y": jnp.asarray(c["in/y_smt"])}
-  grads = jax.grad(lambda p: smt(c, batch, p)[0])(c.params)
+  grads = jax.jit(jax.grad(lambda p: smt(c, batch, p)[0]))(c.params)
   teacher, rnn = reference.build(**c.dims)
   nnx.update(teacher, grads["teacher"])
   nnx.update(rnn, grads["rnn"])
@@ -188,9 +190,9 @@ def test_dmt_loss_terms(name, stop_carry_grad):
   c = case(name)
   tc, td, k = c.cfg["Tc"], c.cfg["Td"], c.cfg["k"]
   batch = {"x": jnp.asarray(c["in/x_dmt"]), "y": jnp.asarray(c["in/y_dmt"])}
-  loss, m = smt_jax.dmt_loss(c.params, batch, teacher=c.tfns, rnn=c.rfns, context_length=tc,
-                             rollout_length=td, label_every=k, reference_labels=True,
-                             stop_carry_grad=stop_carry_grad)
+  loss, m = jax.jit(functools.partial(
+      smt_jax.dmt_loss, teacher=c.tfns, rnn=c.rfns, context_length=tc, rollout_length=td,
+      label_every=k, reference_labels=True, stop_carry_grad=stop_carry_grad))(c.params, batch)
   close(m["dynamics_loss"], c["out/dmt/loss_dyn"])
   close(m["readout_loss"], c["out/dmt/loss_readout"])
   # The reference's total adds the frozen teacher's decoding and uniformity terms (constants for
@@ -229,7 +231,7 @@ def test_dmt_labels_and_rollout(name):
 def test_bptt_loss_from_a_zero_memory(name, call, y):
   c = case(name)
   batch = {"x": jnp.asarray(c["in/x_smt"]), "y": jnp.asarray(c[f"in/{y}"])}
-  loss, _ = smt_jax.bptt_loss(c.params, batch, rnn=c.rfns)
+  loss, _ = jax.jit(functools.partial(smt_jax.bptt_loss, rnn=c.rfns))(c.params, batch)
   close(loss, c[f"out/{call}/loss"])
   if call == "bptt":
     zeros = smt_jax.initial_memories(c.rfns, c.rp, batch["x"].shape[0])
