@@ -5,14 +5,18 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     model; SMT then DMT in under 10 minutes on a 2-core CPU, no network needed.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
                     --config.data.path), streamed as the authors do (vocab 256, no BOS); the
-                    paper's model and schedules (SPEC section 6).
+                    paper's model and schedules (SPEC section 6) and the reference recipe
+                    (`common.reference_recipe`): the authors' published run.
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
+  ARG,reference     any of these with the reference recipe (e.g. digits,reference).
+Digits keep a BOS before every image (`data.options.bos`) so the RNN alone can start one.
 
 Commands:
   python -m experiments.run --config=experiments/configs/pixels.py
   python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.model.dtype=bfloat16
   python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.data.path=/data/mnist
   python -m experiments.run --config=experiments/configs/pixels.py --config.phases=bptt
+  python -m experiments.run --config=experiments/configs/pixels.py:digits,reference
   python -m experiments.sample --workdir=runs/pixels_digits
 """
 
@@ -20,9 +24,14 @@ from experiments.configs import common
 
 
 def get_config(arg: str = "digits"):
+  arg, *flags = arg.split(",")
+  if set(flags) - {"reference"}:
+    raise ValueError(f"pixels.py: unknown flags {sorted(set(flags) - {'reference'})}; the one "
+                     f"flag is 'reference' (e.g. pixels.py:digits,reference).")
   c = common.base()
   if arg in ("digits", "smoke"):
     c.data.name = "digits"
+    c.data.options.bos = True
     common.cpu_model(c)
     c.smt.steps = 1_500
     c.smt.batch_size = 32
@@ -62,4 +71,6 @@ def get_config(arg: str = "digits"):
     c.bptt.seq_len = 320
   else:
     raise ValueError(f"pixels.py: unknown argument {arg!r}; use digits, mnist or smoke.")
+  if arg == "mnist" or "reference" in flags:
+    common.reference_recipe(c)
   return c
