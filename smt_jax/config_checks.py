@@ -223,14 +223,15 @@ def _validate_heads(c) -> None:
   if not m.head_dim and m.width % m.num_heads:
     _fail("model.width", m.width, f"with model.head_dim=0 the heads split the width: use a "
                                   f"multiple of model.num_heads = {m.num_heads}.")
-  if head_width(m.width, m.num_heads, m.head_dim) % 4:
+  width = head_width(m.width, m.num_heads, m.head_dim)
+  if width % 4:
     why = ("the head width must be a multiple of 4 (rotary embedding turns pairs in the first "
            "half of each head)")
     if m.head_dim:
       _fail("model.head_dim", m.head_dim, why + ".")
     _fail("model.width", m.width, f"with model.head_dim=0 each head is model.width / "
                                   f"model.num_heads = {m.width // m.num_heads} wide: {why}.")
-  if m.num_heads == 1 and head_width(m.width, m.num_heads, m.head_dim) != m.width and m.rnn_kind == "transformer":
+  if m.num_heads == 1 and width != m.width:
     _fail("model.head_dim", m.head_dim, f"one head has no output projection (as in the "
                                         f"reference): its width must equal model.width = "
                                         f"{m.width}; use more heads or model.head_dim=0.")

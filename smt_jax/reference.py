@@ -36,8 +36,9 @@ from smt_jax.models.teacher import DEFAULT_HEAD_DIM, Teacher
 StateDict = Mapping[str, np.ndarray]
 
 
-def _stack_entries(stack: layers.Transformer, prefix: str) -> dict[str, tuple]:
-  """{reference name: (getter, setter, transform-to-ref)} for one Transformer stack."""
+def _stack_entries(stack: layers.Transformer, prefix: str) -> dict[str, nnx.Param]:
+  """{reference name: our parameter} for one Transformer stack ('<prefix>.layers.<i>.1.qkv'
+  stands for the three to_q/to_k/to_v weights, joined as the fused kernel's columns)."""
   out = {}
   for i, block in enumerate(stack.blocks):
     a, f = f"{prefix}.layers.{2 * i}", f"{prefix}.layers.{2 * i + 1}"
@@ -54,7 +55,9 @@ def _stack_entries(stack: layers.Transformer, prefix: str) -> dict[str, tuple]:
   return out
 
 
-def _entries(teacher: Teacher | None, rnn: TransformerRNN | None) -> dict[str, dict[str, nnx.Param]]:
+def _entries(teacher: Teacher | None, rnn: TransformerRNN | None
+             ) -> dict[str, dict[str, nnx.Param]]:
+  """{'teacher' / 'rnn': {reference name: our parameter}} for the models given."""
   res = {}
   if teacher is not None:
     t = {"embed.weight": teacher.embed.embedding,
