@@ -78,6 +78,10 @@ def validate(config, phases: list[str]) -> None:
   if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
   _validate_heads(c)
+  if c.model.attention not in ("auto", "xla", "explicit"):
+    _fail("model.attention", c.model.attention, "use 'auto' (explicit on CPU, "
+                                                "jax.nn.dot_product_attention elsewhere), 'xla' "
+                                                "or 'explicit'.")
   if c.model.rnn_initial_memory not in ("learned", "zeros"):
     _fail("model.rnn_initial_memory", c.model.rnn_initial_memory,
           "use 'learned' (trained towards E(empty) by smt.c_init) or 'zeros' (the reference's).")

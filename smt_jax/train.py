@@ -115,11 +115,13 @@ def build_models(config, vocab_size: int, seed: int):
   head_dim = head_width(m.width, m.num_heads, m.head_dim)
   teacher = Teacher(vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens, width=m.width,
                     encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth,
-                    num_heads=m.num_heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
+                    num_heads=m.num_heads, head_dim=head_dim, attention=m.attention, dtype=dtype,
+                    rngs=rngs)
   rnn = make_rnn(m.rnn_kind, vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens,
                  width=m.width, depth=m.rnn_depth, num_heads=m.num_heads, head_dim=head_dim,
                  readout_depth=m.readout_depth, hidden=m.rnn_hidden or None,
-                 initial_memory=m.rnn_initial_memory, dtype=dtype, rngs=rngs)
+                 initial_memory=m.rnn_initial_memory, attention=m.attention, dtype=dtype,
+                 rngs=rngs)
   return teacher, rnn
 
 

@@ -31,6 +31,7 @@ def base() -> ml_collections.ConfigDict:
   c.model.readout_depth = 4
   c.model.rnn_initial_memory = "learned"  # or "zeros" (the reference's)
   c.model.rnn_hidden = 0  # mlp / cell readout hidden size (0: K * d)
+  c.model.attention = "auto"  # "xla" (jax.nn.dot_product_attention), "explicit"; auto: CPU explicit
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
 
   c.optim = ml_collections.ConfigDict()

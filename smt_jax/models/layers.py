@@ -121,21 +121,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
   Args:
     q [B, Q, H, Dh]; k, v [B, L, H, Dh]; mask bool broadcastable to [B, Q, L] (True: may attend),
       or None.
-    implementation: "xla" (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs where it
-      applies, XLA elsewhere), "explicit" (two einsums and a softmax), or None: explicit on CPU,
-      where it measured faster at these sizes (docs/benchmarks.md), `dot_product_attention`
-      elsewhere.
+    implementation (`model.attention`): "xla" (`jax.nn.dot_product_attention`: cuDNN flash
+      attention on GPUs where it applies, XLA elsewhere), "explicit" (two einsums and a softmax),
+      or "auto" / None: explicit on CPU, where it measured faster (docs/benchmarks.md),
+      `dot_product_attention` elsewhere.
   Returns:
     [B, Q, H, Dh].
   """
-  if implementation is None:
+  if implementation in (None, "auto"):
     implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
   scale = q.shape[-1] ** -0.5
   if implementation == "xla":
     return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                         scale=scale)
-  if implementation != "explicit":
-    raise ValueError(f"implementation must be 'xla', 'explicit' or None, got {implementation!r}.")
+  if implementation not in ("explicit", "auto"):
+    raise ValueError(f"attention implementation must be 'auto', 'xla' or 'explicit', got "
+                     f"{implementation!r}.")
   scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
                       preferred_element_type=jnp.float32)  # [B, H, Q, L]
   if mask is not None:
@@ -148,11 +149,12 @@ class Attention(nnx.Module):
   """Multi-head self-attention: fused q/k/v projections to H * head_dim, partial rotary, output
   projection back to the width (absent with one head, as in x-transformers)."""
 
-  def __init__(self, width: int, num_heads: int, head_dim: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, head_dim: int, *, attention: str | None = None,
+               dtype, rngs: nnx.Rngs):
     if head_dim % 4:
       raise ValueError(f"head_dim ({head_dim}) must be a multiple of 4 (rotary embedding turns "
                        f"pairs within the first half of every head).")
-    self.num_heads, self.head_dim = num_heads, head_dim
+    self.num_heads, self.head_dim, self.implementation = num_heads, head_dim, attention
     inner = num_heads * head_dim
     if num_heads == 1 and inner != width:
       raise ValueError(f"one head has no output projection: head_dim ({head_dim}) must equal "
@@ -194,7 +196,8 @@ class Attention(nnx.Module):
         mask = mask[..., queries, :]
       if query_valid is not None:
         query_valid = query_valid[:, queries]
-    out = attend(rotate(q, q_cos, q_sin), rotate(k, cos, sin), v, mask)
+    out = attend(rotate(q, q_cos, q_sin), rotate(k, cos, sin), v, mask,
+                 implementation=self.implementation)
     out = out.reshape(b, out.shape[1], inner)
     if self.out is not None:
       out = self.out(out)
@@ -206,10 +209,10 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm block: x + Attn(norm(x)), then x + FF(norm(x))."""
 
-  def __init__(self, width: int, num_heads: int, head_dim: int, *, mlp_ratio: int = 4, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, head_dim: int, *, mlp_ratio: int = 4,
+               attention: str | None = None, dtype, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(width, dtype=dtype)
-    self.attn = Attention(width, num_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.attn = Attention(width, num_heads, head_dim, attention=attention, dtype=dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(width, dtype=dtype)
     self.fc1 = linear(width, mlp_ratio * width, use_bias=True, dtype=dtype, rngs=rngs)
     self.fc2 = linear(mlp_ratio * width, width, use_bias=True, dtype=dtype, rngs=rngs)
@@ -227,11 +230,11 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """A stack of pre-norm blocks followed by a final norm."""
 
-  def __init__(self, width: int, depth: int, num_heads: int, head_dim: int, *, dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, depth: int, num_heads: int, head_dim: int, *,
+               attention: str | None = None, dtype, rngs: nnx.Rngs):
     self.head_dim = head_dim
-    self.blocks = nnx.List([Block(width, num_heads, head_dim, dtype=dtype, rngs=rngs)
-                            for _ in range(depth)])
+    self.blocks = nnx.List([Block(width, num_heads, head_dim, attention=attention, dtype=dtype,
+                                  rngs=rngs) for _ in range(depth)])
     self.final_norm = RMSNorm(width, dtype=dtype)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None, *, outputs: slice | None = None,

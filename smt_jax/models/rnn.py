@@ -75,15 +75,17 @@ class TransformerRNN(RNN):
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
                num_heads: int, readout_depth: int, head_dim: int = DEFAULT_HEAD_DIM,
-               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               hidden: int | None = None, initial_memory: str = "learned",
+               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     del hidden
     super().__init__(num_memory_tokens=num_memory_tokens, width=width,
                      initial_memory=initial_memory, rngs=rngs)
     self.embed = layers.embedding(vocab_size, width, dtype=dtype, rngs=rngs)
-    self.rnn = layers.Transformer(width, depth, num_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.rnn = layers.Transformer(width, depth, num_heads, head_dim, attention=attention,
+                                  dtype=dtype, rngs=rngs)
     self.decoder = Decoder(vocab_size=vocab_size, width=width, depth=readout_depth,
-                               num_heads=num_heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
+                           num_heads=num_heads, head_dim=head_dim, attention=attention,
+                           dtype=dtype, rngs=rngs)
 
   def update(self, memory, x):
     k = memory.shape[1]
@@ -101,9 +103,9 @@ class MLPRNN(RNN):
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
                num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
-               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    del num_heads, readout_depth, head_dim
+               hidden: int | None = None, initial_memory: str = "learned",
+               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    del num_heads, readout_depth, head_dim, attention
     super().__init__(num_memory_tokens=num_memory_tokens, width=width,
                      initial_memory=initial_memory, rngs=rngs)
     size = num_memory_tokens * width
@@ -135,9 +137,9 @@ class _CellRNN(RNN):
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int = 1,
                num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
-               hidden: int | None = None, initial_memory: str = "learned", dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    del depth, num_heads, readout_depth, head_dim
+               hidden: int | None = None, initial_memory: str = "learned",
+               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+    del depth, num_heads, readout_depth, head_dim, attention
     super().__init__(num_memory_tokens=num_memory_tokens, width=width,
                      initial_memory=initial_memory, rngs=rngs)
     self.size = num_memory_tokens * width

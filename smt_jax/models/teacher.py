@@ -26,8 +26,9 @@ class Decoder(nnx.Module):
   teacher's decoder and the transformer RNN's readout have this one shape."""
 
   def __init__(self, *, vocab_size: int, width: int, depth: int, num_heads: int, head_dim: int,
-               dtype, rngs: nnx.Rngs):
-    self.transformer = layers.Transformer(width, depth, num_heads, head_dim, dtype=dtype, rngs=rngs)
+               attention: str | None = None, dtype, rngs: nnx.Rngs):
+    self.transformer = layers.Transformer(width, depth, num_heads, head_dim, attention=attention,
+                                          dtype=dtype, rngs=rngs)
     self.to_logits = layers.linear(width, vocab_size, use_bias=True, dtype=dtype, rngs=rngs)
 
   def decode(self, memory: jax.Array, future: jax.Array) -> jax.Array:
@@ -53,12 +54,13 @@ class Teacher(nnx.Module):
 
   def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, encoder_depth: int,
                decoder_depth: int, num_heads: int, head_dim: int = DEFAULT_HEAD_DIM,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
     self.embed = layers.embedding(vocab_size, width, dtype=dtype, rngs=rngs)
-    self.encoder = layers.Transformer(width, encoder_depth, num_heads, head_dim, dtype=dtype,
-                                      rngs=rngs)
+    self.encoder = layers.Transformer(width, encoder_depth, num_heads, head_dim,
+                                      attention=attention, dtype=dtype, rngs=rngs)
     self.decoder = Decoder(vocab_size=vocab_size, width=width, depth=decoder_depth,
-                           num_heads=num_heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
+                           num_heads=num_heads, head_dim=head_dim, attention=attention,
+                           dtype=dtype, rngs=rngs)
     self.registers = nnx.Param(jax.random.normal(rngs.params(), (num_memory_tokens, width)))
 
   @property
