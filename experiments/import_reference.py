@@ -26,13 +26,17 @@ import types
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Base config (default: by the checkpoint's "
-                                "dataset); its model and SMT fields come from the checkpoint.")
-flags.DEFINE_string("checkpoint", None, "train_smt.py's checkpoint.pt.")
-flags.DEFINE_string("workdir", None, "The smt-jax workdir to create.")
-flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds another run.")
-flags.mark_flags_as_required(["checkpoint", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line (defined only when run as a program: tests import the functions)."""
+  config_flags.DEFINE_config_file("config", None, "Base config (default: by the checkpoint's "
+                                  "dataset); its model and SMT fields come from the checkpoint.")
+  flags.DEFINE_string("checkpoint", None, "train_smt.py's checkpoint.pt.")
+  flags.DEFINE_string("workdir", None, "The smt-jax workdir to create.")
+  flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds another run.")
+  flags.mark_flags_as_required(["checkpoint", "workdir"])
 
 BASE_CONFIGS = {"mnist": "experiments/configs/pixels.py:mnist",
                 "tinystories": "experiments/configs/text.py:tinystories"}
@@ -211,4 +215,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

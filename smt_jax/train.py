@@ -138,11 +138,13 @@ def make_optimizer(config, phase: str) -> optax.GradientTransformation:
   pc, o = config[phase], config.optim
   sched = make_schedule(pc.lr, pc.steps, o.warmup_frac, "cosine" if phase == "dmt" else "constant")
 
+  # Weight decay on matrices only (not biases, norm gains), or on everything (the reference's).
+  decayed = None if o.decay_all else (lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
+
   def one_model():
     return optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                    mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)))
+        optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decayed))
 
   teacher_tx = one_model() if phase == "smt" else optax.set_to_zero()
   return optax.multi_transform({"teacher": teacher_tx, "rnn": one_model()},

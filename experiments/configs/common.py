@@ -38,6 +38,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.01
+  c.optim.decay_all = False  # True: decay biases and norm gains too (the reference's AdamW)
   c.optim.clip_norm = 1.0  # global-norm clip, per model
   c.optim.warmup_frac = 0.01
 
@@ -110,6 +111,7 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   """
   c.model.head_dim = 64
   c.model.rnn_initial_memory = "zeros"
+  c.optim.decay_all = True
   c.smt.num_transitions = 1
   c.smt.c_dec, c.smt.c_dyn, c.smt.c_unif = 1.0, 0.1, 0.001
   c.smt.c_init = 0.0
