@@ -254,6 +254,10 @@ def _validate_dmt(c) -> None:
           f"{c.data.seq_len}.")
   for f in ("c_dyn", "c_readout"):
     _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
+  if d.reference_labels and d.rollout_length < 2 * d.label_every:
+    _fail("dmt.label_every", d.label_every,
+          f"with dmt.reference_labels the labels are s = 0, k, .., Td-k: use k <= Td / 2 = "
+          f"{d.rollout_length // 2} so that at least one labels a state the RNN wrote.")
 
 
 def _phase_length_fields(c, phase: str) -> str:

@@ -85,6 +85,9 @@ CONFIG_ONLY = {
                                      ["config.model.width = 20", "= 5 wide", "multiple of 4"]),
     "one_head_width": ("pixels:smoke", {"model.num_heads": 1},
                        ["config.model.head_dim = 64", "must equal model.width = 16"]),
+    "reference_labels_need_two": ("pixels:smoke", {"dmt.reference_labels": True,
+                                                   "dmt.label_every": 8},
+                                  ["config.dmt.label_every = 8", "k <= Td / 2 = 4"]),
     "c_init_with_zero_memory": ("pixels:smoke", {"model.rnn_initial_memory": "zeros"},
                                 ["config.smt.c_init = 0.1", "smt.c_init=0"]),
     # T vs Tc + Tf and Tc + Td + Tf where T is settable (episodes); streams derive T from them
