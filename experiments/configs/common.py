@@ -68,7 +68,7 @@ def base() -> ml_collections.ConfigDict:
   c.dmt.label_every = 16  # k
   c.dmt.c_dyn = 10.0
   c.dmt.c_readout = 1.0
-  c.dmt.stop_carry_grad = True
+  c.dmt.stop_carry_grad = False  # gradients through the rollout (reference); True: imitation
   c.dmt.reference_labels = False  # True: labels s = 0, k, .., Td-k and Td readouts (reference)
 
   c.bptt = ml_collections.ConfigDict()
