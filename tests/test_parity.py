@@ -25,7 +25,7 @@ import pytest
 from flax import nnx
 
 import smt_jax
-from smt_jax import losses, reference
+from smt_jax import losses, objectives, reference
 from smt_jax.models import layers
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -218,8 +218,7 @@ def test_dmt_labels_and_rollout(name):
   tc, td, k = c.cfg["Tc"], c.cfg["Td"], c.cfg["k"]
   x = jnp.asarray(c["in/x_dmt"])
   starts = jnp.arange(0, td, k)
-  from smt_jax.objectives import encode_over_time, windows
-  labels = encode_over_time(c.tfns, c.tp, windows(x, starts + tc - 1, tc))
+  labels = smt_jax.encode_over_time(c.tfns, c.tp, objectives.windows(x, starts + tc - 1, tc))
   close(c.flat(labels), c["out/dmt/z_enc"])
   states = smt_jax.rollout(c.rp, labels[:, 0], x[:, tc:tc + td], update=c.rfns.update)
   states = jnp.concatenate([labels[:, :1], states], axis=1)[:, :td:k]
