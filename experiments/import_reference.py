@@ -55,7 +55,7 @@ def get_config():
 '''
 
 
-class ImportError_(ValueError):
+class CheckpointImportError(ValueError):
   """The checkpoint cannot be imported (a one-line reason)."""
 
 
@@ -93,17 +93,17 @@ def load_checkpoint(path: str) -> dict:
   try:
     import torch
   except ImportError:
-    raise ImportError_("reading a PyTorch checkpoint needs torch: pip install -e \".[reference]\" "
+    raise CheckpointImportError("reading a PyTorch checkpoint needs torch: pip install -e \".[reference]\" "
                        "(torch is not a dependency of smt-jax otherwise).") from None
   if not os.path.isfile(path):
-    raise ImportError_(f"--checkpoint={path}: no such file (train_smt.py writes "
+    raise CheckpointImportError(f"--checkpoint={path}: no such file (train_smt.py writes "
                        f"<save_dir>/checkpoint.pt).")
   module = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load,
                                  __name__="smt_jax_reference_pickle")
   ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
   missing = [k for k in ("cfg", "teacher", "rnn", "itr") if k not in ckpt]
   if missing:
-    raise ImportError_(f"--checkpoint={path} lacks {missing}: is it train_smt.py's checkpoint.pt?")
+    raise CheckpointImportError(f"--checkpoint={path} lacks {missing}: is it train_smt.py's checkpoint.pt?")
   to_np = lambda sd: {k: v.detach().cpu().float().numpy() for k, v in sd.items()}
   return {"cfg": ckpt["cfg"], "teacher": to_np(ckpt["teacher"]), "rnn": to_np(ckpt["rnn"]),
           "itr": int(ckpt["itr"])}
@@ -113,7 +113,7 @@ def _get(obj, name: str):
   value = obj
   for part in name.split("."):
     if not hasattr(value, part):
-      raise ImportError_(f"the checkpoint's cfg has no {name!r}: not a train_smt.py config.")
+      raise CheckpointImportError(f"the checkpoint's cfg has no {name!r}: not a train_smt.py config.")
     value = getattr(value, part)
   return value
 
@@ -130,7 +130,7 @@ def reference_config(base, cfg, itr: int):
                         ("rnn.mem_tokens", _get(r, "mem_tokens"), _get(t, "mem_tokens")),
                         ("rnn.vocab_size", _get(r, "vocab_size"), _get(t, "vocab_size"))):
     if v != want:
-      raise ImportError_(f"cfg.{what} = {v!r}: smt-jax imports models with {want!r} there.")
+      raise CheckpointImportError(f"cfg.{what} = {v!r}: smt-jax imports models with {want!r} there.")
   c = base
   common.reference_recipe(c)
   c.phases = "smt,dmt"
@@ -162,7 +162,7 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   exp, params = train.build_experiment(config)  # validates the config and the data first
   m = config.model
   if exp.source.vocab_size != ckpt["cfg"].teacher.vocab_size:
-    raise ImportError_(f"the checkpoint's vocabulary is {ckpt['cfg'].teacher.vocab_size}, the "
+    raise CheckpointImportError(f"the checkpoint's vocabulary is {ckpt['cfg'].teacher.vocab_size}, the "
                        f"config's data {config.data.name!r} has {exp.source.vocab_size}: pass "
                        f"the --config of the data it was trained on.")
   try:
@@ -172,10 +172,10 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
         encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth, rnn_depth=m.rnn_depth,
         readout_depth=m.readout_depth)
   except ValueError as e:
-    raise ImportError_(f"the checkpoint's weights do not fit its cfg: {e}") from None
+    raise CheckpointImportError(f"the checkpoint's weights do not fit its cfg: {e}") from None
   imported = {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
   if jax.tree.structure(imported) != jax.tree.structure(params):
-    raise ImportError_("the imported models do not have the runner's parameter layout.")
+    raise CheckpointImportError("the imported models do not have the runner's parameter layout.")
   imported = jax.device_put(imported, exp.params_sharding)
   checkpoints.claim_workdir(workdir, config, overwrite=overwrite, fork=False, is_main=True)
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
@@ -202,12 +202,12 @@ def main(argv):
     if base is None:
       dataset = str(getattr(ckpt["cfg"], "dataset", ""))
       if dataset not in BASE_CONFIGS:
-        raise ImportError_(f"the checkpoint's dataset {dataset!r} has no default config: pass "
+        raise CheckpointImportError(f"the checkpoint's dataset {dataset!r} has no default config: pass "
                            f"--config=experiments/configs/<file>.py[:arg].")
       base = load_config(BASE_CONFIGS[dataset])
     path = import_checkpoint(ckpt, base.copy_and_resolve_references(), FLAGS.workdir,
                              overwrite=FLAGS.overwrite)
-  except (ImportError_, config_checks.ConfigError, checkpoints.WorkdirError) as e:
+  except (CheckpointImportError, config_checks.ConfigError, checkpoints.WorkdirError) as e:
     sys.exit(f"error: {e}")
   print(f"Imported SMT step {ckpt['itr']} into {FLAGS.workdir}. Continue with DMT:\n"
         f"  python -m experiments.run --config={path} --workdir={FLAGS.workdir}\n"

@@ -206,12 +206,16 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   l_unif = losses.uniformity_loss(unif_in, key=k_unif, max_samples=uniformity_max_samples,
                                   temperature=uniformity_temperature)
 
-  # Readout on teacher memories m_{t+1}, predicting y[t+1].
-  y_next = constrain(shifted(y, src + 1, 1)[..., 0])  # [B, N]
-  r_logits = jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(
-      rp, jax.lax.stop_gradient(m_tgt))
-  r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
-  l_readout = losses.masked_mean(r_ce, r_mask)
+  # Readout on teacher memories m_{t+1}, predicting y[t+1] (skipped when off, as L_init: a zero
+  # weight would still cost its forward and backward passes).
+  if c_readout:
+    y_next = constrain(shifted(y, src + 1, 1)[..., 0])  # [B, N]
+    r_logits = jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(
+        rp, jax.lax.stop_gradient(m_tgt))
+    r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
+    l_readout = losses.masked_mean(r_ce, r_mask)
+  else:
+    l_readout = jnp.zeros((), jnp.float32)
 
   loss = (c_dec * l_dec + c_dyn * l_dyn + c_init * l_init + c_unif * l_unif
           + c_readout * l_readout)

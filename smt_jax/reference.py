@@ -77,6 +77,11 @@ def _entries(teacher: Teacher | None, rnn: TransformerRNN | None
   return res
 
 
+def _transposed(name: str) -> bool:
+  """Whether a reference entry is a Linear weight ([out, in]; our kernels are [in, out])."""
+  return name.endswith(".weight") and not name.startswith(("embed.", "encoder_mem_register."))
+
+
 def _stacks(model: str) -> tuple[str, ...]:
   return ("encoder", "decoder") if model == "teacher" else ("rnn", "decoder")
 
@@ -98,8 +103,7 @@ def _load(params: dict[str, nnx.Param], state: StateDict, model: str, head_dim: 
       if name not in state:
         raise ValueError(f"{model} state_dict lacks {name!r}: is it the reference's {model} at "
                          f"these depths and head count?")
-      value = state[name].T if name.endswith(".weight") and not name.startswith(
-          ("embed.", "encoder_mem_register.")) else state[name]
+      value = state[name].T if _transposed(name) else state[name]
     if value.shape != param[...].shape:
       raise ValueError(f"{model} state_dict {name!r} has shape {state.get(name, value).shape}, "
                        f"the model expects {param[...].shape} (transposed for Linear weights): "
@@ -181,7 +185,7 @@ def to_state_dicts(teacher: Teacher | None, rnn: TransformerRNN | None
         base = name[:-len("qkv")]
         for p, part in zip("qkv", np.split(value, 3, axis=1)):
           state[f"{base}to_{p}.weight"] = np.ascontiguousarray(part.T)
-      elif name.endswith(".weight") and not name.startswith(("embed.", "encoder_mem_register.")):
+      elif _transposed(name):
         state[name] = np.ascontiguousarray(value.T)
       else:
         state[name] = value

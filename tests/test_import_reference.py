@@ -82,7 +82,7 @@ def test_unsupported_checkpoints_fail_with_one_line(tmp_path):
   t_sd, r_sd = reference_weights()
   cfg = reference_cfg()
   cfg.teacher.mem_fsq = 1.0
-  with pytest.raises(import_reference.ImportError_, match="mem_fsq"):
+  with pytest.raises(import_reference.CheckpointImportError, match="mem_fsq"):
     import_reference.import_checkpoint({"cfg": cfg, "teacher": t_sd, "rnn": r_sd, "itr": 3},
                                        pixels.get_config("smoke"), str(tmp_path / "a"))
   bad = dict(t_sd)
@@ -92,13 +92,13 @@ def test_unsupported_checkpoints_fail_with_one_line(tmp_path):
                                         "itr": 3}, pixels.get_config("smoke"),
                                        str(tmp_path / "b"))
   assert not (tmp_path / "b" / "config.json").exists()  # nothing written for a refused import
-  with pytest.raises(import_reference.ImportError_, match="no such file"):
+  with pytest.raises(import_reference.CheckpointImportError, match="no such file"):
     import_reference.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
 def test_without_torch_the_error_says_how_to_install_it(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
-  with pytest.raises(import_reference.ImportError_, match=r"\[reference\]"):
+  with pytest.raises(import_reference.CheckpointImportError, match=r"\[reference\]"):
     import_reference.load_checkpoint(str(tmp_path / "checkpoint.pt"))
 
 
