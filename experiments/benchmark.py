@@ -5,9 +5,9 @@
   python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=seq_len
   python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=devices
 
-What is timed is the real train step of the runner (`train.make_loss`, `train.make_optimizer`,
-`train.make_train_step`, jitted with the runner's shardings and donation), on parameters created
-already sharded on the config's mesh. Compilation (`lower().compile()`) is timed on its own; then
+What is timed is the runner's own train step (`experiment.make_phase(...).step`: its loss and
+optimiser, jitted with its shardings and donation), on a config validated as every run's is, with
+parameters and optimiser state created already sharded on the config's mesh. Compilation (`lower().compile()`) is timed on its own; then
 `--warmup` steps run untimed and `--steps` steps are timed in steady state, as the training loop
 runs them (the next step is dispatched before the last one is waited for): a step's time is the
 interval between consecutive completions, and the median is reported. The batch is uniform random
@@ -148,52 +148,52 @@ def random_batch(rng, batch_size: int, seq_len: int, vocab_size: int):
   return {"x": x[:, :-1], "y": y}
 
 
+class UniformTokens:
+  """`make_source` for a config whose data is not on this machine: a stream of uniform random
+  tokens of a given vocabulary (step time does not depend on token values)."""
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+
+  def __call__(self, config):
+    import numpy as np
+
+    from smt_jax import data, experiment
+    n = 4 * max(experiment.phase_seq_len(config, p) for p in (*experiment.phase_names(config),
+                                                              "eval")) + 1
+    rng = np.random.default_rng(config.seed)
+    source = data.StreamSource(streams={s: rng.integers(0, self.vocab_size, n).astype(np.int32)
+                                        for s in data.SPLITS}, vocab_size=self.vocab_size,
+                               seq_len=n - 1)
+    source.name = f"uniform tokens (V = {self.vocab_size})"
+    return source
+
+
 def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
   """Compiles and times one objective's train step on the config's mesh; returns its stats."""
   import jax
   import numpy as np
-  from flax import nnx
 
-  from smt_jax import sharding, train
-  from smt_jax.models import rnn_fns, teacher_fns
+  from smt_jax import config_checks, experiment
 
   config = config.copy_and_resolve_references()
-  config.phases = phase
-  vocab_size = vocab_size or train.make_base_source(config).vocab_size
-  seq_len = train.phase_seq_len(config, phase)
-  batch_size = config[phase].batch_size
-  mesh = sharding.make_mesh(dict(config.mesh))
+  config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
+  exp = config_checks.build_experiment(config, make_source=UniformTokens(vocab_size)
+                                       if vocab_size else None)
+  p = experiment.make_phase(exp, phase)  # the runner's own train step
+  vocab_size, seq_len, batch_size = exp.source.vocab_size, p.source.seq_len, p.batch_size
 
-  # As the runner does: shapes first, then parameters materialised in their sharded layout.
-  abstract = nnx.eval_shape(lambda: train.build_models(config, vocab_size, config.seed))
-  (tg, t_abs), (rg, r_abs) = nnx.split(abstract[0]), nnx.split(abstract[1])
-  params_sharding = sharding.param_shardings({"teacher": t_abs, "rnn": r_abs}, mesh)
-
-  def init():
-    teacher, rnn = train.build_models(config, vocab_size, config.seed)
-    return {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
-
-  with jax.set_mesh(mesh):
-    params = jax.jit(init, out_shardings=params_sharding)()
-    fns = (teacher_fns(tg), rnn_fns(rg))
-    loss_fn = train.make_loss(config, phase, fns, constrain_time=sharding.time_constraint(mesh))
-    optimizer = train.make_optimizer(config, phase)
-    state = {"params": params, "opt_state": optimizer.init(params)}
-    state_sharding = sharding.state_shardings(state, mesh)
-    state = jax.device_put(state, state_sharding)
-    batch_sharding = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(train.make_train_step(loss_fn, optimizer),
-                      in_shardings=(state_sharding, batch_sharding, None),
-                      out_shardings=(state_sharding, None), donate_argnums=0)
+  with jax.set_mesh(exp.mesh):
+    state = p.init_state(exp.init_params())
     rng = np.random.default_rng(config.seed)
-    batches = [{k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in
+    batches = [{k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in
                 random_batch(rng, batch_size, seq_len, vocab_size).items()} for _ in range(2)]
     keys = [jax.random.fold_in(jax.random.key(config.seed), i) for i in range(2)]
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], keys[0]).compile()
+    compiled = p.step.lower(state, batches[0], keys[0]).compile()
     compile_s = time.perf_counter() - t0
-    flops = matmul_flops(jax.make_jaxpr(step_fn)(state, batches[0], keys[0]))
+    flops = matmul_flops(jax.make_jaxpr(p.step)(state, batches[0], keys[0]))
 
     for i in range(warmup):
       state, metrics = compiled(state, batches[i % 2], keys[i % 2])
@@ -252,9 +252,9 @@ def count_params(config, vocab_size: int = 0) -> dict:
   import jax
   from flax import nnx
 
-  from smt_jax import train
-  vocab_size = vocab_size or train.make_base_source(config).vocab_size
-  teacher, rnn = nnx.eval_shape(lambda: train.build_models(config, vocab_size, config.seed))
+  from smt_jax import experiment
+  vocab_size = vocab_size or experiment.make_source(config).vocab_size
+  teacher, rnn = nnx.eval_shape(lambda: experiment.build_models(config, vocab_size))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   return {"n_params_teacher": count(teacher), "n_params_rnn": count(rnn)}
 
@@ -268,7 +268,11 @@ def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: i
 
 def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, warmup: int,
                   objectives, vocab_size: int = 0) -> dict:
-  """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed)."""
+  """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed, capped at
+  T)."""
+  import ml_collections
+
+  from smt_jax import experiment
   rows = []
   for t in lengths:
     row = {"seq_len": t}
@@ -283,7 +287,13 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
       row["bptt_seq_depth"] = r["seq_depth"]
     if "smt" in objectives:
       c = config.copy_and_resolve_references()
-      c.data.episodic, c.data.seq_len = True, t
+      # Episodes of the copy probe (of the config's vocabulary): every one of the T transitions
+      # is regressed; the teacher's windows are capped at T.
+      vocab = vocab_size or experiment.make_source(c).vocab_size
+      c.data = ml_collections.ConfigDict(dict(name="copy", episodic=True, seq_len=t, path="",
+                                              options={"num_tokens": vocab - 1}))
+      c.smt.context_length = min(c.smt.context_length, t)
+      c.smt.future_length = min(c.smt.future_length, t)
       c.smt.num_transitions = t
       if batch_size:
         c.smt.batch_size = batch_size
@@ -301,7 +311,7 @@ def sweep_devices(config, argv_config: str, counts: list[int], axis: str, *, ste
   """One subprocess per device count, on fake CPU devices (their number is fixed before JAX
   starts). On the time axis SMT trains a multiple of max(counts) transitions, at most 8 per
   device count step, so that every count divides them."""
-  from smt_jax import train
+  from smt_jax import experiment
   rows = []
   for n in counts:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -314,7 +324,7 @@ def sweep_devices(config, argv_config: str, counts: list[int], axis: str, *, ste
            *overrides]
     if axis == "time":
       top = max(counts)
-      per = max(1, min(8, train.phase_seq_len(config, "smt") // top))
+      per = max(1, min(8, experiment.phase_seq_len(config, "smt") // top))
       cmd.append(f"--config.smt.num_transitions={top * per}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:

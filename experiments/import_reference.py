@@ -157,9 +157,9 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   import jax
   from flax import nnx
 
-  from smt_jax import checkpoints, reference, train
+  from smt_jax import checkpoints, config_checks, reference
   config = reference_config(base, ckpt["cfg"], ckpt["itr"])
-  exp, params = train.build_experiment(config)  # validates the config and the data first
+  exp = config_checks.build_experiment(config)  # validates the config and the data first
   m = config.model
   if exp.source.vocab_size != ckpt["cfg"].teacher.vocab_size:
     raise CheckpointImportError(f"the checkpoint's vocabulary is {ckpt['cfg'].teacher.vocab_size}, the "
@@ -174,7 +174,7 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   except ValueError as e:
     raise CheckpointImportError(f"the checkpoint's weights do not fit its cfg: {e}") from None
   imported = {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
-  if jax.tree.structure(imported) != jax.tree.structure(params):
+  if jax.tree.structure(imported) != jax.tree.structure(exp.abstract_params):
     raise CheckpointImportError("the imported models do not have the runner's parameter layout.")
   imported = jax.device_put(imported, exp.params_sharding)
   checkpoints.claim_workdir(workdir, config, overwrite=overwrite, fork=False, is_main=True)

@@ -25,7 +25,7 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from smt_jax import checkpoints, metrics_io, samples, train
+  from smt_jax import checkpoints, config_checks, experiment, metrics_io, samples
   with open(os.path.join(FLAGS.workdir, checkpoints.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if FLAGS.temperature is not None:
@@ -34,12 +34,14 @@ def main(argv):
     config.samples.num = FLAGS.num
   if FLAGS.seed is not None:
     config.seed = FLAGS.seed
-  exp, params = train.build_experiment(config)
+  exp = config_checks.build_experiment(config)
   mngr = checkpoints.make_manager(FLAGS.workdir, keep=config.keep_checkpoints)
-  restored = checkpoints.restore_latest(mngr, exp, params, train.make_optimizer)
+  restored = checkpoints.restore(
+      mngr, phases=exp.phases, params=exp.abstract_params,
+      opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases])
   if restored is None:
     raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints.")
-  params, _, phase_index, phase_step = restored
+  params, phase_index, phase_step = (restored[k] for k in ("params", "phase_index", "phase_step"))
   out = FLAGS.out or FLAGS.workdir
   os.makedirs(out, exist_ok=True)
   paths = samples.write_samples(exp, params, out, metrics_io.read_summary(FLAGS.workdir))

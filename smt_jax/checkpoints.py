@@ -51,14 +51,12 @@ def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, *, phase_index: int,
-         phase_step: int, phase: str | None = None, skipped_steps: int = 0,
-         force: bool = True) -> None:
+         phase_step: int, phase: str | None = None, skipped_steps: int = 0) -> None:
   """Saves (asynchronously) a checkpoint at global `step`, replacing one already there.
 
-  The shell decides when to save, so orbax's own policy is bypassed (`force`): without it orbax
-  silently skips any step not above its latest, e.g. after a fall-back past an unreadable one.
+  The shell decides when to save, so orbax's own policy is bypassed (`force=True`): without it
+  orbax silently skips any step not above its latest, e.g. after a fall-back past an unreadable one.
   """
-  del force  # kept for callers of the old signature; every save is explicit
   state = {"params": params}
   if opt_state is not None:
     state["opt_state"] = opt_state
@@ -71,22 +69,29 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, *, phase_ind
                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
+def read(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
+  """The state of checkpoint `step` restored into `target` ({'params'[, 'opt_state']}: trees of
+  ShapeDtypeStructs with shardings): each array is read directly into its target layout."""
+  return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+      "state"]
 
 
-def restore(mngr: ocp.CheckpointManager, exp, params, make_optimizer, *,
+def restore(mngr: ocp.CheckpointManager, *, phases, params, opt_states,
             quarantine: bool = False, is_main: bool = True) -> dict | None:
-  """Restores the newest readable checkpoint.
+  """Restores the newest readable checkpoint into abstract targets.
+
+  Args:
+    phases: the run's phase names (a checkpoint of another phase list is refused).
+    params: the parameters' abstract target (ShapeDtypeStructs with shardings).
+    opt_states: per phase, its optimiser state's abstract target (`Phase.abstract_state`).
 
   Returns None when there is no checkpoint, else {'params', 'opt_state' (None at a phase start),
   'phase_index', 'phase_step', 'skipped_steps', 'step'}.
   Falls back past unreadable checkpoints and says so; with `quarantine`, moves those aside once an
   older one has been restored. Raises CheckpointError when checkpoints exist but none is readable,
-  or when one was written for a different list of phases.
+  or when one was written for a different list of phases or model.
   """
-  from smt_jax import sharding  # the shell's helpers; imported here to keep this module light
+  phases = list(phases)
   _drop_closed_event_loop_errors()
   steps = sorted(mngr.all_steps(), reverse=True)
   unreadable: list[tuple[int, str]] = []
@@ -100,11 +105,11 @@ def restore(mngr: ocp.CheckpointManager, exp, params, make_optimizer, *,
       continue
     # A checkpoint of another phase list (e.g. --fork with new phases) is not corruption: stop.
     saved_phase = meta.get("phase")
-    here = exp.phases[pi] if pi < len(exp.phases) else None
-    if pi > len(exp.phases) or (saved_phase is not None and saved_phase != here):
+    here = phases[pi] if pi < len(phases) else None
+    if pi > len(phases) or (saved_phase is not None and saved_phase != here):
       raise CheckpointError(
           f"checkpoint {step} in {mngr.directory} was written at phase #{pi} ({saved_phase!r}) "
-          f"of another phase list; this config's phases are {exp.phases}. Use another --workdir "
+          f"of another phase list; this config's phases are {phases}. Use another --workdir "
           f"or --overwrite.")
     # Parameters of other shapes come from another config (e.g. --fork with a new width): not
     # corruption, and no older checkpoint will fit either, so stop and say so.
@@ -124,12 +129,10 @@ def restore(mngr: ocp.CheckpointManager, exp, params, make_optimizer, *,
           f"config's model ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): it was "
           f"written under another config. Use another --workdir, or --overwrite.")
     try:
-      target = {"params": _abstract(params, exp.params_sharding)}
+      target = {"params": params}
       if ps > 0:
-        opt_state = jax.eval_shape(make_optimizer(exp.config, exp.phases[pi]).init, params)
-        target["opt_state"] = _abstract(opt_state, sharding.state_shardings(opt_state, exp.mesh))
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+        target["opt_state"] = opt_states[pi]
+      restored = read(mngr, step, target)
     except Exception as e:  # noqa: BLE001
       unreadable.append((step, _describe(e)))
       _warn_unreadable(mngr, step, e)
@@ -172,18 +175,6 @@ def _drop_closed_event_loop_errors() -> None:
 
   hook.drops_closed_event_loop = True
   sys.unraisablehook = hook
-
-
-def restore_latest(mngr: ocp.CheckpointManager, exp, params, make_optimizer):
-  """Restores the newest readable checkpoint: (params, opt_state|None, phase_index, phase_step).
-
-  Returns None when the workdir has no checkpoint. Falls back past unreadable checkpoints (leaving
-  them in place: this is the read-only form, e.g. for sampling).
-  """
-  r = restore(mngr, exp, params, make_optimizer)
-  if r is None:
-    return None
-  return r["params"], r["opt_state"], r["phase_index"], r["phase_step"]
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

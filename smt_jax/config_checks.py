@@ -1,8 +1,9 @@
-"""Config validation, run before any data load or compile.
+"""Config validation, run before any data load or compile; and the checked way to build a run.
 
 Every error names the config field, its value and the fix. `validate` needs only the config (and
 stats data paths); `make_mesh` and `validate_with_mesh` check what depends on the devices;
 `validate_with_source` what depends on the dataset (after it is built, before anything compiles).
+`build_experiment` runs them in that order and then builds the `experiment.Experiment`.
 """
 
 from __future__ import annotations
@@ -10,8 +11,13 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from typing import Callable
 
-from smt_jax.models import UPDATERS, head_width
+import jax
+
+from smt_jax import data, experiment, sharding
+from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
+from smt_jax.models import RNN_KINDS, head_width
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
 _SOURCE_ARGS_FROM_CONFIG = {"seq_len": "data.seq_len (episodic sources) or the phases' lengths",
@@ -29,26 +35,19 @@ def _fail(field: str, value, fix: str) -> None:
   raise ConfigError(f"config.{field} = {value!r}: {fix}")
 
 
-def _get(c, field: str):
-  v = c
-  for part in field.split("."):
-    v = v[part]
-  return v
-
-
 def _is_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _positive_int(c, field: str) -> None:
-  v = _get(c, field)
+  v = get_field(c, field)
   if not _is_int(v) or v < 1:
     _fail(field, v, "must be a positive integer.")
 
 
 def _number_in(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=True,
                why: str = "") -> None:
-  v = _get(c, field)
+  v = get_field(c, field)
   ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
   if not ok:
@@ -56,25 +55,58 @@ def _number_in(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=Tr
     _fail(field, v, f"must be a number in {interval}{'; ' + why if why else ''}.")
 
 
-def validate(config, phases: list[str]) -> None:
+def build_experiment(config, *,
+                     make_source: Callable | None = None) -> experiment.Experiment:
+  """Validates `config` (alone, then with the mesh, then with the data) and builds its experiment.
+
+  Every check runs before anything is compiled, and the checks that need no data before the data
+  is loaded. `make_source(config) -> data.Source` replaces the config's dataset (a test seam).
+  """
+  validate(config)
+  mesh = make_mesh(config)
+  validate_with_mesh(config, mesh)
+  try:
+    source = (make_source or experiment.make_source)(config)
+  except ValueError as e:  # bad data (missing, too short, out-of-vocabulary tokens): say so
+    raise ConfigError(f"data {config.data.name!r}: {e}") from e
+  validate_with_source(config, source)
+  return experiment.build(config, source, mesh)
+
+
+def validate_phases(config) -> list[str]:
+  """The phases of `config.phases`, each known and named once."""
+  phases = phase_names(config)
+  if not phases:
+    _fail("phases", config.phases, "no phase to run; e.g. --config.phases=smt,dmt.")
+  for p in phases:
+    if p not in PHASES:
+      _fail("phases", config.phases, f"unknown phase {p!r}; valid phases: {list(PHASES)} (e.g. "
+                                     f"--config.phases=smt,dmt or --config.phases=bptt).")
+    if phases.count(p) > 1:
+      _fail("phases", config.phases, f"{p} is listed twice; each phase has one config section "
+                                     f"(config.{p}): list it once.")
+  return phases
+
+
+def validate(config) -> None:
   """Checks the config on its own (no data loaded, no devices touched)."""
-  from smt_jax.data import DATASETS, StreamSource
   c = config
+  phases = validate_phases(c)
   if not _is_int(c.seed) or c.seed < 0:
     _fail("seed", c.seed, "must be a non-negative integer.")
-  if c.data.name not in DATASETS:
-    _fail("data.name", c.data.name, f"unknown dataset; valid names: {sorted(DATASETS)}.")
-  if c.model.rnn_kind not in UPDATERS:
-    _fail("model.rnn_kind", c.model.rnn_kind, f"unknown RNN kind; valid kinds: {sorted(UPDATERS)}.")
+  if c.data.name not in data.DATASETS:
+    _fail("data.name", c.data.name, f"unknown dataset; valid names: {sorted(data.DATASETS)}.")
+  if c.model.rnn_kind not in RNN_KINDS:
+    _fail("model.rnn_kind", c.model.rnn_kind,
+          f"unknown RNN kind; valid kinds: {sorted(RNN_KINDS)}.")
   for f in ("model.width", "model.num_memory_tokens", "model.num_heads", "model.encoder_depth",
             "model.decoder_depth", "model.rnn_depth", "model.readout_depth", "eval.batch_size",
             "eval.num_batches", "keep_checkpoints", "samples.num"):
     _positive_int(c, f)
   for f in ("log_every_steps", "checkpoint_every_steps", "eval.every_steps"):
-    v = _get(c, f)
-    if not _is_int(v) or v < 1:
-      _fail(f, v, "a period must be a positive number of steps; to do this rarely, set it above "
-                  "the phase's steps.")
+    v = get_field(c, f)
+    if not _is_int(v) or v < 0:
+      _fail(f, v, "a period is a number of steps >= 0 (0: never).")
   if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
   _validate_heads(c)
@@ -91,8 +123,11 @@ def validate(config, phases: list[str]) -> None:
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
   _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
   _validate_optim(c)
-  _validate_data(c, DATASETS, StreamSource)
-  _validate_mesh_spec(c)
+  _validate_data(c)
+  try:
+    sharding.check_mesh_spec(dict(c.mesh))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
   for p in phases:
     _positive_int(c, f"{p}.steps")
@@ -115,13 +150,10 @@ def validate(config, phases: list[str]) -> None:
       _fail("bptt.truncation", c.bptt.truncation, "0 for full BPTT, or a positive window.")
   if not c.data.episodic:
     _positive_int(c, "eval.seq_len")
-  if not _is_int(c.eval.prompt_length) or not 0 <= c.eval.prompt_length < _eval_len(c):
+  t = phase_seq_len(c, "eval")
+  if not _is_int(c.eval.prompt_length) or not 0 <= c.eval.prompt_length < t:
     _fail("eval.prompt_length", c.eval.prompt_length,
-          f"must be in [0, eval sequence length {_eval_len(c)}); 0 turns prompted eval off.")
-
-
-def _eval_len(c) -> int:
-  return c.data.seq_len if c.data.episodic else c.eval.seq_len
+          f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.")
 
 
 def _validate_optim(c) -> None:
@@ -132,10 +164,10 @@ def _validate_optim(c) -> None:
   _number_in(c, "optim.warmup_frac", 0.0, 1.0, why="the fraction of a phase spent warming up")
 
 
-def _validate_data(c, datasets, stream_cls) -> None:
+def _validate_data(c) -> None:
   d = c.data
-  constructor = datasets[d.name]
-  is_stream = issubclass(constructor, stream_cls)
+  constructor = data.DATASETS[d.name]
+  is_stream = issubclass(constructor, data.StreamSource)
   if d.episodic == is_stream:
     _fail("data.episodic", d.episodic,
           f"{d.name} is {'a token stream (random crops)' if is_stream else 'episodic'}; set "
@@ -180,21 +212,9 @@ def _validate_path(name: str, path: str) -> None:
                              f"{_PATH_DATASETS[name]}.")
 
 
-def _validate_mesh_spec(c) -> None:
-  from smt_jax.sharding import AXES
-  spec = dict(c.mesh)
-  for k, v in spec.items():
-    if k not in AXES:
-      _fail(f"mesh.{k}", v, f"unknown mesh axis; the axes are {list(AXES)}.")
-    if not _is_int(v) or (v < 1 and v != -1):
-      _fail(f"mesh.{k}", v, "a mesh axis size is a positive integer, or -1 (once) for the rest.")
-  if list(spec.values()).count(-1) > 1:
-    _fail("mesh", spec, "at most one axis may be -1 (every device not used by the others).")
-
-
 def _validate_smt(c) -> None:
   s = c.smt
-  t = c.data.seq_len if c.data.episodic else s.context_length + s.future_length
+  t = phase_seq_len(c, "smt")
   if c.data.episodic:
     for f, v in (("smt.context_length", s.context_length), ("smt.future_length", s.future_length)):
       if v > t:
@@ -260,52 +280,41 @@ def _validate_dmt(c) -> None:
           f"{d.rollout_length // 2} so that at least one labels a state the RNN wrote.")
 
 
-def _phase_length_fields(c, phase: str) -> str:
-  if c.data.episodic:
-    return "data.seq_len"
-  return {"smt": "smt.context_length + smt.future_length",
-          "dmt": "smt.context_length + dmt.rollout_length + smt.future_length",
-          "bptt": "bptt.seq_len", "eval": "eval.seq_len"}[phase]
-
-
-def validate_with_source(config, phases: list[str], source) -> None:
+def validate_with_source(config, source: data.Source) -> None:
   """Checks that need the dataset: stream lengths, then the tokens of a real batch per phase."""
-  from smt_jax import train
-  from smt_jax.data import StreamSource
   c = config
-  for phase in phases + ["eval"]:
+  for phase in phase_names(c) + ["eval"]:
     split = "eval" if phase == "eval" else "train"
-    s = train.with_seq_len(source, train.phase_seq_len(c, phase))
-    if isinstance(source, StreamSource) and len(source.streams[split]) < s.seq_len + 1:
+    fields = " + ".join(length_fields(c, phase))
+    s = experiment.with_seq_len(source, phase_seq_len(c, phase))
+    if isinstance(source, data.StreamSource) and len(source.streams[split]) < s.seq_len + 1:
       raise ConfigError(
-          f"config.{_phase_length_fields(c, phase)} = {s.seq_len}: {phase} crops {s.seq_len + 1} "
-          f"tokens, but the {c.data.name} {split} stream holds only "
-          f"{len(source.streams[split])}; shorten it or use more data.")
+          f"config.{fields} = {s.seq_len}: {phase} crops {s.seq_len + 1} tokens, but the "
+          f"{c.data.name} {split} stream holds only {len(source.streams[split])}; shorten it or "
+          f"use more data.")
     batch = s.batch(split=split, step=0, batch_size=1, seed=c.seed)
-    x, y = batch["x"], batch["y"]
-    if x.shape[1] != s.seq_len:
-      raise ConfigError(f"data: {c.data.name} gave sequences of length {x.shape[1]} for {phase}, "
-                        f"expected {s.seq_len} ({_phase_length_fields(c, phase)}).")
-    if x.min() < 0 or x.max() >= source.vocab_size or y.min() < -1 or y.max() >= source.vocab_size:
-      raise ConfigError(
-          f"data: {c.data.name} produced tokens outside [0, vocab_size={source.vocab_size}) "
-          f"(x in [{x.min()}, {x.max()}], y in [{y.min()}, {y.max()}]); fix the dataset options "
-          f"(config.data.options = {dict(c.data.options)}).")
+    if batch["x"].shape[1] != s.seq_len:
+      raise ConfigError(f"data: {c.data.name} gave sequences of length {batch['x'].shape[1]} for "
+                        f"{phase}, expected {s.seq_len} ({fields}).")
+    try:
+      data.check_batch_tokens(f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"],
+                              source.vocab_size)
+    except ValueError as e:
+      raise ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
 
 
-def make_mesh(config):
+def make_mesh(config) -> jax.sharding.Mesh:
   """The mesh of config.mesh on this job's devices; ConfigError when they do not fit."""
-  from smt_jax import sharding
   try:
     return sharding.make_mesh(dict(config.mesh))
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
 
-def validate_with_mesh(config, phases: list[str], mesh) -> None:
+def validate_with_mesh(config, mesh) -> None:
   """Batch sizes must split over the batch axes and processes, SMT's transitions over `time`."""
-  import jax
   c = config
+  phases = phase_names(c)
   b = mesh.shape["data"] * mesh.shape["fsdp"]
   n = jax.process_count()
   for p in phases + ["eval"]:

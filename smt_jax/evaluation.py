@@ -1,4 +1,5 @@
-"""Held-out evaluation of a teacher/RNN pair, as one pure function of (params, batch)."""
+"""Held-out evaluation of a teacher/RNN pair: one pure function of (params, batch), `evaluate`,
+and its sum over a run's eval batches, `held_out`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from smt_jax import losses
+from smt_jax import experiment, losses
 from smt_jax.inference import read
 from smt_jax.objectives import Params, RNNFns, TeacherFns, encode_over_time, windows
 
@@ -63,3 +65,48 @@ def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
     out["prompted_nll_sum"], out["prompted_count"] = jnp.sum(p["nll"]), jnp.sum(p["mask"])
   return out
 
+
+
+def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[str, float]:
+  """The run's eval metrics ('eval/rnn_nll', ...) over its `eval.num_batches` eval batches."""
+  c = exp.config
+  source = experiment.with_seq_len(exp.source, experiment.phase_seq_len(c, "eval"))
+  tfns, rfns = exp.fns
+  totals: dict[str, float] = {}
+  for i in range(c.eval.num_batches):
+    batch = exp.batch(source, split="eval", step=i, batch_size=c.eval.batch_size)
+    out = evaluate(params, batch, rnn=rfns, teacher=tfns if with_teacher else None,
+                   context_length=c.smt.context_length,
+                   prompt_length=c.eval.prompt_length if with_teacher else 0,
+                   future_length=c.smt.future_length if with_teacher else 0)
+    for k, v in jax.device_get(out).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+
+  def mean(total: str, count: str) -> float:
+    return totals[total] / max(totals[count], 1)
+
+  res = {"eval/rnn_nll": mean("rnn_nll_sum", "count"),
+         "eval/rnn_acc": mean("rnn_correct_sum", "count")}
+  if with_teacher:
+    res["eval/teacher_nll"] = mean("teacher_nll_sum", "count")
+    res["eval/teacher_acc"] = mean("teacher_correct_sum", "count")
+    res["eval/teacher_full_nll"] = mean("teacher_full_nll_sum", "teacher_full_count")
+    if "teacher_decoding_sum" in totals:
+      res["eval/teacher_decoding_nll"] = mean("teacher_decoding_sum", "teacher_decoding_count")
+    res["eval/drift_mse"] = totals["drift_mse"] / c.eval.num_batches
+    res["eval/drift_1mr2"] = totals["drift_1mr2"] / c.eval.num_batches
+    if "prompted_nll_sum" in totals:
+      res["eval/rnn_prompted_nll"] = mean("prompted_nll_sum", "prompted_count")
+  return res
+
+
+def unigram_nll(exp: experiment.Experiment) -> float:
+  """Entropy (nats) of the eval targets' own distribution: the bar a model must clear."""
+  c = exp.config
+  source = experiment.with_seq_len(exp.source, experiment.phase_seq_len(c, "eval"))
+  counts = np.zeros(source.vocab_size)
+  for i in range(c.eval.num_batches):
+    y = source.batch(split="eval", step=i, batch_size=c.eval.batch_size, seed=c.seed)["y"]
+    counts += np.bincount(y[y >= 0], minlength=source.vocab_size)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())

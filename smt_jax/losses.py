@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE = -1  # target value that marks "no target here"
+from smt_jax.data.base import IGNORE  # the target value that marks "no target here"
 
 
 def _check_ndim(name: str, x: jax.Array, min_ndim: int) -> None:

@@ -21,17 +21,23 @@ AXES = ("data", "fsdp", "time")
 BATCH_AXES = ("data", "fsdp")
 
 
+def check_mesh_spec(spec: dict[str, int]) -> None:
+  """Raises ValueError (naming the config field) unless `spec` is {axis: size >= 1 or -1 once}."""
+  for k, v in spec.items():
+    if k not in AXES:
+      raise ValueError(f"config.mesh.{k} = {v!r}: unknown mesh axis; the axes are {list(AXES)}.")
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+      raise ValueError(f"config.mesh.{k} = {v!r}: a mesh axis size is a positive integer, or -1 "
+                       f"(once) for the rest.")
+  if list(spec.values()).count(-1) > 1:
+    raise ValueError(f"config.mesh = {spec!r}: at most one axis may be -1 (every device not used "
+                     f"by the others).")
+
+
 def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
   """Axis sizes for `spec` ({axis: size}, one size may be -1 = the rest) on `num_devices`."""
-  unknown = sorted(set(spec) - set(AXES))
-  if unknown:
-    raise ValueError(f"config.mesh: unknown axes {unknown}; the axes are {list(AXES)}.")
+  check_mesh_spec(spec)
   sizes = [int(spec.get(a, 1)) for a in AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}.")
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh: sizes must be positive (or -1 once), got "
-                     f"{dict(zip(AXES, sizes))}.")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
@@ -67,8 +73,6 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda a: NamedSharding(mesh, _fsdp_spec(tuple(a.shape), fsdp)), tree)
 
-
-param_shardings = state_shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

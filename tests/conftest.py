@@ -18,7 +18,7 @@ from flax import nnx
 
 import smt_jax
 
-KINDS = tuple(sorted(smt_jax.UPDATERS))
+KINDS = tuple(sorted(smt_jax.RNN_KINDS))
 
 
 def pytest_configure(config):

@@ -45,11 +45,11 @@ def test_the_compile_guard_sees_compiles():
 
 
 @pytest.fixture
-def no_data(monkeypatch):
-  """Fails the test if the dataset is built (config-only rules must fire before any data load)."""
+def no_data():
+  """Hooks that fail the test if the dataset is built (config-only rules must fire first)."""
   def refuse(config):
     raise AssertionError(f"data {config.data.name!r} loaded before the config was rejected")
-  monkeypatch.setattr(train, "make_base_source", refuse)
+  return train.Hooks(make_source=refuse)
 
 
 def _config(base: str, overrides: dict):
@@ -64,9 +64,9 @@ def _config(base: str, overrides: dict):
   return c
 
 
-def _rejects(c, tmp_path, *fragments):
+def _rejects(c, tmp_path, *fragments, hooks=None):
   with no_compile(), pytest.raises(ConfigError) as e:
-    train.train_and_evaluate(c, str(tmp_path / "run"))
+    train.train_and_evaluate(c, str(tmp_path / "run"), hooks=hooks)
   msg = str(e.value)
   for f in fragments:
     assert f in msg, f"{f!r} not in the error: {msg}"
@@ -114,11 +114,14 @@ CONFIG_ONLY = {
                         ["config.data.name = 'cifar'", "'digits'", "'text'"]),
     "unknown_phase": ("pixels:smoke", {"phases": "smt,rl"}, ["unknown phase 'rl'", "'bptt'"]),
     # periods
-    "zero_log_period": ("pixels:smoke", {"log_every_steps": 0},
-                        ["config.log_every_steps = 0", "positive number of steps"]),
+    "negative_log_period": ("pixels:smoke", {"log_every_steps": -1},
+                            ["config.log_every_steps = -1", "number of steps >= 0 (0: never)"]),
     "negative_checkpoint_period": ("pixels:smoke", {"checkpoint_every_steps": -5},
                                    ["config.checkpoint_every_steps = -5"]),
-    "zero_eval_period": ("pixels:smoke", {"eval.every_steps": 0}, ["config.eval.every_steps = 0"]),
+    "negative_eval_period": ("pixels:smoke", {"eval.every_steps": -1},
+                             ["config.eval.every_steps = -1"]),
+    "phase_twice": ("pixels:smoke", {"phases": "smt,dmt,dmt"},
+                    ["config.phases = 'smt,dmt,dmt'", "dmt is listed twice"]),
     # data paths
     "text_without_path": ("text:smoke", {"data.path": ""},
                           ["config.data.path = ''", "--config.data.path=FILE_OR_FOLDER"]),
@@ -156,20 +159,20 @@ CONFIG_ONLY = {
 @pytest.mark.parametrize("name", sorted(CONFIG_ONLY))
 def test_config_rule_fails_before_data_and_compile(name, tmp_path, no_data):
   base, overrides, fragments = CONFIG_ONLY[name]
-  _rejects(_config(base, overrides), tmp_path, *fragments)
+  _rejects(_config(base, overrides), tmp_path, *fragments, hooks=no_data)
 
 
 def test_empty_text_file_and_empty_folder(tmp_path, no_data):
   (tmp_path / "empty.txt").write_bytes(b"")
   _rejects(_config("text:smoke", {"data.path": str(tmp_path / "empty.txt")}), tmp_path,
-           "empty file")
+           "empty file", hooks=no_data)
   (tmp_path / "nothing").mkdir()
   (tmp_path / "nothing" / ".hidden").write_text("x")
   _rejects(_config("text:smoke", {"data.path": str(tmp_path / "nothing")}), tmp_path,
-           "no files in it")
+           "no files in it", hooks=no_data)
   (tmp_path / "a_file").write_text("x" * 100)
   _rejects(_config("pixels:mnist", {"data.path": str(tmp_path / "a_file")}), tmp_path,
-           "is not a folder")
+           "is not a folder", hooks=no_data)
 
 
 # --------------------------------------------------------------------------- needs the data
@@ -199,10 +202,10 @@ class _OutOfVocabulary(data.Source):
     return x, x
 
 
-def test_tokens_outside_the_vocabulary(tmp_path, monkeypatch):
-  monkeypatch.setitem(data.DATASETS, "out_of_vocabulary", _OutOfVocabulary)
-  c = _config("synthetic:parity,smoke", {"data.name": "out_of_vocabulary"})
-  _rejects(c, tmp_path, "outside [0, vocab_size=2)", "x in [0, 2]")
+def test_tokens_outside_the_vocabulary(tmp_path):
+  c = _config("synthetic:parity,smoke", {})
+  _rejects(c, tmp_path, "outside the vocabulary [0, 2)", "x in [0, 2]",
+           hooks=train.Hooks(make_source=lambda config: _OutOfVocabulary()))
 
 
 def test_mesh_larger_than_the_devices(tmp_path):
@@ -219,24 +222,24 @@ def test_batch_and_transitions_must_split_over_the_mesh():
   c = _config("pixels:smoke", {"smt.batch_size": 6})
   with pytest.raises(ConfigError, match=r"config.smt.batch_size = 6: must be divisible by data x "
                                         r"fsdp = 4 .* e.g. smt.batch_size=8"):
-    config_checks.validate_with_mesh(c, ["smt", "dmt"], _mesh(data=2, fsdp=2))
-  c = _config("pixels:smoke", {"eval.batch_size": 2})
+    config_checks.validate_with_mesh(c, _mesh(data=2, fsdp=2))
+  c = _config("pixels:smoke", {"eval.batch_size": 2, "phases": "smt"})
   with pytest.raises(ConfigError, match="config.eval.batch_size = 2"):
-    config_checks.validate_with_mesh(c, ["smt"], _mesh(data=4))
-  c = _config("pixels:smoke", {"smt.num_transitions": 3})
+    config_checks.validate_with_mesh(c, _mesh(data=4))
+  c = _config("pixels:smoke", {"smt.num_transitions": 3, "phases": "smt"})
   with pytest.raises(ConfigError, match="config.smt.num_transitions = 3: must be divisible by "
                                         "mesh.time = 2"):
-    config_checks.validate_with_mesh(c, ["smt"], _mesh(time=2))
+    config_checks.validate_with_mesh(c, _mesh(time=2))
   c = _config("synthetic:parity,smoke", {"phases": "bptt"})
   with pytest.raises(ConfigError, match="config.mesh.time = 2: .* no SMT phase"):
-    config_checks.validate_with_mesh(c, ["bptt"], _mesh(time=2))
-  config_checks.validate_with_mesh(_config("pixels:smoke", {}), ["smt", "dmt"], _mesh(data=4))
+    config_checks.validate_with_mesh(c, _mesh(time=2))
+  config_checks.validate_with_mesh(_config("pixels:smoke", {}), _mesh(data=4))
 
 
 def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})
-    config_checks.validate(c, train.phase_list(c))
+    config_checks.validate(c)
 
 
 # --------------------------------------------------------------------------- the workdir
@@ -256,7 +259,7 @@ def test_workdir_of_another_config_is_refused_before_anything_is_built(tmp_path,
   _fake_run(tmp_path, old)
   new = _config("pixels:smoke", {"smt.lr": 2e-3, "model.rnn_kind": "gru"})
   with no_compile(), pytest.raises(checkpoints.WorkdirError) as e:
-    train.train_and_evaluate(new, str(tmp_path))
+    train.train_and_evaluate(new, str(tmp_path), hooks=no_data)
   msg = str(e.value)
   assert "model.rnn_kind: 'transformer' -> 'gru'" in msg and "smt.lr: 0.001 -> 0.002" in msg
   assert "--overwrite" in msg and "--fork" in msg

@@ -16,6 +16,7 @@ from smt_jax.data import (DATASETS, generate_copy, generate_keys_values, generat
 # The project's read-only shared material sits beside the repository (../shared).
 MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
                          'shared', 'data', 'mnist')
+MNIST_ABSENT = 'real MNIST files absent (../shared/data/mnist)'
 BATCH = 32
 
 
@@ -353,7 +354,7 @@ def test_mnist_from_idx_folder(tmp_path):
     make_source('mnist', data_dir=str(tmp_path), levels=300)
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason='real MNIST files absent')
+@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason=MNIST_ABSENT)
 def test_mnist_real_t10k():
   path = os.path.join(MNIST_DIR, 't10k-images-idx3-ubyte.gz')
   images = data.read_mnist_images(path)
@@ -441,7 +442,7 @@ def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
   assert quantised.vocab_size == 16 and (quantised.streams['train'] == train.reshape(-1) // 16).all()
 
 
-@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason='real MNIST files absent (../shared)')
+@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason=MNIST_ABSENT)
 def test_mnist_real_t10k_without_bos():
   pixels = _decode_idx_images(os.path.join(MNIST_DIR, 't10k-images-idx3-ubyte.gz'))
   assert pixels.shape == (10000, 28, 28)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from experiments import import_reference
 from experiments.configs import pixels
-from smt_jax import checkpoints, reference, train
+from smt_jax import checkpoints, config_checks, experiment, reference, train
 
 DIMS = dict(vocab_size=18, width=16, num_heads=2, num_memory_tokens=2, encoder_depth=1,
             decoder_depth=1, rnn_depth=1, readout_depth=1)  # digits: 17 levels + BOS
@@ -45,10 +45,13 @@ def reference_weights(seed=3):
 
 def restore_params(workdir):
   config = import_reference.load_config(str(pathlib.Path(workdir) / "config.py"))
-  exp, params = train.build_experiment(config)
+  exp = config_checks.build_experiment(config)
   mngr = checkpoints.make_manager(str(workdir), keep=3)
-  params, _, phase_index, _ = checkpoints.restore_latest(mngr, exp, params, train.make_optimizer)
+  restored = checkpoints.restore(
+      mngr, phases=exp.phases, params=exp.abstract_params,
+      opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases])
   mngr.close()
+  params, phase_index = restored["params"], restored["phase_index"]
   teacher = nnx.merge(exp.graphdefs[0], params["teacher"])
   rnn = nnx.merge(exp.graphdefs[1], params["rnn"])
   return config, reference.to_state_dicts(teacher, rnn), phase_index

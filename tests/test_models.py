@@ -246,7 +246,7 @@ def test_make_rnn_rejects_unknown_kind_and_lists_the_valid_ones(tiny):
                      readout_depth=1, rngs=nnx.Rngs(0))
   for kind in ("transformer", "mlp", "gru", "elman", "lstm"):
     assert kind in str(err.value)
-  assert set(smt_jax.UPDATERS) >= {"transformer", "mlp", "gru", "elman", "lstm"}
+  assert set(smt_jax.RNN_KINDS) >= {"transformer", "mlp", "gru", "elman", "lstm"}
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -346,14 +346,14 @@ def reference_param_counts(v, d, h, k, enc, dec, rnn, readout, head_dim=64):
 @pytest.mark.parametrize("initial_memory", ["zeros", "learned"])
 def test_runner_models_have_the_reference_parameter_counts(dims, initial_memory):
   from experiments.configs import common
-  from smt_jax import train
+  from smt_jax import experiment
   v, d, h, k, enc, dec, rnn, readout = dims
   c = common.base()
   common.reference_recipe(c)
   c.model.update(width=d, num_heads=h, num_memory_tokens=k, encoder_depth=enc,
                  decoder_depth=dec, rnn_depth=rnn, readout_depth=readout,
                  rnn_initial_memory=initial_memory)
-  teacher, rnn_model = nnx.eval_shape(lambda: train.build_models(c, v, 0))
+  teacher, rnn_model = nnx.eval_shape(lambda: experiment.build_models(c, v))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   ref_teacher, ref_rnn = reference_param_counts(*dims)
   assert count(teacher) == ref_teacher

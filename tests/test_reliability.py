@@ -12,10 +12,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments.configs import synthetic
-from smt_jax import checkpoints, data, losses, metrics_io, objectives, train
+from smt_jax import (checkpoints, config_checks, data, experiment, losses, metrics_io, objectives,
+                     train)
 from smt_jax.data.pixels import PixelSource
 
 
@@ -28,22 +30,16 @@ def _bptt_config(**overrides):
   return c
 
 
-def _inject(monkeypatch, *, nan_at: int, crash_at: int | None = None):
+def _inject(*, nan_at: int, crash_at: int | None = None) -> train.Hooks:
   """Train step `nan_at` (0-based global) gets a NaN loss term; `crash_at` dies before its batch."""
-  real_batch, real_loss = train.global_batch, train.make_loss
 
-  def global_batch(exp, source, *, split, step, batch_size):
-    if split == "train" and step == crash_at:
+  def train_batch(step, rows):
+    if step == crash_at:
       raise KeyboardInterrupt("simulated crash")
-    b = real_batch(exp, source, split=split, step=step, batch_size=batch_size)
-    if split == "train":
-      poison = np.full(batch_size, np.nan if step == nan_at else 1.0, np.float32)
-      b["poison"] = jax.make_array_from_process_local_data(exp.batch_sharding, poison)
-    return b
+    poison = np.full(len(rows["x"]), np.nan if step == nan_at else 1.0, np.float32)
+    return dict(rows, poison=poison)
 
-  def make_loss(config, phase, fns, constrain_time=None):
-    loss_fn = real_loss(config, phase, fns, constrain_time=constrain_time)
-
+  def wrap_loss(loss_fn):
     def poisoned(params, batch, key):
       loss, m = loss_fn(params, {"x": batch["x"], "y": batch["y"]}, key)
       p = batch["poison"][0]
@@ -51,8 +47,7 @@ def _inject(monkeypatch, *, nan_at: int, crash_at: int | None = None):
 
     return poisoned
 
-  monkeypatch.setattr(train, "global_batch", global_batch)
-  monkeypatch.setattr(train, "make_loss", make_loss)
+  return train.Hooks(train_batch=train_batch, wrap_loss=wrap_loss)
 
 
 def _meta(workdir, step):
@@ -60,11 +55,10 @@ def _meta(workdir, step):
     return json.load(f)
 
 
-def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path):
   wd = str(tmp_path)
-  _inject(monkeypatch, nan_at=4)  # step 5, after the checkpoint at step 3
-  with pytest.raises(train.NonFiniteError) as e:
-    train.train_and_evaluate(_bptt_config(), wd)
+  with pytest.raises(train.NonFiniteError) as e:  # step 5, after the checkpoint at step 3
+    train.train_and_evaluate(_bptt_config(), wd, hooks=_inject(nan_at=4))
   msg = str(e.value)
   assert msg.startswith("bptt step 5: non-finite value in grad_norm, loss, readout_loss;"), msg
   assert "last good checkpoint is kept" in msg and "nan_policy=skip" in msg
@@ -76,7 +70,6 @@ def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path,
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state))
 
   # Forked under a model of another width: refused, not mistaken for corruption.
-  monkeypatch.undo()
   wider = _bptt_config()
   wider.model.width = 32
   with pytest.raises(checkpoints.CheckpointError,
@@ -97,15 +90,12 @@ def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path,
     train.train_and_evaluate(_bptt_config(), wd)
 
 
-def test_nan_skip_policy_skips_and_counts_across_a_resume(tmp_path, monkeypatch, capsys):
+def test_nan_skip_policy_skips_and_counts_across_a_resume(tmp_path, capsys):
   wd, c = str(tmp_path), _bptt_config(nan_policy="skip")
-  _inject(monkeypatch, nan_at=1, crash_at=4)  # NaN at step 2; dies after the checkpoint at 3
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, wd)
+  with pytest.raises(KeyboardInterrupt):  # NaN at step 2; dies after the checkpoint at 3
+    train.train_and_evaluate(c, wd, hooks=_inject(nan_at=1, crash_at=4))
   assert _meta(wd, 3)["skipped_steps"] == 1
-  monkeypatch.undo()
-  _inject(monkeypatch, nan_at=1)
-  summary = train.train_and_evaluate(c, wd)
+  summary = train.train_and_evaluate(c, wd, hooks=_inject(nan_at=1))
   assert summary["bptt/skipped_steps"] == 1
   out = capsys.readouterr().out
   assert "Resumed from" in out and "bptt step 4/6  loss" in out
@@ -122,9 +112,9 @@ def test_nan_skip_policy_skips_and_counts_across_a_resume(tmp_path, monkeypatch,
 
 def test_train_step_drops_a_non_finite_update():
   p = {"w": jnp.ones(3)}
-  opt = train.optax.sgd(1e38)  # finite loss and gradients, but the update overflows
-  step = train.make_train_step(lambda q, b, k: (jnp.sum(q["w"] ** 2), {"loss": jnp.sum(q["w"])}),
-                               opt)
+  opt = optax.sgd(1e38)  # finite loss and gradients, but the update overflows
+  step = experiment.make_train_step(
+      lambda q, b, k: (jnp.sum(q["w"] ** 2), {"loss": jnp.sum(q["w"])}), opt)
   state = {"params": p, "opt_state": opt.init(p)}
   new, m = jax.jit(step)(state, None, None)
   assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))
@@ -136,17 +126,20 @@ def test_train_step_drops_a_non_finite_update():
 
 def test_runtime_batches_with_tokens_outside_the_vocabulary_are_refused():
   source = data.make_source("parity", seq_len=8)
-  good = source.batch(split="train", step=3, batch_size=2, seed=0)
-  train.check_tokens(good, source, split="train", step=3)
-  bad = dict(good, x=good["x"].copy())
-  bad["x"][1, 4] = 2
+  exp = config_checks.build_experiment(_bptt_config())
+  exp.batch(source, split="train", step=3, batch_size=2)  # a good batch passes
+
+  def set_token(field, row, t, value):
+    def transform(step, rows):
+      rows[field][row, t] = value
+      return rows
+    return transform
+
   with pytest.raises(ValueError, match=r"parity train batch 7 has tokens outside the vocabulary "
                                        r"\[0, 2\) \(x in \[0, 2\]"):
-    train.check_tokens(bad, source, split="train", step=7)
-  bad = dict(good, y=good["y"].copy())
-  bad["y"][0, 0] = -2  # only -1 means "no target"
-  with pytest.raises(ValueError, match=r"targets y in \[-2, 1\]"):
-    train.check_tokens(bad, source, split="eval", step=0)
+    exp.batch(source, split="train", step=7, batch_size=2, transform=set_token("x", 1, 4, 2))
+  with pytest.raises(ValueError, match=r"targets y in \[-2, 1\]"):  # only -1 means "no target"
+    exp.batch(source, split="eval", step=0, batch_size=2, transform=set_token("y", 0, 0, -2))
 
 
 def _images(n=3, h=4, w=4, high=5, dtype=np.uint8):

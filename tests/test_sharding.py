@@ -4,10 +4,11 @@ The device count must be fixed before JAX starts, so the checks run in a subproc
 executed as a script (`python tests/test_sharding.py OUTDIR` with
 XLA_FLAGS=--xla_force_host_platform_device_count=8) prints one JSON line of results, and the tests
 below assert on it. What is checked:
-- SMT, DMT and BPTT train steps (the runner's own `make_loss` / `make_optimizer` /
-  `make_train_step`, jitted with the runner's shardings and donation) on meshes (data, fsdp, time)
-  = (8,1,1), (2,4,1), (2,1,4) give the loss, metrics, parameters and optimiser state of the same
-  steps on one device (two steps of each program, as the warm-up's first learning rate is 0);
+- SMT, DMT and BPTT train steps (the runner's own, `experiment.make_phase(...).step`: sharded,
+  donated) on meshes (data, fsdp, time) = (8,1,1), (2,4,1), (2,1,4) give the loss, metrics,
+  parameters and optimiser state of the same steps on one device (the phase's unconstrained loss
+  and optimiser, plainly jitted; two steps of each program, as the warm-up's first learning rate
+  is 0);
 - the parameters really are sharded (fsdp leaves split across devices), parameters created sharded
   equal those created on one device, and the time axis really constrains SMT's transitions;
 - a checkpoint saved on one mesh restores onto a different mesh with identical values, in the
@@ -83,37 +84,30 @@ def worker(outdir: str) -> dict:
   import jax
   import numpy as np
 
-  from smt_jax import checkpoints, sharding, train
+  from smt_jax import checkpoints, config_checks, experiment
 
   assert jax.device_count() == 8, jax.devices()
   out = {"devices": jax.device_count(), "steps": {}, "init_excess": {}}
   key = jax.random.fold_in(jax.random.key(0), 0)
 
-  def one_step(exp, params, phase, *, sharded: bool):
+  def one_step(exp, params, name, *, sharded: bool):
     c = exp.config
-    source = train.with_seq_len(exp.source, train.phase_seq_len(c, phase))
-    optimizer = train.make_optimizer(c, phase)
-    constrain = sharding.time_constraint(exp.mesh) if sharded else None
-    loss_fn = train.make_loss(c, phase, exp.fns, constrain_time=constrain)
-    step = train.make_train_step(loss_fn, optimizer)
+    phase = experiment.make_phase(exp, name, compiler_options=FAST_COMPILE)
     if sharded:  # exactly as the runner does (on a copy: the step donates its input)
-      params = jax.tree.map(lambda a: a.copy(), params)
-      state = {"params": params, "opt_state": optimizer.init(params)}
-      state_sharding = sharding.state_shardings(state, exp.mesh)
-      state = jax.device_put(state, state_sharding)
-      batch = train.global_batch(exp, source, split="train", step=0, batch_size=c[phase].batch_size)
-      fn = jax.jit(step, in_shardings=(state_sharding, exp.batch_sharding, None),
-                   out_shardings=(state_sharding, None), donate_argnums=0,
-                   compiler_options=FAST_COMPILE)
-    else:  # everything on one device
+      state = phase.init_state(jax.tree.map(lambda a: a.copy(), params))
+      batch = phase.batch(0)
+      fn, loss_fn = phase.step, phase.loss_fn
+    else:  # everything on one device, without the mesh's constraints
       dev = jax.devices()[0]
       p1 = jax.device_put(jax.device_get(params), dev)
-      state = {"params": p1, "opt_state": optimizer.init(p1)}
-      batch = jax.device_put(source.batch(split="train", step=0, batch_size=c[phase].batch_size,
-                                          seed=c.seed), dev)
-      fn = jax.jit(step, compiler_options=FAST_COMPILE)
+      state = {"params": p1, "opt_state": phase.optimizer.init(p1)}
+      batch = jax.device_put(phase.source.batch(split="train", step=0,
+                                                batch_size=phase.batch_size, seed=c.seed), dev)
+      loss_fn = experiment.make_loss(c, name, exp.fns)
+      fn = jax.jit(experiment.make_train_step(loss_fn, phase.optimizer),
+                   compiler_options=FAST_COMPILE)
     time_constraints = (_jaxpr_time_constraints(loss_fn, state["params"], batch, key)
-                        if sharded and phase == "smt" else 0)
+                        if sharded and name == "smt" else 0)
     # Two steps of the same program: the first has learning rate 0 (the warm-up starts at 0), so it
     # is the second that moves the parameters.
     for i in range(2):
@@ -122,7 +116,8 @@ def worker(outdir: str) -> dict:
 
   reference, ref_params = {}, None
   for mesh in MESHES:
-    exp, params = train.build_experiment(_config(mesh))
+    exp = config_checks.build_experiment(_config(mesh))
+    params = exp.init_params()
     name = "x".join(map(str, mesh))
     if ref_params is None:
       ref_params = jax.device_get(params)
@@ -156,11 +151,13 @@ def worker(outdir: str) -> dict:
         saved_shards = [a.addressable_shards[0].data.shape for a in leaves]
 
   # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
-  exp_b, params_b = train.build_experiment(_config((1, 8, 1)))
+  exp_b = config_checks.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
-  params_r, opt_r, phase_index, phase_step = checkpoints.restore_latest(
-      mngr, exp_b, params_b, train.make_optimizer)
-  restored = {"params": params_r, "opt_state": opt_r}
+  r = checkpoints.restore(
+      mngr, phases=exp_b.phases, params=exp_b.abstract_params,
+      opt_states=[experiment.make_phase(exp_b, p).abstract_state["opt_state"] for p in PHASES])
+  params_r, phase_index, phase_step = r["params"], r["phase_index"], r["phase_step"]
+  restored = {"params": params_r, "opt_state": r["opt_state"]}
   leaves_r = jax.tree.leaves(params_r)
   want = jax.tree.leaves(exp_b.params_sharding)
   out["restore"] = {

@@ -20,7 +20,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
 
   c.model = ml_collections.ConfigDict()
-  c.model.rnn_kind = "transformer"  # a key of smt_jax.models.UPDATERS
+  c.model.rnn_kind = "transformer"  # a key of smt_jax.models.RNN_KINDS
   c.model.width = 256  # d: model width = memory token width
   c.model.num_memory_tokens = 16  # K
   c.model.num_heads = 8

@@ -21,6 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from smt_jax import experiment
+
 RECORD = "study_record.json"
 BIG = 10 ** 9  # "never" for periodic evals / checkpoints (config checks want positive integers)
 
@@ -123,7 +125,7 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   with (contextlib.redirect_stdout(out) if ctx.quiet else contextlib.nullcontext()):
     summary = train.train_and_evaluate(config, workdir, overwrite=overwrite)
   wall = time.time() - t0
-  phases = train.phase_list(config)
+  phases = experiment.phase_names(config)
   rows = metrics_io.read_metrics(workdir)
   train_s = {}
   for p in phases:
@@ -165,18 +167,16 @@ def same_settings(old: dict, new: dict) -> bool:
 
 def phase_end_step(config, phase: str) -> int:
   """The global step of the checkpoint saved at the end of `phase`."""
-  from smt_jax import train
-  phases = train.phase_list(config)
+  phases = experiment.phase_names(config)
   return int(sum(config[p].steps for p in phases[:phases.index(phase) + 1]))
 
 
 def restore(config, workdir: str, step: int | None = None):
   """(exp, params) of a run: its parameters at checkpoint `step` (None: the latest; 0: the init)."""
-  import orbax.checkpoint as ocp
-  from smt_jax import checkpoints, train
-  exp, params = train.build_experiment(config)
+  from smt_jax import checkpoints, config_checks
+  exp = config_checks.build_experiment(config)
   if step == 0:
-    return exp, params
+    return exp, exp.init_params()
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
   try:
     steps = mngr.all_steps()
@@ -184,11 +184,7 @@ def restore(config, workdir: str, step: int | None = None):
       step = max(steps)
     if step not in steps:
       raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)}).")
-    target = {"params": jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
-        exp.params_sharding)}
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    restored = checkpoints.read(mngr, step, {"params": exp.abstract_params})
   finally:
     mngr.close()
   return exp, restored["params"]
@@ -197,10 +193,9 @@ def restore(config, workdir: str, step: int | None = None):
 def eval_batch(exp, *, seq_len: int | None = None, batch_size: int, step: int = 0,
                source=None) -> dict[str, jax.Array]:
   """Held-out sequences (the eval split) from the run's source, optionally at another length."""
-  from smt_jax import train
   src = source or exp.source
   if seq_len is not None:
-    src = train.with_seq_len(src, seq_len)
+    src = experiment.with_seq_len(src, seq_len)
   b = src.batch(split="eval", step=step, batch_size=batch_size, seed=exp.config.seed)
   return {k: jax.numpy.asarray(v) for k, v in b.items()}
 

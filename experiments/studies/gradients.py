@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from experiments.studies import common, probes
-from smt_jax import analysis, inference, losses, objectives, train
+from smt_jax import analysis, experiment, inference, losses, objectives
 
 
 def bptt_gradient_norms(exp, params, batch):
@@ -39,7 +39,7 @@ def bptt_gradient_norms(exp, params, batch):
 
 def smt_gradient_norms(exp, config, params, batch):
   tfns, _ = exp.fns
-  loss_fn = train.make_loss(config, "smt", exp.fns)
+  loss_fn = experiment.make_loss(config, "smt", exp.fns)
   b = batch["x"].shape[0]
   fn = jax.jit(lambda p: b * analysis.smt_memory_gradient_norms(
       loss_fn, p, batch, jax.random.key(0), teacher=tfns))

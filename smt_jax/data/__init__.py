@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 
-from smt_jax.data.base import IGNORE, SPLITS, Source, StreamSource, row_rng
+from smt_jax.data.base import IGNORE, SPLITS, Source, StreamSource, check_batch_tokens, row_rng
 from smt_jax.data.pixels import (DigitsSource, MnistSource, PixelSource, image_stream, read_idx,
                                  read_mnist_images)
 from smt_jax.data.probes import (CopySource, KeysValuesSource, ModularSource, ParitySource,
@@ -51,7 +51,7 @@ def make_source(name: str, **kwargs) -> Source:
 
 __all__ = [
     'DATASETS', 'IGNORE', 'SPLITS', 'Source', 'StreamSource', 'ProbeSource', 'PixelSource',
-    'make_source', 'row_rng',
+    'check_batch_tokens', 'make_source', 'row_rng',
     'RetrievalSource', 'CopySource', 'StackSource', 'KeysValuesSource', 'ModularSource',
     'ParitySource', 'DigitsSource', 'MnistSource', 'TextSource',
     'generate_retrieval', 'generate_copy', 'generate_stack', 'generate_keys_values',

@@ -45,6 +45,18 @@ def check_tokens(what: str, tokens, vocab_size: int) -> None:
                      f'vocabulary [0, {vocab_size}); the data and vocab_size disagree.')
 
 
+def check_batch_tokens(what: str, x, y, vocab_size: int) -> None:
+  """Raises ValueError unless every token id in `x` is in [0, V) and every target in `y` in
+  [-1, V): an embedding lookup would otherwise clip or fill out-of-range ids silently."""
+  x, y = np.asarray(x), np.asarray(y)
+  if x.size and (x.min() < 0 or x.max() >= vocab_size or y.min() < IGNORE
+                 or y.max() >= vocab_size):
+    raise ValueError(
+        f'{what} has tokens outside the vocabulary [0, {vocab_size}) (x in [{x.min()}, '
+        f'{x.max()}], targets y in [{y.min()}, {y.max()}], {IGNORE} = no target); the dataset '
+        f'(or its options in config.data.options) is inconsistent.')
+
+
 def check_split(split: str) -> int:
   """Returns the id of `split` ('train' or 'eval'), or raises ValueError."""
   if split not in SPLITS:

@@ -6,7 +6,7 @@ import functools
 
 from flax import nnx
 
-from smt_jax.models.rnn import RNN, UPDATERS, make_rnn
+from smt_jax.models.rnn import RNN, RNN_KINDS, make_rnn
 from smt_jax.models.teacher import DEFAULT_HEAD_DIM, Decoder, Teacher
 from smt_jax.objectives import RNNFns, TeacherFns
 
@@ -33,5 +33,5 @@ def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
       initial_memory=lambda p: nnx.merge(graphdef, p).initial_memory())
 
 
-__all__ = ["DEFAULT_HEAD_DIM", "Decoder", "RNN", "Teacher", "UPDATERS", "head_width", "make_rnn", "rnn_fns",
+__all__ = ["DEFAULT_HEAD_DIM", "Decoder", "RNN", "Teacher", "RNN_KINDS", "head_width", "make_rnn", "rnn_fns",
            "teacher_fns"]

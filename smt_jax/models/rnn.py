@@ -4,7 +4,7 @@ The memory is the whole recurrent state, laid out [B, K, d] for every kind (for 
 together: the first half of the flattened state is h, the second c). Every update ends with a
 per-token RMS normalisation, so RNN states live on the teacher's memory scale.
 
-Kinds (the explicit table `UPDATERS` below):
+Kinds (the explicit table `RNN_KINDS` below):
   transformer  bidirectional Transformer over [m (K tokens), embed(x)]; keep the first K outputs.
                Readout: a causal decoder over the memory tokens (same shape as the teacher's decoder,
                so it can take the decoder's weights at the end of SMT).
@@ -197,7 +197,7 @@ class LSTMRNN(_CellRNN):
 
 
 # The one table of RNN kinds: name -> constructor (all take the same keyword arguments).
-UPDATERS = {
+RNN_KINDS = {
     "transformer": TransformerRNN,
     "mlp": MLPRNN,
     "gru": GRURNN,
@@ -208,6 +208,6 @@ UPDATERS = {
 
 def make_rnn(kind: str, **kwargs) -> RNN:
   """Builds the RNN of the given kind; kwargs as `TransformerRNN`'s."""
-  if kind not in UPDATERS:
-    raise ValueError(f"Unknown RNN kind {kind!r}; valid kinds: {sorted(UPDATERS)}.")
-  return UPDATERS[kind](**kwargs)
+  if kind not in RNN_KINDS:
+    raise ValueError(f"Unknown RNN kind {kind!r}; valid kinds: {sorted(RNN_KINDS)}.")
+  return RNN_KINDS[kind](**kwargs)

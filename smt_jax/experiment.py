@@ -1,0 +1,334 @@
+"""Everything a run builds from its config: the experiment, and one `Phase` per training phase.
+
+  exp = config_checks.build_experiment(config)   # validated: data, mesh, abstract models
+  phase = make_phase(exp, "smt")                 # data, optimiser, loss, the one train step
+  state = phase.init_state(exp.init_params())
+  state, metrics = phase.step(state, phase.batch(step), key)
+
+`Experiment` holds what every phase shares (config, data, mesh, the models' graphs and abstract
+parameters); `Phase` holds one phase's data source, optimiser, schedule and loss, its abstract
+state (parameters and optimiser state as shape/dtype/sharding structs, from `jax.eval_shape`), and
+the one compiled, sharded, donated train step that the runner, the benchmark and the tests all use.
+Nothing here touches files or clocks, and nothing here imports the shell: `config_checks` and
+`train` import this module, never the other way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from smt_jax import data, objectives, sharding
+from smt_jax.models import Teacher, head_width, make_rnn, rnn_fns, teacher_fns
+
+PHASES = ("smt", "dmt", "bptt")
+
+# On a token stream, the config fields whose sum is each phase's sequence length T (SPEC 5);
+# an episodic source has one length for every phase, data.seq_len.
+_LENGTH_FIELDS = {"smt": ("smt.context_length", "smt.future_length"),
+                  "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
+                  "bptt": ("bptt.seq_len",),
+                  "eval": ("eval.seq_len",)}
+
+
+def get_field(config, name: str):
+  """config['a']['b'] for name 'a.b'."""
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  return value
+
+
+def phase_names(config) -> list[str]:
+  """The phases of `config.phases` in order ('smt,dmt' -> ['smt', 'dmt']); not validated."""
+  return [p.strip() for p in config.phases.split(",") if p.strip()]
+
+
+def length_fields(config, phase: str) -> tuple[str, ...]:
+  """The config fields that set the sequence length of `phase` (or 'eval')."""
+  return ("data.seq_len",) if config.data.episodic else _LENGTH_FIELDS[phase]
+
+
+def phase_seq_len(config, phase: str) -> int:
+  """The sequence length T that `phase` (or 'eval') trains or evaluates on."""
+  return sum(get_field(config, f) for f in length_fields(config, phase))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def make_source(config) -> data.Source:
+  """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
+  kwargs = dict(config.data.options)
+  if config.data.name == "text":
+    kwargs["path"] = config.data.path or None
+  elif config.data.name == "mnist" and config.data.path:
+    kwargs["data_dir"] = config.data.path
+  if config.data.episodic:
+    kwargs["seq_len"] = config.data.seq_len
+  return data.make_source(config.data.name, **kwargs)
+
+
+def with_seq_len(source: data.Source, seq_len: int) -> data.Source:
+  """`source` cropping `seq_len` tokens (streams share their token arrays)."""
+  if source.seq_len == seq_len:
+    return source
+  s = copy.copy(source)
+  s.seq_len = seq_len
+  return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, optimiser, loss and the train step: pure builders.
+
+
+def build_models(config, vocab_size: int):
+  """Teacher and RNN as NNX modules (call under nnx.eval_shape for abstract shapes)."""
+  m = config.model
+  dtype = jnp.dtype(m.dtype)
+  rngs = nnx.Rngs(config.seed)
+  head_dim = head_width(m.width, m.num_heads, m.head_dim)
+  teacher = Teacher(vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens, width=m.width,
+                    encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth,
+                    num_heads=m.num_heads, head_dim=head_dim, attention=m.attention, dtype=dtype,
+                    rngs=rngs)
+  rnn = make_rnn(m.rnn_kind, vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens,
+                 width=m.width, depth=m.rnn_depth, num_heads=m.num_heads, head_dim=head_dim,
+                 readout_depth=m.readout_depth, hidden=m.rnn_hidden or None,
+                 initial_memory=m.rnn_initial_memory, attention=m.attention, dtype=dtype,
+                 rngs=rngs)
+  return teacher, rnn
+
+
+def make_schedule(config, phase: str) -> optax.Schedule:
+  """Linear warm-up from 0, then constant (SMT, BPTT) or cosine decay (DMT)."""
+  pc = config[phase]
+  warmup = max(1, int(round(config.optim.warmup_frac * pc.steps)))
+  if phase == "dmt":
+    return optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, max(pc.steps, warmup + 1))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup])
+
+
+def make_optimizer(config, phase: str, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping per model; the teacher is frozen outside SMT."""
+  o = config.optim
+  # Weight decay on matrices only (not biases, norm gains), or on everything (the reference's).
+  decayed = None if o.decay_all else (lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
+
+  def one_model():
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decayed))
+
+  teacher_tx = one_model() if phase == "smt" else optax.set_to_zero()
+  return optax.multi_transform({"teacher": teacher_tx, "rnn": one_model()},
+                               {"teacher": "teacher", "rnn": "rnn"})
+
+
+def make_loss(config, phase: str, fns, constrain_time=None):
+  """The phase's objective with its hyper-parameters bound: (params, batch, key) -> (loss, m)."""
+  tfns, rfns = fns
+  if phase == "smt":
+    s = config.smt
+    return functools.partial(
+        objectives.smt_loss, teacher=tfns, rnn=rfns, context_length=s.context_length,
+        future_length=s.future_length, num_transitions=s.num_transitions, c_dec=s.c_dec,
+        c_dyn=s.c_dyn, c_init=s.c_init, c_unif=s.c_unif, c_readout=s.c_readout, gamma=s.gamma,
+        stop_teacher_grad=s.stop_teacher_grad, uniformity_max_samples=s.uniformity_max_samples,
+        uniformity_over=s.uniformity_over, constrain_time=constrain_time)
+  if phase == "dmt":
+    d = config.dmt
+    return functools.partial(
+        objectives.dmt_loss, teacher=tfns, rnn=rfns, context_length=config.smt.context_length,
+        rollout_length=d.rollout_length, label_every=d.label_every, c_dyn=d.c_dyn,
+        c_readout=d.c_readout, stop_carry_grad=d.stop_carry_grad,
+        reference_labels=d.reference_labels, start=-1 if config.data.episodic else None)
+  return functools.partial(objectives.bptt_loss, rnn=rfns,
+                           truncation=config.bptt.truncation or None)
+
+
+def make_train_step(loss_fn, optimizer):
+  """One optimiser step as a pure function: (state, batch, key) -> (state, metrics).
+
+  Non-finite loss, gradients or update never reach the parameters: the update is dropped and
+  `finite` is reported, so the shell can stop (keeping the last good checkpoint) or count the skip.
+  """
+
+  def step(state, batch, key):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch,
+                                                                        key)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    # Finite gradients can still give a non-finite update (e.g. an overflowing learning rate).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    new = {"params": params, "opt_state": opt_state}
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    return new, dict(metrics, grad_norm=grad_norm, finite=finite)
+
+  return step
+
+
+def copy_decoder_to_readout(params, rnn_kind: str):
+  """End of SMT: the transformer RNN's readout takes the teacher decoder's weights (SPEC 4)."""
+  if rnn_kind != "transformer":
+    return params
+  dec, readout = params["teacher"]["decoder"], params["rnn"]["decoder"]
+  if jax.tree.structure(dec) != jax.tree.structure(readout) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(readout))):
+    logging.warning("RNN readout and teacher decoder differ in shape; readout not copied.")
+    return params
+  new_rnn = jax.tree.map(lambda a: a, params["rnn"])  # a new State; the old one stays intact
+  new_rnn["decoder"] = jax.tree.map(jnp.copy, dec)  # own buffers: the train step donates them
+  return {"teacher": params["teacher"], "rnn": new_rnn}
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def shardings_of(abstract_tree):
+  """The shardings an abstract tree (of ShapeDtypeStructs) carries."""
+  return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment and its phases.
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """What every phase of a run shares; built once from a validated config (`build`)."""
+  config: Any
+  phases: tuple[str, ...]
+  source: data.Source  # at the length of the first phase that built it; phases re-crop it
+  mesh: jax.sharding.Mesh
+  graphdefs: tuple  # (teacher, rnn) NNX graph definitions
+  fns: tuple  # (TeacherFns, RNNFns): the pure model functions the objectives call
+  abstract_params: Any  # {'teacher', 'rnn'}: ShapeDtypeStructs with their (FSDP) shardings
+  batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def params_sharding(self):
+    return shardings_of(self.abstract_params)
+
+  def init_params(self):
+    """The initial parameters, created directly in their sharded layout (never gathered)."""
+    config, vocab_size = self.config, self.source.vocab_size
+
+    @functools.partial(jax.jit, out_shardings=self.params_sharding)
+    def init():
+      teacher, rnn = build_models(config, vocab_size)
+      return {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
+
+    with jax.set_mesh(self.mesh):
+      return init()
+
+  def batch(self, source: data.Source, *, split: str, step: int, batch_size: int,
+            transform: Callable | None = None) -> dict[str, jax.Array]:
+    """Global batch `step` of `source` as sharded arrays, assembled from this process's rows.
+
+    `transform(step, rows) -> rows` may edit the host rows first (a test seam, e.g. to inject a
+    fault); the tokens are checked against the vocabulary after it.
+    """
+    rows = source.batch(split=split, step=step, batch_size=batch_size, seed=self.config.seed,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    if transform is not None:
+      rows = transform(step, rows)
+    data.check_batch_tokens(f"data: {source.name} {split} batch {step}", rows["x"], rows["y"],
+                            source.vocab_size)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in rows.items()}
+
+
+def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
+  """The experiment of a config already validated against `source` and `mesh`.
+
+  Use `config_checks.build_experiment(config)`, which validates first; this is the unchecked
+  step it ends with. Shapes only: no parameter is created (see `Experiment.init_params`).
+  """
+  abstract = nnx.eval_shape(lambda: build_models(config, source.vocab_size))
+  (tg, t_abs), (rg, r_abs) = nnx.split(abstract[0]), nnx.split(abstract[1])
+  params = {"teacher": t_abs, "rnn": r_abs}
+  return Experiment(config=config, phases=tuple(phase_names(config)), source=source, mesh=mesh,
+                    graphdefs=(tg, rg), fns=(teacher_fns(tg), rnn_fns(rg)),
+                    abstract_params=_abstract(params, sharding.state_shardings(params, mesh)),
+                    batch_sharding=sharding.batch_sharding(mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase of an experiment: its data, optimiser, loss and compiled train step."""
+  exp: Experiment
+  name: str  # 'smt', 'dmt' or 'bptt'
+  index: int  # its position in config.phases
+  offset: int  # the global step of its step 0 (the steps of the phases before it)
+  steps: int
+  batch_size: int
+  source: data.Source  # at this phase's sequence length
+  schedule: optax.Schedule
+  optimizer: optax.GradientTransformation
+  loss_fn: Callable  # (params, batch, key) -> (loss, metrics), with the mesh's constraints
+  abstract_state: dict  # {'params', 'opt_state'}: ShapeDtypeStructs with their shardings
+  step: Callable  # jitted, sharded, donated: (state, batch, key) -> (state, metrics)
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.source.seq_len
+
+  def init_state(self, params, opt_state=None) -> dict:
+    """{'params', 'opt_state'} in the step's layout; a fresh optimiser state (created sharded)
+    unless `opt_state` is given (a resumed phase)."""
+    shardings = shardings_of(self.abstract_state)
+    params = jax.device_put(params, shardings["params"])  # a no-op when already in place
+    if opt_state is None:
+      with jax.set_mesh(self.exp.mesh):
+        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state}
+
+  def batch(self, step: int, transform: Callable | None = None) -> dict[str, jax.Array]:
+    """The training batch of global step `step`."""
+    return self.exp.batch(self.source, split="train", step=step, batch_size=self.batch_size,
+                          transform=transform)
+
+
+def make_phase(exp: Experiment, name: str, *, wrap_loss: Callable | None = None,
+               compiler_options: dict | None = None) -> Phase:
+  """Builds phase `name` of `exp` (nothing is compiled until its step first runs).
+
+  wrap_loss: `loss_fn -> loss_fn`, applied before the step is built (a test seam).
+  compiler_options: XLA options for the step (e.g. faster, unoptimised code in tests).
+  """
+  c = exp.config
+  index = exp.phases.index(name)
+  schedule = make_schedule(c, name)
+  optimizer = make_optimizer(c, name, schedule)
+  loss_fn = make_loss(c, name, exp.fns, constrain_time=sharding.time_constraint(exp.mesh))
+  if wrap_loss is not None:
+    loss_fn = wrap_loss(loss_fn)
+  opt_state = jax.eval_shape(optimizer.init, exp.abstract_params)
+  abstract_state = {"params": exp.abstract_params,
+                    "opt_state": _abstract(opt_state, sharding.state_shardings(opt_state,
+                                                                               exp.mesh))}
+  state_sharding = shardings_of(abstract_state)
+  step = jax.jit(make_train_step(loss_fn, optimizer),
+                 in_shardings=(state_sharding, exp.batch_sharding, None),
+                 out_shardings=(state_sharding, None), donate_argnums=0,
+                 compiler_options=compiler_options)
+  return Phase(exp=exp, name=name, index=index,
+               offset=int(sum(c[p].steps for p in exp.phases[:index])), steps=c[name].steps,
+               batch_size=c[name].batch_size,
+               source=with_seq_len(exp.source, phase_seq_len(c, name)), schedule=schedule,
+               optimizer=optimizer, loss_fn=loss_fn, abstract_state=abstract_state, step=step)
