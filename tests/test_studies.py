@@ -194,8 +194,8 @@ def _table_rows(md: str, first_header: str) -> list[list[str]]:
 
 def test_smoke_studies(tmp_path):
   """`experiments.studies --study=all --budget=smoke`: every figure and the expected tables."""
-  from experiments.configs import studies
-  b = studies.get_config("smoke")
+  from experiments.studies import budgets
+  b = budgets.get_config("smoke")
   res = _run_smoke(tmp_path)
   assert set(res) == set(FIGURES)
 

@@ -4,7 +4,7 @@
   python -m experiments.studies --study=probes --budget=cpu --out=docs
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke --runs=/tmp/smoke_runs
 
-Studies (the table in registry.py; budgets in experiments/configs/studies.py):
+Studies (the table in registry.py; budgets in budgets.py):
   probes     the five probes at two lengths, 3 seeds: BPTT vs SMT->DMT vs teacher, equal steps,
              accuracy / NLL, SeqFLOPs and wall time
   steps      one probe at several step budgets: accuracy vs steps, SeqFLOPs and wall time
@@ -30,7 +30,7 @@ from experiments.studies import registry
 
 flags.DEFINE_string("study", "all",
                     f"One of {list(registry.STUDIES)} or 'all' (or a comma-separated list).")
-flags.DEFINE_enum("budget", "cpu", ["cpu", "smoke"], "Budget (experiments/configs/studies.py).")
+flags.DEFINE_enum("budget", "cpu", ["cpu", "smoke"], "Budget (experiments/studies/budgets.py).")
 flags.DEFINE_string("out", "docs", "Where figures (*.png) and tables (studies/*.md, *.json) go.")
 flags.DEFINE_string("runs", None, "Run workdirs (default runs/studies/<budget>).")
 flags.DEFINE_string("compile_cache", "", "Persistent XLA compilation cache dir ('' = "

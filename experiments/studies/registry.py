@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import time
 
-from experiments.configs import studies as budgets
-from experiments.studies import (common, drift, geometry, gradients, length, probes, samples,
-                                 steps, updaters)
+from experiments.studies import (budgets, common, drift, geometry, gradients, length, probes,
+                                 samples, steps, updaters)
 
 # The one name -> study table. Order matters for `all`: later studies reuse earlier runs.
 STUDIES = {
