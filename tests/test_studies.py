@@ -1,7 +1,7 @@
-"""The study set (experiments/compare.py) and the analysis functions it rests on (smt_jax.analysis).
+"""The study set (experiments/studies/) and the analysis functions it rests on (smt_jax.analysis).
 
 Unit tests pin the math of `smt_jax.analysis` against independent computations. The smoke tests run
-`python -m experiments.compare --budget=smoke` end to end through the real training runner (in a
+`python -m experiments.studies --budget=smoke` end to end through the real training runner (in a
 subprocess, with XLA's cheaper CPU compile settings, since the time goes into compiling) and check
 what it leaves: every figure and table, finite numbers, the expected rows.
 """
@@ -152,7 +152,7 @@ def _run_smoke(tmp_path) -> dict:
     out, runs, log = tmp_path / f"docs{i}", tmp_path / f"runs{i}", tmp_path / f"log{i}.txt"
     with open(log, "w") as f:  # a file, not a pipe: neither process can block on a full pipe
       procs.append((studies, out, log, subprocess.Popen(
-          [sys.executable, "-m", "experiments.compare", f"--study={studies}", "--budget=smoke",
+          [sys.executable, "-m", "experiments.studies", f"--study={studies}", "--budget=smoke",
            f"--out={out}", f"--runs={runs}"], cwd=ROOT, env=env, stdout=f,
           stderr=subprocess.STDOUT)))
   results = {}
@@ -193,9 +193,9 @@ def _table_rows(md: str, first_header: str) -> list[list[str]]:
 
 
 def test_smoke_studies(tmp_path):
-  """`experiments.compare --study=all --budget=smoke` leaves every figure and the expected tables."""
-  from experiments.configs import studies
-  b = studies.get_config("smoke")
+  """`experiments.studies --study=all --budget=smoke`: every figure and the expected tables."""
+  from experiments.studies import budgets
+  b = budgets.get_config("smoke")
   res = _run_smoke(tmp_path)
   assert set(res) == set(FIGURES)
 

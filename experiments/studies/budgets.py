@@ -1,4 +1,4 @@
-"""Budgets of the studies that reproduce the paper's findings (`experiments/compare.py`, SPEC 9).
+"""Budgets of the studies that reproduce the paper's findings (`experiments.studies`, SPEC 9).
 
 Argument: `cpu` (default; the whole study set trains in about 55 minutes on a shared 2-core CPU, and
 reruns in about 70 s once its runs are cached) or `smoke` (tiny models, a few steps, one seed; what
@@ -8,9 +8,9 @@ Every comparison gives each method the SAME number of optimiser steps:
   SMT steps + DMT steps == BPTT steps, with the same batch size, model width and RNN kind.
 
 Commands:
-  python -m experiments.compare --study=all --budget=cpu --out=docs        # everything, ~55 min
-  python -m experiments.compare --study=probes --budget=cpu --out=docs     # one study
-  python -m experiments.compare --study=all --budget=smoke --out=/tmp/smoke_docs
+  python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~55 min
+  python -m experiments.studies --study=probes --budget=cpu --out=docs     # one study
+  python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
 Studies: probes, steps, gradients, drift, length, geometry, updaters, samples (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
@@ -20,7 +20,7 @@ import ml_collections
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   if arg not in ("cpu", "smoke"):
-    raise ValueError(f"studies.py: unknown budget {arg!r}; use cpu or smoke.")
+    raise ValueError(f"budgets.py: unknown budget {arg!r}; use cpu or smoke.")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.name = arg

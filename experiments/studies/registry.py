@@ -1,0 +1,66 @@
+"""The study table and the driver behind `python -m experiments.studies` (its flags: __main__.py).
+
+Importable without absl flags (the tests and other scripts use it): `STUDIES` maps a study name to
+its `run(ctx)`, `resolve` turns a --study value into names, `run_studies` runs them in order, and
+`enable_compile_cache` turns on XLA's persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from experiments.studies import (budgets, common, drift, geometry, gradients, length, probes,
+                                 samples, steps, updaters)
+
+# The one name -> study table. Order matters for `all`: later studies reuse earlier runs.
+STUDIES = {
+    "probes": probes.run,
+    "steps": steps.run,
+    "gradients": gradients.run,
+    "drift": drift.run,
+    "length": length.run,
+    "updaters": updaters.run,
+    "samples": samples.run,
+    "geometry": geometry.run,
+}
+
+
+def default_runs(budget: str) -> str:
+  """Where run workdirs go unless told otherwise: runs/studies/<budget>."""
+  return os.path.join("runs", "studies", budget)
+
+
+def resolve(study: str) -> list[str]:
+  """`all`, one name or a comma-separated list -> study names, in the order given."""
+  names = list(STUDIES) if study == "all" else [s.strip() for s in study.split(",") if s.strip()]
+  unknown = [s for s in names if s not in STUDIES]
+  if unknown or not names:
+    raise ValueError(f"--study: unknown {unknown or study!r}; choose from {list(STUDIES)} or all.")
+  return names
+
+
+def enable_compile_cache(path: str) -> None:
+  """Same HLO (e.g. a config's seeds) compiles once: XLA's persistent cache, also across reruns."""
+  import jax
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_studies(names: list[str], *, budget: str, out: str, runs: str | None = None,
+                quiet: bool = True) -> dict[str, dict]:
+  """Runs the named studies in order; returns {study: results}."""
+  ctx = common.Context(budget=budgets.get_config(budget), out=out,
+                       runs=runs or default_runs(budget), quiet=quiet)
+  results = {}
+  for name in names:
+    t0 = time.time()
+    print(f"=== study {name} (budget {budget}) ===", flush=True)
+    results[name] = STUDIES[name](ctx)
+    results[name]["elapsed_s"] = time.time() - t0
+    print(results[name].get("markdown", ""), flush=True)
+    print(f"=== {name} done in {time.time() - t0:.0f} s; figures: "
+          f"{', '.join(results[name].get('figures', []))}", flush=True)
+  return results
