@@ -24,7 +24,6 @@ import numpy as np
 from smt_jax import experiment
 
 RECORD = "study_record.json"
-BIG = 10 ** 9  # "never" for periodic evals / checkpoints (config checks want positive integers)
 
 
 @dataclasses.dataclass
@@ -90,8 +89,8 @@ def _small_model(c, width, memory_tokens, heads, depth):
 
 def _quiet_periodics(c, *, log_every: int):
   """Only the final eval and the phase-boundary checkpoints (the studies restore those)."""
-  c.eval.every_steps = BIG
-  c.checkpoint_every_steps = BIG
+  c.eval.every_steps = 0  # never
+  c.checkpoint_every_steps = 0
   c.keep_checkpoints = 4
   c.log_every_steps = log_every
   c.eval.prompt_length = 0  # the studies score the RNN alone (and the teacher), not prompted
