@@ -44,8 +44,9 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "experiments/configs/bench.py",
-                                 "Path to a config file (and :arg).", lock_config=False)
+config_flags.DEFINE_config_file(
+  "config", "experiments/configs/bench.py", "Path to a config file (and :arg).", lock_config=False
+)
 flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 flags.DEFINE_list("objectives", ["smt", "dmt", "bptt"], "Which train steps to time.")
 flags.DEFINE_integer("steps", 20, "Timed steps per objective (the median is reported).")
@@ -54,12 +55,24 @@ flags.DEFINE_enum("sweep", None, ["seq_len", "devices"], "An optional scaling sw
 flags.DEFINE_list("seq_lens", ["16", "32", "64", "128"], "Sequence lengths of --sweep=seq_len.")
 flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: the config's).")
 flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
-flags.DEFINE_enum("sweep_axis", "data", ["data", "fsdp", "time"],
-                  "--sweep=devices: the mesh axis that takes the devices.")
-flags.DEFINE_integer("vocab_size", 0, "Vocabulary size (0: the config's dataset's; set it to "
-                     "time a config whose data is not on this machine, e.g. 257 for mnist).")
-flags.DEFINE_integer("host_devices", 0, "CPU only: split the host into this many XLA devices "
-                     "(e.g. one per core; the mesh's data axis takes them). 0: JAX's default.")
+flags.DEFINE_enum(
+  "sweep_axis",
+  "data",
+  ["data", "fsdp", "time"],
+  "--sweep=devices: the mesh axis that takes the devices.",
+)
+flags.DEFINE_integer(
+  "vocab_size",
+  0,
+  "Vocabulary size (0: the config's dataset's; set it to "
+  "time a config whose data is not on this machine, e.g. 257 for mnist).",
+)
+flags.DEFINE_integer(
+  "host_devices",
+  0,
+  "CPU only: split the host into this many XLA devices "
+  "(e.g. one per core; the mesh's data axis takes them). 0: JAX's default.",
+)
 flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
 FLAGS = flags.FLAGS
 
@@ -69,10 +82,10 @@ OBJECTIVES = ("smt", "dmt", "bptt")
 # GPUs run as TF32 under JAX's default matmul precision, so a float32 run is measured against the
 # TF32 peak (`float32_ieee` is the non-tensor-core peak, for reference).
 PEAK_FLOPS = {
-    "H100 SXM": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
-    "H100 PCIe": {"bfloat16": 756.0e12, "float32": 378.0e12, "float32_ieee": 51.2e12},
-    "H200": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
-    "A100": {"bfloat16": 312.0e12, "float32": 156.0e12, "float32_ieee": 19.5e12},
+  "H100 SXM": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
+  "H100 PCIe": {"bfloat16": 756.0e12, "float32": 378.0e12, "float32_ieee": 51.2e12},
+  "H200": {"bfloat16": 989.4e12, "float32": 494.7e12, "float32_ieee": 66.9e12},
+  "A100": {"bfloat16": 312.0e12, "float32": 156.0e12, "float32_ieee": 19.5e12},
 }
 
 
@@ -131,7 +144,7 @@ def matmul_flops(jaxpr) -> float:
       continue
     subs = []
     for v in eqn.params.values():
-      for x in (v if isinstance(v, (list, tuple)) else [v]):
+      for x in v if isinstance(v, (list, tuple)) else [v]:
         if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
           subs.append(matmul_flops(x))
     times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
@@ -142,6 +155,7 @@ def matmul_flops(jaxpr) -> float:
 def random_batch(rng, batch_size: int, seq_len: int, vocab_size: int):
   """Uniform tokens; y is the next token (the last one has no target)."""
   import numpy as np
+
   x = rng.integers(0, vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
   y = x[:, 1:].copy()
   y[:, -1] = -1
@@ -159,12 +173,18 @@ class UniformTokens:
     import numpy as np
 
     from smt_jax import data, experiment
-    n = 4 * max(experiment.phase_seq_len(config, p) for p in (*experiment.phase_names(config),
-                                                              "eval")) + 1
+
+    n = (
+      4
+      * max(experiment.phase_seq_len(config, p) for p in (*experiment.phase_names(config), "eval"))
+      + 1
+    )
     rng = np.random.default_rng(config.seed)
-    source = data.StreamSource(streams={s: rng.integers(0, self.vocab_size, n).astype(np.int32)
-                                        for s in data.SPLITS}, vocab_size=self.vocab_size,
-                               seq_len=n - 1)
+    source = data.StreamSource(
+      streams={s: rng.integers(0, self.vocab_size, n).astype(np.int32) for s in data.SPLITS},
+      vocab_size=self.vocab_size,
+      seq_len=n - 1,
+    )
     source.name = f"uniform tokens (V = {self.vocab_size})"
     return source
 
@@ -178,16 +198,22 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
 
   config = config.copy_and_resolve_references()
   config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
-  exp = config_checks.build_experiment(config, make_source=UniformTokens(vocab_size)
-                                       if vocab_size else None)
+  exp = config_checks.build_experiment(
+    config, make_source=UniformTokens(vocab_size) if vocab_size else None
+  )
   p = experiment.make_phase(exp, phase)  # the runner's own train step
   vocab_size, seq_len, batch_size = exp.source.vocab_size, p.source.seq_len, p.batch_size
 
   with jax.set_mesh(exp.mesh):
     state = p.init_state(exp.init_params())
     rng = np.random.default_rng(config.seed)
-    batches = [{k: jax.make_array_from_process_local_data(exp.batch_sharding, v) for k, v in
-                random_batch(rng, batch_size, seq_len, vocab_size).items()} for _ in range(2)]
+    batches = [
+      {
+        k: jax.make_array_from_process_local_data(exp.batch_sharding, v)
+        for k, v in random_batch(rng, batch_size, seq_len, vocab_size).items()
+      }
+      for _ in range(2)
+    ]
     keys = [jax.random.fold_in(jax.random.key(config.seed), i) for i in range(2)]
 
     t0 = time.perf_counter()
@@ -218,27 +244,28 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
   median = float(np.median(times))
   device = jax.devices()[0]
   dtype = str(config.model.dtype)
-  peak_row, peak = peak_flops(device.device_kind, dtype) if device.platform == "gpu" else (None,
-                                                                                           None)
+  peak_row, peak = (
+    peak_flops(device.device_kind, dtype) if device.platform == "gpu" else (None, None)
+  )
   out = {
-      "median_s": median,
-      "min_s": float(np.min(times)),
-      "p90_s": float(np.percentile(times, 90)),
-      "cpu_s": float(np.median(cpu_times)),
-      "tokens_per_s": batch_size * seq_len / median,
-      "compile_s": compile_s,
-      "seq_depth": seq_depth(config, phase, seq_len),
-      "seq_len": seq_len,
-      "batch_size": batch_size,
-      "steps": steps,
-      "flops": flops,
-      "xla_flops": xla_flops(compiled),
-      "flops_per_s": flops / median if flops else None,
-      "mfu": (flops / median / peak) if (flops and peak) else None,
-      "peak_flops": peak,
-      "peak_row": peak_row,
-      "dtype": dtype,
-      "loss": loss,
+    "median_s": median,
+    "min_s": float(np.min(times)),
+    "p90_s": float(np.percentile(times, 90)),
+    "cpu_s": float(np.median(cpu_times)),
+    "tokens_per_s": batch_size * seq_len / median,
+    "compile_s": compile_s,
+    "seq_depth": seq_depth(config, phase, seq_len),
+    "seq_len": seq_len,
+    "batch_size": batch_size,
+    "steps": steps,
+    "flops": flops,
+    "xla_flops": xla_flops(compiled),
+    "flops_per_s": flops / median if flops else None,
+    "mfu": (flops / median / peak) if (flops and peak) else None,
+    "peak_flops": peak,
+    "peak_row": peak_row,
+    "dtype": dtype,
+    "loss": loss,
   }
   if phase == "smt":
     n = config.smt.num_transitions
@@ -253,6 +280,7 @@ def count_params(config, vocab_size: int = 0) -> dict:
   from flax import nnx
 
   from smt_jax import experiment
+
   vocab_size = vocab_size or experiment.make_source(config).vocab_size
   teacher, rnn = nnx.eval_shape(lambda: experiment.build_models(config, vocab_size))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
@@ -260,19 +288,30 @@ def count_params(config, vocab_size: int = 0) -> dict:
 
 
 def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
-  out = {p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
-         for p in objectives}
+  out = {
+    p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
+    for p in objectives
+  }
   out.update(count_params(config, vocab_size))
   return out
 
 
-def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, warmup: int,
-                  objectives, vocab_size: int = 0) -> dict:
+def sweep_seq_len(
+  config,
+  lengths: list[int],
+  *,
+  batch_size: int,
+  steps: int,
+  warmup: int,
+  objectives,
+  vocab_size: int = 0,
+) -> dict:
   """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed, capped at
   T)."""
   import ml_collections
 
   from smt_jax import experiment
+
   rows = []
   for t in lengths:
     row = {"seq_len": t}
@@ -290,8 +329,9 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
       # Episodes of the copy probe (of the config's vocabulary): every one of the T transitions
       # is regressed; the teacher's windows are capped at T.
       vocab = vocab_size or experiment.make_source(c).vocab_size
-      c.data = ml_collections.ConfigDict(dict(name="copy", episodic=True, seq_len=t, path="",
-                                              options={"num_tokens": vocab - 1}))
+      c.data = ml_collections.ConfigDict(
+        dict(name="copy", episodic=True, seq_len=t, path="", options={"num_tokens": vocab - 1})
+      )
       c.smt.context_length = min(c.smt.context_length, t)
       c.smt.future_length = min(c.smt.future_length, t)
       c.smt.num_transitions = t
@@ -302,63 +342,99 @@ def sweep_seq_len(config, lengths: list[int], *, batch_size: int, steps: int, wa
       row["smt_per_transition_s"] = r["per_transition_s"]
       row["smt_seq_depth"] = r["seq_depth"]
     rows.append(row)
-  return {"batch_size": batch_size or None, "context_length": config.smt.context_length,
-          "future_length": config.smt.future_length, "rows": rows}
+  return {
+    "batch_size": batch_size or None,
+    "context_length": config.smt.context_length,
+    "future_length": config.smt.future_length,
+    "rows": rows,
+  }
 
 
-def sweep_devices(config, argv_config: str, counts: list[int], axis: str, *, steps: int,
-                  warmup: int, objectives, overrides: list[str], vocab_size: int = 0) -> dict:
+def sweep_devices(
+  config,
+  argv_config: str,
+  counts: list[int],
+  axis: str,
+  *,
+  steps: int,
+  warmup: int,
+  objectives,
+  overrides: list[str],
+  vocab_size: int = 0,
+) -> dict:
   """One subprocess per device count, on fake CPU devices (their number is fixed before JAX
   starts). On the time axis SMT trains a multiple of max(counts) transitions, at most 8 per
   device count step, so that every count divides them."""
   from smt_jax import experiment
+
   rows = []
   for n in counts:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={n}").strip()
+    env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    ).strip()
     mesh = {"data": 1, "fsdp": 1, "time": 1, axis: n}
-    cmd = [sys.executable, "-m", "experiments.benchmark", f"--config={argv_config}", "--child",
-           f"--objectives={','.join(objectives)}", f"--steps={steps}", f"--warmup={warmup}",
-           f"--vocab_size={vocab_size}", *[f"--config.mesh.{a}={s}" for a, s in mesh.items()],
-           *overrides]
+    cmd = [
+      sys.executable,
+      "-m",
+      "experiments.benchmark",
+      f"--config={argv_config}",
+      "--child",
+      f"--objectives={','.join(objectives)}",
+      f"--steps={steps}",
+      f"--warmup={warmup}",
+      f"--vocab_size={vocab_size}",
+      *[f"--config.mesh.{a}={s}" for a, s in mesh.items()],
+      *overrides,
+    ]
     if axis == "time":
       top = max(counts)
       per = max(1, min(8, experiment.phase_seq_len(config, "smt") // top))
       cmd.append(f"--config.smt.num_transitions={top * per}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-      raise RuntimeError(f"device sweep, {n} devices: {' '.join(cmd)} failed:\n"
-                         f"{proc.stderr[-3000:]}")
+      raise RuntimeError(
+        f"device sweep, {n} devices: {' '.join(cmd)} failed:\n{proc.stderr[-3000:]}"
+      )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     rows.append({"devices": n, **{f"{p}_s": result[p]["median_s"] for p in objectives}})
   return {"axis": axis, "rows": rows}
 
 
 def format_table(results: dict) -> str:
-  lines = [f"{'objective':<10}{'median s':>10}{'min s':>9}{'CPU s':>8}{'tokens/s':>11}"
-           f"{'compile s':>11}{'seq depth':>11}{'GFLOP/s':>9}{'MFU':>7}"]
+  lines = [
+    f"{'objective':<10}{'median s':>10}{'min s':>9}{'CPU s':>8}{'tokens/s':>11}"
+    f"{'compile s':>11}{'seq depth':>11}{'GFLOP/s':>9}{'MFU':>7}"
+  ]
   for p in OBJECTIVES:
     r = results.get(p)
     if not r:
       continue
     gf = f"{r['flops_per_s'] / 1e9:.1f}" if r["flops_per_s"] else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-    lines.append(f"{p:<10}{r['median_s']:>10.4f}{r['min_s']:>9.4f}{r['cpu_s']:>8.3f}"
-                 f"{r['tokens_per_s']:>11,.0f}"
-                 f"{r['compile_s']:>11.1f}{r['seq_depth']:>11}{gf:>9}{mfu:>7}")
+    lines.append(
+      f"{p:<10}{r['median_s']:>10.4f}{r['min_s']:>9.4f}{r['cpu_s']:>8.3f}"
+      f"{r['tokens_per_s']:>11,.0f}"
+      f"{r['compile_s']:>11.1f}{r['seq_depth']:>11}{gf:>9}{mfu:>7}"
+    )
   return "\n".join(lines)
 
 
 def format_seq_sweep(s: dict) -> str:
-  lines = [f"{'T':>5}{'BPTT s':>10}{'BPTT s/token':>14}{'depth':>7}{'SMT s':>10}"
-           f"{'SMT s/transition':>18}{'depth':>7}"]
+  lines = [
+    f"{'T':>5}{'BPTT s':>10}{'BPTT s/token':>14}{'depth':>7}{'SMT s':>10}"
+    f"{'SMT s/transition':>18}{'depth':>7}"
+  ]
   for r in s["rows"]:
+
     def f(k, w, fmt=".4f"):
       return f"{r[k]:>{w}{fmt}}" if k in r else f"{'-':>{w}}"
-    lines.append(f"{r['seq_len']:>5}{f('bptt_s', 10)}{f('bptt_per_token_s', 14, '.5f')}"
-                 f"{f('bptt_seq_depth', 7, 'd')}{f('smt_s', 10)}"
-                 f"{f('smt_per_transition_s', 18, '.5f')}{f('smt_seq_depth', 7, 'd')}")
+
+    lines.append(
+      f"{r['seq_len']:>5}{f('bptt_s', 10)}{f('bptt_per_token_s', 14, '.5f')}"
+      f"{f('bptt_seq_depth', 7, 'd')}{f('smt_s', 10)}"
+      f"{f('smt_per_transition_s', 18, '.5f')}{f('smt_seq_depth', 7, 'd')}"
+    )
   rows = s["rows"]
   if len(rows) > 1:
     first, last = rows[0], rows[-1]
@@ -375,8 +451,11 @@ def format_seq_sweep(s: dict) -> str:
 
 def format_device_sweep(s: dict) -> str:
   keys = [k for k in s["rows"][0] if k.endswith("_s")]
-  lines = [f"{'devices':>8}" + "".join(f"{k[:-2].upper() + ' s':>10}" for k in keys) +
-           f"   (mesh axis '{s['axis']}')"]
+  lines = [
+    f"{'devices':>8}"
+    + "".join(f"{k[:-2].upper() + ' s':>10}" for k in keys)
+    + f"   (mesh axis '{s['axis']}')"
+  ]
   for r in s["rows"]:
     lines.append(f"{r['devices']:>8}" + "".join(f"{r[k]:>10.4f}" for k in keys))
   return "\n".join(lines)
@@ -395,47 +474,79 @@ def main(argv):
     raise app.UsageError(f"--objectives: unknown {bad}; choose from {list(OBJECTIVES)}.")
   config = FLAGS.config
   if FLAGS.host_devices:  # before JAX starts: the device count is fixed at backend creation
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={FLAGS.host_devices}")
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={FLAGS.host_devices}"
+    )
   if FLAGS.child:
-    print(json.dumps(run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                                    vocab_size=FLAGS.vocab_size)))
+    print(
+      json.dumps(
+        run_objectives(
+          config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup, vocab_size=FLAGS.vocab_size
+        )
+      )
+    )
     return
 
   import jax
+
   device = jax.devices()[0]
-  meta = {"device_kind": device.device_kind, "platform": device.platform,
-          "device_count": jax.device_count(), "jax": jax.__version__,
-          "config": FLAGS["config"].config_filename, "overrides": _config_overrides(sys.argv),
-          "dtype": str(config.model.dtype), "cpu_count": os.cpu_count(),
-          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-  print(f"device: {device.device_kind} x{jax.device_count()} ({device.platform}), "
-        f"dtype {config.model.dtype}, config {meta['config']}", flush=True)
-  results = run_objectives(config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                           vocab_size=FLAGS.vocab_size)
+  meta = {
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "jax": jax.__version__,
+    "config": FLAGS["config"].config_filename,
+    "overrides": _config_overrides(sys.argv),
+    "dtype": str(config.model.dtype),
+    "cpu_count": os.cpu_count(),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
+  print(
+    f"device: {device.device_kind} x{jax.device_count()} ({device.platform}), "
+    f"dtype {config.model.dtype}, config {meta['config']}",
+    flush=True,
+  )
+  results = run_objectives(
+    config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup, vocab_size=FLAGS.vocab_size
+  )
   results["meta"] = meta
   print(format_table(results), flush=True)
-  print(f"parameters: teacher {results['n_params_teacher']:,}, RNN {results['n_params_rnn']:,}",
-        flush=True)
+  print(
+    f"parameters: teacher {results['n_params_teacher']:,}, RNN {results['n_params_rnn']:,}",
+    flush=True,
+  )
   if any(r.get("mfu") for r in results.values() if isinstance(r, dict)):
     row = next(r for r in results.values() if isinstance(r, dict) and r.get("peak_row"))
-    print(f"MFU against the {row['peak_row']} {row['dtype']} peak, "
-          f"{row['peak_flops'] / 1e12:.1f} TFLOP/s (matmul FLOPs of the jaxpr, "
-          f"rematerialisation included)")
+    print(
+      f"MFU against the {row['peak_row']} {row['dtype']} peak, "
+      f"{row['peak_flops'] / 1e12:.1f} TFLOP/s (matmul FLOPs of the jaxpr, "
+      f"rematerialisation included)"
+    )
 
   if FLAGS.sweep == "seq_len":
     results["sweep_seq_len"] = sweep_seq_len(
-        config, [int(t) for t in FLAGS.seq_lens], batch_size=FLAGS.sweep_batch_size,
-        steps=FLAGS.steps, warmup=FLAGS.warmup,
-        objectives=[o for o in objectives if o in ("smt", "bptt")], vocab_size=FLAGS.vocab_size)
+      config,
+      [int(t) for t in FLAGS.seq_lens],
+      batch_size=FLAGS.sweep_batch_size,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      objectives=[o for o in objectives if o in ("smt", "bptt")],
+      vocab_size=FLAGS.vocab_size,
+    )
     print(format_seq_sweep(results["sweep_seq_len"]), flush=True)
   elif FLAGS.sweep == "devices":
     results["sweep_devices"] = sweep_devices(
-        config, FLAGS["config"].config_filename, [int(n) for n in FLAGS.device_counts],
-        FLAGS.sweep_axis, steps=FLAGS.steps, warmup=FLAGS.warmup,
-        objectives=["smt"] if FLAGS.sweep_axis == "time" else objectives,
-        overrides=[o for o in _config_overrides(sys.argv) if not o.startswith("--config.mesh.")],
-        vocab_size=FLAGS.vocab_size)
+      config,
+      FLAGS["config"].config_filename,
+      [int(n) for n in FLAGS.device_counts],
+      FLAGS.sweep_axis,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      objectives=["smt"] if FLAGS.sweep_axis == "time" else objectives,
+      overrides=[o for o in _config_overrides(sys.argv) if not o.startswith("--config.mesh.")],
+      vocab_size=FLAGS.vocab_size,
+    )
     print(format_device_sweep(results["sweep_devices"]), flush=True)
 
   if FLAGS.out:

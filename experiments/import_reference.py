@@ -31,15 +31,22 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command line (defined only when run as a program: tests import the functions)."""
-  config_flags.DEFINE_config_file("config", None, "Base config (default: by the checkpoint's "
-                                  "dataset); its model and SMT fields come from the checkpoint.")
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Base config (default: by the checkpoint's "
+    "dataset); its model and SMT fields come from the checkpoint.",
+  )
   flags.DEFINE_string("checkpoint", None, "train_smt.py's checkpoint.pt.")
   flags.DEFINE_string("workdir", None, "The smt-jax workdir to create.")
   flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds another run.")
   flags.mark_flags_as_required(["checkpoint", "workdir"])
 
-BASE_CONFIGS = {"mnist": "experiments/configs/pixels.py:mnist",
-                "tinystories": "experiments/configs/text.py:tinystories"}
+
+BASE_CONFIGS = {
+  "mnist": "experiments/configs/pixels.py:mnist",
+  "tinystories": "experiments/configs/text.py:tinystories",
+}
 RUN_CONFIG = '''"""The config of an imported reference run: {workdir}/config.json, as written by
 experiments.import_reference (edit that file, not this one, or use --fork)."""
 
@@ -93,27 +100,39 @@ def load_checkpoint(path: str) -> dict:
   try:
     import torch
   except ImportError:
-    raise CheckpointImportError("reading a PyTorch checkpoint needs torch: pip install -e \".[reference]\" "
-                       "(torch is not a dependency of smt-jax otherwise).") from None
+    raise CheckpointImportError(
+      "reading a PyTorch checkpoint needs torch: pip install -e \".[reference]\" "
+      "(torch is not a dependency of smt-jax otherwise)."
+    ) from None
   if not os.path.isfile(path):
-    raise CheckpointImportError(f"--checkpoint={path}: no such file (train_smt.py writes "
-                       f"<save_dir>/checkpoint.pt).")
-  module = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load,
-                                 __name__="smt_jax_reference_pickle")
+    raise CheckpointImportError(
+      f"--checkpoint={path}: no such file (train_smt.py writes <save_dir>/checkpoint.pt)."
+    )
+  module = types.SimpleNamespace(
+    Unpickler=_Unpickler, load=pickle.load, __name__="smt_jax_reference_pickle"
+  )
   ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
   missing = [k for k in ("cfg", "teacher", "rnn", "itr") if k not in ckpt]
   if missing:
-    raise CheckpointImportError(f"--checkpoint={path} lacks {missing}: is it train_smt.py's checkpoint.pt?")
+    raise CheckpointImportError(
+      f"--checkpoint={path} lacks {missing}: is it train_smt.py's checkpoint.pt?"
+    )
   to_np = lambda sd: {k: v.detach().cpu().float().numpy() for k, v in sd.items()}
-  return {"cfg": ckpt["cfg"], "teacher": to_np(ckpt["teacher"]), "rnn": to_np(ckpt["rnn"]),
-          "itr": int(ckpt["itr"])}
+  return {
+    "cfg": ckpt["cfg"],
+    "teacher": to_np(ckpt["teacher"]),
+    "rnn": to_np(ckpt["rnn"]),
+    "itr": int(ckpt["itr"]),
+  }
 
 
 def _get(obj, name: str):
   value = obj
   for part in name.split("."):
     if not hasattr(value, part):
-      raise CheckpointImportError(f"the checkpoint's cfg has no {name!r}: not a train_smt.py config.")
+      raise CheckpointImportError(
+        f"the checkpoint's cfg has no {name!r}: not a train_smt.py config."
+      )
     value = getattr(value, part)
   return value
 
@@ -121,33 +140,55 @@ def _get(obj, name: str):
 def reference_config(base, cfg, itr: int):
   """`base` with the model, SMT and optimiser settings of a train_smt.py cfg (SMT done at itr)."""
   from experiments.configs import common
+
   t, r = _get(cfg, "teacher"), _get(cfg, "rnn")
-  for what, v, want in (("teacher.mem_rms_norm", getattr(t, "mem_rms_norm", True), True),
-                        ("teacher.mem_fsq", getattr(t, "mem_fsq", None), None),
-                        ("rnn.mem_fsq", getattr(r, "mem_fsq", None), None),
-                        ("rnn.d_model", _get(r, "d_model"), _get(t, "d_model")),
-                        ("rnn.n_heads", _get(r, "n_heads"), _get(t, "n_heads")),
-                        ("rnn.mem_tokens", _get(r, "mem_tokens"), _get(t, "mem_tokens")),
-                        ("rnn.vocab_size", _get(r, "vocab_size"), _get(t, "vocab_size"))):
+  for what, v, want in (
+    ("teacher.mem_rms_norm", getattr(t, "mem_rms_norm", True), True),
+    ("teacher.mem_fsq", getattr(t, "mem_fsq", None), None),
+    ("rnn.mem_fsq", getattr(r, "mem_fsq", None), None),
+    ("rnn.d_model", _get(r, "d_model"), _get(t, "d_model")),
+    ("rnn.n_heads", _get(r, "n_heads"), _get(t, "n_heads")),
+    ("rnn.mem_tokens", _get(r, "mem_tokens"), _get(t, "mem_tokens")),
+    ("rnn.vocab_size", _get(r, "vocab_size"), _get(t, "vocab_size")),
+  ):
     if v != want:
-      raise CheckpointImportError(f"cfg.{what} = {v!r}: smt-jax imports models with {want!r} there.")
+      raise CheckpointImportError(
+        f"cfg.{what} = {v!r}: smt-jax imports models with {want!r} there."
+      )
   c = base
   common.reference_recipe(c)
   c.phases = "smt,dmt"
-  c.model.update(rnn_kind="transformer", width=int(t.d_model), num_heads=int(t.n_heads),
-                 num_memory_tokens=int(t.mem_tokens), encoder_depth=int(t.encoder_depth),
-                 decoder_depth=int(t.decoder_depth), rnn_depth=int(r.rnn_depth),
-                 readout_depth=int(r.decoder_depth))
+  c.model.update(
+    rnn_kind="transformer",
+    width=int(t.d_model),
+    num_heads=int(t.n_heads),
+    num_memory_tokens=int(t.mem_tokens),
+    encoder_depth=int(t.encoder_depth),
+    decoder_depth=int(t.decoder_depth),
+    rnn_depth=int(r.rnn_depth),
+    readout_depth=int(r.decoder_depth),
+  )
   s = _get(cfg, "smt")
-  c.smt.update(steps=max(int(itr), 1), context_length=int(s.Tc), future_length=int(s.Tf),
-               gamma=float(s.gamma), c_dec=float(s.coef_dec), c_dyn=float(s.coef_dyn),
-               c_unif=float(s.coef_unif), stop_teacher_grad=bool(getattr(s, "detach_rnn", False)),
-               uniformity_over="tokens" if getattr(s, "unif_over_tokens", True) else "states",
-               batch_size=int(_get(cfg, "batch_size")), lr=float(_get(cfg, "lr")))
+  c.smt.update(
+    steps=max(int(itr), 1),
+    context_length=int(s.Tc),
+    future_length=int(s.Tf),
+    gamma=float(s.gamma),
+    c_dec=float(s.coef_dec),
+    c_dyn=float(s.coef_dyn),
+    c_unif=float(s.coef_unif),
+    stop_teacher_grad=bool(getattr(s, "detach_rnn", False)),
+    uniformity_over="tokens" if getattr(s, "unif_over_tokens", True) else "states",
+    batch_size=int(_get(cfg, "batch_size")),
+    lr=float(_get(cfg, "lr")),
+  )
   betas = tuple(_get(cfg, "adam_betas"))
-  c.optim.update(b1=float(betas[0]), b2=float(betas[1]),
-                 weight_decay=float(_get(cfg, "weight_decay")),
-                 clip_norm=float(_get(cfg, "clip_grad_norm")))
+  c.optim.update(
+    b1=float(betas[0]),
+    b2=float(betas[1]),
+    weight_decay=float(_get(cfg, "weight_decay")),
+    clip_norm=float(_get(cfg, "clip_grad_norm")),
+  )
   c.seed = int(getattr(cfg, "seed", c.seed))
   return c
 
@@ -158,19 +199,29 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   from flax import nnx
 
   from smt_jax import checkpoints, config_checks, reference
+
   config = reference_config(base, ckpt["cfg"], ckpt["itr"])
   exp = config_checks.build_experiment(config)  # validates the config and the data first
   m = config.model
   if exp.source.vocab_size != ckpt["cfg"].teacher.vocab_size:
-    raise CheckpointImportError(f"the checkpoint's vocabulary is {ckpt['cfg'].teacher.vocab_size}, the "
-                       f"config's data {config.data.name!r} has {exp.source.vocab_size}: pass "
-                       f"the --config of the data it was trained on.")
+    raise CheckpointImportError(
+      f"the checkpoint's vocabulary is {ckpt['cfg'].teacher.vocab_size}, the "
+      f"config's data {config.data.name!r} has {exp.source.vocab_size}: pass "
+      f"the --config of the data it was trained on."
+    )
   try:
     teacher, rnn = reference.from_state_dicts(
-        ckpt["teacher"], ckpt["rnn"], vocab_size=exp.source.vocab_size, width=m.width,
-        num_heads=m.num_heads, num_memory_tokens=m.num_memory_tokens,
-        encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth, rnn_depth=m.rnn_depth,
-        readout_depth=m.readout_depth)
+      ckpt["teacher"],
+      ckpt["rnn"],
+      vocab_size=exp.source.vocab_size,
+      width=m.width,
+      num_heads=m.num_heads,
+      num_memory_tokens=m.num_memory_tokens,
+      encoder_depth=m.encoder_depth,
+      decoder_depth=m.decoder_depth,
+      rnn_depth=m.rnn_depth,
+      readout_depth=m.readout_depth,
+    )
   except ValueError as e:
     raise CheckpointImportError(f"the checkpoint's weights do not fit its cfg: {e}") from None
   imported = {"teacher": nnx.state(teacher), "rnn": nnx.state(rnn)}
@@ -180,8 +231,9 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   checkpoints.claim_workdir(workdir, config, overwrite=overwrite, fork=False, is_main=True)
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
   try:
-    checkpoints.save(mngr, config.smt.steps, imported, None, phase_index=1, phase_step=0,
-                     phase="dmt")
+    checkpoints.save(
+      mngr, config.smt.steps, imported, None, phase_index=1, phase_step=0, phase="dmt"
+    )
     mngr.wait_until_finished()
   finally:
     mngr.close()
@@ -196,22 +248,28 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from smt_jax import checkpoints, config_checks
+
   try:
     ckpt = load_checkpoint(FLAGS.checkpoint)
     base = FLAGS.config
     if base is None:
       dataset = str(getattr(ckpt["cfg"], "dataset", ""))
       if dataset not in BASE_CONFIGS:
-        raise CheckpointImportError(f"the checkpoint's dataset {dataset!r} has no default config: pass "
-                           f"--config=experiments/configs/<file>.py[:arg].")
+        raise CheckpointImportError(
+          f"the checkpoint's dataset {dataset!r} has no default config: pass "
+          f"--config=experiments/configs/<file>.py[:arg]."
+        )
       base = load_config(BASE_CONFIGS[dataset])
-    path = import_checkpoint(ckpt, base.copy_and_resolve_references(), FLAGS.workdir,
-                             overwrite=FLAGS.overwrite)
+    path = import_checkpoint(
+      ckpt, base.copy_and_resolve_references(), FLAGS.workdir, overwrite=FLAGS.overwrite
+    )
   except (CheckpointImportError, config_checks.ConfigError, checkpoints.WorkdirError) as e:
     sys.exit(f"error: {e}")
-  print(f"Imported SMT step {ckpt['itr']} into {FLAGS.workdir}. Continue with DMT:\n"
-        f"  python -m experiments.run --config={path} --workdir={FLAGS.workdir}\n"
-        f"  python -m experiments.sample --workdir={FLAGS.workdir}")
+  print(
+    f"Imported SMT step {ckpt['itr']} into {FLAGS.workdir}. Continue with DMT:\n"
+    f"  python -m experiments.run --config={path} --workdir={FLAGS.workdir}\n"
+    f"  python -m experiments.sample --workdir={FLAGS.workdir}"
+  )
 
 
 if __name__ == "__main__":

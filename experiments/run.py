@@ -17,8 +17,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a config file (and :arg).",
-                                 lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (and :arg).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
 flags.DEFINE_bool("overwrite", False, "Start over in a workdir that holds another config's run.")
 flags.DEFINE_bool("fork", False, "Continue another config's checkpoints under this config.")
@@ -38,16 +39,22 @@ def default_workdir(config_arg: str) -> str:
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() once, when the environment describes a multi-process job."""
   import jax
+
   env = os.environ
-  multi = (env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1
-           or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-           or int(env.get("JAX_NUM_PROCESSES", "1")) > 1)
+  multi = (
+    env.get("JAX_COORDINATOR_ADDRESS")
+    or int(env.get("SLURM_NTASKS", "1")) > 1
+    or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+    or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+  )
   if multi:
     kwargs = {}
     if env.get("JAX_COORDINATOR_ADDRESS"):
-      kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                    num_processes=int(env["JAX_NUM_PROCESSES"]),
-                    process_id=int(env["JAX_PROCESS_ID"]))
+      kwargs = dict(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]),
+      )
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
@@ -58,15 +65,21 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   maybe_initialize_distributed()
   from smt_jax import checkpoints, config_checks, train  # after distributed init
+
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)
   try:
-    summary = train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite,
-                                       fork=FLAGS.fork)
+    summary = train.train_and_evaluate(
+      FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork
+    )
   except train.Preempted:
     sys.exit(train.Preempted.exit_code)  # the checkpoint is saved; rerun the command to resume
-  except (config_checks.ConfigError, checkpoints.WorkdirError, checkpoints.CheckpointError,
-          train.NonFiniteError) as e:  # the message says what to fix; a traceback would bury it
+  except (
+    config_checks.ConfigError,
+    checkpoints.WorkdirError,
+    checkpoints.CheckpointError,
+    train.NonFiniteError,
+  ) as e:  # the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")
   for k in sorted(summary):
     if not isinstance(summary[k], dict):

@@ -9,8 +9,8 @@ writes the samples into the workdir (or --out).
 import json
 import os
 
-from absl import app, flags, logging
 import ml_collections
+from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holding config.json and checkpoints/).")
 flags.DEFINE_string("out", None, "Where to write the samples (default: the workdir).")
@@ -26,6 +26,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from smt_jax import checkpoints, config_checks, experiment, metrics_io, samples
+
   with open(os.path.join(FLAGS.workdir, checkpoints.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if FLAGS.temperature is not None:
@@ -37,8 +38,11 @@ def main(argv):
   exp = config_checks.build_experiment(config)
   mngr = checkpoints.make_manager(FLAGS.workdir, keep=config.keep_checkpoints)
   restored = checkpoints.restore(
-      mngr, phases=exp.phases, params=exp.abstract_params,
-      opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases])
+    mngr,
+    phases=exp.phases,
+    params=exp.abstract_params,
+    opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases],
+  )
   if restored is None:
     raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints.")
   params, phase_index, phase_step = (restored[k] for k in ("params", "phase_index", "phase_step"))

@@ -44,13 +44,13 @@ STAGES = ("create", "copy", "install", "run", "delete")
 # Software ("runtime") versions Google recommends for JAX, by accelerator family
 # (https://cloud.google.com/tpu/docs/runtimes). Longest prefix first: "v5litepod" before "v5p".
 _RUNTIME_VERSIONS = (
-    ("v6e", "v2-alpha-tpuv6e"),
-    ("v5litepod", "v2-alpha-tpuv5-lite"),
-    ("v5e", "v2-alpha-tpuv5-lite"),
-    ("v5p", "v2-alpha-tpuv5"),
-    ("v4", "tpu-ubuntu2204-base"),
-    ("v3", "tpu-ubuntu2204-base"),
-    ("v2", "tpu-ubuntu2204-base"),
+  ("v6e", "v2-alpha-tpuv6e"),
+  ("v5litepod", "v2-alpha-tpuv5-lite"),
+  ("v5e", "v2-alpha-tpuv5-lite"),
+  ("v5p", "v2-alpha-tpuv5"),
+  ("v4", "tpu-ubuntu2204-base"),
+  ("v3", "tpu-ubuntu2204-base"),
+  ("v2", "tpu-ubuntu2204-base"),
 )
 # GCP resource names: lowercase letters, digits and hyphens, starting with a letter.
 _NAME_PATTERN = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -59,6 +59,7 @@ _NAME_PATTERN = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One command of the launch plan. `stage` is one of STAGES, or "package" (local git archive)."""
+
   stage: str
   argv: tuple[str, ...]
 
@@ -72,8 +73,9 @@ def default_runtime_version(accelerator_type: str) -> str:
     if accelerator_type.startswith(prefix):
       return version
   raise ValueError(
-      f"no default runtime version for accelerator type {accelerator_type!r}; "
-      "pass --runtime-version (see `gcloud compute tpus tpu-vm versions list`)")
+    f"no default runtime version for accelerator type {accelerator_type!r}; "
+    "pass --runtime-version (see `gcloud compute tpus tpu-vm versions list`)"
+  )
 
 
 def _gcloud_tpu(verb: str, *positional: str, zone: str, project: str | None) -> list[str]:
@@ -84,9 +86,17 @@ def _gcloud_tpu(verb: str, *positional: str, zone: str, project: str | None) -> 
   return argv
 
 
-def create_command(name: str, *, zone: str, project: str | None, accelerator_type: str,
-                   runtime_version: str, spot: bool = False, preemptible: bool = False,
-                   extra_args: Sequence[str] = ()) -> list[str]:
+def create_command(
+  name: str,
+  *,
+  zone: str,
+  project: str | None,
+  accelerator_type: str,
+  runtime_version: str,
+  spot: bool = False,
+  preemptible: bool = False,
+  extra_args: Sequence[str] = (),
+) -> list[str]:
   """Creates the slice. `spot`/`preemptible` pick the cheaper capacity that may be reclaimed."""
   if spot and preemptible:
     raise ValueError("spot and preemptible are mutually exclusive")
@@ -105,55 +115,81 @@ def ssh_command(name: str, remote_command: str, *, zone: str, project: str | Non
   return argv + ["--worker=all", f"--command={remote_command}"]
 
 
-def package_command(*, ref: str, tarball: str, remote_dir: str,
-                    repo_root: str | pathlib.Path = REPO_ROOT) -> list[str]:
+def package_command(
+  *, ref: str, tarball: str, remote_dir: str, repo_root: str | pathlib.Path = REPO_ROOT
+) -> list[str]:
   """A `git archive` tarball of the committed tree at `ref`, unpacking into `remote_dir/`.
 
   Uncommitted changes are NOT shipped: that is what makes a run reproducible from its ref.
   """
-  return ["git", "-C", str(repo_root), "archive", "--format=tar.gz", f"--prefix={remote_dir}/",
-          f"--output={tarball}", ref]
+  return [
+    "git",
+    "-C",
+    str(repo_root),
+    "archive",
+    "--format=tar.gz",
+    f"--prefix={remote_dir}/",
+    f"--output={tarball}",
+    ref,
+  ]
 
 
-def copy_archive_commands(name: str, *, zone: str, project: str | None, tarball: str,
-                          remote_dir: str) -> list[list[str]]:
+def copy_archive_commands(
+  name: str, *, zone: str, project: str | None, tarball: str, remote_dir: str
+) -> list[list[str]]:
   """Copies the tarball to every worker's home directory, then replaces `remote_dir` with it."""
   remote_tarball = f"{remote_dir}.tar.gz"  # relative to the remote home directory
   scp = _gcloud_tpu("scp", tarball, f"{name}:{remote_tarball}", zone=zone, project=project)
   scp += ["--worker=all", "--recurse"]
-  unpack = (f"rm -rf {shlex.quote(remote_dir)} && tar -xzf {shlex.quote(remote_tarball)} "
-            f"&& rm -f {shlex.quote(remote_tarball)}")
+  unpack = (
+    f"rm -rf {shlex.quote(remote_dir)} && tar -xzf {shlex.quote(remote_tarball)} "
+    f"&& rm -f {shlex.quote(remote_tarball)}"
+  )
   return [scp, ssh_command(name, unpack, zone=zone, project=project)]
 
 
-def clone_command(name: str, *, zone: str, project: str | None, repo_url: str, ref: str,
-                  remote_dir: str) -> list[str]:
+def clone_command(
+  name: str, *, zone: str, project: str | None, repo_url: str, ref: str, remote_dir: str
+) -> list[str]:
   """Clones `repo_url` at `ref` on every worker (the workers need read access to the repo)."""
   q_dir = shlex.quote(remote_dir)
-  remote = (f"rm -rf {q_dir} && git clone --quiet {shlex.quote(repo_url)} {q_dir} "
-            f"&& git -C {q_dir} checkout --quiet {shlex.quote(ref)}")
+  remote = (
+    f"rm -rf {q_dir} && git clone --quiet {shlex.quote(repo_url)} {q_dir} "
+    f"&& git -C {q_dir} checkout --quiet {shlex.quote(ref)}"
+  )
   return ssh_command(name, remote, zone=zone, project=project)
 
 
-def install_command(name: str, *, zone: str, project: str | None, remote_dir: str,
-                    python: str = "python3") -> list[str]:
+def install_command(
+  name: str, *, zone: str, project: str | None, remote_dir: str, python: str = "python3"
+) -> list[str]:
   """`pip install -e .[tpu]` on every worker, after a pip recent enough for editable installs."""
   pip = shlex.join([python, "-m", "pip", "install", "--quiet"])
-  remote = (f"cd {shlex.quote(remote_dir)} && {pip} --upgrade pip "
-            f"&& {pip} -e {shlex.quote('.[tpu]')}")
+  remote = (
+    f"cd {shlex.quote(remote_dir)} && {pip} --upgrade pip && {pip} -e {shlex.quote('.[tpu]')}"
+  )
   return ssh_command(name, remote, zone=zone, project=project)
 
 
-def experiment_argv(*, config: str, workdir: str, overrides: Sequence[str] = (),
-                    python: str = "python3") -> list[str]:
+def experiment_argv(
+  *, config: str, workdir: str, overrides: Sequence[str] = (), python: str = "python3"
+) -> list[str]:
   """The command every worker runs: `python -m experiments.run --config=... --workdir=...`."""
-  return [python, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}",
-          *overrides]
+  return [python, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}", *overrides]
 
 
-def run_command(name: str, *, zone: str, project: str | None, remote_dir: str, config: str,
-                workdir: str, overrides: Sequence[str] = (), env: Sequence[str] = (),
-                python: str = "python3") -> list[str]:
+def run_command(
+  name: str,
+  *,
+  zone: str,
+  project: str | None,
+  remote_dir: str,
+  config: str,
+  workdir: str,
+  overrides: Sequence[str] = (),
+  env: Sequence[str] = (),
+  python: str = "python3",
+) -> list[str]:
   """Starts the experiment on every worker; the ssh session streams its output until it ends."""
   argv = experiment_argv(config=config, workdir=workdir, overrides=overrides, python=python)
   if env:
@@ -177,27 +213,72 @@ def build_plan(args: argparse.Namespace) -> list[Step]:
   plan: list[Step] = []
   if ship_archive:
     # Packaged before the slice exists: a bad ref fails before any TPU time is paid for.
-    plan.append(Step("package", tuple(package_command(ref=args.ref, tarball=tarball,
-                                                      remote_dir=args.remote_dir))))
+    plan.append(
+      Step(
+        "package", tuple(package_command(ref=args.ref, tarball=tarball, remote_dir=args.remote_dir))
+      )
+    )
   if "create" in stages:
     runtime = args.runtime_version or default_runtime_version(args.accelerator_type)
-    plan.append(Step("create", tuple(create_command(
-        args.name, **where, accelerator_type=args.accelerator_type, runtime_version=runtime,
-        spot=args.spot, preemptible=args.preemptible, extra_args=args.create_arg))))
+    plan.append(
+      Step(
+        "create",
+        tuple(
+          create_command(
+            args.name,
+            **where,
+            accelerator_type=args.accelerator_type,
+            runtime_version=runtime,
+            spot=args.spot,
+            preemptible=args.preemptible,
+            extra_args=args.create_arg,
+          )
+        ),
+      )
+    )
   if ship_archive:
-    plan += [Step("copy", tuple(argv)) for argv in copy_archive_commands(
-        args.name, **where, tarball=tarball, remote_dir=args.remote_dir)]
+    plan += [
+      Step("copy", tuple(argv))
+      for argv in copy_archive_commands(
+        args.name, **where, tarball=tarball, remote_dir=args.remote_dir
+      )
+    ]
   elif "copy" in stages:
-    plan.append(Step("copy", tuple(clone_command(args.name, **where, repo_url=args.repo,
-                                                  ref=args.ref, remote_dir=args.remote_dir))))
+    plan.append(
+      Step(
+        "copy",
+        tuple(
+          clone_command(
+            args.name, **where, repo_url=args.repo, ref=args.ref, remote_dir=args.remote_dir
+          )
+        ),
+      )
+    )
   if "install" in stages:
-    plan.append(Step("install", tuple(install_command(args.name, **where,
-                                                      remote_dir=args.remote_dir,
-                                                      python=args.python))))
+    plan.append(
+      Step(
+        "install",
+        tuple(install_command(args.name, **where, remote_dir=args.remote_dir, python=args.python)),
+      )
+    )
   if "run" in stages:
-    plan.append(Step("run", tuple(run_command(
-        args.name, **where, remote_dir=args.remote_dir, config=args.config, workdir=args.workdir,
-        overrides=args.overrides, env=args.env, python=args.python))))
+    plan.append(
+      Step(
+        "run",
+        tuple(
+          run_command(
+            args.name,
+            **where,
+            remote_dir=args.remote_dir,
+            config=args.config,
+            workdir=args.workdir,
+            overrides=args.overrides,
+            env=args.env,
+            python=args.python,
+          )
+        ),
+      )
+    )
   if "delete" in stages:
     plan.append(Step("delete", tuple(delete_command(args.name, **where))))
   return plan
@@ -208,55 +289,92 @@ def build_plan(args: argparse.Namespace) -> list[Step]:
 
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m launch.tpu_pod", allow_abbrev=False,
-      description="Create a Cloud TPU VM slice, copy and install smt-jax on every worker, run "
-                  "experiments.run on all of them, then delete the slice.",
-      epilog="Config overrides: --config.field=value anywhere, or anything after a bare `--`.")
+    prog="python -m launch.tpu_pod",
+    allow_abbrev=False,
+    description="Create a Cloud TPU VM slice, copy and install smt-jax on every worker, run "
+    "experiments.run on all of them, then delete the slice.",
+    epilog="Config overrides: --config.field=value anywhere, or anything after a bare `--`.",
+  )
   slice_ = parser.add_argument_group("slice")
   slice_.add_argument("--name", required=True, help="TPU VM name (lowercase, digits, hyphens).")
   slice_.add_argument("--zone", required=True, help="e.g. us-west4-a")
-  slice_.add_argument("--accelerator-type", default=None,
-                      help="e.g. v5litepod-16, v5p-32, v6e-16, v4-32 (needed to create).")
-  slice_.add_argument("--runtime-version", default=None,
-                      help="TPU software version; default: Google's JAX recommendation for the "
-                           "accelerator family (e.g. v2-alpha-tpuv5-lite for v5litepod-*).")
+  slice_.add_argument(
+    "--accelerator-type",
+    default=None,
+    help="e.g. v5litepod-16, v5p-32, v6e-16, v4-32 (needed to create).",
+  )
+  slice_.add_argument(
+    "--runtime-version",
+    default=None,
+    help="TPU software version; default: Google's JAX recommendation for the "
+    "accelerator family (e.g. v2-alpha-tpuv5-lite for v5litepod-*).",
+  )
   slice_.add_argument("--project", default=None, help="GCP project (default: gcloud's).")
   capacity = slice_.add_mutually_exclusive_group()
   capacity.add_argument("--spot", action="store_true", help="Spot capacity (cheap, preemptible).")
   capacity.add_argument("--preemptible", action="store_true", help="Legacy preemptible capacity.")
-  slice_.add_argument("--create-arg", action="append", default=[], metavar="FLAG",
-                      help="Extra flag for `tpu-vm create`, repeatable, `=` form: "
-                           "--create-arg=--network=my-net")
+  slice_.add_argument(
+    "--create-arg",
+    action="append",
+    default=[],
+    metavar="FLAG",
+    help="Extra flag for `tpu-vm create`, repeatable, `=` form: --create-arg=--network=my-net",
+  )
 
   code = parser.add_argument_group("code")
-  code.add_argument("--repo", default=None,
-                    help="git URL to clone on the workers; default: ship a `git archive` of this "
-                         "checkout (committed files only).")
+  code.add_argument(
+    "--repo",
+    default=None,
+    help="git URL to clone on the workers; default: ship a `git archive` of this "
+    "checkout (committed files only).",
+  )
   code.add_argument("--ref", default="HEAD", help="git ref to ship or check out (default: HEAD).")
-  code.add_argument("--remote-dir", default="smt-jax",
-                    help="Checkout directory relative to the workers' home (%(default)s).")
+  code.add_argument(
+    "--remote-dir",
+    default="smt-jax",
+    help="Checkout directory relative to the workers' home (%(default)s).",
+  )
   code.add_argument("--tarball", default=None, help="Local path for the git archive.")
   code.add_argument("--python", default="python3", help="Interpreter on the workers.")
 
   job = parser.add_argument_group("job")
-  job.add_argument("--config", default=None,
-                   help="experiments.run config, e.g. experiments/configs/pixels.py:mnist "
-                        "(needed to run).")
-  job.add_argument("--workdir", default=None,
-                   help="gs:// path shared by all hosts: metrics, checkpoints, resume "
-                        "(needed to run).")
-  job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="Environment variable for the job on every worker, repeatable.")
+  job.add_argument(
+    "--config",
+    default=None,
+    help="experiments.run config, e.g. experiments/configs/pixels.py:mnist (needed to run).",
+  )
+  job.add_argument(
+    "--workdir",
+    default=None,
+    help="gs:// path shared by all hosts: metrics, checkpoints, resume (needed to run).",
+  )
+  job.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="Environment variable for the job on every worker, repeatable.",
+  )
 
   flow = parser.add_argument_group("flow")
-  flow.add_argument("--steps", default=",".join(STAGES),
-                    help="Comma-separated stages to run, from %(default)s.")
-  flow.add_argument("--keep", action="store_true",
-                    help="Do not delete the slice, neither at the end nor on failure.")
-  flow.add_argument("--log-file", default=None,
-                    help="Also append all command output (the job's logs included) here.")
-  flow.add_argument("--dry-run", action="store_true",
-                    help="Print every command, one per line, shell-quoted; run nothing.")
+  flow.add_argument(
+    "--steps", default=",".join(STAGES), help="Comma-separated stages to run, from %(default)s."
+  )
+  flow.add_argument(
+    "--keep",
+    action="store_true",
+    help="Do not delete the slice, neither at the end nor on failure.",
+  )
+  flow.add_argument(
+    "--log-file",
+    default=None,
+    help="Also append all command output (the job's logs included) here.",
+  )
+  flow.add_argument(
+    "--dry-run",
+    action="store_true",
+    help="Print every command, one per line, shell-quoted; run nothing.",
+  )
   return parser
 
 
@@ -266,21 +384,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   tail: list[str] = []
   if "--" in argv:
     cut = argv.index("--")
-    argv, tail = argv[:cut], argv[cut + 1:]
+    argv, tail = argv[:cut], argv[cut + 1 :]
   parser = make_parser()
   args, unknown = parser.parse_known_args(argv)
   stray = [a for a in unknown if not (a.startswith("--config.") and "=" in a)]
   if stray:
-    parser.error(f"unrecognised arguments {stray}; config overrides take the form "
-                 "--config.field=value, other experiments.run flags go after a bare `--`")
+    parser.error(
+      f"unrecognised arguments {stray}; config overrides take the form "
+      "--config.field=value, other experiments.run flags go after a bare `--`"
+    )
   args.overrides = unknown + tail
 
   args.steps = [s for s in args.steps.split(",") if s]
   if bad := [s for s in args.steps if s not in STAGES]:
     parser.error(f"--steps: unknown stage(s) {bad}; choose from {','.join(STAGES)}")
   if not _NAME_PATTERN.fullmatch(args.name):
-    parser.error(f"--name {args.name!r}: use lowercase letters, digits and hyphens, "
-                 "starting with a letter (at most 63 characters)")
+    parser.error(
+      f"--name {args.name!r}: use lowercase letters, digits and hyphens, "
+      "starting with a letter (at most 63 characters)"
+    )
   if "run" in args.steps:
     if not (args.config and args.workdir):
       parser.error("the run stage needs --config and --workdir")
@@ -325,8 +447,12 @@ def run_streaming(argv: Sequence[str], log: BinaryIO | None = None) -> int:
   return proc.returncode
 
 
-def execute(plan: Sequence[Step], *, log: BinaryIO | None = None,
-            run: Callable[[Sequence[str], BinaryIO | None], int] = run_streaming) -> int:
+def execute(
+  plan: Sequence[Step],
+  *,
+  log: BinaryIO | None = None,
+  run: Callable[[Sequence[str], BinaryIO | None], int] = run_streaming,
+) -> int:
   """Runs the plan in order, stopping at the first failure; delete steps run last, always.
 
   The slice is deleted after a failure (or Ctrl-C) too, but only if this launch created it or was
@@ -348,8 +474,11 @@ def execute(plan: Sequence[Step], *, log: BinaryIO | None = None,
   finally:
     for step in teardown:
       if not owns_slice:
-        _say("not deleting: the slice was not created by this launch. If it exists and is "
-             f"yours, delete it with: {shlex.join(step.argv)}", log)
+        _say(
+          "not deleting: the slice was not created by this launch. If it exists and is "
+          f"yours, delete it with: {shlex.join(step.argv)}",
+          log,
+        )
         continue
       _say(f"delete: {shlex.join(step.argv)}", log)
       delete_rc = run(step.argv, log)
@@ -361,8 +490,12 @@ def execute(plan: Sequence[Step], *, log: BinaryIO | None = None,
 
 def _warn_if_dirty(args: argparse.Namespace) -> None:
   """Only committed files are shipped by `git archive`; say so when the checkout differs."""
-  status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
-                          capture_output=True, text=True, check=False)
+  status = subprocess.run(
+    ["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if status.returncode == 0 and status.stdout.strip():
     _say(f"warning: uncommitted changes are not shipped; the workers get {args.ref!r} as committed")
 
@@ -378,8 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "copy" in args.steps and not args.repo:
     _warn_if_dirty(args)
   if "run" in args.steps:
-    _say(f"workdir {args.workdir}: metrics and checkpoints (process 0 writes them); rerun this "
-         "same command to resume from the latest checkpoint there")
+    _say(
+      f"workdir {args.workdir}: metrics and checkpoints (process 0 writes them); rerun this "
+      "same command to resume from the latest checkpoint there"
+    )
   log = open(args.log_file, "ab") if args.log_file else None  # noqa: SIM115 (closed below)
   try:
     return execute(plan, log=log)

@@ -5,17 +5,48 @@ inference loops, and the Flax NNX models.
 """
 
 from smt_jax.inference import initial_memories, prompt_memory, read, write
-from smt_jax.losses import (decoding_loss, drift, dynamics_loss, masked_cross_entropy, masked_mean,
-                            uniformity_loss)
+from smt_jax.losses import (
+  decoding_loss,
+  drift,
+  dynamics_loss,
+  masked_cross_entropy,
+  masked_mean,
+  uniformity_loss,
+)
 from smt_jax.models import RNN_KINDS, Teacher, make_rnn, rnn_fns, teacher_fns
-from smt_jax.objectives import (RNNFns, TeacherFns, bptt_loss, dmt_loss, encode_over_time, rollout,
-                                smt_loss)
+from smt_jax.objectives import (
+  RNNFns,
+  TeacherFns,
+  bptt_loss,
+  dmt_loss,
+  encode_over_time,
+  rollout,
+  smt_loss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RNNFns", "Teacher", "TeacherFns", "RNN_KINDS", "bptt_loss", "decoding_loss", "dmt_loss",
-    "drift", "dynamics_loss", "encode_over_time", "initial_memories", "make_rnn",
-    "masked_cross_entropy", "masked_mean", "prompt_memory", "read", "rnn_fns", "rollout",
-    "smt_loss", "teacher_fns", "uniformity_loss", "write",
+  "RNNFns",
+  "Teacher",
+  "TeacherFns",
+  "RNN_KINDS",
+  "bptt_loss",
+  "decoding_loss",
+  "dmt_loss",
+  "drift",
+  "dynamics_loss",
+  "encode_over_time",
+  "initial_memories",
+  "make_rnn",
+  "masked_cross_entropy",
+  "masked_mean",
+  "prompt_memory",
+  "read",
+  "rnn_fns",
+  "rollout",
+  "smt_loss",
+  "teacher_fns",
+  "uniformity_loss",
+  "write",
 ]

@@ -16,7 +16,7 @@ Nothing here reads a config or touches files; models enter as `TeacherFns` / `RN
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,14 @@ from smt_jax.objectives import Params, RNNFns, TeacherFns
 # Gradient flow.
 
 
-def rollout_state_gradient_norms(loss_of_states: Callable[[jax.Array], jax.Array], params: Params,
-                                 memory: jax.Array, inputs: jax.Array, *, update: Callable
-                                 ) -> jax.Array:
+def rollout_state_gradient_norms(
+  loss_of_states: Callable[[jax.Array], jax.Array],
+  params: Params,
+  memory: jax.Array,
+  inputs: jax.Array,
+  *,
+  update: Callable,
+) -> jax.Array:
   """||dL/dm_t|| for every state of a `lax.scan` unroll (the BPTT gradient path).
 
   The unroll is m_t = update(params, m_{t-1}, inputs[:, t]) + eps_t with eps = 0; the gradient
@@ -46,14 +51,17 @@ def rollout_state_gradient_norms(loss_of_states: Callable[[jax.Array], jax.Array
     float32 [B, L]: per-sequence gradient norm w.r.t. the state after reading inputs[:, t].
   """
   if memory.ndim != 3 or inputs.ndim != 2 or memory.shape[0] != inputs.shape[0]:
-    raise ValueError(f"memory must be [B, K, d] and inputs int [B, L] with the same B; got "
-                     f"{memory.shape} and {inputs.shape}.")
+    raise ValueError(
+      f"memory must be [B, K, d] and inputs int [B, L] with the same B; got "
+      f"{memory.shape} and {inputs.shape}."
+    )
 
   def loss_of_eps(eps):  # eps [L, B, K, d]
     def step(m, xs):
       x_t, e_t = xs
       m = update(params, m, x_t) + e_t
       return m, m
+
     _, states = jax.lax.scan(step, memory, (inputs.T, eps))
     return loss_of_states(jnp.swapaxes(states, 0, 1))
 
@@ -80,6 +88,7 @@ def perturbable_teacher(teacher: TeacherFns) -> TeacherFns:
   Encodings of another batch size (e.g. the single E(empty) of the SMT loss's L_init) get no delta.
   Valid when every memory of interest comes from a window covering the episode (Tc >= T).
   """
+
   def encode(p, context):
     m = teacher.encode(p["teacher"], context)
     delta = p["delta"]
@@ -90,8 +99,14 @@ def perturbable_teacher(teacher: TeacherFns) -> TeacherFns:
   return TeacherFns(encode=encode, decode=lambda p, m, xf: teacher.decode(p["teacher"], m, xf))
 
 
-def smt_memory_gradient_norms(loss_fn: Callable, params: Params, batch: dict[str, jax.Array],
-                              key: jax.Array | None, *, teacher: TeacherFns) -> jax.Array:
+def smt_memory_gradient_norms(
+  loss_fn: Callable,
+  params: Params,
+  batch: dict[str, jax.Array],
+  key: jax.Array | None,
+  *,
+  teacher: TeacherFns,
+) -> jax.Array:
   """||dL/dm_t|| for every teacher memory m_t, t = -1 .. T-1, of a time-parallel SMT-style loss.
 
   Args:
@@ -137,17 +152,21 @@ def drift_along_time(predicted: jax.Array, target: jax.Array) -> dict[str, jax.A
     {'mse': float32 [T], 'one_minus_r2': float32 [T]}.
   """
   if predicted.shape != target.shape or predicted.ndim != 4:
-    raise ValueError(f"predicted and target must both be [B, T, K, d]; got {predicted.shape} "
-                     f"and {target.shape}.")
+    raise ValueError(
+      f"predicted and target must both be [B, T, K, d]; got {predicted.shape} and {target.shape}."
+    )
   p, t = predicted.astype(jnp.float32), target.astype(jnp.float32)
   sq = jnp.square(p - t)
   ss_tot = jnp.sum(jnp.square(t - jnp.mean(t, axis=0, keepdims=True)), axis=(0, 2, 3))
-  return {"mse": jnp.mean(sq, axis=(0, 2, 3)),
-          "one_minus_r2": jnp.sum(sq, axis=(0, 2, 3)) / jnp.maximum(ss_tot, 1e-12)}
+  return {
+    "mse": jnp.mean(sq, axis=(0, 2, 3)),
+    "one_minus_r2": jnp.sum(sq, axis=(0, 2, 3)) / jnp.maximum(ss_tot, 1e-12),
+  }
 
 
-def one_step_predictions(rnn: RNNFns, params: Params, memories: jax.Array,
-                         inputs: jax.Array) -> jax.Array:
+def one_step_predictions(
+  rnn: RNNFns, params: Params, memories: jax.Array, inputs: jax.Array
+) -> jax.Array:
   """update(m_t, x_{t+1}) for every t at once (vmap over time): the SMT one-step transitions.
 
   Args:
@@ -177,9 +196,13 @@ def pca(x, num_components: int = 2) -> dict[str, np.ndarray]:
     raise ValueError(f"num_components must be in [1, {min(x.shape)}], got {num_components}.")
   mean = x.mean(0)
   _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
-  var = s ** 2
-  return {"projection": (x - mean) @ vt[:num_components].T, "components": vt[:num_components],
-          "mean": mean, "explained_variance_ratio": var[:num_components] / max(var.sum(), 1e-300)}
+  var = s**2
+  return {
+    "projection": (x - mean) @ vt[:num_components].T,
+    "components": vt[:num_components],
+    "mean": mean,
+    "explained_variance_ratio": var[:num_components] / max(var.sum(), 1e-300),
+  }
 
 
 def participation_ratio(x) -> float:
@@ -191,7 +214,7 @@ def participation_ratio(x) -> float:
   if x.ndim != 2 or x.shape[0] < 2:
     raise ValueError(f"participation_ratio needs x [N >= 2, F], got shape {x.shape}.")
   s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
-  return float(s.sum() ** 2 / max((s ** 2).sum(), 1e-300))
+  return float(s.sum() ** 2 / max((s**2).sum(), 1e-300))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -206,9 +229,16 @@ def count_flops(fn: Callable, *args) -> float:
   return float(cost["flops"])
 
 
-def seq_flops_per_step(method: str, *, seq_len: int, f_update: float, f_readout: float,
-                       f_encode: float = 0.0, f_decode: float = 0.0,
-                       rollout_length: int = 0) -> float:
+def seq_flops_per_step(
+  method: str,
+  *,
+  seq_len: int,
+  f_update: float,
+  f_readout: float,
+  f_encode: float = 0.0,
+  f_decode: float = 0.0,
+  rollout_length: int = 0,
+) -> float:
   """FLOPs on the serial critical path of ONE training step, per sequence ("SeqFLOPs").
 
   Work that is independent (batch rows, the time positions SMT vmaps over, the readouts hanging
@@ -235,6 +265,15 @@ def seq_flops_per_step(method: str, *, seq_len: int, f_update: float, f_readout:
   raise ValueError(f"method must be 'bptt', 'smt' or 'dmt', got {method!r}.")
 
 
-__all__ = ["count_flops", "drift_along_time", "one_step_predictions", "participation_ratio", "pca",
-           "perturbable_teacher", "rollout_state_gradient_norms", "seq_flops_per_step",
-           "smt_memory_gradient_norms", "window_fill"]
+__all__ = [
+  "count_flops",
+  "drift_along_time",
+  "one_step_predictions",
+  "participation_ratio",
+  "pca",
+  "perturbable_teacher",
+  "rollout_state_gradient_norms",
+  "seq_flops_per_step",
+  "smt_memory_gradient_norms",
+  "window_fill",
+]

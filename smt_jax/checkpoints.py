@@ -43,15 +43,28 @@ class WorkdirError(ValueError):
 
 def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           cleanup_tmp_directories=True),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),  # named: metadata is readable
-                     "meta": ocp.JsonCheckpointHandler()})
+    os.path.abspath(os.path.join(workdir, "checkpoints")),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, cleanup_tmp_directories=True
+    ),
+    item_handlers={
+      "state": ocp.StandardCheckpointHandler(),  # named: metadata is readable
+      "meta": ocp.JsonCheckpointHandler(),
+    },
+  )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, *, phase_index: int,
-         phase_step: int, phase: str | None = None, skipped_steps: int = 0) -> None:
+def save(
+  mngr: ocp.CheckpointManager,
+  step: int,
+  params,
+  opt_state,
+  *,
+  phase_index: int,
+  phase_step: int,
+  phase: str | None = None,
+  skipped_steps: int = 0,
+) -> None:
   """Saves (asynchronously) a checkpoint at global `step`, replacing one already there.
 
   The shell decides when to save, so orbax's own policy is bypassed (`force=True`): without it
@@ -63,21 +76,36 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, *, phase_ind
   if step in mngr.all_steps():  # e.g. the phase-boundary save at a step a preemption save used
     mngr.wait_until_finished()
     mngr.delete(step)
-  meta = {"phase_index": phase_index, "phase_step": phase_step, "phase": phase,
-          "skipped_steps": int(skipped_steps)}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)), force=True)
+  meta = {
+    "phase_index": phase_index,
+    "phase_step": phase_step,
+    "phase": phase,
+    "skipped_steps": int(skipped_steps),
+  }
+  mngr.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    force=True,
+  )
 
 
 def read(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
   """The state of checkpoint `step` restored into `target` ({'params'[, 'opt_state']}: trees of
   ShapeDtypeStructs with shardings): each array is read directly into its target layout."""
   return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
-      "state"]
+    "state"
+  ]
 
 
-def restore(mngr: ocp.CheckpointManager, *, phases, params, opt_states,
-            quarantine: bool = False, is_main: bool = True) -> dict | None:
+def restore(
+  mngr: ocp.CheckpointManager,
+  *,
+  phases,
+  params,
+  opt_states,
+  quarantine: bool = False,
+  is_main: bool = True,
+) -> dict | None:
   """Restores the newest readable checkpoint into abstract targets.
 
   Args:
@@ -108,9 +136,10 @@ def restore(mngr: ocp.CheckpointManager, *, phases, params, opt_states,
     here = phases[pi] if pi < len(phases) else None
     if pi > len(phases) or (saved_phase is not None and saved_phase != here):
       raise CheckpointError(
-          f"checkpoint {step} in {mngr.directory} was written at phase #{pi} ({saved_phase!r}) "
-          f"of another phase list; this config's phases are {phases}. Use another --workdir "
-          f"or --overwrite.")
+        f"checkpoint {step} in {mngr.directory} was written at phase #{pi} ({saved_phase!r}) "
+        f"of another phase list; this config's phases are {phases}. Use another --workdir "
+        f"or --overwrite."
+      )
     # Parameters of other shapes come from another config (e.g. --fork with a new width): not
     # corruption, and no older checkpoint will fit either, so stop and say so.
     try:
@@ -122,12 +151,16 @@ def restore(mngr: ocp.CheckpointManager, *, phases, params, opt_states,
       continue
     want = _shapes(params)
     if saved is not None and saved != want:
-      diff = [f"{k}: {saved.get(k, 'absent')} saved, {want.get(k, 'absent')} now"
-              for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+      diff = [
+        f"{k}: {saved.get(k, 'absent')} saved, {want.get(k, 'absent')} now"
+        for k in sorted(set(saved) | set(want))
+        if saved.get(k) != want.get(k)
+      ]
       raise CheckpointError(
-          f"checkpoint {step} in {mngr.directory} holds parameters of other shapes than this "
-          f"config's model ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): it was "
-          f"written under another config. Use another --workdir, or --overwrite.")
+        f"checkpoint {step} in {mngr.directory} holds parameters of other shapes than this "
+        f"config's model ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}): it was "
+        f"written under another config. Use another --workdir, or --overwrite."
+      )
     try:
       target = {"params": params}
       if ps > 0:
@@ -138,18 +171,27 @@ def restore(mngr: ocp.CheckpointManager, *, phases, params, opt_states,
       _warn_unreadable(mngr, step, e)
       continue
     if unreadable:
-      print(f"WARNING: restored checkpoint {step} instead of the newer, unreadable "
-            f"{[s for s, _ in unreadable]}.", flush=True)
+      print(
+        f"WARNING: restored checkpoint {step} instead of the newer, unreadable "
+        f"{[s for s, _ in unreadable]}.",
+        flush=True,
+      )
       if quarantine:
         _quarantine(mngr, [s for s, _ in unreadable], is_main=is_main)
-    return {"params": restored["params"], "opt_state": restored.get("opt_state"),
-            "phase_index": pi, "phase_step": ps, "step": step,
-            "skipped_steps": int(meta.get("skipped_steps", 0))}
+    return {
+      "params": restored["params"],
+      "opt_state": restored.get("opt_state"),
+      "phase_index": pi,
+      "phase_step": ps,
+      "step": step,
+      "skipped_steps": int(meta.get("skipped_steps", 0)),
+    }
   if unreadable:
     raise CheckpointError(
-        f"{mngr.directory} holds checkpoints {steps} but none is readable "
-        f"({'; '.join(f'{s}: {m}' for s, m in unreadable[:3])}). If the config changed, use "
-        f"another --workdir; to discard them, rerun with --overwrite.")
+      f"{mngr.directory} holds checkpoints {steps} but none is readable "
+      f"({'; '.join(f'{s}: {m}' for s, m in unreadable[:3])}). If the config changed, use "
+      f"another --workdir; to discard them, rerun with --overwrite."
+    )
   return None
 
 
@@ -167,8 +209,9 @@ def _drop_closed_event_loop_errors() -> None:
     return
 
   def hook(u):
-    closed_loop = (isinstance(u.exc_value, RuntimeError)
-                   and str(u.exc_value) == "Event loop is closed")
+    closed_loop = (
+      isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+    )
     orbax_read = "orbax" in getattr(getattr(u.object, "cr_code", None), "co_filename", "")
     if not (closed_loop or orbax_read):  # both: echoes of a failed read, already reported
       previous(u)
@@ -179,9 +222,12 @@ def _drop_closed_event_loop_errors() -> None:
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """{'rnn/decoder/head/kernel/value': shape} for a parameter tree or its checkpoint metadata."""
+
   def name(path):
-    return "/".join(str(next(getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a)))
-                    for k in path)
+    return "/".join(
+      str(next(getattr(k, a) for a in ("key", "idx", "name") if hasattr(k, a))) for k in path
+    )
+
   return {name(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -190,10 +236,17 @@ def _describe(e: Exception) -> str:
 
 
 def _warn_unreadable(mngr, step: int, e: Exception) -> None:
-  logging.warning("Checkpoint %d in %s is unreadable (%s); falling back to the previous one.",
-                  step, mngr.directory, _describe(e))
-  print(f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the "
-        f"previous one.", flush=True)
+  logging.warning(
+    "Checkpoint %d in %s is unreadable (%s); falling back to the previous one.",
+    step,
+    mngr.directory,
+    _describe(e),
+  )
+  print(
+    f"WARNING: checkpoint {step} is unreadable ({type(e).__name__}); falling back to the "
+    f"previous one.",
+    flush=True,
+  )
 
 
 def _quarantine(mngr: ocp.CheckpointManager, steps: list[int], *, is_main: bool) -> None:
@@ -215,6 +268,7 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: list[int], *, is_main: bool)
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -247,8 +301,9 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
   if fork:
     return "fork"
   raise WorkdirError(
-      f"workdir {workdir} holds {what}. Use another --workdir, or pass --overwrite to start over "
-      f"there, or --fork to continue its checkpoints under the new config.")
+    f"workdir {workdir} holds {what}. Use another --workdir, or pass --overwrite to start over "
+    f"there, or --fork to continue its checkpoints under the new config."
+  )
 
 
 def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main: bool) -> str:
@@ -297,6 +352,7 @@ def workdir_lock(workdir: str, *, is_main: bool):
     yield
     return
   import fcntl
+
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   f = open(path, "a+")
@@ -306,8 +362,10 @@ def workdir_lock(workdir: str, *, is_main: bool):
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "another process"
-      raise RuntimeError(f"workdir {workdir} is in use by a running job ({holder}); wait for it "
-                         f"to finish or stop it, or use another --workdir.") from None
+      raise RuntimeError(
+        f"workdir {workdir} is in use by a running job ({holder}); wait for it "
+        f"to finish or stop it, or use another --workdir."
+      ) from None
     except OSError as e:  # a filesystem without flock: run unguarded rather than not at all
       logging.warning("Cannot lock %s (%s); not guarding against concurrent runs.", path, e)
     f.seek(0)

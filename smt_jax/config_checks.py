@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -20,11 +20,16 @@ from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, ph
 from smt_jax.models import RNN_KINDS, head_width
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
-_SOURCE_ARGS_FROM_CONFIG = {"seq_len": "data.seq_len (episodic sources) or the phases' lengths",
-                            "path": "data.path", "data_dir": "data.path"}
+_SOURCE_ARGS_FROM_CONFIG = {
+  "seq_len": "data.seq_len (episodic sources) or the phases' lengths",
+  "path": "data.path",
+  "data_dir": "data.path",
+}
 # Datasets that read data.path, and what it must be.
-_PATH_DATASETS = {"text": "a text file or a folder of text files",
-                  "mnist": "a folder of MNIST IDX files (or \"\" for tensorflow-datasets)"}
+_PATH_DATASETS = {
+  "text": "a text file or a folder of text files",
+  "mnist": "a folder of MNIST IDX files (or \"\" for tensorflow-datasets)",
+}
 
 
 class ConfigError(ValueError):
@@ -45,18 +50,23 @@ def _positive_int(c, field: str) -> None:
     _fail(field, v, "must be a positive integer.")
 
 
-def _number_in(c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=True,
-               why: str = "") -> None:
+def _number_in(
+  c, field: str, lo: float, hi: float, *, lo_open=False, hi_open=True, why: str = ""
+) -> None:
   v = get_field(c, field)
-  ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+  ok = (
+    isinstance(v, (int, float))
+    and not isinstance(v, bool)
+    and math.isfinite(v)
+    and (v > lo if lo_open else v >= lo)
+    and (v < hi if hi_open else v <= hi)
+  )
   if not ok:
     interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     _fail(field, v, f"must be a number in {interval}{'; ' + why if why else ''}.")
 
 
-def build_experiment(config, *,
-                     make_source: Callable | None = None) -> experiment.Experiment:
+def build_experiment(config, *, make_source: Callable | None = None) -> experiment.Experiment:
   """Validates `config` (alone, then with the mesh, then with the data) and builds its experiment.
 
   Every check runs before anything is compiled, and the checks that need no data before the data
@@ -80,11 +90,18 @@ def validate_phases(config) -> list[str]:
     _fail("phases", config.phases, "no phase to run; e.g. --config.phases=smt,dmt.")
   for p in phases:
     if p not in PHASES:
-      _fail("phases", config.phases, f"unknown phase {p!r}; valid phases: {list(PHASES)} (e.g. "
-                                     f"--config.phases=smt,dmt or --config.phases=bptt).")
+      _fail(
+        "phases",
+        config.phases,
+        f"unknown phase {p!r}; valid phases: {list(PHASES)} (e.g. "
+        f"--config.phases=smt,dmt or --config.phases=bptt).",
+      )
     if phases.count(p) > 1:
-      _fail("phases", config.phases, f"{p} is listed twice; each phase has one config section "
-                                     f"(config.{p}): list it once.")
+      _fail(
+        "phases",
+        config.phases,
+        f"{p} is listed twice; each phase has one config section (config.{p}): list it once.",
+      )
   return phases
 
 
@@ -97,11 +114,22 @@ def validate(config) -> None:
   if c.data.name not in data.DATASETS:
     _fail("data.name", c.data.name, f"unknown dataset; valid names: {sorted(data.DATASETS)}.")
   if c.model.rnn_kind not in RNN_KINDS:
-    _fail("model.rnn_kind", c.model.rnn_kind,
-          f"unknown RNN kind; valid kinds: {sorted(RNN_KINDS)}.")
-  for f in ("model.width", "model.num_memory_tokens", "model.num_heads", "model.encoder_depth",
-            "model.decoder_depth", "model.rnn_depth", "model.readout_depth", "eval.batch_size",
-            "eval.num_batches", "keep_checkpoints", "samples.num"):
+    _fail(
+      "model.rnn_kind", c.model.rnn_kind, f"unknown RNN kind; valid kinds: {sorted(RNN_KINDS)}."
+    )
+  for f in (
+    "model.width",
+    "model.num_memory_tokens",
+    "model.num_heads",
+    "model.encoder_depth",
+    "model.decoder_depth",
+    "model.rnn_depth",
+    "model.readout_depth",
+    "eval.batch_size",
+    "eval.num_batches",
+    "keep_checkpoints",
+    "samples.num",
+  ):
     _positive_int(c, f)
   for f in ("log_every_steps", "checkpoint_every_steps", "eval.every_steps"):
     v = get_field(c, f)
@@ -111,12 +139,17 @@ def validate(config) -> None:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
   _validate_heads(c)
   if c.model.attention not in ("auto", "xla", "explicit"):
-    _fail("model.attention", c.model.attention, "use 'auto' (explicit on CPU, "
-                                                "jax.nn.dot_product_attention elsewhere), 'xla' "
-                                                "or 'explicit'.")
+    _fail(
+      "model.attention",
+      c.model.attention,
+      "use 'auto' (explicit on CPU, jax.nn.dot_product_attention elsewhere), 'xla' or 'explicit'.",
+    )
   if c.model.rnn_initial_memory not in ("learned", "zeros"):
-    _fail("model.rnn_initial_memory", c.model.rnn_initial_memory,
-          "use 'learned' (trained towards E(empty) by smt.c_init) or 'zeros' (the reference's).")
+    _fail(
+      "model.rnn_initial_memory",
+      c.model.rnn_initial_memory,
+      "use 'learned' (trained towards E(empty) by smt.c_init) or 'zeros' (the reference's).",
+    )
   if c.model.dtype not in ("float32", "bfloat16", "float16"):
     _fail("model.dtype", c.model.dtype, "use float32, bfloat16 or float16.")
   if c.nan_policy not in ("stop", "skip"):
@@ -139,9 +172,13 @@ def validate(config) -> None:
   if "smt" in phases:
     _validate_smt(c)
   if "dmt" in phases:
-    if "smt" not in phases[:phases.index("dmt")]:
-      _fail("phases", c.phases, "dmt imitates the teacher that smt trains; without an smt phase "
-                                "before it the teacher is untrained. Use --config.phases=smt,dmt.")
+    if "smt" not in phases[: phases.index("dmt")]:
+      _fail(
+        "phases",
+        c.phases,
+        "dmt imitates the teacher that smt trains; without an smt phase "
+        "before it the teacher is untrained. Use --config.phases=smt,dmt.",
+      )
     _validate_dmt(c)
   if "bptt" in phases:
     if not c.data.episodic:
@@ -152,8 +189,11 @@ def validate(config) -> None:
     _positive_int(c, "eval.seq_len")
   t = phase_seq_len(c, "eval")
   if not _is_int(c.eval.prompt_length) or not 0 <= c.eval.prompt_length < t:
-    _fail("eval.prompt_length", c.eval.prompt_length,
-          f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.")
+    _fail(
+      "eval.prompt_length",
+      c.eval.prompt_length,
+      f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.",
+    )
 
 
 def _validate_optim(c) -> None:
@@ -169,32 +209,45 @@ def _validate_data(c) -> None:
   constructor = data.DATASETS[d.name]
   is_stream = issubclass(constructor, data.StreamSource)
   if d.episodic == is_stream:
-    _fail("data.episodic", d.episodic,
-          f"{d.name} is {'a token stream (random crops)' if is_stream else 'episodic'}; set "
-          f"--config.data.episodic={not is_stream}.")
+    _fail(
+      "data.episodic",
+      d.episodic,
+      f"{d.name} is {'a token stream (random crops)' if is_stream else 'episodic'}; set "
+      f"--config.data.episodic={not is_stream}.",
+    )
   if d.episodic:
     if not _is_int(d.seq_len) or d.seq_len < 2:
       _fail("data.seq_len", d.seq_len, "the episode length T must be an integer >= 2.")
   elif d.seq_len:
-    _fail("data.seq_len", d.seq_len,
-          f"{d.name} is a stream: its lengths are smt.context_length + smt.future_length (SMT), "
-          f"+ dmt.rollout_length (DMT), bptt.seq_len and eval.seq_len; set data.seq_len=0.")
+    _fail(
+      "data.seq_len",
+      d.seq_len,
+      f"{d.name} is a stream: its lengths are smt.context_length + smt.future_length (SMT), "
+      f"+ dmt.rollout_length (DMT), bptt.seq_len and eval.seq_len; set data.seq_len=0.",
+    )
   accepted = list(inspect.signature(constructor).parameters)
   for k in d.options:
     if k in _SOURCE_ARGS_FROM_CONFIG:
       _fail(f"data.options.{k}", d.options[k], f"set it through {_SOURCE_ARGS_FROM_CONFIG[k]}.")
     if k not in accepted:
-      _fail(f"data.options.{k}", d.options[k],
-            f"{d.name} takes no such option; its options are "
-            f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.")
+      _fail(
+        f"data.options.{k}",
+        d.options[k],
+        f"{d.name} takes no such option; its options are "
+        f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
+      )
   _validate_path(d.name, d.path)
 
 
 def _validate_path(name: str, path: str) -> None:
   if name not in _PATH_DATASETS:
     if path:
-      _fail("data.path", path, f"{name} reads no files, so this path would be ignored; remove "
-                               f"it (data.path is for {sorted(_PATH_DATASETS)}).")
+      _fail(
+        "data.path",
+        path,
+        f"{name} reads no files, so this path would be ignored; remove "
+        f"it (data.path is for {sorted(_PATH_DATASETS)}).",
+      )
     return
   if name == "text" and not path:
     _fail("data.path", path, "text needs a corpus: --config.data.path=FILE_OR_FOLDER.")
@@ -206,10 +259,12 @@ def _validate_path(name: str, path: str) -> None:
     _fail("data.path", path, f"is not a folder; mnist needs {_PATH_DATASETS[name]}.")
   if os.path.isfile(path) and os.path.getsize(path) == 0:
     _fail("data.path", path, "is an empty file; point it at the corpus.")
-  if os.path.isdir(path) and not any(not f.startswith(".") for _, _, files in os.walk(path)
-                                     for f in files):
-    _fail("data.path", path, f"is a folder with no files in it; {name} needs "
-                             f"{_PATH_DATASETS[name]}.")
+  if os.path.isdir(path) and not any(
+    not f.startswith(".") for _, _, files in os.walk(path) for f in files
+  ):
+    _fail(
+      "data.path", path, f"is a folder with no files in it; {name} needs {_PATH_DATASETS[name]}."
+    )
 
 
 def _validate_smt(c) -> None:
@@ -218,47 +273,82 @@ def _validate_smt(c) -> None:
   if c.data.episodic:
     for f, v in (("smt.context_length", s.context_length), ("smt.future_length", s.future_length)):
       if v > t:
-        _fail(f, v, f"longer than the episode (data.seq_len = {t}): the windows would be padding "
-                    f"past T; set it <= {t}.")
+        _fail(
+          f,
+          v,
+          f"longer than the episode (data.seq_len = {t}): the windows would be padding "
+          f"past T; set it <= {t}.",
+        )
   if not _is_int(s.num_transitions) or not 1 <= s.num_transitions <= t:
-    _fail("smt.num_transitions", s.num_transitions,
-          f"must be in [1, T = {t}] (1: the published single transition; {t}: every one).")
+    _fail(
+      "smt.num_transitions",
+      s.num_transitions,
+      f"must be in [1, T = {t}] (1: the published single transition; {t}: every one).",
+    )
   if s.num_transitions == 1 and t < s.context_length + 1:
-    _fail("smt.context_length", s.context_length,
-          f"num_transitions=1 uses t = Tc-1 and input x[Tc], so Tc must be < T = {t}.")
+    _fail(
+      "smt.context_length",
+      s.context_length,
+      f"num_transitions=1 uses t = Tc-1 and input x[Tc], so Tc must be < T = {t}.",
+    )
   if s.uniformity_over not in ("tokens", "states"):
     _fail("smt.uniformity_over", s.uniformity_over, "use 'tokens' or 'states'.")
   if not _is_int(s.uniformity_max_samples) or s.uniformity_max_samples < 2:
     _fail("smt.uniformity_max_samples", s.uniformity_max_samples, "must be an integer >= 2.")
-  _number_in(c, "smt.gamma", 0.0, math.inf, lo_open=True,
-             why="the discount of future steps (1 weighs every one equally)")
+  _number_in(
+    c,
+    "smt.gamma",
+    0.0,
+    math.inf,
+    lo_open=True,
+    why="the discount of future steps (1 weighs every one equally)",
+  )
   for f in ("c_dec", "c_dyn", "c_init", "c_unif", "c_readout"):
     _number_in(c, f"smt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
   if s.c_init and c.model.rnn_initial_memory == "zeros":
-    _fail("smt.c_init", s.c_init, "a zero initial memory has nothing to train: set smt.c_init=0 "
-                                  "or model.rnn_initial_memory='learned'.")
+    _fail(
+      "smt.c_init",
+      s.c_init,
+      "a zero initial memory has nothing to train: set smt.c_init=0 "
+      "or model.rnn_initial_memory='learned'.",
+    )
 
 
 def _validate_heads(c) -> None:
   m = c.model
   if not _is_int(m.head_dim) or m.head_dim < 0:
-    _fail("model.head_dim", m.head_dim, "must be >= 0 (64: the reference's; 0: width // "
-                                        "num_heads).")
+    _fail(
+      "model.head_dim", m.head_dim, "must be >= 0 (64: the reference's; 0: width // num_heads)."
+    )
   if not m.head_dim and m.width % m.num_heads:
-    _fail("model.width", m.width, f"with model.head_dim=0 the heads split the width: use a "
-                                  f"multiple of model.num_heads = {m.num_heads}.")
+    _fail(
+      "model.width",
+      m.width,
+      f"with model.head_dim=0 the heads split the width: use a "
+      f"multiple of model.num_heads = {m.num_heads}.",
+    )
   width = head_width(m.width, m.num_heads, m.head_dim)
   if width % 4:
-    why = ("the head width must be a multiple of 4 (rotary embedding turns pairs in the first "
-           "half of each head)")
+    why = (
+      "the head width must be a multiple of 4 (rotary embedding turns pairs in the first "
+      "half of each head)"
+    )
     if m.head_dim:
       _fail("model.head_dim", m.head_dim, why + ".")
-    _fail("model.width", m.width, f"with model.head_dim=0 each head is model.width / "
-                                  f"model.num_heads = {m.width // m.num_heads} wide: {why}.")
+    _fail(
+      "model.width",
+      m.width,
+      f"with model.head_dim=0 each head is model.width / "
+      f"model.num_heads = {m.width // m.num_heads} wide: {why}.",
+    )
   if m.num_heads == 1 and width != m.width:
-    _fail("model.head_dim", m.head_dim, f"one head has no output projection (as in the "
-                                        f"reference): its width must equal model.width = "
-                                        f"{m.width}; use more heads or model.head_dim=0.")
+    _fail(
+      "model.head_dim",
+      m.head_dim,
+      f"one head has no output projection (as in the "
+      f"reference): its width must equal model.width = "
+      f"{m.width}; use more heads or model.head_dim=0.",
+    )
 
 
 def _validate_dmt(c) -> None:
@@ -266,18 +356,26 @@ def _validate_dmt(c) -> None:
   _positive_int(c, "dmt.rollout_length")
   _positive_int(c, "dmt.label_every")
   if d.rollout_length % d.label_every:
-    _fail("dmt.label_every", d.label_every,
-          f"must divide dmt.rollout_length = {d.rollout_length} (labels every k steps).")
+    _fail(
+      "dmt.label_every",
+      d.label_every,
+      f"must divide dmt.rollout_length = {d.rollout_length} (labels every k steps).",
+    )
   if c.data.episodic and d.rollout_length > c.data.seq_len:
-    _fail("dmt.rollout_length", d.rollout_length,
-          f"episodic rollouts start at the initial memory: at most data.seq_len = "
-          f"{c.data.seq_len}.")
+    _fail(
+      "dmt.rollout_length",
+      d.rollout_length,
+      f"episodic rollouts start at the initial memory: at most data.seq_len = {c.data.seq_len}.",
+    )
   for f in ("c_dyn", "c_readout"):
     _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
   if d.reference_labels and d.rollout_length < 2 * d.label_every:
-    _fail("dmt.label_every", d.label_every,
-          f"with dmt.reference_labels the labels are s = 0, k, .., Td-k: use k <= Td / 2 = "
-          f"{d.rollout_length // 2} so that at least one labels a state the RNN wrote.")
+    _fail(
+      "dmt.label_every",
+      d.label_every,
+      f"with dmt.reference_labels the labels are s = 0, k, .., Td-k: use k <= Td / 2 = "
+      f"{d.rollout_length // 2} so that at least one labels a state the RNN wrote.",
+    )
 
 
 def validate_with_source(config, source: data.Source) -> None:
@@ -289,16 +387,20 @@ def validate_with_source(config, source: data.Source) -> None:
     s = experiment.with_seq_len(source, phase_seq_len(c, phase))
     if isinstance(source, data.StreamSource) and len(source.streams[split]) < s.seq_len + 1:
       raise ConfigError(
-          f"config.{fields} = {s.seq_len}: {phase} crops {s.seq_len + 1} tokens, but the "
-          f"{c.data.name} {split} stream holds only {len(source.streams[split])}; shorten it or "
-          f"use more data.")
+        f"config.{fields} = {s.seq_len}: {phase} crops {s.seq_len + 1} tokens, but the "
+        f"{c.data.name} {split} stream holds only {len(source.streams[split])}; shorten it or "
+        f"use more data."
+      )
     batch = s.batch(split=split, step=0, batch_size=1, seed=c.seed)
     if batch["x"].shape[1] != s.seq_len:
-      raise ConfigError(f"data: {c.data.name} gave sequences of length {batch['x'].shape[1]} for "
-                        f"{phase}, expected {s.seq_len} ({fields}).")
+      raise ConfigError(
+        f"data: {c.data.name} gave sequences of length {batch['x'].shape[1]} for "
+        f"{phase}, expected {s.seq_len} ({fields})."
+      )
     try:
-      data.check_batch_tokens(f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"],
-                              source.vocab_size)
+      data.check_batch_tokens(
+        f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"], source.vocab_size
+      )
     except ValueError as e:
       raise ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
 
@@ -320,9 +422,12 @@ def validate_with_mesh(config, mesh) -> None:
   for p in phases + ["eval"]:
     bs = c[p].batch_size
     if bs % b or bs % n:
-      _fail(f"{p}.batch_size", bs,
-            f"must be divisible by data x fsdp = {b} devices and by {n} processes "
-            f"(config.mesh = {dict(mesh.shape)}); e.g. {p}.batch_size={_round_up(bs, b, n)}.")
+      _fail(
+        f"{p}.batch_size",
+        bs,
+        f"must be divisible by data x fsdp = {b} devices and by {n} processes "
+        f"(config.mesh = {dict(mesh.shape)}); e.g. {p}.batch_size={_round_up(bs, b, n)}.",
+      )
   t = mesh.shape["time"]
   if t > 1:
     if "smt" not in phases:

@@ -14,11 +14,19 @@ from smt_jax.inference import read
 from smt_jax.objectives import Params, RNNFns, TeacherFns, encode_over_time, windows
 
 
-@functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length",
-                                             "future_length"))
-def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
-             teacher: TeacherFns | None = None, context_length: int | None = None,
-             prompt_length: int = 0, future_length: int = 0) -> dict[str, jax.Array]:
+@functools.partial(
+  jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length", "future_length")
+)
+def evaluate(
+  params: Params,
+  batch: dict[str, jax.Array],
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  context_length: int | None = None,
+  prompt_length: int = 0,
+  future_length: int = 0,
+) -> dict[str, jax.Array]:
   """Sums and counts over one eval batch (divide after summing over batches).
 
   rnn_*        the RNN read teacher-forced from its own initial memory (no teacher at all).
@@ -37,8 +45,11 @@ def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
   """
   x, y = batch["x"], batch["y"]
   r = read(params, batch, rnn=rnn)
-  out = {"rnn_nll_sum": jnp.sum(r["nll"]), "rnn_correct_sum": jnp.sum(r["correct"]),
-         "count": jnp.sum(r["mask"])}
+  out = {
+    "rnn_nll_sum": jnp.sum(r["nll"]),
+    "rnn_correct_sum": jnp.sum(r["correct"]),
+    "count": jnp.sum(r["mask"]),
+  }
   if teacher is None:
     return out
   tp = params["teacher"]
@@ -54,17 +65,22 @@ def evaluate(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
   out["teacher_full_count"] = jnp.sum(full)
   if future_length and x.shape[1] >= context_length + future_length:
     tc, tf = context_length, future_length
-    dec = teacher.decode(tp, mem[:, tc - 1], x[:, tc:tc + tf])
-    d_nll, d_mask = losses.masked_cross_entropy(dec, y[:, tc - 1:tc - 1 + tf])
+    dec = teacher.decode(tp, mem[:, tc - 1], x[:, tc : tc + tf])
+    d_nll, d_mask = losses.masked_cross_entropy(dec, y[:, tc - 1 : tc - 1 + tf])
     out["teacher_decoding_sum"], out["teacher_decoding_count"] = jnp.sum(d_nll), jnp.sum(d_mask)
   d = losses.drift(r["states"], mem)
   out["drift_mse"], out["drift_1mr2"] = d["mse"], d["one_minus_r2"]
   if prompt_length > 0:
-    p = read(params, batch, rnn=rnn, teacher=teacher, context_length=context_length,
-             prompt_length=prompt_length)
+    p = read(
+      params,
+      batch,
+      rnn=rnn,
+      teacher=teacher,
+      context_length=context_length,
+      prompt_length=prompt_length,
+    )
     out["prompted_nll_sum"], out["prompted_count"] = jnp.sum(p["nll"]), jnp.sum(p["mask"])
   return out
-
 
 
 def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[str, float]:
@@ -75,18 +91,25 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
   totals: dict[str, float] = {}
   for i in range(c.eval.num_batches):
     batch = exp.batch(source, split="eval", step=i, batch_size=c.eval.batch_size)
-    out = evaluate(params, batch, rnn=rfns, teacher=tfns if with_teacher else None,
-                   context_length=c.smt.context_length,
-                   prompt_length=c.eval.prompt_length if with_teacher else 0,
-                   future_length=c.smt.future_length if with_teacher else 0)
+    out = evaluate(
+      params,
+      batch,
+      rnn=rfns,
+      teacher=tfns if with_teacher else None,
+      context_length=c.smt.context_length,
+      prompt_length=c.eval.prompt_length if with_teacher else 0,
+      future_length=c.smt.future_length if with_teacher else 0,
+    )
     for k, v in jax.device_get(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
 
   def mean(total: str, count: str) -> float:
     return totals[total] / max(totals[count], 1)
 
-  res = {"eval/rnn_nll": mean("rnn_nll_sum", "count"),
-         "eval/rnn_acc": mean("rnn_correct_sum", "count")}
+  res = {
+    "eval/rnn_nll": mean("rnn_nll_sum", "count"),
+    "eval/rnn_acc": mean("rnn_correct_sum", "count"),
+  }
   if with_teacher:
     res["eval/teacher_nll"] = mean("teacher_nll_sum", "count")
     res["eval/teacher_acc"] = mean("teacher_correct_sum", "count")

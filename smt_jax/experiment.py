@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -34,10 +34,12 @@ PHASES = ("smt", "dmt", "bptt")
 
 # On a token stream, the config fields whose sum is each phase's sequence length T (SPEC 5);
 # an episodic source has one length for every phase, data.seq_len.
-_LENGTH_FIELDS = {"smt": ("smt.context_length", "smt.future_length"),
-                  "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
-                  "bptt": ("bptt.seq_len",),
-                  "eval": ("eval.seq_len",)}
+_LENGTH_FIELDS = {
+  "smt": ("smt.context_length", "smt.future_length"),
+  "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
+  "bptt": ("bptt.seq_len",),
+  "eval": ("eval.seq_len",),
+}
 
 
 def get_field(config, name: str):
@@ -98,15 +100,33 @@ def build_models(config, vocab_size: int):
   dtype = jnp.dtype(m.dtype)
   rngs = nnx.Rngs(config.seed)
   head_dim = head_width(m.width, m.num_heads, m.head_dim)
-  teacher = Teacher(vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens, width=m.width,
-                    encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth,
-                    num_heads=m.num_heads, head_dim=head_dim, attention=m.attention, dtype=dtype,
-                    rngs=rngs)
-  rnn = make_rnn(m.rnn_kind, vocab_size=vocab_size, num_memory_tokens=m.num_memory_tokens,
-                 width=m.width, depth=m.rnn_depth, num_heads=m.num_heads, head_dim=head_dim,
-                 readout_depth=m.readout_depth, hidden=m.rnn_hidden or None,
-                 initial_memory=m.rnn_initial_memory, attention=m.attention, dtype=dtype,
-                 rngs=rngs)
+  teacher = Teacher(
+    vocab_size=vocab_size,
+    num_memory_tokens=m.num_memory_tokens,
+    width=m.width,
+    encoder_depth=m.encoder_depth,
+    decoder_depth=m.decoder_depth,
+    num_heads=m.num_heads,
+    head_dim=head_dim,
+    attention=m.attention,
+    dtype=dtype,
+    rngs=rngs,
+  )
+  rnn = make_rnn(
+    m.rnn_kind,
+    vocab_size=vocab_size,
+    num_memory_tokens=m.num_memory_tokens,
+    width=m.width,
+    depth=m.rnn_depth,
+    num_heads=m.num_heads,
+    head_dim=head_dim,
+    readout_depth=m.readout_depth,
+    hidden=m.rnn_hidden or None,
+    initial_memory=m.rnn_initial_memory,
+    attention=m.attention,
+    dtype=dtype,
+    rngs=rngs,
+  )
   return teacher, rnn
 
 
@@ -117,7 +137,8 @@ def make_schedule(config, phase: str) -> optax.Schedule:
   if phase == "dmt":
     return optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, max(pc.steps, warmup + 1))
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup])
+    [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup]
+  )
 
 
 def make_optimizer(config, phase: str, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -128,12 +149,14 @@ def make_optimizer(config, phase: str, schedule: optax.Schedule) -> optax.Gradie
 
   def one_model():
     return optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decayed))
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decayed),
+    )
 
   teacher_tx = one_model() if phase == "smt" else optax.set_to_zero()
-  return optax.multi_transform({"teacher": teacher_tx, "rnn": one_model()},
-                               {"teacher": "teacher", "rnn": "rnn"})
+  return optax.multi_transform(
+    {"teacher": teacher_tx, "rnn": one_model()}, {"teacher": "teacher", "rnn": "rnn"}
+  )
 
 
 def make_loss(config, phase: str, fns, constrain_time=None):
@@ -142,20 +165,41 @@ def make_loss(config, phase: str, fns, constrain_time=None):
   if phase == "smt":
     s = config.smt
     return functools.partial(
-        objectives.smt_loss, teacher=tfns, rnn=rfns, context_length=s.context_length,
-        future_length=s.future_length, num_transitions=s.num_transitions, c_dec=s.c_dec,
-        c_dyn=s.c_dyn, c_init=s.c_init, c_unif=s.c_unif, c_readout=s.c_readout, gamma=s.gamma,
-        stop_teacher_grad=s.stop_teacher_grad, uniformity_max_samples=s.uniformity_max_samples,
-        uniformity_over=s.uniformity_over, constrain_time=constrain_time)
+      objectives.smt_loss,
+      teacher=tfns,
+      rnn=rfns,
+      context_length=s.context_length,
+      future_length=s.future_length,
+      num_transitions=s.num_transitions,
+      c_dec=s.c_dec,
+      c_dyn=s.c_dyn,
+      c_init=s.c_init,
+      c_unif=s.c_unif,
+      c_readout=s.c_readout,
+      gamma=s.gamma,
+      stop_teacher_grad=s.stop_teacher_grad,
+      uniformity_max_samples=s.uniformity_max_samples,
+      uniformity_over=s.uniformity_over,
+      constrain_time=constrain_time,
+    )
   if phase == "dmt":
     d = config.dmt
     return functools.partial(
-        objectives.dmt_loss, teacher=tfns, rnn=rfns, context_length=config.smt.context_length,
-        rollout_length=d.rollout_length, label_every=d.label_every, c_dyn=d.c_dyn,
-        c_readout=d.c_readout, stop_carry_grad=d.stop_carry_grad,
-        reference_labels=d.reference_labels, start=-1 if config.data.episodic else None)
-  return functools.partial(objectives.bptt_loss, rnn=rfns,
-                           truncation=config.bptt.truncation or None)
+      objectives.dmt_loss,
+      teacher=tfns,
+      rnn=rfns,
+      context_length=config.smt.context_length,
+      rollout_length=d.rollout_length,
+      label_every=d.label_every,
+      c_dyn=d.c_dyn,
+      c_readout=d.c_readout,
+      stop_carry_grad=d.stop_carry_grad,
+      reference_labels=d.reference_labels,
+      start=-1 if config.data.episodic else None,
+    )
+  return functools.partial(
+    objectives.bptt_loss, rnn=rfns, truncation=config.bptt.truncation or None
+  )
 
 
 def make_train_step(loss_fn, optimizer):
@@ -166,8 +210,7 @@ def make_train_step(loss_fn, optimizer):
   """
 
   def step(state, batch, key):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch,
-                                                                        key)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -186,7 +229,8 @@ def copy_decoder_to_readout(params, rnn_kind: str):
     return params
   dec, readout = params["teacher"]["decoder"], params["rnn"]["decoder"]
   if jax.tree.structure(dec) != jax.tree.structure(readout) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(readout))):
+    a.shape != b.shape for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(readout))
+  ):
     logging.warning("RNN readout and teacher decoder differ in shape; readout not copied.")
     return params
   new_rnn = jax.tree.map(lambda a: a, params["rnn"])  # a new State; the old one stays intact
@@ -195,8 +239,9 @@ def copy_decoder_to_readout(params, rnn_kind: str):
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
 
 
 def shardings_of(abstract_tree):
@@ -211,6 +256,7 @@ def shardings_of(abstract_tree):
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """What every phase of a run shares; built once from a validated config (`build`)."""
+
   config: Any
   phases: tuple[str, ...]
   source: data.Source  # at the length of the first phase that built it; phases re-crop it
@@ -236,21 +282,36 @@ class Experiment:
     with jax.set_mesh(self.mesh):
       return init()
 
-  def batch(self, source: data.Source, *, split: str, step: int, batch_size: int,
-            transform: Callable | None = None) -> dict[str, jax.Array]:
+  def batch(
+    self,
+    source: data.Source,
+    *,
+    split: str,
+    step: int,
+    batch_size: int,
+    transform: Callable | None = None,
+  ) -> dict[str, jax.Array]:
     """Global batch `step` of `source` as sharded arrays, assembled from this process's rows.
 
     `transform(step, rows) -> rows` may edit the host rows first (a test seam, e.g. to inject a
     fault); the tokens are checked against the vocabulary after it.
     """
-    rows = source.batch(split=split, step=step, batch_size=batch_size, seed=self.config.seed,
-                        process_index=jax.process_index(), process_count=jax.process_count())
+    rows = source.batch(
+      split=split,
+      step=step,
+      batch_size=batch_size,
+      seed=self.config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
     if transform is not None:
       rows = transform(step, rows)
-    data.check_batch_tokens(f"data: {source.name} {split} batch {step}", rows["x"], rows["y"],
-                            source.vocab_size)
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in rows.items()}
+    data.check_batch_tokens(
+      f"data: {source.name} {split} batch {step}", rows["x"], rows["y"], source.vocab_size
+    )
+    return {
+      k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in rows.items()
+    }
 
 
 def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
@@ -262,15 +323,22 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
   abstract = nnx.eval_shape(lambda: build_models(config, source.vocab_size))
   (tg, t_abs), (rg, r_abs) = nnx.split(abstract[0]), nnx.split(abstract[1])
   params = {"teacher": t_abs, "rnn": r_abs}
-  return Experiment(config=config, phases=tuple(phase_names(config)), source=source, mesh=mesh,
-                    graphdefs=(tg, rg), fns=(teacher_fns(tg), rnn_fns(rg)),
-                    abstract_params=_abstract(params, sharding.state_shardings(params, mesh)),
-                    batch_sharding=sharding.batch_sharding(mesh))
+  return Experiment(
+    config=config,
+    phases=tuple(phase_names(config)),
+    source=source,
+    mesh=mesh,
+    graphdefs=(tg, rg),
+    fns=(teacher_fns(tg), rnn_fns(rg)),
+    abstract_params=_abstract(params, sharding.state_shardings(params, mesh)),
+    batch_sharding=sharding.batch_sharding(mesh),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """One training phase of an experiment: its data, optimiser, loss and compiled train step."""
+
   exp: Experiment
   name: str  # 'smt', 'dmt' or 'bptt'
   index: int  # its position in config.phases
@@ -300,12 +368,18 @@ class Phase:
 
   def batch(self, step: int, transform: Callable | None = None) -> dict[str, jax.Array]:
     """The training batch of global step `step`."""
-    return self.exp.batch(self.source, split="train", step=step, batch_size=self.batch_size,
-                          transform=transform)
+    return self.exp.batch(
+      self.source, split="train", step=step, batch_size=self.batch_size, transform=transform
+    )
 
 
-def make_phase(exp: Experiment, name: str, *, wrap_loss: Callable | None = None,
-               compiler_options: dict | None = None) -> Phase:
+def make_phase(
+  exp: Experiment,
+  name: str,
+  *,
+  wrap_loss: Callable | None = None,
+  compiler_options: dict | None = None,
+) -> Phase:
   """Builds phase `name` of `exp` (nothing is compiled until its step first runs).
 
   wrap_loss: `loss_fn -> loss_fn`, applied before the step is built (a test seam).
@@ -319,16 +393,29 @@ def make_phase(exp: Experiment, name: str, *, wrap_loss: Callable | None = None,
   if wrap_loss is not None:
     loss_fn = wrap_loss(loss_fn)
   opt_state = jax.eval_shape(optimizer.init, exp.abstract_params)
-  abstract_state = {"params": exp.abstract_params,
-                    "opt_state": _abstract(opt_state, sharding.state_shardings(opt_state,
-                                                                               exp.mesh))}
+  abstract_state = {
+    "params": exp.abstract_params,
+    "opt_state": _abstract(opt_state, sharding.state_shardings(opt_state, exp.mesh)),
+  }
   state_sharding = shardings_of(abstract_state)
-  step = jax.jit(make_train_step(loss_fn, optimizer),
-                 in_shardings=(state_sharding, exp.batch_sharding, None),
-                 out_shardings=(state_sharding, None), donate_argnums=0,
-                 compiler_options=compiler_options)
-  return Phase(exp=exp, name=name, index=index,
-               offset=int(sum(c[p].steps for p in exp.phases[:index])), steps=c[name].steps,
-               batch_size=c[name].batch_size,
-               source=with_seq_len(exp.source, phase_seq_len(c, name)), schedule=schedule,
-               optimizer=optimizer, loss_fn=loss_fn, abstract_state=abstract_state, step=step)
+  step = jax.jit(
+    make_train_step(loss_fn, optimizer),
+    in_shardings=(state_sharding, exp.batch_sharding, None),
+    out_shardings=(state_sharding, None),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )
+  return Phase(
+    exp=exp,
+    name=name,
+    index=index,
+    offset=int(sum(c[p].steps for p in exp.phases[:index])),
+    steps=c[name].steps,
+    batch_size=c[name].batch_size,
+    source=with_seq_len(exp.source, phase_seq_len(c, name)),
+    schedule=schedule,
+    optimizer=optimizer,
+    loss_fn=loss_fn,
+    abstract_state=abstract_state,
+    step=step,
+  )

@@ -22,9 +22,14 @@ def initial_memories(rnn: RNNFns, params: Params, batch_size: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length"))
-def prompt_memory(params: Params, prompt: jax.Array, *, rnn: RNNFns,
-                  teacher: TeacherFns | None = None, context_length: int | None = None
-                  ) -> jax.Array:
+def prompt_memory(
+  params: Params,
+  prompt: jax.Array,
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  context_length: int | None = None,
+) -> jax.Array:
   """The memory after reading `prompt` int [B, P]: [B, K, d].
 
   With a teacher: E(last Tc prompt tokens). Without: the RNN's own rollout from its initial memory.
@@ -39,9 +44,15 @@ def prompt_memory(params: Params, prompt: jax.Array, *, rnn: RNNFns,
 
 
 @functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length", "prompt_length"))
-def read(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
-         teacher: TeacherFns | None = None, context_length: int | None = None,
-         prompt_length: int = 0) -> dict[str, jax.Array]:
+def read(
+  params: Params,
+  batch: dict[str, jax.Array],
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  context_length: int | None = None,
+  prompt_length: int = 0,
+) -> dict[str, jax.Array]:
   """Teacher-forced evaluation of the RNN: per-token negative log-likelihood.
 
   prompt_length P == 0: start from the RNN's initial memory and read x[0..T-1]; readout of the state
@@ -61,13 +72,15 @@ def read(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
   else:
     if teacher is None:
       raise ValueError("prompt_length > 0 starts from a teacher-encoded prompt: pass `teacher`.")
-    m = prompt_memory(params, x[:, :prompt_length], rnn=rnn, teacher=teacher,
-                      context_length=context_length)
+    m = prompt_memory(
+      params, x[:, :prompt_length], rnn=rnn, teacher=teacher, context_length=context_length
+    )
     states = rollout(rp, m, x[:, prompt_length:], update=rnn.update)
     states = jnp.concatenate([m[:, None], states], axis=1)  # t = P-1 .. T-1
     logits = readout_over_time(rnn, rp, states)
     logits = jnp.concatenate(
-        [jnp.zeros((x.shape[0], prompt_length - 1, logits.shape[-1]), logits.dtype), logits], 1)
+      [jnp.zeros((x.shape[0], prompt_length - 1, logits.shape[-1]), logits.dtype), logits], 1
+    )
     y_scored = jnp.where(jnp.arange(x.shape[1]) >= prompt_length - 1, y, -1)
   nll, mask = losses.masked_cross_entropy(logits, y_scored)
   correct = (jnp.argmax(logits, -1) == y_scored) & mask
@@ -75,8 +88,15 @@ def read(params: Params, batch: dict[str, jax.Array], *, rnn: RNNFns,
 
 
 @functools.partial(jax.jit, static_argnames=("rnn", "num_steps"))
-def write(params: Params, key: jax.Array, memory: jax.Array, *, rnn: RNNFns, num_steps: int,
-          temperature: float = 1.0) -> jax.Array:
+def write(
+  params: Params,
+  key: jax.Array,
+  memory: jax.Array,
+  *,
+  rnn: RNNFns,
+  num_steps: int,
+  temperature: float = 1.0,
+) -> jax.Array:
   """Samples tokens from the RNN, feeding each back: tokens int32 [B, num_steps].
 
   Starting from `memory` [B, K, d] (see `prompt_memory` / `initial_memories`), each step samples

@@ -33,14 +33,18 @@ def _check_float(name: str, x: jax.Array) -> None:
 
 def _check_bool(name: str, x: jax.Array) -> None:
   if x.dtype != jnp.bool_:
-    raise ValueError(f"{name} must be a boolean array (True = counts), got dtype {x.dtype}; "
-                     f"for weights, multiply the values instead.")
+    raise ValueError(
+      f"{name} must be a boolean array (True = counts), got dtype {x.dtype}; "
+      f"for weights, multiply the values instead."
+    )
 
 
 def _check_same_shape(a_name: str, a: jax.Array, b_name: str, b: jax.Array) -> None:
   if a.shape != b.shape:
-    raise ValueError(f"{a_name} and {b_name} must have the same shape (no broadcasting), got "
-                     f"{a.shape} and {b.shape}.")
+    raise ValueError(
+      f"{a_name} and {b_name} must have the same shape (no broadcasting), got "
+      f"{a.shape} and {b.shape}."
+    )
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -69,8 +73,9 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arr
   _check_float("logits", logits)
   _check_int("targets", targets)
   if logits.shape[:-1] != targets.shape:
-    raise ValueError(f"logits must be targets.shape + (V,): got logits {logits.shape} for targets "
-                     f"{targets.shape}.")
+    raise ValueError(
+      f"logits must be targets.shape + (V,): got logits {logits.shape} for targets {targets.shape}."
+    )
   mask = targets != IGNORE
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   safe = jnp.where(mask, targets, 0)
@@ -99,8 +104,9 @@ def decoding_loss(logits: jax.Array, targets: jax.Array, *, gamma: float = 1.0) 
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def dynamics_loss(predicted: jax.Array, target: jax.Array, mask: jax.Array | None = None
-                  ) -> jax.Array:
+def dynamics_loss(
+  predicted: jax.Array, target: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
   """The transition loss L_dyn: mean squared error between predicted and label memories.
 
   Args:
@@ -115,8 +121,9 @@ def dynamics_loss(predicted: jax.Array, target: jax.Array, mask: jax.Array | Non
   _check_float("target", target)
   _check_same_shape("predicted", predicted, "target", target)
   _check_ndim("predicted", predicted, 2)
-  per = jnp.mean(jnp.square(predicted.astype(jnp.float32) - target.astype(jnp.float32)),
-                 axis=(-2, -1))
+  per = jnp.mean(
+    jnp.square(predicted.astype(jnp.float32) - target.astype(jnp.float32)), axis=(-2, -1)
+  )
   if mask is None:
     return jnp.mean(per)
   _check_bool("mask", mask)
@@ -125,8 +132,13 @@ def dynamics_loss(predicted: jax.Array, target: jax.Array, mask: jax.Array | Non
   return masked_mean(per, mask)
 
 
-def uniformity_loss(tokens: jax.Array, *, key: jax.Array | None = None, max_samples: int = 512,
-                    temperature: float = 2.0) -> jax.Array:
+def uniformity_loss(
+  tokens: jax.Array,
+  *,
+  key: jax.Array | None = None,
+  max_samples: int = 512,
+  temperature: float = 2.0,
+) -> jax.Array:
   """The uniformity loss L_unif, which keeps memories from collapsing (Wang & Isola, 2020).
 
   z_i = tokens_i / (||tokens_i|| + eps) (eps = float32's, as the reference), over at most `max_samples` tokens (a random subset when `key` is
@@ -154,8 +166,9 @@ def uniformity_loss(tokens: jax.Array, *, key: jax.Array | None = None, max_samp
   if n < 2:
     raise ValueError(f"uniformity_loss needs at least 2 tokens, got {n}.")
   if n > max_samples:
-    idx = (jax.random.permutation(key, n)[:max_samples] if key is not None
-           else jnp.arange(max_samples))
+    idx = (
+      jax.random.permutation(key, n)[:max_samples] if key is not None else jnp.arange(max_samples)
+    )
     z = z[idx]
     n = max_samples
   z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
@@ -187,6 +200,4 @@ def drift(predicted: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
   t = target.reshape(-1, *target.shape[-2:]).astype(jnp.float32)
   ss_res = jnp.sum(jnp.square(p - t))
   ss_tot = jnp.sum(jnp.square(t - jnp.mean(t, axis=0, keepdims=True)))
-  return {"mse": jnp.mean(jnp.square(p - t)),
-          "one_minus_r2": ss_res / jnp.maximum(ss_tot, 1e-12)}
-
+  return {"mse": jnp.mean(jnp.square(p - t)), "one_minus_r2": ss_res / jnp.maximum(ss_tot, 1e-12)}

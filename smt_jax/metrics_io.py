@@ -21,8 +21,10 @@ class MetricsWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # event files any TensorBoard reads
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30,
-                               purge_step=purge_step)
+
+      self._tb = SummaryWriter(
+        os.path.join(workdir, "tensorboard"), flush_secs=30, purge_step=purge_step
+      )
 
   def write(self, step: int, phase: str, phase_step: int, values: dict[str, float]) -> None:
     if not self.enabled:

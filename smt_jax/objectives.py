@@ -13,7 +13,8 @@ predicts y[t].
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +27,16 @@ Batch = dict[str, jax.Array]
 
 class TeacherFns(NamedTuple):
   """The teacher as pure functions of its parameters."""
+
   encode: Callable[[Params, jax.Array], jax.Array]  # (p, context [B, Tc]) -> memory [B, K, d]
-  decode: Callable[[Params, jax.Array, jax.Array], jax.Array]  # (p, m, x_future [B, Tf]) -> [B, Tf, V]
+  decode: Callable[
+    [Params, jax.Array, jax.Array], jax.Array
+  ]  # (p, m, x_future [B, Tf]) -> [B, Tf, V]
 
 
 class RNNFns(NamedTuple):
   """An RNN as pure functions of its parameters."""
+
   update: Callable[[Params, jax.Array, jax.Array], jax.Array]  # (p, m [B, K, d], x [B]) -> m'
   readout: Callable[[Params, jax.Array], jax.Array]  # (p, m [B, K, d]) -> logits [B, V]
   initial_memory: Callable[[Params], jax.Array]  # (p) -> [K, d]
@@ -39,19 +44,24 @@ class RNNFns(NamedTuple):
 
 def _check_params(params: Params, keys: tuple[str, ...], what: str) -> None:
   if not hasattr(params, "keys") or any(k not in params for k in keys):
-    raise ValueError(f"{what}: params must be a mapping with entries {list(keys)} (the models' "
-                     f"parameters), got {type(params).__name__}"
-                     f"{' with ' + str(list(params.keys())) if hasattr(params, 'keys') else ''}.")
+    raise ValueError(
+      f"{what}: params must be a mapping with entries {list(keys)} (the models' "
+      f"parameters), got {type(params).__name__}"
+      f"{' with ' + str(list(params.keys())) if hasattr(params, 'keys') else ''}."
+    )
 
 
 def _check_batch(batch: Batch, min_len: int, what: str) -> tuple[jax.Array, jax.Array]:
   if not hasattr(batch, "keys") or "x" not in batch or "y" not in batch:
-    raise ValueError(f"{what}: batch must be a mapping {{'x': int [B, T], 'y': int [B, T]}}, got "
-                     f"{type(batch).__name__}.")
+    raise ValueError(
+      f"{what}: batch must be a mapping {{'x': int [B, T], 'y': int [B, T]}}, got "
+      f"{type(batch).__name__}."
+    )
   x, y = batch["x"], batch["y"]
   if x.ndim != 2 or x.shape != y.shape:
-    raise ValueError(f"batch['x'] and batch['y'] must both be int [B, T]; got {x.shape} and "
-                     f"{y.shape}.")
+    raise ValueError(
+      f"batch['x'] and batch['y'] must both be int [B, T]; got {x.shape} and {y.shape}."
+    )
   for name, v in (("x", x), ("y", y)):
     if not jnp.issubdtype(v.dtype, jnp.integer):
       raise ValueError(f"batch['{name}'] must hold integer tokens, got dtype {v.dtype}.")
@@ -91,13 +101,16 @@ def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) ->
   context int [B, N, Tc] -> memories [B, N, K, d].
   """
   if context.ndim != 3 or not jnp.issubdtype(context.dtype, jnp.integer):
-    raise ValueError(f"context must be int [B, N, Tc] (windows per time position), got "
-                     f"{context.dtype} {context.shape}.")
+    raise ValueError(
+      f"context must be int [B, N, Tc] (windows per time position), got "
+      f"{context.dtype} {context.shape}."
+    )
   return jax.vmap(teacher.encode, in_axes=(None, 1), out_axes=1)(params, context)
 
 
-def transition_positions(seq_len: int, num_transitions: int, context_length: int,
-                         key: jax.Array | None) -> jax.Array:
+def transition_positions(
+  seq_len: int, num_transitions: int, context_length: int, key: jax.Array | None
+) -> jax.Array:
   """Which memory times t the SMT loss trains, as int [N] in [-1, T-2].
 
   num_transitions == 1: the published recipe, t = Tc-1 (windows x[0:Tc] and x[1:Tc+1], input x[Tc]).
@@ -108,25 +121,42 @@ def transition_positions(seq_len: int, num_transitions: int, context_length: int
     raise ValueError(f"num_transitions must be in [1, T={seq_len}], got {num_transitions}.")
   if num_transitions == 1:
     if seq_len < context_length + 1:
-      raise ValueError(f"num_transitions=1 uses t = Tc-1 and input x[Tc]: needs T >= Tc + 1 = "
-                       f"{context_length + 1}, got T = {seq_len}.")
+      raise ValueError(
+        f"num_transitions=1 uses t = Tc-1 and input x[Tc]: needs T >= Tc + 1 = "
+        f"{context_length + 1}, got T = {seq_len}."
+      )
     return jnp.array([context_length - 1])
   if num_transitions == seq_len:
     return jnp.arange(-1, seq_len - 1)
   if key is None:
     raise ValueError("a PRNG key is needed to draw a random subset of transitions.")
-  return jnp.sort(jax.random.choice(key, jnp.arange(-1, seq_len - 1), (num_transitions,),
-                                    replace=False))
+  return jnp.sort(
+    jax.random.choice(key, jnp.arange(-1, seq_len - 1), (num_transitions,), replace=False)
+  )
 
 
-def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: TeacherFns,
-             rnn: RNNFns, context_length: int, future_length: int, num_transitions: int = 1,
-             c_dec: float = 1.0, c_dyn: float = 0.1, c_unif: float = 1e-3, c_readout: float = 1.0,
-             c_init: float = 0.1, gamma: float = 1.0, stop_teacher_grad: bool = False,
-             uniformity_max_samples: int = 512, uniformity_temperature: float = 2.0,
-             uniformity_over: str = "tokens",
-             constrain_time: Callable[[jax.Array], jax.Array] | None = None,
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def smt_loss(
+  params: Params,
+  batch: Batch,
+  key: jax.Array | None,
+  *,
+  teacher: TeacherFns,
+  rnn: RNNFns,
+  context_length: int,
+  future_length: int,
+  num_transitions: int = 1,
+  c_dec: float = 1.0,
+  c_dyn: float = 0.1,
+  c_unif: float = 1e-3,
+  c_readout: float = 1.0,
+  c_init: float = 0.1,
+  gamma: float = 1.0,
+  stop_teacher_grad: bool = False,
+  uniformity_max_samples: int = 512,
+  uniformity_temperature: float = 2.0,
+  uniformity_over: str = "tokens",
+  constrain_time: Callable[[jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Supervised Memory Training: teacher + RNN, every transition in parallel over time.
 
     L = c_dec L_dec + c_dyn L_dyn + c_init L_init + c_unif L_unif + c_readout L_readout
@@ -174,8 +204,9 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   # Teacher labels: memories at t (sources) and t+1 (targets). With every transition, the two sets
   # overlap in all but one position, so encode t = -1 .. T-1 once and slice.
   if n == seq_len:
-    mem = encode_over_time(teacher, tp, constrain(windows(x, jnp.arange(-1, seq_len),
-                                                          context_length)))
+    mem = encode_over_time(
+      teacher, tp, constrain(windows(x, jnp.arange(-1, seq_len), context_length))
+    )
     m_src, m_tgt = mem[:, :-1], mem[:, 1:]  # [B, N, K, d]
   else:
     ctx = windows(x, jnp.concatenate([src, src + 1]), context_length)
@@ -192,8 +223,7 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
   # Dynamics loss: the RNN's one-step transitions, all in parallel over time.
   teacher_out = jax.lax.stop_gradient if stop_teacher_grad else (lambda a: a)
   x_next = constrain(x[:, src + 1])  # [B, N]
-  predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
-      rp, teacher_out(m_src), x_next)
+  predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(rp, teacher_out(m_src), x_next)
   l_dyn = losses.dynamics_loss(predicted, teacher_out(m_tgt))
   if c_init:
     m_init = teacher.encode(tp, jnp.full((1, context_length), -1, x.dtype))[0]
@@ -203,35 +233,48 @@ def smt_loss(params: Params, batch: Batch, key: jax.Array | None, *, teacher: Te
 
   # Uniformity over the source memories (tokens, or whole flattened states).
   unif_in = m_src if uniformity_over == "tokens" else m_src.reshape(*m_src.shape[:2], -1)
-  l_unif = losses.uniformity_loss(unif_in, key=k_unif, max_samples=uniformity_max_samples,
-                                  temperature=uniformity_temperature)
+  l_unif = losses.uniformity_loss(
+    unif_in, key=k_unif, max_samples=uniformity_max_samples, temperature=uniformity_temperature
+  )
 
   # Readout on teacher memories m_{t+1}, predicting y[t+1] (skipped when off, as L_init: a zero
   # weight would still cost its forward and backward passes).
   if c_readout:
     y_next = constrain(shifted(y, src + 1, 1)[..., 0])  # [B, N]
     r_logits = jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(
-        rp, jax.lax.stop_gradient(m_tgt))
+      rp, jax.lax.stop_gradient(m_tgt)
+    )
     r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
     l_readout = losses.masked_mean(r_ce, r_mask)
   else:
     l_readout = jnp.zeros((), jnp.float32)
 
-  loss = (c_dec * l_dec + c_dyn * l_dyn + c_init * l_init + c_unif * l_unif
-          + c_readout * l_readout)
+  loss = c_dec * l_dec + c_dyn * l_dyn + c_init * l_init + c_unif * l_unif + c_readout * l_readout
   metrics = {
-      "loss": loss, "decoding_loss": l_dec, "dynamics_loss": l_dyn, "init_loss": l_init,
-      "uniformity_loss": l_unif, "readout_loss": l_readout,
-      "one_step_drift_1mr2": losses.drift(jax.lax.stop_gradient(predicted),
-                                          jax.lax.stop_gradient(m_tgt))["one_minus_r2"],
-      "num_targets": jnp.sum(y_future != -1).astype(jnp.float32),
+    "loss": loss,
+    "decoding_loss": l_dec,
+    "dynamics_loss": l_dyn,
+    "init_loss": l_init,
+    "uniformity_loss": l_unif,
+    "readout_loss": l_readout,
+    "one_step_drift_1mr2": losses.drift(
+      jax.lax.stop_gradient(predicted), jax.lax.stop_gradient(m_tgt)
+    )["one_minus_r2"],
+    "num_targets": jnp.sum(y_future != -1).astype(jnp.float32),
   }
   return loss, metrics
 
 
-def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Callable,
-            stop_gradient_every: int | None = None, remat: bool = True, unroll: int = 1
-            ) -> jax.Array:
+def rollout(
+  params: Params,
+  memory: jax.Array,
+  inputs: jax.Array,
+  *,
+  update: Callable,
+  stop_gradient_every: int | None = None,
+  remat: bool = True,
+  unroll: int = 1,
+) -> jax.Array:
   """Runs the RNN with `lax.scan`: the states after reading each input.
 
   Args:
@@ -247,8 +290,10 @@ def rollout(params: Params, memory: jax.Array, inputs: jax.Array, *, update: Cal
   if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
     raise ValueError(f"inputs must be int [B, L], got {inputs.dtype} {inputs.shape}.")
   if memory.ndim < 2 or memory.shape[0] != inputs.shape[0]:
-    raise ValueError(f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]} "
-                     f"(no broadcasting), got {memory.shape}.")
+    raise ValueError(
+      f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]} "
+      f"(no broadcasting), got {memory.shape}."
+    )
   if stop_gradient_every is not None:
     _positive(stop_gradient_every=stop_gradient_every)
   # prevent_cse=False: scan already keeps iterations apart, and the barrier would block fusion.
@@ -274,11 +319,22 @@ def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Arr
   return jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(params, states)
 
 
-def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teacher: TeacherFns,
-             rnn: RNNFns, context_length: int, rollout_length: int, label_every: int,
-             c_dyn: float = 10.0, c_readout: float = 1.0, stop_carry_grad: bool = False,
-             start: int | None = None, reference_labels: bool = False
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dmt_loss(
+  params: Params,
+  batch: Batch,
+  key: jax.Array | None = None,
+  *,
+  teacher: TeacherFns,
+  rnn: RNNFns,
+  context_length: int,
+  rollout_length: int,
+  label_every: int,
+  c_dyn: float = 10.0,
+  c_readout: float = 1.0,
+  stop_carry_grad: bool = False,
+  start: int | None = None,
+  reference_labels: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
 
   The rollout starts at memory time t0 = `start` (default Tc-1, the stream recipe; -1 starts from
@@ -310,11 +366,11 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
     (loss, metrics) including drift ('drift_mse', 'drift_1mr2') of the rollout vs the labels.
   """
   del key
-  _positive(context_length=context_length, rollout_length=rollout_length,
-            label_every=label_every)
+  _positive(context_length=context_length, rollout_length=rollout_length, label_every=label_every)
   if rollout_length % label_every:
-    raise ValueError(f"label_every (k={label_every}) must divide rollout_length "
-                     f"(Td={rollout_length}).")
+    raise ValueError(
+      f"label_every (k={label_every}) must divide rollout_length (Td={rollout_length})."
+    )
   t0 = context_length - 1 if start is None else start
   if t0 < -1:
     raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
@@ -327,17 +383,19 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
   num_states = rollout_length if reference_labels else rollout_length + 1  # readout: s < this
   trained = label_steps[1:]  # the labels of states the RNN wrote (s > 0)
   labels = encode_over_time(teacher, tp, windows(x, label_steps + t0, context_length))  # [B,S,K,d]
-  inputs = x[:, t0 + 1:t0 + 1 + rollout_length]
+  inputs = x[:, t0 + 1 : t0 + 1 + rollout_length]
   if stop_carry_grad:
     # With the carry cut before every update, the gradient reaches only the updates whose outputs
     # are labelled: every other step would backpropagate zeros. So the rollout runs forward only
     # (no residuals, no backward scan), and the labelled updates are redone with gradients, all
     # at once (one vmap): the same loss and gradients, for a fraction of the work.
-    states = rollout(jax.lax.stop_gradient(rp), labels[:, 0], inputs, update=rnn.update,
-                     remat=False)
+    states = rollout(
+      jax.lax.stop_gradient(rp), labels[:, 0], inputs, update=rnn.update, remat=False
+    )
     states = jax.lax.stop_gradient(jnp.concatenate([labels[:, :1], states], axis=1))  # s=0..Td
     predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
-        rp, states[:, trained - 1], inputs[:, trained - 1])  # [B, |trained|, K, d]
+      rp, states[:, trained - 1], inputs[:, trained - 1]
+    )  # [B, |trained|, K, d]
   else:
     states = rollout(rp, labels[:, 0], inputs, update=rnn.update)
     states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
@@ -353,12 +411,23 @@ def dmt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, teac
   l_readout = losses.masked_mean(ce, mask)
   d = losses.drift(jax.lax.stop_gradient(states[:, trained]), labels[:, 1:])
   loss = c_dyn * l_dyn + c_readout * l_readout
-  return loss, {"loss": loss, "dynamics_loss": l_dyn, "readout_loss": l_readout,
-                "drift_mse": d["mse"], "drift_1mr2": d["one_minus_r2"]}
+  return loss, {
+    "loss": loss,
+    "dynamics_loss": l_dyn,
+    "readout_loss": l_readout,
+    "drift_mse": d["mse"],
+    "drift_1mr2": d["one_minus_r2"],
+  }
 
 
-def bptt_loss(params: Params, batch: Batch, key: jax.Array | None = None, *, rnn: RNNFns,
-              truncation: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def bptt_loss(
+  params: Params,
+  batch: Batch,
+  key: jax.Array | None = None,
+  *,
+  rnn: RNNFns,
+  truncation: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Backpropagation through time: the baseline.
 
   From the RNN's initial memory, read x[0..T-1] with `lax.scan`; readout(state_t) predicts y[t].

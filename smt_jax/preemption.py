@@ -36,6 +36,7 @@ class SigtermWatch:
     """Whether to save and exit after `global_step`."""
     if self.multi_process and not self.flag:
       from jax.experimental import multihost_utils
+
       self.flag = multihost_utils.reached_preemption_sync_point(global_step)
     return self.flag
 

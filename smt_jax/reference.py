@@ -23,7 +23,7 @@ transformer), and the RNN's `rnn` (rnn.rnn) and `decoder` (rnn.decoder.transform
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,22 +55,27 @@ def _stack_entries(stack: layers.Transformer, prefix: str) -> dict[str, nnx.Para
   return out
 
 
-def _entries(teacher: Teacher | None, rnn: TransformerRNN | None
-             ) -> dict[str, dict[str, nnx.Param]]:
+def _entries(
+  teacher: Teacher | None, rnn: TransformerRNN | None
+) -> dict[str, dict[str, nnx.Param]]:
   """{'teacher' / 'rnn': {reference name: our parameter}} for the models given."""
   res = {}
   if teacher is not None:
-    t = {"embed.weight": teacher.embed.embedding,
-         "encoder_mem_register.weight": teacher.registers,
-         "to_logits.weight": teacher.decoder.to_logits.kernel,
-         "to_logits.bias": teacher.decoder.to_logits.bias}
+    t = {
+      "embed.weight": teacher.embed.embedding,
+      "encoder_mem_register.weight": teacher.registers,
+      "to_logits.weight": teacher.decoder.to_logits.kernel,
+      "to_logits.bias": teacher.decoder.to_logits.bias,
+    }
     t.update(_stack_entries(teacher.encoder, "encoder"))
     t.update(_stack_entries(teacher.decoder.transformer, "decoder"))
     res["teacher"] = t
   if rnn is not None:
-    r = {"embed.weight": rnn.embed.embedding,
-         "to_logits.weight": rnn.decoder.to_logits.kernel,
-         "to_logits.bias": rnn.decoder.to_logits.bias}
+    r = {
+      "embed.weight": rnn.embed.embedding,
+      "to_logits.weight": rnn.decoder.to_logits.kernel,
+      "to_logits.bias": rnn.decoder.to_logits.bias,
+    }
     r.update(_stack_entries(rnn.rnn, "rnn"))
     r.update(_stack_entries(rnn.decoder.transformer, "decoder"))
     res["rnn"] = r
@@ -91,7 +96,7 @@ def _load(params: dict[str, nnx.Param], state: StateDict, model: str, head_dim: 
   expected = set()
   for name, param in params.items():
     if name.endswith(".1.qkv"):
-      base = name[:-len("qkv")]
+      base = name[: -len("qkv")]
       names = [f"{base}to_{p}.weight" for p in "qkv"]
       expected.update(names)
       missing = [n for n in names if n not in state]
@@ -101,46 +106,91 @@ def _load(params: dict[str, nnx.Param], state: StateDict, model: str, head_dim: 
     else:
       expected.add(name)
       if name not in state:
-        raise ValueError(f"{model} state_dict lacks {name!r}: is it the reference's {model} at "
-                         f"these depths and head count?")
+        raise ValueError(
+          f"{model} state_dict lacks {name!r}: is it the reference's {model} at "
+          f"these depths and head count?"
+        )
       value = state[name].T if _transposed(name) else state[name]
     if value.shape != param[...].shape:
-      raise ValueError(f"{model} state_dict {name!r} has shape {state.get(name, value).shape}, "
-                       f"the model expects {param[...].shape} (transposed for Linear weights): "
-                       f"check vocab_size, width, num_heads and num_memory_tokens.")
+      raise ValueError(
+        f"{model} state_dict {name!r} has shape {state.get(name, value).shape}, "
+        f"the model expects {param[...].shape} (transposed for Linear weights): "
+        f"check vocab_size, width, num_heads and num_memory_tokens."
+      )
     param[...] = jnp.asarray(value, param[...].dtype)
   inv_freq = np.asarray(layers.rotary_inv_freq(head_dim))
   for stack in _stacks(model):
     key = f"{stack}.rotary_pos_emb.inv_freq"
     expected.add(key)
     if key in state and not np.allclose(state[key], inv_freq, rtol=1e-6, atol=0):
-      raise ValueError(f"{model} {key} differs from this model's rotary frequencies "
-                       f"(head_dim {head_dim}, base {layers.ROPE_BASE}).")
+      raise ValueError(
+        f"{model} {key} differs from this model's rotary frequencies "
+        f"(head_dim {head_dim}, base {layers.ROPE_BASE})."
+      )
   extra = sorted(set(state) - expected)
   if extra:
-    raise ValueError(f"{model} state_dict has {len(extra)} entries this model does not have, "
-                     f"e.g. {extra[0]!r}: check the depths and num_heads.")
+    raise ValueError(
+      f"{model} state_dict has {len(extra)} entries this model does not have, "
+      f"e.g. {extra[0]!r}: check the depths and num_heads."
+    )
 
 
-def build(*, vocab_size: int, width: int, num_heads: int, num_memory_tokens: int,
-          encoder_depth: int, decoder_depth: int, rnn_depth: int, readout_depth: int,
-          head_dim: int = DEFAULT_HEAD_DIM, dtype=jnp.float32, seed: int = 0
-          ) -> tuple[Teacher, TransformerRNN]:
+def build(
+  *,
+  vocab_size: int,
+  width: int,
+  num_heads: int,
+  num_memory_tokens: int,
+  encoder_depth: int,
+  decoder_depth: int,
+  rnn_depth: int,
+  readout_depth: int,
+  head_dim: int = DEFAULT_HEAD_DIM,
+  dtype=jnp.float32,
+  seed: int = 0,
+) -> tuple[Teacher, TransformerRNN]:
   """The teacher and transformer RNN at the reference's architecture (initial memory: zeros)."""
   rngs = nnx.Rngs(seed)
-  teacher = Teacher(vocab_size=vocab_size, num_memory_tokens=num_memory_tokens, width=width,
-                    encoder_depth=encoder_depth, decoder_depth=decoder_depth,
-                    num_heads=num_heads, head_dim=head_dim, dtype=dtype, rngs=rngs)
-  rnn = TransformerRNN(vocab_size=vocab_size, num_memory_tokens=num_memory_tokens, width=width,
-                       depth=rnn_depth, num_heads=num_heads, readout_depth=readout_depth,
-                       head_dim=head_dim, initial_memory="zeros", dtype=dtype, rngs=rngs)
+  teacher = Teacher(
+    vocab_size=vocab_size,
+    num_memory_tokens=num_memory_tokens,
+    width=width,
+    encoder_depth=encoder_depth,
+    decoder_depth=decoder_depth,
+    num_heads=num_heads,
+    head_dim=head_dim,
+    dtype=dtype,
+    rngs=rngs,
+  )
+  rnn = TransformerRNN(
+    vocab_size=vocab_size,
+    num_memory_tokens=num_memory_tokens,
+    width=width,
+    depth=rnn_depth,
+    num_heads=num_heads,
+    readout_depth=readout_depth,
+    head_dim=head_dim,
+    initial_memory="zeros",
+    dtype=dtype,
+    rngs=rngs,
+  )
   return teacher, rnn
 
 
-def from_state_dicts(teacher_state: StateDict | None, rnn_state: StateDict | None, *,
-                     vocab_size: int, width: int, num_heads: int, num_memory_tokens: int,
-                     encoder_depth: int, decoder_depth: int, rnn_depth: int, readout_depth: int,
-                     dtype=jnp.float32) -> tuple[Teacher, TransformerRNN]:
+def from_state_dicts(
+  teacher_state: StateDict | None,
+  rnn_state: StateDict | None,
+  *,
+  vocab_size: int,
+  width: int,
+  num_heads: int,
+  num_memory_tokens: int,
+  encoder_depth: int,
+  decoder_depth: int,
+  rnn_depth: int,
+  readout_depth: int,
+  dtype=jnp.float32,
+) -> tuple[Teacher, TransformerRNN]:
   """The reference's teacher and RNN as smt-jax NNX modules holding its weights.
 
   Args:
@@ -156,10 +206,17 @@ def from_state_dicts(teacher_state: StateDict | None, rnn_state: StateDict | Non
   Raises:
     ValueError naming the first missing, extra or mis-shaped entry.
   """
-  teacher, rnn = build(vocab_size=vocab_size, width=width, num_heads=num_heads,
-                       num_memory_tokens=num_memory_tokens, encoder_depth=encoder_depth,
-                       decoder_depth=decoder_depth, rnn_depth=rnn_depth,
-                       readout_depth=readout_depth, dtype=dtype)
+  teacher, rnn = build(
+    vocab_size=vocab_size,
+    width=width,
+    num_heads=num_heads,
+    num_memory_tokens=num_memory_tokens,
+    encoder_depth=encoder_depth,
+    decoder_depth=decoder_depth,
+    rnn_depth=rnn_depth,
+    readout_depth=readout_depth,
+    dtype=dtype,
+  )
   entries = _entries(teacher, rnn)
   for model, state in (("teacher", teacher_state), ("rnn", rnn_state)):
     if state is not None:
@@ -167,8 +224,9 @@ def from_state_dicts(teacher_state: StateDict | None, rnn_state: StateDict | Non
   return teacher, rnn
 
 
-def to_state_dicts(teacher: Teacher | None, rnn: TransformerRNN | None
-                   ) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
+def to_state_dicts(
+  teacher: Teacher | None, rnn: TransformerRNN | None
+) -> tuple[dict[str, np.ndarray] | None, dict[str, np.ndarray] | None]:
   """The inverse of `from_state_dicts`: `{PyTorch state_dict name: float32 numpy array}` for each
   model (None for a model not given), `inv_freq` buffers included, loadable into the reference
   with `load_state_dict({k: torch.from_numpy(v) ...})`."""
@@ -182,7 +240,7 @@ def to_state_dicts(teacher: Teacher | None, rnn: TransformerRNN | None
     for name, param in entries[model].items():
       value = np.asarray(param[...], np.float32)
       if name.endswith(".1.qkv"):
-        base = name[:-len("qkv")]
+        base = name[: -len("qkv")]
         for p, part in zip("qkv", np.split(value, 3, axis=1)):
           state[f"{base}to_{p}.weight"] = np.ascontiguousarray(part.T)
       elif _transposed(name):

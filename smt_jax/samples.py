@@ -28,11 +28,18 @@ def write_samples(exp, params, workdir: str, summary: dict | None = None) -> lis
 def _generate(exp, params, key, prompts: np.ndarray, num_steps: int, *, use_teacher: bool):
   """Tokens [N, num_steps] sampled by the RNN after reading `prompts` [N, P]."""
   tfns, rfns = exp.fns
-  memory = inference.prompt_memory(params, jnp.asarray(prompts), rnn=rfns,
-                                   teacher=tfns if use_teacher else None,
-                                   context_length=exp.config.smt.context_length)
-  return np.asarray(inference.write(params, key, memory, rnn=rfns, num_steps=num_steps,
-                                    temperature=exp.config.samples.temperature))
+  memory = inference.prompt_memory(
+    params,
+    jnp.asarray(prompts),
+    rnn=rfns,
+    teacher=tfns if use_teacher else None,
+    context_length=exp.config.smt.context_length,
+  )
+  return np.asarray(
+    inference.write(
+      params, key, memory, rnn=rfns, num_steps=num_steps, temperature=exp.config.samples.temperature
+    )
+  )
 
 
 def pixel_samples(exp, params, key, path: str) -> str:
@@ -43,6 +50,7 @@ def pixel_samples(exp, params, key, path: str) -> str:
   every prompt begins with the whole eval image before (`PixelSource.image_prefix`) instead.
   """
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -56,14 +64,17 @@ def pixel_samples(exp, params, key, path: str) -> str:
   half = (h // 2) * w
   top = np.concatenate([prefix, real.reshape(n, -1)[:, :half].astype(np.int32)], axis=1)
   rest = _generate(exp, params, k2, top, h * w - half, use_teacher="smt" in exp.phases)
-  completed = np.concatenate([top[:, prefix.shape[1]:], rest], axis=1)
+  completed = np.concatenate([top[:, prefix.shape[1] :], rest], axis=1)
 
   def to_img(tokens):  # a sampled BOS inside an image shows as background
     t = np.where(tokens >= src.levels, 0, tokens)
     return t.reshape(-1, h, w) / (src.levels - 1)
 
-  rows = [("real", real / (src.levels - 1)), ("RNN alone", to_img(alone)),
-          ("RNN completes top half", to_img(completed))]
+  rows = [
+    ("real", real / (src.levels - 1)),
+    ("RNN alone", to_img(alone)),
+    ("RNN completes top half", to_img(completed)),
+  ]
   fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.95), squeeze=False)
   for r, (name, imgs) in enumerate(rows):
     for i in range(n):
@@ -108,8 +119,10 @@ def probe_table(summary: dict, path: str) -> str:
     if not isinstance(m, dict):
       continue
     fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
-    lines.append(f"| {phase} | {fmt('eval/rnn_acc')} | {fmt('eval/rnn_nll')} | "
-                 f"{fmt('eval/teacher_acc')} | {fmt('eval/teacher_nll')} |")
+    lines.append(
+      f"| {phase} | {fmt('eval/rnn_acc')} | {fmt('eval/rnn_nll')} | "
+      f"{fmt('eval/teacher_acc')} | {fmt('eval/teacher_nll')} |"
+    )
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
   return path

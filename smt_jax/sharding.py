@@ -11,11 +11,13 @@ Everything goes through `jax.jit` with `NamedSharding`s on this mesh (today's fo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "time")
 BATCH_AXES = ("data", "fsdp")
@@ -27,11 +29,14 @@ def check_mesh_spec(spec: dict[str, int]) -> None:
     if k not in AXES:
       raise ValueError(f"config.mesh.{k} = {v!r}: unknown mesh axis; the axes are {list(AXES)}.")
     if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
-      raise ValueError(f"config.mesh.{k} = {v!r}: a mesh axis size is a positive integer, or -1 "
-                       f"(once) for the rest.")
+      raise ValueError(
+        f"config.mesh.{k} = {v!r}: a mesh axis size is a positive integer, or -1 "
+        f"(once) for the rest."
+      )
   if list(spec.values()).count(-1) > 1:
-    raise ValueError(f"config.mesh = {spec!r}: at most one axis may be -1 (every device not used "
-                     f"by the others).")
+    raise ValueError(
+      f"config.mesh = {spec!r}: at most one axis may be -1 (every device not used by the others)."
+    )
 
 
 def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
@@ -41,12 +46,16 @@ def mesh_shape(spec: dict[str, int], num_devices: int) -> tuple[int, ...]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
-                       f"{num_devices} devices; change config.mesh.")
+      raise ValueError(
+        f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
+        f"{num_devices} devices; change config.mesh."
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"config.mesh: {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"but {num_devices} are available; set one axis to -1 or fix the sizes.")
+    raise ValueError(
+      f"config.mesh: {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+      f"but {num_devices} are available; set one axis to -1 or fix the sizes."
+    )
   return tuple(sizes)
 
 
@@ -72,7 +81,6 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for params / optimiser state: FSDP-sharded along the largest even dim."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda a: NamedSharding(mesh, _fsdp_spec(tuple(a.shape), fsdp)), tree)
-
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

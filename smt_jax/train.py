@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,6 +43,7 @@ class NonFiniteError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Hooks:
   """Seams for tests and tools, passed in rather than patched; None keeps the default."""
+
   make_source: Callable | None = None  # config -> data.Source, instead of the config's dataset
   wrap_loss: Callable | None = None  # loss_fn -> loss_fn, for every phase, before jit
   train_batch: Callable | None = None  # (global step, host rows) -> rows, before they are sharded
@@ -62,6 +64,7 @@ def say(msg: str) -> None:
 @dataclasses.dataclass
 class Position:
   """Where the loop is: all a checkpoint's metadata and state restore."""
+
   phase_index: int = 0
   phase_step: int = 0  # steps done in the current phase
   skipped: int = 0  # non-finite steps skipped in the current phase
@@ -72,6 +75,7 @@ class Position:
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What the phases of one run share besides their position."""
+
   exp: experiment.Experiment
   workdir: str
   mngr: Any  # orbax CheckpointManager
@@ -81,9 +85,14 @@ class _Run:
   with_teacher: bool  # a teacher is trained (and evaluated)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       overwrite: bool = False, fork: bool = False,
-                       hooks: Hooks | None = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  overwrite: bool = False,
+  fork: bool = False,
+  hooks: Hooks | None = None,
+) -> dict:
   """Runs every phase of `config`, resuming from `workdir`; returns the summary dict.
 
   Order: the config is validated, then the workdir checked (a refused workdir costs nothing),
@@ -107,8 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with checkpoints.workdir_lock(workdir, is_main=is_main):
     exp = config_checks.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
-    claim = functools.partial(checkpoints.claim_workdir, workdir, config, overwrite=overwrite,
-                              fork=fork, is_main=is_main)
+    claim = functools.partial(
+      checkpoints.claim_workdir, workdir, config, overwrite=overwrite, fork=fork, is_main=is_main
+    )
     if overwrite:
       claim()  # the old run goes before anything is restored from it
     mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
@@ -116,9 +126,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       # Resume: which phase, which step. Batches and keys are functions of the global step, so
       # the restored state alone decides everything that follows.
       restored = checkpoints.restore(
-          mngr, phases=exp.phases, params=exp.abstract_params,
-          opt_states=[p.abstract_state["opt_state"] for p in phases], quarantine=True,
-          is_main=is_main)
+        mngr,
+        phases=exp.phases,
+        params=exp.abstract_params,
+        opt_states=[p.abstract_state["opt_state"] for p in phases],
+        quarantine=True,
+        is_main=is_main,
+      )
       # The workdir becomes this config's only once its checkpoints are known to fit (a refused
       # --fork leaves it as it was).
       claim()
@@ -128,16 +142,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is None:
       pos = Position(params=exp.init_params())
     else:
-      pos = Position(restored["phase_index"], restored["phase_step"], restored["skipped_steps"],
-                     restored["params"], restored["opt_state"])
+      pos = Position(
+        restored["phase_index"],
+        restored["phase_step"],
+        restored["skipped_steps"],
+        restored["params"],
+        restored["opt_state"],
+      )
       where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
       say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
     resume_step = restored["step"] if restored else 0
-    writer = metrics_io.MetricsWriter(workdir, enabled=is_main,
-                                      purge_step=resume_step + 1 if restored else None)
+    writer = metrics_io.MetricsWriter(
+      workdir, enabled=is_main, purge_step=resume_step + 1 if restored else None
+    )
     writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
-    run = _Run(exp=exp, workdir=workdir, mngr=mngr, writer=writer, watch=SigtermWatch(),
-               hooks=hooks, with_teacher="smt" in exp.phases)
+    run = _Run(
+      exp=exp,
+      workdir=workdir,
+      mngr=mngr,
+      writer=writer,
+      watch=SigtermWatch(),
+      hooks=hooks,
+      with_teacher="smt" in exp.phases,
+    )
     try:
       return _train(run, phases, pos, t_start)
     finally:
@@ -149,7 +176,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
   c, is_main = run.exp.config, jax.process_index() == 0
   summary = metrics_io.read_summary(run.workdir)
   with run.watch.installed(), jax.set_mesh(run.exp.mesh):
-    for phase in phases[pos.phase_index:]:
+    for phase in phases[pos.phase_index :]:
       summary.update(_run_phase(run, phase, pos))
       if is_main:
         metrics_io.write_summary(run.workdir, summary)
@@ -160,8 +187,15 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
       # Phase boundary checkpoint: a restart continues with the next phase.
       pos.phase_index, pos.phase_step, pos.skipped, pos.opt_state = phase.index + 1, 0, 0, None
       nxt = phases[pos.phase_index].name if pos.phase_index < len(phases) else None
-      checkpoints.save(run.mngr, phase.offset + phase.steps, pos.params, None,
-                       phase_index=pos.phase_index, phase_step=0, phase=nxt)
+      checkpoints.save(
+        run.mngr,
+        phase.offset + phase.steps,
+        pos.params,
+        None,
+        phase_index=pos.phase_index,
+        phase_step=0,
+        phase=nxt,
+      )
       if run.watch.flag and nxt is not None:
         _exit_preempted(run.mngr, f"the start of {nxt}")
     run.mngr.wait_until_finished()
@@ -169,6 +203,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
     if is_main:
       from smt_jax import samples  # local: matplotlib only where samples are drawn
+
       samples.write_samples(run.exp, pos.params, run.workdir, summary)
       metrics_io.write_summary(run.workdir, summary)
   return summary
@@ -188,9 +223,16 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   out = {}
 
   def save(state, done: int):
-    checkpoints.save(run.mngr, phase.offset + done, state["params"], state["opt_state"],
-                     phase_index=phase.index, phase_step=done, phase=name,
-                     skipped_steps=pos.skipped)
+    checkpoints.save(
+      run.mngr,
+      phase.offset + done,
+      state["params"],
+      state["opt_state"],
+      phase_index=phase.index,
+      phase_step=done,
+      phase=name,
+      skipped_steps=pos.skipped,
+    )
 
   t_compile = time.time()
   t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
@@ -225,9 +267,12 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       run.writer.write(phase.offset + done, name, done, row)
       say(msg)
     if itstime(done, c.eval.every_steps, phase.steps, last=False):
-      run.writer.write(phase.offset + done, name, done,
-                       evaluation.held_out(run.exp, state["params"],
-                                           with_teacher=run.with_teacher))
+      run.writer.write(
+        phase.offset + done,
+        name,
+        done,
+        evaluation.held_out(run.exp, state["params"], with_teacher=run.with_teacher),
+      )
       t_last, steps_since = time.time(), 0  # eval time is not training throughput
     # Periodic checkpoints inside the phase; its last step is covered by the boundary checkpoint
     # (saved after the phase's final eval, so a restart never writes that eval twice).
@@ -262,6 +307,7 @@ def _check_finite(c, phase: str, step: int, metrics) -> int:
     logging.warning("%s step %d: non-finite %s; update skipped.", phase, step + 1, what)
     return 1
   raise NonFiniteError(
-      f"{phase} step {step + 1}: non-finite value in {what}; the update was not applied and the "
-      f"last good checkpoint is kept. Lower {phase}.lr or optim.clip_norm, or set "
-      f"--config.nan_policy=skip to skip such steps and count them.")
+    f"{phase} step {step + 1}: non-finite value in {what}; the update was not applied and the "
+    f"last good checkpoint is kept. Lower {phase}.lr or optim.clip_norm, or set "
+    f"--config.nan_policy=skip to skip such steps and count them."
+  )

@@ -25,8 +25,9 @@ def pytest_configure(config):
   """A persistent compilation cache shared by the test processes: the runner tests build the same
   smoke programs many times (a new jit per run), and a cache hit skips XLA's compile."""
   del config
-  cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                                os.path.join(tempfile.gettempdir(), "smt_jax_test_compile_cache"))
+  cache = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "smt_jax_test_compile_cache")
+  )
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -34,6 +35,7 @@ def pytest_configure(config):
 @dataclasses.dataclass(frozen=True)
 class Tiny:
   """Sizes of the tiny models, and builders that return (pure functions, parameters)."""
+
   vocab_size: int = 6
   num_memory_tokens: int = 2  # K
   width: int = 8  # d
@@ -42,15 +44,27 @@ class Tiny:
   future_length: int = 2  # Tf
 
   def teacher(self, seed: int = 0, **overrides):
-    kw = dict(vocab_size=self.vocab_size, num_memory_tokens=self.num_memory_tokens,
-              width=self.width, encoder_depth=1, decoder_depth=1, num_heads=self.num_heads)
+    kw = dict(
+      vocab_size=self.vocab_size,
+      num_memory_tokens=self.num_memory_tokens,
+      width=self.width,
+      encoder_depth=1,
+      decoder_depth=1,
+      num_heads=self.num_heads,
+    )
     kw.update(overrides)
     graphdef, state = nnx.split(smt_jax.Teacher(**kw, rngs=nnx.Rngs(seed)))
     return smt_jax.teacher_fns(graphdef), state
 
   def rnn(self, kind: str, seed: int = 1, **overrides):
-    kw = dict(vocab_size=self.vocab_size, num_memory_tokens=self.num_memory_tokens,
-              width=self.width, depth=1, num_heads=self.num_heads, readout_depth=1)
+    kw = dict(
+      vocab_size=self.vocab_size,
+      num_memory_tokens=self.num_memory_tokens,
+      width=self.width,
+      depth=1,
+      num_heads=self.num_heads,
+      readout_depth=1,
+    )
     kw.update(overrides)
     graphdef, state = nnx.split(smt_jax.make_rnn(kind, **kw, rngs=nnx.Rngs(seed)))
     return smt_jax.rnn_fns(graphdef), state

@@ -16,16 +16,41 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config=experiments/configs/bench.py", "--config.model.width=16",
-        "--config.model.num_heads=2", "--config.model.num_memory_tokens=2",
-        "--config.model.encoder_depth=1", "--config.model.rnn_depth=1",
-        "--config.model.decoder_depth=1", "--config.model.readout_depth=1",
-        "--config.smt.batch_size=4", "--config.dmt.batch_size=4", "--config.bptt.batch_size=4",
-        "--config.smt.context_length=8", "--config.smt.future_length=4",
-        "--config.dmt.rollout_length=8", "--config.dmt.label_every=4", "--config.bptt.seq_len=8"]
-PER_OBJECTIVE = {"median_s", "min_s", "p90_s", "cpu_s", "tokens_per_s", "compile_s", "seq_depth",
-                 "seq_len", "batch_size", "flops", "xla_flops", "flops_per_s", "mfu", "dtype",
-                 "loss"}
+TINY = [
+  "--config=experiments/configs/bench.py",
+  "--config.model.width=16",
+  "--config.model.num_heads=2",
+  "--config.model.num_memory_tokens=2",
+  "--config.model.encoder_depth=1",
+  "--config.model.rnn_depth=1",
+  "--config.model.decoder_depth=1",
+  "--config.model.readout_depth=1",
+  "--config.smt.batch_size=4",
+  "--config.dmt.batch_size=4",
+  "--config.bptt.batch_size=4",
+  "--config.smt.context_length=8",
+  "--config.smt.future_length=4",
+  "--config.dmt.rollout_length=8",
+  "--config.dmt.label_every=4",
+  "--config.bptt.seq_len=8",
+]
+PER_OBJECTIVE = {
+  "median_s",
+  "min_s",
+  "p90_s",
+  "cpu_s",
+  "tokens_per_s",
+  "compile_s",
+  "seq_depth",
+  "seq_len",
+  "batch_size",
+  "flops",
+  "xla_flops",
+  "flops_per_s",
+  "mfu",
+  "dtype",
+  "loss",
+}
 
 
 def _run(tmp_path, *args) -> dict:
@@ -33,9 +58,24 @@ def _run(tmp_path, *args) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # Fast, unoptimised code generation: compile time dominates these two-step runs.
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-  proc = subprocess.run([sys.executable, "-m", "experiments.benchmark", *TINY, "--steps=2",
-                         "--warmup=1", f"--out={out}", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.benchmark",
+      *TINY,
+      "--steps=2",
+      "--warmup=1",
+      f"--out={out}",
+      *args,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert "objective" in proc.stdout  # the table was printed
   return json.loads(out.read_text())
@@ -92,6 +132,7 @@ def test_matmul_flops_of_a_scan_by_hand():
   def f(x, w):  # 5 iterations of [4, 8] @ [8, 16] and [4, 16] @ [16, 8]
     def body(c, _):
       return jnp.tanh(c @ w) @ w.T, None
+
     return jax.lax.scan(body, x, None, length=5)[0].sum()
 
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
@@ -103,16 +144,20 @@ def test_matmul_flops_of_a_scan_by_hand():
 
 def test_peak_table_names_the_dtype():
   from experiments.benchmark import PEAK_FLOPS, peak_flops
-  assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == ("H100 SXM",
-                                                             PEAK_FLOPS["H100 SXM"]["bfloat16"])
+
+  assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == (
+    "H100 SXM",
+    PEAK_FLOPS["H100 SXM"]["bfloat16"],
+  )
   assert peak_flops("NVIDIA H200", "float32")[0] == "H200"
   assert peak_flops("NVIDIA A100-SXM4-40GB", "float32")[1] == PEAK_FLOPS["A100"]["float32"]
   assert peak_flops("cpu", "float32") == (None, None)
 
 
 def test_sweeps(tmp_path):
-  r = _run(tmp_path, "--objectives=smt,bptt", "--sweep=seq_len", "--seq_lens=4,8",
-           "--sweep_batch_size=2")
+  r = _run(
+    tmp_path, "--objectives=smt,bptt", "--sweep=seq_len", "--seq_lens=4,8", "--sweep_batch_size=2"
+  )
   rows = r["sweep_seq_len"]["rows"]
   assert [row["seq_len"] for row in rows] == [4, 8]
   for row in rows:

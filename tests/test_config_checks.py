@@ -47,8 +47,10 @@ def test_the_compile_guard_sees_compiles():
 @pytest.fixture
 def no_data():
   """Hooks that fail the test if the dataset is built (config-only rules must fire first)."""
+
   def refuse(config):
     raise AssertionError(f"data {config.data.name!r} loaded before the config was rejected")
+
   return train.Hooks(make_source=refuse)
 
 
@@ -76,83 +78,169 @@ def _rejects(c, tmp_path, *fragments, hooks=None):
 
 # (base config, overrides, what the message must contain): field = value, and a hint of the fix.
 CONFIG_ONLY = {
-    # heads: rotary turns pairs in the first half of each head; one head has no output projection
-    "head_dim_multiple_of_4": ("pixels:smoke", {"model.head_dim": 30},
-                               ["config.model.head_dim = 30", "multiple of 4"]),
-    "compact_heads_split_width": ("pixels:smoke", {"model.head_dim": 0, "model.width": 18},
-                                  ["config.model.width = 18", "multiple of model.num_heads = 4"]),
-    "compact_heads_width_per_head": ("pixels:smoke", {"model.head_dim": 0, "model.width": 20},
-                                     ["config.model.width = 20", "= 5 wide", "multiple of 4"]),
-    "one_head_width": ("pixels:smoke", {"model.num_heads": 1},
-                       ["config.model.head_dim = 64", "must equal model.width = 16"]),
-    "reference_labels_need_two": ("pixels:smoke", {"dmt.reference_labels": True,
-                                                   "dmt.label_every": 8},
-                                  ["config.dmt.label_every = 8", "k <= Td / 2 = 4"]),
-    "c_init_with_zero_memory": ("pixels:smoke", {"model.rnn_initial_memory": "zeros"},
-                                ["config.smt.c_init = 0.1", "smt.c_init=0"]),
-    # T vs Tc + Tf and Tc + Td + Tf where T is settable (episodes); streams derive T from them
-    "context_past_episode": ("synthetic:parity,smoke", {"smt.context_length": 17},
-                             ["config.smt.context_length = 17", "data.seq_len = 16"]),
-    "future_past_episode": ("synthetic:parity,smoke", {"smt.future_length": 20},
-                            ["config.smt.future_length = 20", "<= 16"]),
-    "rollout_past_episode": ("synthetic:parity,smoke", {"dmt.rollout_length": 32},
-                             ["config.dmt.rollout_length = 32", "at most data.seq_len = 16"]),
-    "one_transition_needs_tc_below_t": ("synthetic:parity,smoke", {"smt.num_transitions": 1},
-                                        ["config.smt.context_length = 16", "Tc must be < T"]),
-    # k divides the rollout
-    "label_every_divides": ("pixels:smoke", {"dmt.label_every": 3},
-                            ["config.dmt.label_every = 3", "must divide dmt.rollout_length = 8"]),
-    # num_transitions in range
-    "transitions_zero": ("pixels:smoke", {"smt.num_transitions": 0},
-                         ["config.smt.num_transitions = 0", "[1, T = 20]"]),
-    "transitions_above_t": ("pixels:smoke", {"smt.num_transitions": 21},
-                            ["config.smt.num_transitions = 21", "[1, T = 20]"]),
-    # names: list the valid ones
-    "unknown_rnn_kind": ("pixels:smoke", {"model.rnn_kind": "rwkv"},
-                         ["config.model.rnn_kind = 'rwkv'", "'gru'", "'transformer'"]),
-    "unknown_dataset": ("pixels:smoke", {"data.name": "cifar"},
-                        ["config.data.name = 'cifar'", "'digits'", "'text'"]),
-    "unknown_phase": ("pixels:smoke", {"phases": "smt,rl"}, ["unknown phase 'rl'", "'bptt'"]),
-    # periods
-    "negative_log_period": ("pixels:smoke", {"log_every_steps": -1},
-                            ["config.log_every_steps = -1", "number of steps >= 0 (0: never)"]),
-    "negative_checkpoint_period": ("pixels:smoke", {"checkpoint_every_steps": -5},
-                                   ["config.checkpoint_every_steps = -5"]),
-    "negative_eval_period": ("pixels:smoke", {"eval.every_steps": -1},
-                             ["config.eval.every_steps = -1"]),
-    "phase_twice": ("pixels:smoke", {"phases": "smt,dmt,dmt"},
-                    ["config.phases = 'smt,dmt,dmt'", "dmt is listed twice"]),
-    # data paths
-    "text_without_path": ("text:smoke", {"data.path": ""},
-                          ["config.data.path = ''", "--config.data.path=FILE_OR_FOLDER"]),
-    "text_missing_path": ("text:smoke", {"data.path": "/nonexistent/corpus.txt"},
-                          ["config.data.path = '/nonexistent/corpus.txt'", "does not exist"]),
-    "path_for_a_dataset_without_files": ("pixels:smoke", {"data.path": "/data/mnist"},
-                                         ["config.data.path = '/data/mnist'", "ignored"]),
-    # mesh axes (config alone)
-    "unknown_mesh_axis": ("pixels:smoke", {"mesh.model": 2},
-                          ["config.mesh.model = 2", "['data', 'fsdp', 'time']"]),
-    "two_minus_one_axes": ("pixels:smoke", {"mesh.fsdp": -1}, ["at most one axis may be -1"]),
-    # the rest of the config
-    "negative_seed": ("pixels:smoke", {"seed": -1}, ["config.seed = -1", "non-negative"]),
-    "nan_policy": ("pixels:smoke", {"nan_policy": "ignore"}, ["config.nan_policy = 'ignore'",
-                                                             "'skip'"]),
-    "dtype": ("pixels:smoke", {"model.dtype": "float64"}, ["config.model.dtype = 'float64'"]),
-    "zero_lr": ("pixels:smoke", {"smt.lr": 0.0}, ["config.smt.lr = 0.0", "(0.0, inf)"]),
-    "zero_steps": ("pixels:smoke", {"dmt.steps": 0}, ["config.dmt.steps = 0", "positive"]),
-    "b2_of_one": ("pixels:smoke", {"optim.b2": 1.0}, ["config.optim.b2 = 1.0", "[0.0, 1.0)"]),
-    "negative_loss_weight": ("pixels:smoke", {"smt.c_dyn": -0.1}, ["config.smt.c_dyn = -0.1"]),
-    "dmt_without_smt": ("pixels:smoke", {"phases": "dmt"},
-                        ["config.phases = 'dmt'", "--config.phases=smt,dmt"]),
-    "episodic_flag_of_a_stream": ("pixels:smoke", {"data.episodic": True},
-                                  ["config.data.episodic = True", "episodic=False"]),
-    "seq_len_of_a_stream": ("pixels:smoke", {"data.seq_len": 64}, ["config.data.seq_len = 64"]),
-    "unknown_data_option": ("synthetic:parity,smoke", {"data.options.num_tokens": 4},
-                            ["config.data.options.num_tokens = 4", "no such option"]),
-    "prompt_too_long": ("pixels:smoke", {"eval.prompt_length": 24},
-                        ["config.eval.prompt_length = 24", "[0, eval sequence length 24)"]),
-    "negative_truncation": ("synthetic:parity,smoke", {"phases": "bptt", "bptt.truncation": -1},
-                            ["config.bptt.truncation = -1"]),
+  # heads: rotary turns pairs in the first half of each head; one head has no output projection
+  "head_dim_multiple_of_4": (
+    "pixels:smoke",
+    {"model.head_dim": 30},
+    ["config.model.head_dim = 30", "multiple of 4"],
+  ),
+  "compact_heads_split_width": (
+    "pixels:smoke",
+    {"model.head_dim": 0, "model.width": 18},
+    ["config.model.width = 18", "multiple of model.num_heads = 4"],
+  ),
+  "compact_heads_width_per_head": (
+    "pixels:smoke",
+    {"model.head_dim": 0, "model.width": 20},
+    ["config.model.width = 20", "= 5 wide", "multiple of 4"],
+  ),
+  "one_head_width": (
+    "pixels:smoke",
+    {"model.num_heads": 1},
+    ["config.model.head_dim = 64", "must equal model.width = 16"],
+  ),
+  "reference_labels_need_two": (
+    "pixels:smoke",
+    {"dmt.reference_labels": True, "dmt.label_every": 8},
+    ["config.dmt.label_every = 8", "k <= Td / 2 = 4"],
+  ),
+  "c_init_with_zero_memory": (
+    "pixels:smoke",
+    {"model.rnn_initial_memory": "zeros"},
+    ["config.smt.c_init = 0.1", "smt.c_init=0"],
+  ),
+  # T vs Tc + Tf and Tc + Td + Tf where T is settable (episodes); streams derive T from them
+  "context_past_episode": (
+    "synthetic:parity,smoke",
+    {"smt.context_length": 17},
+    ["config.smt.context_length = 17", "data.seq_len = 16"],
+  ),
+  "future_past_episode": (
+    "synthetic:parity,smoke",
+    {"smt.future_length": 20},
+    ["config.smt.future_length = 20", "<= 16"],
+  ),
+  "rollout_past_episode": (
+    "synthetic:parity,smoke",
+    {"dmt.rollout_length": 32},
+    ["config.dmt.rollout_length = 32", "at most data.seq_len = 16"],
+  ),
+  "one_transition_needs_tc_below_t": (
+    "synthetic:parity,smoke",
+    {"smt.num_transitions": 1},
+    ["config.smt.context_length = 16", "Tc must be < T"],
+  ),
+  # k divides the rollout
+  "label_every_divides": (
+    "pixels:smoke",
+    {"dmt.label_every": 3},
+    ["config.dmt.label_every = 3", "must divide dmt.rollout_length = 8"],
+  ),
+  # num_transitions in range
+  "transitions_zero": (
+    "pixels:smoke",
+    {"smt.num_transitions": 0},
+    ["config.smt.num_transitions = 0", "[1, T = 20]"],
+  ),
+  "transitions_above_t": (
+    "pixels:smoke",
+    {"smt.num_transitions": 21},
+    ["config.smt.num_transitions = 21", "[1, T = 20]"],
+  ),
+  # names: list the valid ones
+  "unknown_rnn_kind": (
+    "pixels:smoke",
+    {"model.rnn_kind": "rwkv"},
+    ["config.model.rnn_kind = 'rwkv'", "'gru'", "'transformer'"],
+  ),
+  "unknown_dataset": (
+    "pixels:smoke",
+    {"data.name": "cifar"},
+    ["config.data.name = 'cifar'", "'digits'", "'text'"],
+  ),
+  "unknown_phase": ("pixels:smoke", {"phases": "smt,rl"}, ["unknown phase 'rl'", "'bptt'"]),
+  # periods
+  "negative_log_period": (
+    "pixels:smoke",
+    {"log_every_steps": -1},
+    ["config.log_every_steps = -1", "number of steps >= 0 (0: never)"],
+  ),
+  "negative_checkpoint_period": (
+    "pixels:smoke",
+    {"checkpoint_every_steps": -5},
+    ["config.checkpoint_every_steps = -5"],
+  ),
+  "negative_eval_period": (
+    "pixels:smoke",
+    {"eval.every_steps": -1},
+    ["config.eval.every_steps = -1"],
+  ),
+  "phase_twice": (
+    "pixels:smoke",
+    {"phases": "smt,dmt,dmt"},
+    ["config.phases = 'smt,dmt,dmt'", "dmt is listed twice"],
+  ),
+  # data paths
+  "text_without_path": (
+    "text:smoke",
+    {"data.path": ""},
+    ["config.data.path = ''", "--config.data.path=FILE_OR_FOLDER"],
+  ),
+  "text_missing_path": (
+    "text:smoke",
+    {"data.path": "/nonexistent/corpus.txt"},
+    ["config.data.path = '/nonexistent/corpus.txt'", "does not exist"],
+  ),
+  "path_for_a_dataset_without_files": (
+    "pixels:smoke",
+    {"data.path": "/data/mnist"},
+    ["config.data.path = '/data/mnist'", "ignored"],
+  ),
+  # mesh axes (config alone)
+  "unknown_mesh_axis": (
+    "pixels:smoke",
+    {"mesh.model": 2},
+    ["config.mesh.model = 2", "['data', 'fsdp', 'time']"],
+  ),
+  "two_minus_one_axes": ("pixels:smoke", {"mesh.fsdp": -1}, ["at most one axis may be -1"]),
+  # the rest of the config
+  "negative_seed": ("pixels:smoke", {"seed": -1}, ["config.seed = -1", "non-negative"]),
+  "nan_policy": (
+    "pixels:smoke",
+    {"nan_policy": "ignore"},
+    ["config.nan_policy = 'ignore'", "'skip'"],
+  ),
+  "dtype": ("pixels:smoke", {"model.dtype": "float64"}, ["config.model.dtype = 'float64'"]),
+  "zero_lr": ("pixels:smoke", {"smt.lr": 0.0}, ["config.smt.lr = 0.0", "(0.0, inf)"]),
+  "zero_steps": ("pixels:smoke", {"dmt.steps": 0}, ["config.dmt.steps = 0", "positive"]),
+  "b2_of_one": ("pixels:smoke", {"optim.b2": 1.0}, ["config.optim.b2 = 1.0", "[0.0, 1.0)"]),
+  "negative_loss_weight": ("pixels:smoke", {"smt.c_dyn": -0.1}, ["config.smt.c_dyn = -0.1"]),
+  "dmt_without_smt": (
+    "pixels:smoke",
+    {"phases": "dmt"},
+    ["config.phases = 'dmt'", "--config.phases=smt,dmt"],
+  ),
+  "episodic_flag_of_a_stream": (
+    "pixels:smoke",
+    {"data.episodic": True},
+    ["config.data.episodic = True", "episodic=False"],
+  ),
+  "seq_len_of_a_stream": ("pixels:smoke", {"data.seq_len": 64}, ["config.data.seq_len = 64"]),
+  "unknown_data_option": (
+    "synthetic:parity,smoke",
+    {"data.options.num_tokens": 4},
+    ["config.data.options.num_tokens = 4", "no such option"],
+  ),
+  "prompt_too_long": (
+    "pixels:smoke",
+    {"eval.prompt_length": 24},
+    ["config.eval.prompt_length = 24", "[0, eval sequence length 24)"],
+  ),
+  "negative_truncation": (
+    "synthetic:parity,smoke",
+    {"phases": "bptt", "bptt.truncation": -1},
+    ["config.bptt.truncation = -1"],
+  ),
 }
 
 
@@ -164,15 +252,27 @@ def test_config_rule_fails_before_data_and_compile(name, tmp_path, no_data):
 
 def test_empty_text_file_and_empty_folder(tmp_path, no_data):
   (tmp_path / "empty.txt").write_bytes(b"")
-  _rejects(_config("text:smoke", {"data.path": str(tmp_path / "empty.txt")}), tmp_path,
-           "empty file", hooks=no_data)
+  _rejects(
+    _config("text:smoke", {"data.path": str(tmp_path / "empty.txt")}),
+    tmp_path,
+    "empty file",
+    hooks=no_data,
+  )
   (tmp_path / "nothing").mkdir()
   (tmp_path / "nothing" / ".hidden").write_text("x")
-  _rejects(_config("text:smoke", {"data.path": str(tmp_path / "nothing")}), tmp_path,
-           "no files in it", hooks=no_data)
+  _rejects(
+    _config("text:smoke", {"data.path": str(tmp_path / "nothing")}),
+    tmp_path,
+    "no files in it",
+    hooks=no_data,
+  )
   (tmp_path / "a_file").write_text("x" * 100)
-  _rejects(_config("pixels:mnist", {"data.path": str(tmp_path / "a_file")}), tmp_path,
-           "is not a folder", hooks=no_data)
+  _rejects(
+    _config("pixels:mnist", {"data.path": str(tmp_path / "a_file")}),
+    tmp_path,
+    "is not a folder",
+    hooks=no_data,
+  )
 
 
 # --------------------------------------------------------------------------- needs the data
@@ -181,16 +281,19 @@ def test_empty_text_file_and_empty_folder(tmp_path, no_data):
 def test_corpus_too_short_for_a_phase(tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("abcdefgh " * 120)  # 1080 bytes: eval holds the last 257
-  c = _config("text:smoke", {"data.path": str(corpus), "eval.seq_len": 300,
-                             "eval.prompt_length": 8})
+  c = _config(
+    "text:smoke", {"data.path": str(corpus), "eval.seq_len": 300, "eval.prompt_length": 8}
+  )
   _rejects(c, tmp_path, "config.eval.seq_len = 300", "eval stream holds only 257")
   corpus.write_text("tiny")  # shorter than one crop: the source itself says so
-  _rejects(_config("text:smoke", {"data.path": str(corpus)}), tmp_path, "data 'text'",
-           "has 4 bytes")
+  _rejects(
+    _config("text:smoke", {"data.path": str(corpus)}), tmp_path, "data 'text'", "has 4 bytes"
+  )
 
 
 class _OutOfVocabulary(data.Source):
   """A dataset whose tokens do not fit its vocabulary."""
+
   name = "out_of_vocabulary"
 
   def __init__(self, *, seq_len: int = 16):
@@ -204,14 +307,22 @@ class _OutOfVocabulary(data.Source):
 
 def test_tokens_outside_the_vocabulary(tmp_path):
   c = _config("synthetic:parity,smoke", {})
-  _rejects(c, tmp_path, "outside the vocabulary [0, 2)", "x in [0, 2]",
-           hooks=train.Hooks(make_source=lambda config: _OutOfVocabulary()))
+  _rejects(
+    c,
+    tmp_path,
+    "outside the vocabulary [0, 2)",
+    "x in [0, 2]",
+    hooks=train.Hooks(make_source=lambda config: _OutOfVocabulary()),
+  )
 
 
 def test_mesh_larger_than_the_devices(tmp_path):
   n = jax.device_count()
-  _rejects(_config("pixels:smoke", {"mesh.data": n + 1}), tmp_path,
-           f"needs {n + 1} devices, but {n} are available")
+  _rejects(
+    _config("pixels:smoke", {"mesh.data": n + 1}),
+    tmp_path,
+    f"needs {n + 1} devices, but {n} are available",
+  )
 
 
 def _mesh(**shape):
@@ -220,15 +331,19 @@ def _mesh(**shape):
 
 def test_batch_and_transitions_must_split_over_the_mesh():
   c = _config("pixels:smoke", {"smt.batch_size": 6})
-  with pytest.raises(ConfigError, match=r"config.smt.batch_size = 6: must be divisible by data x "
-                                        r"fsdp = 4 .* e.g. smt.batch_size=8"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.smt.batch_size = 6: must be divisible by data x "
+    r"fsdp = 4 .* e.g. smt.batch_size=8",
+  ):
     config_checks.validate_with_mesh(c, _mesh(data=2, fsdp=2))
   c = _config("pixels:smoke", {"eval.batch_size": 2, "phases": "smt"})
   with pytest.raises(ConfigError, match="config.eval.batch_size = 2"):
     config_checks.validate_with_mesh(c, _mesh(data=4))
   c = _config("pixels:smoke", {"smt.num_transitions": 3, "phases": "smt"})
-  with pytest.raises(ConfigError, match="config.smt.num_transitions = 3: must be divisible by "
-                                        "mesh.time = 2"):
+  with pytest.raises(
+    ConfigError, match="config.smt.num_transitions = 3: must be divisible by mesh.time = 2"
+  ):
     config_checks.validate_with_mesh(c, _mesh(time=2))
   c = _config("synthetic:parity,smoke", {"phases": "bptt"})
   with pytest.raises(ConfigError, match="config.mesh.time = 2: .* no SMT phase"):
@@ -271,7 +386,8 @@ def test_workdir_of_another_config_is_refused_before_anything_is_built(tmp_path,
 def test_claim_workdir_same_new_overwrite_fork(tmp_path):
   old, new = _config("pixels:smoke", {}), _config("pixels:smoke", {"smt.steps": 9})
   claim = lambda wd, c, **kw: checkpoints.claim_workdir(
-      str(wd), c, overwrite=kw.get("overwrite", False), fork=kw.get("fork", False), is_main=True)
+    str(wd), c, overwrite=kw.get("overwrite", False), fork=kw.get("fork", False), is_main=True
+  )
   assert claim(tmp_path / "fresh", old) == "new"
   assert claim(tmp_path / "fresh", old) == "same"
 
@@ -294,8 +410,9 @@ def test_checkpoints_without_a_config_are_refused(tmp_path):
   _fake_run(tmp_path, _config("pixels:smoke", {}))
   os.remove(tmp_path / "config.json")
   with pytest.raises(checkpoints.WorkdirError, match="checkpoints but no config.json"):
-    checkpoints.check_workdir(str(tmp_path), _config("pixels:smoke", {}), overwrite=False,
-                              fork=False)
+    checkpoints.check_workdir(
+      str(tmp_path), _config("pixels:smoke", {}), overwrite=False, fork=False
+    )
 
 
 def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):

@@ -10,12 +10,21 @@ import numpy as np
 import pytest
 
 from smt_jax import data
-from smt_jax.data import (DATASETS, generate_copy, generate_keys_values, generate_modular,
-                          generate_parity, generate_retrieval, generate_stack, make_source)
+from smt_jax.data import (
+  DATASETS,
+  generate_copy,
+  generate_keys_values,
+  generate_modular,
+  generate_parity,
+  generate_retrieval,
+  generate_stack,
+  make_source,
+)
 
 # The project's read-only shared material sits beside the repository (../shared).
-MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..',
-                         'shared', 'data', 'mnist')
+MNIST_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data', 'mnist'
+)
 MNIST_ABSENT = 'real MNIST files absent (../shared/data/mnist)'
 BATCH = 32
 
@@ -78,11 +87,11 @@ def test_copy_targets(reverse):
       s = x[:length]
       copy = s[::-1] if reverse else s
       assert (s > 0).all() and x[length] == 0
-      assert (x[length + 1:2 * length + 1] == copy).all()
-      assert (y[length:2 * length] == copy).all()
-      assert (y[:length] == -1).all() and (y[2 * length:] == -1).all()
+      assert (x[length + 1 : 2 * length + 1] == copy).all()
+      assert (y[length : 2 * length] == copy).all()
+      assert (y[:length] == -1).all() and (y[2 * length :] == -1).all()
       # Teacher forcing: every target after the separator is the next input.
-      assert (y[length:2 * length - 1] == x[length + 1:2 * length]).all()
+      assert (y[length : 2 * length - 1] == x[length + 1 : 2 * length]).all()
       if seq_len % 2 == 0:
         assert x[-1] == 0
 
@@ -133,14 +142,14 @@ def test_keys_values_targets():
     for x, y in zip(batch['x'], batch['y']):
       sep = np.flatnonzero(x == 0)
       assert list(sep) == [2 * num_pairs]
-      keys, values = x[0:sep[0]:2], x[1:sep[0]:2]
+      keys, values = x[0 : sep[0] : 2], x[1 : sep[0] : 2]
       assert ((keys >= 1) & (keys <= num_keys)).all()
       assert ((values > num_keys) & (values <= num_keys + 5)).all()
       assert len(set(keys.tolist())) == len(keys)  # distinct keys
       table = dict(zip(keys.tolist(), values.tolist()))
-      queries = x[sep[0] + 1:]
-      assert len(queries) >= 1 and (y[:sep[0] + 1] == -1).all()
-      assert [table[q] for q in queries.tolist()] == y[sep[0] + 1:].tolist()
+      queries = x[sep[0] + 1 :]
+      assert len(queries) >= 1 and (y[: sep[0] + 1] == -1).all()
+      assert [table[q] for q in queries.tolist()] == y[sep[0] + 1 :].tolist()
 
 
 @pytest.mark.parametrize('seq_len', [30, 31])
@@ -154,7 +163,7 @@ def test_modular_targets(seq_len):
   for x, y in zip(batch['x'], batch['y']):
     a = x[0::2]
     assert (y[1::2] == -1).all()
-    assert (x[1::2] == y[0::2][:len(x[1::2])]).all()  # each answer is then read as input
+    assert (x[1::2] == y[0::2][: len(x[1::2])]).all()  # each answer is then read as input
     # Brute force over every hidden (w, b): exactly one explains all the targets (11 is prime).
     fits = ((w[..., None] * a + b[..., None]) % modulus == y[0::2]).all(-1)
     assert fits.sum() == 1
@@ -174,14 +183,17 @@ def test_parity_targets():
       assert target == parity
 
 
-@pytest.mark.parametrize('generate, kwargs', [
+@pytest.mark.parametrize(
+  'generate, kwargs',
+  [
     (generate_retrieval, dict(seq_len=10, num_tokens=4)),
     (generate_copy, dict(seq_len=10, num_tokens=4)),
     (generate_stack, dict(seq_len=10, num_tokens=4, max_depth=2)),
     (generate_keys_values, dict(seq_len=10, num_keys=4, num_values=3)),
     (generate_modular, dict(seq_len=10, modulus=5)),
     (generate_parity, dict(seq_len=10)),
-])
+  ],
+)
 def test_generators_are_pure_functions_of_rng(generate, kwargs):
   x1, y1 = generate(np.random.default_rng(3), **kwargs)
   x2, y2 = generate(np.random.default_rng(3), **kwargs)
@@ -189,7 +201,9 @@ def test_generators_are_pure_functions_of_rng(generate, kwargs):
   assert (x1 == x2).all() and (y1 == y2).all()
 
 
-@pytest.mark.parametrize('name, kwargs, argument', [
+@pytest.mark.parametrize(
+  'name, kwargs, argument',
+  [
     ('retrieval', dict(seq_len=3), 'seq_len'),
     ('copy', dict(seq_len=2), 'seq_len'),
     ('copy', dict(label_noise=1.5), 'label_noise'),
@@ -198,15 +212,25 @@ def test_generators_are_pure_functions_of_rng(generate, kwargs):
     ('modular', dict(modulus=1), 'modulus'),
     ('parity', dict(seq_len=0), 'seq_len'),
     ('retrieval', dict(num_tokens=2.5), 'num_tokens'),
-])
+  ],
+)
 def test_bad_probe_arguments(name, kwargs, argument):
   with pytest.raises(ValueError, match=argument):
     make_source(name, **kwargs)
 
 
 def test_make_source_errors():
-  assert set(DATASETS) == {'retrieval', 'copy', 'stack', 'keys_values', 'modular', 'parity',
-                           'digits', 'mnist', 'text'}
+  assert set(DATASETS) == {
+    'retrieval',
+    'copy',
+    'stack',
+    'keys_values',
+    'modular',
+    'parity',
+    'digits',
+    'mnist',
+    'text',
+  }
   with pytest.raises(ValueError, match='unknown dataset'):
     make_source('nope')
   with pytest.raises(ValueError, match='max_depth'):
@@ -218,8 +242,10 @@ def test_make_source_errors():
 
 
 def _all_sources(text_path, digits):
-  probes = [make_source(name, seq_len=24) for name in
-            ('retrieval', 'copy', 'stack', 'keys_values', 'modular', 'parity')]
+  probes = [
+    make_source(name, seq_len=24)
+    for name in ('retrieval', 'copy', 'stack', 'keys_values', 'modular', 'parity')
+  ]
   return probes + [digits, make_source('text', seq_len=24, path=text_path)]
 
 
@@ -240,14 +266,17 @@ def test_determinism_and_process_sharding(text_path, digits):
     assert (_batch(source, step=5, seed=1, batch_size=4)['x'] == a['x'][:4]).all()
 
 
-@pytest.mark.parametrize('kwargs, argument', [
+@pytest.mark.parametrize(
+  'kwargs, argument',
+  [
     (dict(split='test'), 'split'),
     (dict(batch_size=0), 'batch_size'),
     (dict(batch_size=6, process_count=4), 'process_count'),
     (dict(process_index=2, process_count=2), 'process_index'),
     (dict(step=-1), 'step'),
     (dict(seed=-3), 'seed'),
-])
+  ],
+)
 def test_bad_batch_arguments(kwargs, argument):
   source = make_source('parity', seq_len=8)
   args = dict(split='train', step=0, batch_size=8, seed=0) | kwargs
@@ -274,9 +303,9 @@ def _check_images_in_rows(source, batch, split):
     bos = np.flatnonzero(row == source.bos)
     assert len(bos) > 0 and (np.diff(bos) == period).all()
     for start in bos:
-      pixels = row[start + 1:start + period]  # a whole image, or its start if the crop ends
+      pixels = row[start + 1 : start + period]  # a whole image, or its start if the crop ends
       if len(pixels):
-        assert (flat[:, :len(pixels)] == pixels).all(1).any()
+        assert (flat[:, : len(pixels)] == pixels).all(1).any()
         checked += 1
   assert checked > 0
 
@@ -289,6 +318,7 @@ def test_digits_stream(digits):
   assert train.dtype == np.uint8 and train.max() == 16
   # The split partitions scikit-learn's images, and is the same in every process.
   from sklearn.datasets import load_digits
+
   everything = sorted(im.tobytes() for im in load_digits().images.astype(np.uint8))
   assert sorted(im.tobytes() for im in np.concatenate([train, evaluation])) == everything
   assert (make_source('digits', seq_len=8).images('eval') == evaluation).all()
@@ -400,7 +430,7 @@ def _check_windows(source, batch, stream, *, split, seed, step):
   for r, (x, y) in enumerate(zip(batch['x'], batch['y'])):
     rng = np.random.default_rng([seed, data.SPLITS[split], step, r])
     start = int(rng.integers(0, len(stream) - T))
-    window = stream[start:start + T + 1].astype(np.int32)
+    window = stream[start : start + T + 1].astype(np.int32)
     assert (x == window[:-1]).all() and (y == window[1:]).all()
 
 
@@ -411,8 +441,10 @@ def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
   train[0, 0, 0], test[0, 0, 0] = 255, 0  # both extremes of the vocabulary occur
   _write_idx(tmp_path / 'train-images-idx3-ubyte.gz', train, compress=True)
   _write_idx(tmp_path / 't10k-images-idx3-ubyte', test)
-  decoded = {'train': _decode_idx_images(str(tmp_path / 'train-images-idx3-ubyte.gz')),
-             'eval': _decode_idx_images(str(tmp_path / 't10k-images-idx3-ubyte'))}
+  decoded = {
+    'train': _decode_idx_images(str(tmp_path / 'train-images-idx3-ubyte.gz')),
+    'eval': _decode_idx_images(str(tmp_path / 't10k-images-idx3-ubyte')),
+  }
   source = make_source('mnist', seq_len=1000, data_dir=str(tmp_path), bos=False)
   assert source.vocab_size == 256 and source.bos is None and source.levels == 256
   for split in ('train', 'eval'):
@@ -432,14 +464,18 @@ def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
   # The longest window a split allows: seq_len + 1 == its token count (3 test images).
   longest = make_source('mnist', seq_len=3 * 784 - 1, data_dir=str(tmp_path), bos=False)
   batch = _batch(longest, 'eval', batch_size=2)
-  assert (batch['x'][0] == test.reshape(-1)[:-1]).all() and (batch['y'][0] == test.reshape(-1)[1:]).all()
+  assert (batch['x'][0] == test.reshape(-1)[:-1]).all() and (
+    batch['y'][0] == test.reshape(-1)[1:]
+  ).all()
   with pytest.raises(ValueError, match='seq_len'):
     make_source('mnist', seq_len=3 * 784, data_dir=str(tmp_path), bos=False)
   for bad in ('False', 0, None):
     with pytest.raises(ValueError, match='bos'):
       make_source('mnist', data_dir=str(tmp_path), bos=bad)
   quantised = make_source('mnist', seq_len=100, data_dir=str(tmp_path), levels=16, bos=False)
-  assert quantised.vocab_size == 16 and (quantised.streams['train'] == train.reshape(-1) // 16).all()
+  assert (
+    quantised.vocab_size == 16 and (quantised.streams['train'] == train.reshape(-1) // 16).all()
+  )
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason=MNIST_ABSENT)
@@ -483,7 +519,10 @@ def test_digits_bos_option(digits):
 
 
 def test_image_prefix_puts_a_model_at_an_image_start(digits):
-  assert (digits.image_prefix('eval', 3) == 17).all() and digits.image_prefix('eval', 3).shape == (3, 1)
+  assert (digits.image_prefix('eval', 3) == 17).all() and digits.image_prefix('eval', 3).shape == (
+    3,
+    1,
+  )
   bare = make_source('digits', seq_len=200, bos=False)
   for source in (digits, bare):
     images = source.images('eval').reshape(len(source.images('eval')), -1)
@@ -494,7 +533,7 @@ def test_image_prefix_puts_a_model_at_an_image_start(digits):
     for i in range(1, 5):  # prefix then image i is exactly the stream's run up to image i's end
       end = (i + 1) * per_image
       run = np.concatenate([prefix[i], images[i]])
-      assert (stream[end - len(run):end] == run).all()
+      assert (stream[end - len(run) : end] == run).all()
   assert (bare.image_prefix('eval', 2)[0] == bare.images('eval')[-1].reshape(-1)).all()
   with pytest.raises(ValueError, match='images'):
     bare.image_prefix('eval', 10_000)
@@ -502,6 +541,7 @@ def test_image_prefix_puts_a_model_at_an_image_start(digits):
 
 def test_mnist_config_streams_as_the_reference(tmp_path):
   from experiments.configs import pixels
+
   c = pixels.get_config('mnist')
   assert c.data.options.bos is False
   assert c.eval.seq_len == 2 * 784 and c.eval.prompt_length == 784 + 392

@@ -22,20 +22,47 @@ from experiments import import_reference
 from experiments.configs import pixels
 from smt_jax import checkpoints, config_checks, experiment, reference, train
 
-DIMS = dict(vocab_size=18, width=16, num_heads=2, num_memory_tokens=2, encoder_depth=1,
-            decoder_depth=1, rnn_depth=1, readout_depth=1)  # digits: 17 levels + BOS
+DIMS = dict(
+  vocab_size=18,
+  width=16,
+  num_heads=2,
+  num_memory_tokens=2,
+  encoder_depth=1,
+  decoder_depth=1,
+  rnn_depth=1,
+  readout_depth=1,
+)  # digits: 17 levels + BOS
 
 
 def reference_cfg(**smt):
   ns = types.SimpleNamespace
-  model = dict(vocab_size=18, mem_tokens=2, d_model=16, n_heads=2, mem_rms_norm=True,
-               mem_fsq=None)
-  return ns(dataset="digits", seed=0, lr=3e-4, batch_size=4, weight_decay=0.01,
-            adam_betas=(0.9, 0.95), clip_grad_norm=1.0,
-            teacher=ns(encoder_depth=1, decoder_depth=1, **model),
-            rnn=ns(rnn_depth=1, decoder_depth=1, **model),
-            smt=ns(**{**dict(Tc=16, Tf=4, gamma=1.0, coef_dec=1.0, coef_dyn=0.1,
-                             coef_unif=0.001, detach_rnn=False, unif_over_tokens=True), **smt}))
+  model = dict(vocab_size=18, mem_tokens=2, d_model=16, n_heads=2, mem_rms_norm=True, mem_fsq=None)
+  return ns(
+    dataset="digits",
+    seed=0,
+    lr=3e-4,
+    batch_size=4,
+    weight_decay=0.01,
+    adam_betas=(0.9, 0.95),
+    clip_grad_norm=1.0,
+    teacher=ns(encoder_depth=1, decoder_depth=1, **model),
+    rnn=ns(rnn_depth=1, decoder_depth=1, **model),
+    smt=ns(
+      **{
+        **dict(
+          Tc=16,
+          Tf=4,
+          gamma=1.0,
+          coef_dec=1.0,
+          coef_dyn=0.1,
+          coef_unif=0.001,
+          detach_rnn=False,
+          unif_over_tokens=True,
+        ),
+        **smt,
+      }
+    ),
+  )
 
 
 def reference_weights(seed=3):
@@ -48,8 +75,11 @@ def restore_params(workdir):
   exp = config_checks.build_experiment(config)
   mngr = checkpoints.make_manager(str(workdir), keep=3)
   restored = checkpoints.restore(
-      mngr, phases=exp.phases, params=exp.abstract_params,
-      opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases])
+    mngr,
+    phases=exp.phases,
+    params=exp.abstract_params,
+    opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases],
+  )
   mngr.close()
   params, phase_index = restored["params"], restored["phase_index"]
   teacher = nnx.merge(exp.graphdefs[0], params["teacher"])
@@ -86,14 +116,19 @@ def test_unsupported_checkpoints_fail_with_one_line(tmp_path):
   cfg = reference_cfg()
   cfg.teacher.mem_fsq = 1.0
   with pytest.raises(import_reference.CheckpointImportError, match="mem_fsq"):
-    import_reference.import_checkpoint({"cfg": cfg, "teacher": t_sd, "rnn": r_sd, "itr": 3},
-                                       pixels.get_config("smoke"), str(tmp_path / "a"))
+    import_reference.import_checkpoint(
+      {"cfg": cfg, "teacher": t_sd, "rnn": r_sd, "itr": 3},
+      pixels.get_config("smoke"),
+      str(tmp_path / "a"),
+    )
   bad = dict(t_sd)
   bad.pop("to_logits.bias")
   with pytest.raises(ValueError, match="to_logits.bias"):
-    import_reference.import_checkpoint({"cfg": reference_cfg(), "teacher": bad, "rnn": r_sd,
-                                        "itr": 3}, pixels.get_config("smoke"),
-                                       str(tmp_path / "b"))
+    import_reference.import_checkpoint(
+      {"cfg": reference_cfg(), "teacher": bad, "rnn": r_sd, "itr": 3},
+      pixels.get_config("smoke"),
+      str(tmp_path / "b"),
+    )
   assert not (tmp_path / "b" / "config.json").exists()  # nothing written for a refused import
   with pytest.raises(import_reference.CheckpointImportError, match="no such file"):
     import_reference.load_checkpoint(str(tmp_path / "missing.pt"))
@@ -119,9 +154,17 @@ def test_a_real_torch_checkpoint_with_an_unimportable_cfg_class(tmp_path):
   mod.Config = Config
   t_sd, r_sd = reference_weights()
   path = tmp_path / "checkpoint.pt"
-  torch.save({"cfg": Config(), "itr": 5, "logs": [], "opt": {},
-              "teacher": {k: torch.from_numpy(v) for k, v in t_sd.items()},
-              "rnn": {k: torch.from_numpy(v) for k, v in r_sd.items()}}, path)
+  torch.save(
+    {
+      "cfg": Config(),
+      "itr": 5,
+      "logs": [],
+      "opt": {},
+      "teacher": {k: torch.from_numpy(v) for k, v in t_sd.items()},
+      "rnn": {k: torch.from_numpy(v) for k, v in r_sd.items()},
+    },
+    path,
+  )
   del sys.modules[mod.__name__]
   ckpt = import_reference.load_checkpoint(str(path))
   assert ckpt["itr"] == 5 and ckpt["cfg"].dataset == "digits"

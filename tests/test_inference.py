@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import log_softmax_np, with_leaf
 
 import smt_jax
-from conftest import log_softmax_np, with_leaf
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +83,13 @@ def test_prompt_memory_with_and_without_teacher(tiny, setup):
   m = jnp.broadcast_to(rfns.initial_memory(rp), (2, tiny.num_memory_tokens, tiny.width))
   for t in range(prompt.shape[1]):
     m = update(rp, m, jnp.asarray(prompt[:, t]))
-  np.testing.assert_allclose(smt_jax.prompt_memory(params, jnp.asarray(prompt), rnn=rfns), m,
-                             atol=1e-5)
-  want = tfns.encode(params["teacher"], jnp.asarray(prompt[:, -tiny.context_length:]))
-  got = smt_jax.prompt_memory(params, jnp.asarray(prompt), rnn=rfns, teacher=tfns,
-                              context_length=tiny.context_length)
+  np.testing.assert_allclose(
+    smt_jax.prompt_memory(params, jnp.asarray(prompt), rnn=rfns), m, atol=1e-5
+  )
+  want = tfns.encode(params["teacher"], jnp.asarray(prompt[:, -tiny.context_length :]))
+  got = smt_jax.prompt_memory(
+    params, jnp.asarray(prompt), rnn=rfns, teacher=tfns, context_length=tiny.context_length
+  )
   np.testing.assert_allclose(got, want, atol=1e-5)
   with pytest.raises(ValueError):
     smt_jax.prompt_memory(params, jnp.asarray(prompt), rnn=rfns, teacher=tfns)
@@ -96,8 +98,7 @@ def test_prompt_memory_with_and_without_teacher(tiny, setup):
 def test_write_at_temperature_zero_is_a_greedy_loop(tiny, setup):
   _, rfns, params, update, readout = setup
   rp = params["rnn"]
-  m0 = smt_jax.prompt_memory(params, jnp.asarray(np.asarray(tiny.batch(44, 3, 4)["x"])),
-                             rnn=rfns)
+  m0 = smt_jax.prompt_memory(params, jnp.asarray(np.asarray(tiny.batch(44, 3, 4)["x"])), rnn=rfns)
   tokens = smt_jax.write(params, jax.random.key(0), m0, rnn=rfns, num_steps=7, temperature=0.0)
   assert tokens.shape == (3, 7) and tokens.dtype == jnp.int32
   m, want = m0, []
@@ -121,8 +122,9 @@ def test_write_samples_follow_the_tempered_softmax(tiny, setup):
   probs = {t: np.exp(log_softmax_np(logits / t)) for t in (0.5, 2.0)}
   assert np.max(np.abs(probs[0.5] - probs[2.0])) > 0.2  # the two temperatures are distinguishable
   for temperature in (0.5, 2.0):
-    tokens = np.asarray(smt_jax.write(params, jax.random.key(1), m0, rnn=rfns, num_steps=3,
-                                      temperature=temperature))
+    tokens = np.asarray(
+      smt_jax.write(params, jax.random.key(1), m0, rnn=rfns, num_steps=3, temperature=temperature)
+    )
     assert tokens.min() >= 0 and tokens.max() < v
     freq = np.bincount(tokens.ravel(), minlength=v) / tokens.size  # every step: same logits
     np.testing.assert_allclose(freq, probs[temperature], atol=0.03)  # > 5 sigma at 12000 draws
@@ -136,17 +138,19 @@ def test_teacher_eval_at_full_context_and_the_references_decoding_loss(setup):
   """teacher_full_*: the decoder's next-target NLL from m_t at t >= Tc-1 only (a loop over t);
   teacher_decoding_*: its Tf-step loss from E(x[0..Tc-1]), the reference's held-out loss."""
   from smt_jax import evaluation
+
   tfns, rfns, params, _, _ = setup
   tc, tf, t_len = 3, 2, 7
   x = jax.random.randint(jax.random.key(4), (3, t_len), 0, 6)
   y = jnp.concatenate([x[:, 1:], jnp.full((3, 1), -1, x.dtype)], axis=1)
-  out = evaluation.evaluate(params, {"x": x, "y": y}, rnn=rfns, teacher=tfns, context_length=tc,
-                            future_length=tf)
+  out = evaluation.evaluate(
+    params, {"x": x, "y": y}, rnn=rfns, teacher=tfns, context_length=tc, future_length=tf
+  )
   x, y = np.asarray(x), np.asarray(y)
   total, count, every = 0.0, 0, 0.0
   for t in range(t_len):
     m = tfns.encode(params["teacher"], jnp.asarray(_left_padded(x, t, tc)))
-    logits = np.asarray(tfns.decode(params["teacher"], m, jnp.asarray(x[:, t:t + 1]))[:, 0])
+    logits = np.asarray(tfns.decode(params["teacher"], m, jnp.asarray(x[:, t : t + 1]))[:, 0])
     nll, mask, _ = _score(logits, y[:, t])
     every += nll.sum()
     if t >= tc - 1:
@@ -155,7 +159,10 @@ def test_teacher_eval_at_full_context_and_the_references_decoding_loss(setup):
   np.testing.assert_allclose(out["teacher_full_nll_sum"], total, rtol=1e-5)
   assert int(out["teacher_full_count"]) == count
   m = tfns.encode(params["teacher"], jnp.asarray(x[:, :tc]))
-  dec = smt_jax.decoding_loss(tfns.decode(params["teacher"], m, jnp.asarray(x[:, tc:tc + tf])),
-                              jnp.asarray(y[:, tc - 1:tc - 1 + tf]))
-  np.testing.assert_allclose(out["teacher_decoding_sum"] / out["teacher_decoding_count"], dec,
-                             rtol=1e-5)
+  dec = smt_jax.decoding_loss(
+    tfns.decode(params["teacher"], m, jnp.asarray(x[:, tc : tc + tf])),
+    jnp.asarray(y[:, tc - 1 : tc - 1 + tf]),
+  )
+  np.testing.assert_allclose(
+    out["teacher_decoding_sum"] / out["teacher_decoding_count"], dec, rtol=1e-5
+  )

@@ -41,7 +41,8 @@ def env(tmp_path_factory):
   if not e.get("JAX_COMPILATION_CACHE_DIR"):  # this session's, shared by its xdist workers
     base = tmp_path_factory.getbasetemp()
     e["JAX_COMPILATION_CACHE_DIR"] = str(
-        (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache")
+      (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
+    )
   e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
@@ -55,8 +56,12 @@ class Run:
     self.log = log
     self._out = open(log, "w")
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", f"--config={CONFIG}", f"--workdir={workdir}"],
-        cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+      [sys.executable, "-m", "experiments.run", f"--config={CONFIG}", f"--workdir={workdir}"],
+      cwd=ROOT,
+      env=env,
+      stdout=self._out,
+      stderr=subprocess.STDOUT,
+    )
     self.t0 = time.time()
 
   def wait_for(self, predicate, what: str) -> bool:
@@ -115,8 +120,9 @@ def _restore(workdir, step=None):
   mngr = ocp.CheckpointManager(os.path.abspath(_ckpt_dir(workdir)))
   try:
     step = mngr.latest_step() if step is None else step
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     meta=ocp.args.JsonRestore()))
+    out = mngr.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
   finally:
     mngr.close()
   return step, out["state"], out["meta"]
@@ -129,8 +135,11 @@ def _rows(workdir):
 
 def _summary(workdir):
   with open(os.path.join(workdir, "summary.json")) as f:
-    return {k: v for k, v in json.load(f).items()
-            if not k.endswith(("compile_s",) + TIMING) and k != "wall_time_s"}
+    return {
+      k: v
+      for k, v in json.load(f).items()
+      if not k.endswith(("compile_s",) + TIMING) and k != "wall_time_s"
+    }
 
 
 def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
@@ -150,13 +159,17 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
   check(r.wait_for(lambda: _logged_steps(wd), "a first metrics row"), "ended before logging", r)
   r.proc.kill()
   r.finish()
-  story.append(f"SIGKILL at the first row: rows {_logged_steps(wd)}, checkpoints "
-               f"{sorted(_finished_steps(wd))}")
+  story.append(
+    f"SIGKILL at the first row: rows {_logged_steps(wd)}, checkpoints {sorted(_finished_steps(wd))}"
+  )
 
   # 1. SIGTERM once SMT has logged a step: a checkpoint at the step it stops at, then exit 143.
   r = Run(wd, env, tmp_path / "1.log")
-  check(r.wait_for(lambda: re.search(r"smt step \d+/", r.output()), "a progress line"),
-        "ended before logging", r)
+  check(
+    r.wait_for(lambda: re.search(r"smt step \d+/", r.output()), "a progress line"),
+    "ended before logging",
+    r,
+  )
   r.proc.send_signal(signal.SIGTERM)
   rc = r.finish()
   m = re.search(r"SIGTERM: saved a checkpoint at smt step (\d+)", r.output())
@@ -164,8 +177,10 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
   stopped = int(m.group(1))
   story.append(f"SIGTERM -> checkpoint at smt step {stopped}")
   step, _, meta = _restore(wd)
-  check(step == stopped and meta["phase"] == "smt" and meta["phase_step"] == stopped,
-        f"latest checkpoint {step} {meta} is not the SIGTERM step {stopped}")
+  check(
+    step == stopped and meta["phase"] == "smt" and meta["phase_step"] == stopped,
+    f"latest checkpoint {step} {meta} is not the SIGTERM step {stopped}",
+  )
   check(max(_logged_steps(wd)) <= stopped, "rows logged past the checkpoint")
 
   # 2. SIGKILL while the next checkpoint is being written (a save takes ~0.1-0.6 s here; should
@@ -176,8 +191,11 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
     r.proc.kill()
     r.finish()
     check(caught, "the run ended before writing a checkpoint", r)
-    check(attempt or f"Resumed from {wd} at smt step {stopped}." in r.output(),
-          "did not resume there", r)
+    check(
+      attempt or f"Resumed from {wd} at smt step {stopped}." in r.output(),
+      "did not resume there",
+      r,
+    )
     left = _tmp_entries(wd)
     story.append(f"SIGKILL mid-save, left {left}")
     if left:
@@ -191,8 +209,10 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
   time.sleep(rng.uniform(0.0, 0.5))
   r.proc.kill()
   rc = r.finish()
-  story.append(f"SIGKILL at random (rc {rc}), checkpoints {sorted(_finished_steps(wd))}, "
-               f"logged up to {max(_logged_steps(wd), default=0)}")
+  story.append(
+    f"SIGKILL at random (rc {rc}), checkpoints {sorted(_finished_steps(wd))}, "
+    f"logged up to {max(_logged_steps(wd), default=0)}"
+  )
 
   # 4. Rerun to the end.
   r = Run(wd, env, tmp_path / "4.log")
@@ -205,8 +225,12 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
   # 5. The latest checkpoint corrupted on disk: the rerun says so, falls back to the one before,
   # moves the bad one aside, and redoes the steps since, to the same end.
   latest = max(_finished_steps(wd))
-  data_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(_ckpt_dir(wd), str(latest)))
-                for f in fs if os.path.basename(d) == "d"]
+  data_files = [
+    os.path.join(d, f)
+    for d, _, fs in os.walk(os.path.join(_ckpt_dir(wd), str(latest)))
+    for f in fs
+    if os.path.basename(d) == "d"
+  ]
   check(data_files, f"no data files found in checkpoint {latest}")
   for f in data_files:
     os.truncate(f, os.path.getsize(f) // 2)
@@ -214,11 +238,17 @@ def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
   check(r.finish() == 0, "the rerun after corruption failed", r)
   out = r.output()
   previous = max(_finished_steps(wd) - {latest})
-  check(f"checkpoint {latest} is unreadable" in out and
-        f"restored checkpoint {previous} instead of the newer, unreadable [{latest}]" in out,
-        "the fall-back was not reported", r)
-  check(os.path.isdir(os.path.join(_ckpt_dir(wd), f"{latest}.unreadable-0")),
-        "the unreadable checkpoint was not moved aside", r)
+  check(
+    f"checkpoint {latest} is unreadable" in out
+    and f"restored checkpoint {previous} instead of the newer, unreadable [{latest}]" in out,
+    "the fall-back was not reported",
+    r,
+  )
+  check(
+    os.path.isdir(os.path.join(_ckpt_dir(wd), f"{latest}.unreadable-0")),
+    "the unreadable checkpoint was not moved aside",
+    r,
+  )
   _check_same_results(ref, wd, check)
   for log in sorted(tmp_path.glob("*.log")):  # a rate is printed only where it was measured
     check("nan steps/s" not in log.read_text(), f"{log.name} prints a rate of nan steps/s")
@@ -234,12 +264,16 @@ def _check_same_results(ref, wd, check):
   leaves = jax.tree_util.tree_leaves_with_path(state)
   check([p for p, _ in ref_leaves] == [p for p, _ in leaves], "different parameter trees")
   for (path, a), (_, b) in zip(ref_leaves, leaves):
-    check(np.array_equal(np.asarray(a), np.asarray(b)),
-          f"{jax.tree_util.keystr(path)} differs from the uninterrupted run's")
+    check(
+      np.array_equal(np.asarray(a), np.asarray(b)),
+      f"{jax.tree_util.keystr(path)} differs from the uninterrupted run's",
+    )
   ref_rows, rows = _rows(ref), _rows(wd)
-  check([(x["step"], x["phase"]) for x in rows] == [(x["step"], x["phase"]) for x in ref_rows],
-        f"rows {[(x['step'], x['phase']) for x in rows]} != "
-        f"{[(x['step'], x['phase']) for x in ref_rows]}")
+  check(
+    [(x["step"], x["phase"]) for x in rows] == [(x["step"], x["phase"]) for x in ref_rows],
+    f"rows {[(x['step'], x['phase']) for x in rows]} != "
+    f"{[(x['step'], x['phase']) for x in ref_rows]}",
+  )
   for a, b in zip(ref_rows, rows):
     check(a == b, f"row of step {a['step']} differs:\n{a}\n{b}")
   check(_summary(wd) == _summary(ref), f"summaries differ:\n{_summary(ref)}\n{_summary(wd)}")

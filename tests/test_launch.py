@@ -30,16 +30,23 @@ def _load_tpu_pod():
 tpu_pod = _load_tpu_pod()
 
 NASTY = "--config.name=a b; rm -rf ~ && echo 'q' \"$HOME\""
-BASE = ["--name=smt-pix", "--zone=us-west4-a", "--project=my-proj",
-        "--accelerator-type=v5litepod-16", "--config=experiments/configs/pixels.py:mnist",
-        "--workdir=gs://bucket/runs/pix"]
+BASE = [
+  "--name=smt-pix",
+  "--zone=us-west4-a",
+  "--project=my-proj",
+  "--accelerator-type=v5litepod-16",
+  "--config=experiments/configs/pixels.py:mnist",
+  "--workdir=gs://bucket/runs/pix",
+]
 
 
 @pytest.fixture
 def no_subprocess(monkeypatch):
   """Any attempt to start a process fails the test."""
+
   def forbidden(*args, **kwargs):
     raise AssertionError(f"dry run started a process: {args!r}")
+
   for name in ("run", "Popen", "call", "check_call", "check_output"):
     monkeypatch.setattr(tpu_pod.subprocess, name, forbidden)
   monkeypatch.setattr(os, "system", forbidden)
@@ -66,16 +73,29 @@ def _remote(argv: list[str]) -> str:
 
 
 def test_tpu_dry_run_prints_every_stage_in_order(capsys, no_subprocess):
-  commands = _dry_run(capsys, "--spot", "--config.batch_size=256", NASTY,
-                      "--", "--config.model.kind", "mlp", "--jax_log_compiles")
+  commands = _dry_run(
+    capsys,
+    "--spot",
+    "--config.batch_size=256",
+    NASTY,
+    "--",
+    "--config.model.kind",
+    "mlp",
+    "--jax_log_compiles",
+  )
   package, create, scp, unpack, install, run, delete = commands
 
   assert package[:4] == ["git", "-C", str(REPO), "archive"] and package[-1] == "HEAD"
   tarball = next(a.removeprefix("--output=") for a in package if a.startswith("--output="))
 
   assert _gcloud_verb(create) == "create" and create[5] == "smt-pix"
-  for flag in ("--zone=us-west4-a", "--project=my-proj", "--accelerator-type=v5litepod-16",
-               "--version=v2-alpha-tpuv5-lite", "--spot"):
+  for flag in (
+    "--zone=us-west4-a",
+    "--project=my-proj",
+    "--accelerator-type=v5litepod-16",
+    "--version=v2-alpha-tpuv5-lite",
+    "--spot",
+  ):
     assert flag in create
 
   assert _gcloud_verb(scp) == "scp"
@@ -90,18 +110,32 @@ def test_tpu_dry_run_prints_every_stage_in_order(capsys, no_subprocess):
   remote = shlex.split(_remote(run))
   assert remote[:3] == ["cd", "smt-jax", "&&"]
   # Config and overrides reach the workers as the same argv elements they were given as.
-  assert remote[3:] == ["python3", "-m", "experiments.run",
-                        "--config=experiments/configs/pixels.py:mnist",
-                        "--workdir=gs://bucket/runs/pix",
-                        "--config.batch_size=256", NASTY,
-                        "--config.model.kind", "mlp", "--jax_log_compiles"]
+  assert remote[3:] == [
+    "python3",
+    "-m",
+    "experiments.run",
+    "--config=experiments/configs/pixels.py:mnist",
+    "--workdir=gs://bucket/runs/pix",
+    "--config.batch_size=256",
+    NASTY,
+    "--config.model.kind",
+    "mlp",
+    "--jax_log_compiles",
+  ]
 
   assert _gcloud_verb(delete) == "delete" and delete[5] == "smt-pix" and "--quiet" in delete
 
 
 def test_tpu_keep_clone_and_capacity_flags(capsys, no_subprocess):
-  commands = _dry_run(capsys, "--keep", "--preemptible", "--repo=https://example.com/smt.git",
-                      "--ref=v1.2", "--create-arg=--network=my-net", "--env=XLA_FLAGS=--a=1 --b")
+  commands = _dry_run(
+    capsys,
+    "--keep",
+    "--preemptible",
+    "--repo=https://example.com/smt.git",
+    "--ref=v1.2",
+    "--create-arg=--network=my-net",
+    "--env=XLA_FLAGS=--a=1 --b",
+  )
   assert [_gcloud_verb(c) for c in commands] == ["create", "ssh", "ssh", "ssh"]  # no delete
   create, clone, _, run = commands
   assert "--preemptible" in create and "--spot" not in create and "--network=my-net" in create
@@ -115,14 +149,17 @@ def test_tpu_steps_select_stages(capsys, no_subprocess):
   assert [_gcloud_verb(c) for c in _dry_run(capsys, "--steps=delete")] == ["delete"]
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--workdir=/tmp/run"], "gs://"),
     (["--zoen=us"], "unrecognised"),
     (["--config.lr", "0.1"], "unrecognised"),
     (["--name=Bad_Name"], "--name"),
     (["--accelerator-type=tpu9-8"], "runtime-version"),
     (["--steps=create,launch"], "unknown stage"),
-])
+  ],
+)
 def test_tpu_bad_flags_fail_before_anything_runs(capsys, no_subprocess, flags, message):
   with pytest.raises(SystemExit):
     tpu_pod.main([*BASE, *flags, "--dry-run"])
@@ -132,10 +169,12 @@ def test_tpu_bad_flags_fail_before_anything_runs(capsys, no_subprocess, flags, m
 def _fake_runner(fail_stage=None):
   """Records "create", "delete" or "other" per command; exits 1 on `fail_stage`."""
   calls = []
+
   def run(argv, log):
     stage = next((verb for verb in ("create", "delete") if verb in argv), "other")
     calls.append(stage)
     return 1 if stage == fail_stage else 0
+
   return calls, run
 
 
@@ -174,16 +213,28 @@ def test_tpu_launch_end_to_end_with_a_fake_gcloud(tmp_path):
   bin_dir.mkdir()
   gcloud = bin_dir / "gcloud"
   calls = tmp_path / "calls"
-  gcloud.write_text("#!/bin/sh\n"
-                    f'echo "$*" >> {shlex.quote(str(calls))}\n'
-                    'case "$*" in *experiments.run*) echo "step 1 loss 2.0"; exit 7;; esac\n')
+  gcloud.write_text(
+    "#!/bin/sh\n"
+    f'echo "$*" >> {shlex.quote(str(calls))}\n'
+    'case "$*" in *experiments.run*) echo "step 1 loss 2.0"; exit 7;; esac\n'
+  )
   gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
   log = tmp_path / "run.log"
   env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
   result = subprocess.run(
-      [sys.executable, str(REPO / "launch" / "tpu_pod.py"), *BASE, f"--log-file={log}",
-       f"--tarball={tmp_path / 'src.tar.gz'}"],
-      env=env, capture_output=True, text=True, timeout=60, check=False)
+    [
+      sys.executable,
+      str(REPO / "launch" / "tpu_pod.py"),
+      *BASE,
+      f"--log-file={log}",
+      f"--tarball={tmp_path / 'src.tar.gz'}",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=False,
+  )
   assert result.returncode == 7, result.stderr
   verbs = [line.split()[3] for line in calls.read_text().splitlines()]
   assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "delete"]
@@ -199,26 +250,35 @@ def _slurm_env(tmp_path) -> dict[str, str]:
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   stubs = {
-      "scontrol": '[ "$1 $2 $3" = "show hostnames gpu-node-[07-08]" ] || exit 3\n'
-                  "printf 'gpu-node-07\\ngpu-node-08\\n'\n",
-      "srun": f'touch {shlex.quote(str(tmp_path / "srun-was-called"))}\nexit 1\n',
+    "scontrol": '[ "$1 $2 $3" = "show hostnames gpu-node-[07-08]" ] || exit 3\n'
+    "printf 'gpu-node-07\\ngpu-node-08\\n'\n",
+    "srun": f'touch {shlex.quote(str(tmp_path / "srun-was-called"))}\nexit 1\n',
   }
   for name, body in stubs.items():
     path = bin_dir / name
     path.write_text("#!/bin/sh\n" + body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
-  env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", DRY_RUN="1",
-             SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_JOB_ID="4242", SLURM_NTASKS="16",
-             SLURM_JOB_NUM_NODES="2", SLURM_NTASKS_PER_NODE="8", SLURM_CPUS_PER_TASK="8",
-             SLURM_JOB_NAME="pix", SLURM_SUBMIT_DIR=str(tmp_path),
-             CONFIG="experiments/configs/pixels.py:mnist")
+  env.update(
+    PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+    DRY_RUN="1",
+    SLURM_JOB_NODELIST="gpu-node-[07-08]",
+    SLURM_JOB_ID="4242",
+    SLURM_NTASKS="16",
+    SLURM_JOB_NUM_NODES="2",
+    SLURM_NTASKS_PER_NODE="8",
+    SLURM_CPUS_PER_TASK="8",
+    SLURM_JOB_NAME="pix",
+    SLURM_SUBMIT_DIR=str(tmp_path),
+    CONFIG="experiments/configs/pixels.py:mnist",
+  )
   return env
 
 
 def _run_sbatch(env, *args):
-  return subprocess.run(["bash", str(SBATCH), *args], env=env, capture_output=True, text=True,
-                        timeout=30, check=False)
+  return subprocess.run(
+    ["bash", str(SBATCH), *args], env=env, capture_output=True, text=True, timeout=30, check=False
+  )
 
 
 def test_slurm_dry_run_prints_coordinator_env_and_srun(tmp_path):
@@ -234,16 +294,27 @@ def test_slurm_dry_run_prints_coordinator_env_and_srun(tmp_path):
   srun = shlex.split(srun_line)
   assert "--cpus-per-task=8" in srun
   python_at = srun.index("python")
-  assert srun[python_at:] == ["python", "-m", "experiments.run",
-                              "--config=experiments/configs/pixels.py:mnist",
-                              f"--workdir={tmp_path}/runs/pix",
-                              "--config.batch_size=64", NASTY]
+  assert srun[python_at:] == [
+    "python",
+    "-m",
+    "experiments.run",
+    "--config=experiments/configs/pixels.py:mnist",
+    f"--workdir={tmp_path}/runs/pix",
+    "--config.batch_size=64",
+    NASTY,
+  ]
 
   # The per-task wrapper really gives each task its own JAX_PROCESS_ID.
   bash_at = srun.index("bash")
   wrapper = srun[bash_at:python_at] + ["printenv", "JAX_PROCESS_ID"]
-  task = subprocess.run(wrapper, env={**os.environ, "SLURM_PROCID": "5"}, capture_output=True,
-                        text=True, timeout=30, check=True)
+  task = subprocess.run(
+    wrapper,
+    env={**os.environ, "SLURM_PROCID": "5"},
+    capture_output=True,
+    text=True,
+    timeout=30,
+    check=True,
+  )
   assert task.stdout.strip() == "5"
 
 

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import log_softmax_np
+
 from smt_jax import losses
 
 
@@ -18,12 +18,14 @@ def _uniformity_np(tokens: np.ndarray, t: float = 2.0) -> float:
   """log(mean_{i != j} exp(-t ||z_i - z_j||^2)) with an explicit double loop (no Gram trick)."""
   z = np.asarray(tokens, np.float64).reshape(-1, tokens.shape[-1])
   z = z / np.linalg.norm(z, axis=-1, keepdims=True)
-  terms = [np.exp(-t * np.sum((z[i] - z[j]) ** 2))
-           for i, j in itertools.permutations(range(len(z)), 2)]
+  terms = [
+    np.exp(-t * np.sum((z[i] - z[j]) ** 2)) for i, j in itertools.permutations(range(len(z)), 2)
+  ]
   return float(np.log(np.mean(terms)))
 
 
 # ---------------------------------------------------------------- uniformity
+
 
 @pytest.mark.parametrize("temperature", [2.0, 0.5])
 def test_uniformity_matches_numpy_double_loop(temperature):
@@ -32,8 +34,9 @@ def test_uniformity_matches_numpy_double_loop(temperature):
   np.testing.assert_allclose(got, _uniformity_np(tokens, temperature), rtol=1e-5, atol=1e-6)
   # Normalisation: scaling individual tokens changes nothing.
   scales = np.random.default_rng(1).uniform(0.1, 10.0, size=(3, 4, 1)).astype(np.float32)
-  np.testing.assert_allclose(losses.uniformity_loss(jnp.asarray(tokens * scales),
-                                                    temperature=temperature), got, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.uniformity_loss(jnp.asarray(tokens * scales), temperature=temperature), got, rtol=1e-5
+  )
 
 
 def test_uniformity_subset_without_key_takes_the_first_tokens():
@@ -45,8 +48,7 @@ def test_uniformity_subset_without_key_takes_the_first_tokens():
 
 def test_uniformity_subset_with_key_is_some_subset_of_that_size():
   tokens = np.random.default_rng(3).normal(size=(7, 4)).astype(np.float32)
-  got = float(losses.uniformity_loss(jnp.asarray(tokens), max_samples=3,
-                                     key=jax.random.key(0)))
+  got = float(losses.uniformity_loss(jnp.asarray(tokens), max_samples=3, key=jax.random.key(0)))
   candidates = [_uniformity_np(tokens[list(s)]) for s in itertools.combinations(range(7), 3)]
   assert min(abs(got - c) for c in candidates) < 1e-5
 
@@ -56,8 +58,9 @@ def test_uniformity_collapsed_tokens_give_zero_and_antipodal_give_minimum():
   collapsed = np.concatenate([v, 2.0 * v, 0.5 * v, v], axis=0)  # one direction, any length
   np.testing.assert_allclose(losses.uniformity_loss(jnp.asarray(collapsed)), 0.0, atol=1e-6)
   # Two antipodal directions: ||z_i - z_j||^2 = 4 for the only pair, so the loss is -4t.
-  np.testing.assert_allclose(losses.uniformity_loss(jnp.asarray(np.concatenate([v, -v]))),
-                             -8.0, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.uniformity_loss(jnp.asarray(np.concatenate([v, -v]))), -8.0, rtol=1e-5
+  )
 
 
 def test_uniformity_rejects_bad_inputs():
@@ -72,6 +75,7 @@ def test_uniformity_rejects_bad_inputs():
 
 
 # ---------------------------------------------------------------- cross-entropy / decoding
+
 
 def test_masked_cross_entropy_matches_numpy():
   rng = np.random.default_rng(5)
@@ -109,14 +113,16 @@ def test_decoding_loss_gamma_weights_by_hand():
   logp = log_softmax_np(logits)
   ce = lambda n, j: -logp[n, j, targets[n, j]]
   weights = [1.0, 0.5, 0.25]  # gamma = 0.5 on a 3-step future
-  want = (sum(weights[j] * ce(0, j) for j in range(3)) + weights[0] * ce(1, 0)
-          + weights[2] * ce(1, 2)) / 5.0
+  want = (
+    sum(weights[j] * ce(0, j) for j in range(3)) + weights[0] * ce(1, 0) + weights[2] * ce(1, 2)
+  ) / 5.0
   got = losses.decoding_loss(jnp.asarray(logits), jnp.asarray(targets), gamma=0.5)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # gamma = 1: the plain masked mean.
   want1 = np.mean([ce(0, 0), ce(0, 1), ce(0, 2), ce(1, 0), ce(1, 2)])
-  np.testing.assert_allclose(losses.decoding_loss(jnp.asarray(logits), jnp.asarray(targets)),
-                             want1, rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.decoding_loss(jnp.asarray(logits), jnp.asarray(targets)), want1, rtol=1e-5
+  )
 
 
 def test_decoding_loss_all_masked_is_zero_not_nan():
@@ -135,21 +141,26 @@ def test_decoding_loss_rejects_bad_inputs():
 
 # ---------------------------------------------------------------- dynamics / drift
 
+
 def test_dynamics_loss_by_hand():
   rng = np.random.default_rng(7)
   pred = rng.normal(size=(2, 3, 2, 4)).astype(np.float32)
   tgt = rng.normal(size=(2, 3, 2, 4)).astype(np.float32)
   sq = (pred.astype(np.float64) - tgt) ** 2
-  np.testing.assert_allclose(losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt)),
-                             sq.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt)), sq.mean(), rtol=1e-5
+  )
   mask = np.array([[True, False, True], [False, False, True]])
   per = sq.mean(axis=(-2, -1))
   np.testing.assert_allclose(
-      losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(mask)),
-      per[mask].mean(), rtol=1e-5)
+    losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.asarray(mask)),
+    per[mask].mean(),
+    rtol=1e-5,
+  )
   # A mask with nothing selected gives 0, never NaN.
-  assert float(losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt),
-                                    jnp.zeros((2, 3), bool))) == 0.0
+  assert (
+    float(losses.dynamics_loss(jnp.asarray(pred), jnp.asarray(tgt), jnp.zeros((2, 3), bool))) == 0.0
+  )
 
 
 def test_dynamics_loss_rejects_bad_inputs():
@@ -180,7 +191,8 @@ def test_drift_by_hand():
   assert float(perfect["mse"]) == 0.0 and float(perfect["one_minus_r2"]) == 0.0
   mean_pred = np.broadcast_to(tgt.reshape(15, 2, 4).mean(0), tgt.shape).astype(np.float32)
   np.testing.assert_allclose(
-      losses.drift(jnp.asarray(mean_pred), jnp.asarray(tgt))["one_minus_r2"], 1.0, rtol=1e-5)
+    losses.drift(jnp.asarray(mean_pred), jnp.asarray(tgt))["one_minus_r2"], 1.0, rtol=1e-5
+  )
 
 
 def test_drift_rejects_bad_inputs():
@@ -195,5 +207,5 @@ def test_masked_mean_rejects_broadcasting_and_handles_empty():
     losses.masked_mean(jnp.ones((2, 3)), jnp.ones((3,), bool))
   assert float(losses.masked_mean(jnp.ones((2, 3)), jnp.zeros((2, 3), bool))) == 0.0
   np.testing.assert_allclose(
-      losses.masked_mean(jnp.arange(4.0), jnp.array([True, False, True, True])),
-      (0 + 2 + 3) / 3)
+    losses.masked_mean(jnp.arange(4.0), jnp.array([True, False, True, True])), (0 + 2 + 3) / 3
+  )

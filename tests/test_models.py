@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import KINDS, get_leaf, with_leaf
 from flax import nnx
 
 import smt_jax
-from conftest import KINDS, get_leaf, with_leaf
 from smt_jax.models import Teacher
 from smt_jax.models.layers import rms_normalize
 
@@ -23,6 +23,7 @@ def _rms(m):
 
 
 # ---------------------------------------------------------------- encoder
+
 
 @pytest.fixture(scope="module")
 def encoder(tiny):
@@ -59,7 +60,7 @@ def test_rows_are_independent_and_all_padding_is_the_initial_memory(encoder):
   ctx = jnp.array([[-1, -1, 3, 5], [1, 2, 3, 4], [-1, -1, -1, -1], [-1, 4, 4, 1]], jnp.int32)
   together = encode(tp, ctx)
   for i in range(ctx.shape[0]):
-    np.testing.assert_allclose(together[i], encode(tp, ctx[i:i + 1])[0], atol=1e-5)
+    np.testing.assert_allclose(together[i], encode(tp, ctx[i : i + 1])[0], atol=1e-5)
   # E(empty) does not depend on how many padding tokens stand for "empty".
   m_init = encode(tp, jnp.full((1, 1), -1, jnp.int32))[0]
   np.testing.assert_allclose(together[2], m_init, atol=2e-5)
@@ -72,13 +73,15 @@ def test_rows_are_independent_and_all_padding_is_the_initial_memory(encoder):
 
 # ---------------------------------------------------------------- decoder
 
+
 def test_decoder_is_causal_and_position_k_minus_1_reads_only_memory(tiny):
   tfns, tp = tiny.teacher(seed=4)
   decode = jax.jit(tfns.decode)
   tf = 4
   rng = np.random.default_rng(0)
-  m = rms_normalize(jnp.asarray(rng.normal(size=(3, tiny.num_memory_tokens, tiny.width)),
-                                 jnp.float32))
+  m = rms_normalize(
+    jnp.asarray(rng.normal(size=(3, tiny.num_memory_tokens, tiny.width)), jnp.float32)
+  )
   xf = rng.integers(0, tiny.vocab_size, (3, tf)).astype(np.int32)
   base = np.asarray(decode(tp, m, jnp.asarray(xf)))
   assert base.shape == (3, tf, tiny.vocab_size)
@@ -87,7 +90,7 @@ def test_decoder_is_causal_and_position_k_minus_1_reads_only_memory(tiny):
     x2[:, j] = (x2[:, j] + 1 + np.arange(3)) % tiny.vocab_size  # a different token in every row
     out = np.asarray(decode(tp, m, jnp.asarray(x2)))
     # Output j predicts future target j: it has seen x_future[:j], never x_future[j] or later.
-    np.testing.assert_allclose(out[:, :j + 1], base[:, :j + 1], atol=1e-6)
+    np.testing.assert_allclose(out[:, : j + 1], base[:, : j + 1], atol=1e-6)
     if j + 1 < tf:
       assert np.all(np.max(np.abs(out[:, j + 1] - base[:, j + 1]), axis=-1) > 1e-4)
   # Output 0 (position K-1) depends only on the memory, and it does depend on it.
@@ -106,9 +109,18 @@ def _fit_decoder(leak: jax.Array, steps: int = 120):
   `leak` is traced, so both variants share one compilation.
   """
   v, k, d, tf = 5, 2, 16, 4
-  graphdef, params = nnx.split(Teacher(vocab_size=v, num_memory_tokens=k, width=d,
-                                       encoder_depth=1, decoder_depth=1, num_heads=2, head_dim=8,
-                                       rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(
+    Teacher(
+      vocab_size=v,
+      num_memory_tokens=k,
+      width=d,
+      encoder_depth=1,
+      decoder_depth=1,
+      num_heads=2,
+      head_dim=8,
+      rngs=nnx.Rngs(0),
+    )
+  )
   decode = lambda p, m, x: nnx.merge(graphdef, p).decode(m, x)
   classes = rms_normalize(jax.random.normal(jax.random.key(1), (v, k, d)))
 
@@ -130,8 +142,9 @@ def _fit_decoder(leak: jax.Array, steps: int = 120):
     u, s = opt.update(jax.grad(loss)(p, key), s, p)
     return (optax.apply_updates(p, u), s), None
 
-  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)),
-                                jax.random.split(jax.random.key(2), steps))
+  (params, _), _ = jax.lax.scan(
+    step, (params, opt.init(params)), jax.random.split(jax.random.key(2), steps)
+  )
   m, xf, y = data(jax.random.key(9), 512)
   return jnp.mean(jnp.argmax(decode(params, m, xf), -1) == y, axis=0)
 
@@ -148,6 +161,7 @@ def test_decoder_alignment_fits_only_what_it_may_see():
 
 # ---------------------------------------------------------------- RNN kinds
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rnn_contract(tiny, kind):
   rfns, rp = tiny.rnn(kind, seed=5)
@@ -159,9 +173,14 @@ def test_rnn_contract(tiny, kind):
   @jax.jit
   def run(rp, m, x):
     m2 = rfns.update(rp, m, x)
-    return {"m2": m2, "m0": rfns.initial_memory(rp), "logits": rfns.readout(rp, m2),
-            "other_x": rfns.update(rp, m, (x + 1) % v), "other_m": rfns.update(rp, m[::-1], x),
-            "row_by_row": jax.vmap(lambda mi, xi: rfns.update(rp, mi[None], xi[None])[0])(m, x)}
+    return {
+      "m2": m2,
+      "m0": rfns.initial_memory(rp),
+      "logits": rfns.readout(rp, m2),
+      "other_x": rfns.update(rp, m, (x + 1) % v),
+      "other_m": rfns.update(rp, m[::-1], x),
+      "row_by_row": jax.vmap(lambda mi, xi: rfns.update(rp, mi[None], xi[None])[0])(m, x),
+    }
 
   out = run(rp, m, x)
   assert out["m2"].shape == (b, k, d) and out["m2"].dtype == jnp.float32
@@ -185,7 +204,7 @@ def test_elman_update_equation(tiny):
   bias = np.asarray(get_leaf(rp, "inp/bias"), np.float64)
   emb = np.asarray(get_leaf(rp, "embed/embedding"), np.float64)
   pre = np.tanh(m.reshape(2, -1) @ w + emb[x] @ u + bias).reshape(m.shape)
-  want = pre / np.sqrt(np.mean(pre ** 2, axis=-1, keepdims=True) + 1e-6)
+  want = pre / np.sqrt(np.mean(pre**2, axis=-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(rfns.update(rp, jnp.asarray(m), jnp.asarray(x)), want, atol=1e-5)
 
 
@@ -200,36 +219,52 @@ def test_lstm_update_equation_and_state_layout(tiny):
   flat = m.reshape(2, -1).astype(np.float64)
   h, c = np.split(flat, 2, axis=-1)
   # nnx names the input kernels ii, if_, ig, io and the hidden ones (with bias) hi, hf, hg, ho.
-  gate = lambda inp, hid: (e @ leaf(f"cell/{inp}/kernel") + h @ leaf(f"cell/{hid}/kernel")
-                           + leaf(f"cell/{hid}/bias"))
+  gate = lambda inp, hid: (
+    e @ leaf(f"cell/{inp}/kernel") + h @ leaf(f"cell/{hid}/kernel") + leaf(f"cell/{hid}/bias")
+  )
   sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
   i, f = sigmoid(gate("ii", "hi")), sigmoid(gate("if_", "hf"))
   g, o = np.tanh(gate("ig", "hg")), sigmoid(gate("io", "ho"))
   c_new = f * c + i * g
   h_new = o * np.tanh(c_new)
   pre = np.concatenate([h_new, c_new], axis=-1).reshape(m.shape)
-  want = pre / np.sqrt(np.mean(pre ** 2, axis=-1, keepdims=True) + 1e-6)
+  want = pre / np.sqrt(np.mean(pre**2, axis=-1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(rfns.update(rp, jnp.asarray(m), jnp.asarray(x)), want, atol=1e-5)
 
 
 def test_transformer_readout_is_the_decoder_at_position_k_minus_1(tiny):
   tfns, tp = tiny.teacher(seed=7)
   rfns, rp = tiny.rnn("transformer", seed=8)
-  m = rms_normalize(jnp.asarray(np.random.default_rng(3).normal(
-      size=(3, tiny.num_memory_tokens, tiny.width)), jnp.float32))
+  m = rms_normalize(
+    jnp.asarray(
+      np.random.default_rng(3).normal(size=(3, tiny.num_memory_tokens, tiny.width)), jnp.float32
+    )
+  )
   xf = jnp.array([[1, 2, 3], [0, 0, 0], [5, 4, 3]], jnp.int32)
-  rnn_graphdef = nnx.graphdef(smt_jax.make_rnn(
-      "transformer", vocab_size=tiny.vocab_size, num_memory_tokens=tiny.num_memory_tokens,
-      width=tiny.width, depth=1, num_heads=tiny.num_heads, readout_depth=1, rngs=nnx.Rngs(0)))
+  rnn_graphdef = nnx.graphdef(
+    smt_jax.make_rnn(
+      "transformer",
+      vocab_size=tiny.vocab_size,
+      num_memory_tokens=tiny.num_memory_tokens,
+      width=tiny.width,
+      depth=1,
+      num_heads=tiny.num_heads,
+      readout_depth=1,
+      rngs=nnx.Rngs(0),
+    )
+  )
 
   @jax.jit
   def run(rp, tp, m):
     # The end-of-SMT transfer: the RNN readout takes the teacher decoder's weights.
     rp_t = dict(rp)
     rp_t["decoder"] = tp["decoder"]
-    return {"readout": rfns.readout(rp, m),
-            "next_logits": nnx.merge(rnn_graphdef, rp).decoder.next_logits(m),
-            "readout_t": rfns.readout(rp_t, m), "teacher_first": tfns.decode(tp, m, xf)[:, 0]}
+    return {
+      "readout": rfns.readout(rp, m),
+      "next_logits": nnx.merge(rnn_graphdef, rp).decoder.next_logits(m),
+      "readout_t": rfns.readout(rp_t, m),
+      "teacher_first": tfns.decode(tp, m, xf)[:, 0],
+    }
 
   out = run(rp, tp, m)
   # readout = Decoder.next_logits of the RNN's own decoder...
@@ -242,8 +277,16 @@ def test_transformer_readout_is_the_decoder_at_position_k_minus_1(tiny):
 
 def test_make_rnn_rejects_unknown_kind_and_lists_the_valid_ones(tiny):
   with pytest.raises(ValueError) as err:
-    smt_jax.make_rnn("nope", vocab_size=5, num_memory_tokens=2, width=8, depth=1, num_heads=2,
-                     readout_depth=1, rngs=nnx.Rngs(0))
+    smt_jax.make_rnn(
+      "nope",
+      vocab_size=5,
+      num_memory_tokens=2,
+      width=8,
+      depth=1,
+      num_heads=2,
+      readout_depth=1,
+      rngs=nnx.Rngs(0),
+    )
   for kind in ("transformer", "mlp", "gru", "elman", "lstm"):
     assert kind in str(err.value)
   assert set(smt_jax.RNN_KINDS) >= {"transformer", "mlp", "gru", "elman", "lstm"}
@@ -253,9 +296,11 @@ def test_make_rnn_rejects_unknown_kind_and_lists_the_valid_ones(tiny):
 def test_dot_product_attention_equals_the_explicit_form(masked):
   """Both attention paths (accelerators use jax.nn.dot_product_attention): values and grads."""
   from smt_jax.models import layers
+
   q, k, v = (jax.random.normal(key, (2, 5, 3, 8)) for key in jax.random.split(jax.random.key(0), 3))
-  mask = (jnp.tril(jnp.ones((5, 5), bool))[None] & (jnp.arange(5) != 1)[None, None]
-          if masked else None)
+  mask = (
+    jnp.tril(jnp.ones((5, 5), bool))[None] & (jnp.arange(5) != 1)[None, None] if masked else None
+  )
 
   def f(impl):
     out = lambda q, k, v: layers.attend(q, k, v, mask, implementation=impl)

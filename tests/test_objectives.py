@@ -12,15 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import KINDS, get_leaf, log_softmax_np, with_leaf
 from jax.test_util import check_grads
 
 import smt_jax
-from conftest import KINDS, get_leaf, log_softmax_np, with_leaf
 from smt_jax import objectives
 from smt_jax.objectives import RNNFns
 
-
 # ---------------------------------------------------------------- helpers (library-independent)
+
 
 def left_padded_window(x: np.ndarray, end: int, length: int) -> np.ndarray:
   """x[:, end-length+1 .. end], left-padded with -1 (end = -1: all padding). Plain NumPy."""
@@ -55,13 +55,17 @@ def uniformity_np(tokens, t=2.0):
 def tanh_rnn(vocab_size: int, k: int, d: int, seed: int = 0, dtype=jnp.float32, scale=0.5):
   """A pure-function RNN: m' = tanh(m W + e[x]) (per memory token), readout = mean_k(m) R."""
   ks = jax.random.split(jax.random.key(seed), 4)
-  params = {"w": scale * jax.random.normal(ks[0], (d, d), dtype) / np.sqrt(d),
-            "e": jax.random.normal(ks[1], (vocab_size, d), dtype),
-            "r": jax.random.normal(ks[2], (d, vocab_size), dtype),
-            "m0": jax.random.normal(ks[3], (k, d), dtype)}
-  fns = RNNFns(update=lambda p, m, x: jnp.tanh(m @ p["w"] + p["e"][x][:, None, :]),
-               readout=lambda p, m: jnp.mean(m, axis=1) @ p["r"],
-               initial_memory=lambda p: p["m0"])
+  params = {
+    "w": scale * jax.random.normal(ks[0], (d, d), dtype) / np.sqrt(d),
+    "e": jax.random.normal(ks[1], (vocab_size, d), dtype),
+    "r": jax.random.normal(ks[2], (d, vocab_size), dtype),
+    "m0": jax.random.normal(ks[3], (k, d), dtype),
+  }
+  fns = RNNFns(
+    update=lambda p, m, x: jnp.tanh(m @ p["w"] + p["e"][x][:, None, :]),
+    readout=lambda p, m: jnp.mean(m, axis=1) @ p["r"],
+    initial_memory=lambda p: p["m0"],
+  )
   return fns, params
 
 
@@ -70,19 +74,22 @@ def toy_teacher(vocab_size: int, k: int, d: int, context_length: int, seed: int 
   of the context embeddings, padding masked; a decoder whose output j reads the memory and
   x_future[j-1] (causal)."""
   ks = jax.random.split(jax.random.key(seed), 5)
-  params = {"emb": jax.random.normal(ks[0], (vocab_size, k, d)),
-            "pos": jax.random.normal(ks[1], (context_length, k, d)),
-            "bias": jax.random.normal(ks[2], (k, d)),
-            "out": jax.random.normal(ks[3], (d, vocab_size)),
-            "xemb": jax.random.normal(ks[4], (vocab_size, vocab_size))}
+  params = {
+    "emb": jax.random.normal(ks[0], (vocab_size, k, d)),
+    "pos": jax.random.normal(ks[1], (context_length, k, d)),
+    "bias": jax.random.normal(ks[2], (k, d)),
+    "out": jax.random.normal(ks[3], (d, vocab_size)),
+    "xemb": jax.random.normal(ks[4], (vocab_size, vocab_size)),
+  }
 
   def encode(p, ctx):
     valid = (ctx != -1)[..., None, None]
     return jnp.tanh(jnp.sum(valid * p["emb"][jnp.maximum(ctx, 0)] * p["pos"], axis=1) + p["bias"])
 
   def decode(p, m, xf):
-    prev = jnp.concatenate([jnp.zeros((xf.shape[0], 1, vocab_size)),
-                            p["xemb"][jnp.maximum(xf[:, :-1], 0)]], axis=1)
+    prev = jnp.concatenate(
+      [jnp.zeros((xf.shape[0], 1, vocab_size)), p["xemb"][jnp.maximum(xf[:, :-1], 0)]], axis=1
+    )
     return prev + (jnp.mean(m, axis=1) @ p["out"])[:, None]
 
   return objectives.TeacherFns(encode, decode), params
@@ -99,6 +106,7 @@ def nonzero_rows(g: jax.Array) -> set[int]:
 
 # ---------------------------------------------------------------- SMT vs a hand-written loop
 
+
 class HandSMT:
   """Every per-position SMT term, computed one position at a time with jitted single calls."""
 
@@ -114,19 +122,29 @@ class HandSMT:
       m_next = encode(tp, jnp.asarray(left_padded_window(x, t + 1, tc)))
       # Teacher-forced decoder inputs x[t+1 .. t+Tf]; past the end any token will do (causal:
       # it only feeds outputs whose targets do not exist).
-      xf = np.array([[x[n, s] if s < t_len else 0 for s in range(t + 1, t + 1 + tf)]
-                     for n in range(b)], np.int32)
-      yf = np.array([[y[n, s] if 0 <= s < t_len else -1 for s in range(t, t + tf)]
-                     for n in range(b)], np.int32)
+      xf = np.array(
+        [[x[n, s] if s < t_len else 0 for s in range(t + 1, t + 1 + tf)] for n in range(b)],
+        np.int32,
+      )
+      yf = np.array(
+        [[y[n, s] if 0 <= s < t_len else -1 for s in range(t, t + tf)] for n in range(b)], np.int32
+      )
       logits = np.asarray(decode(tp, m_t, jnp.asarray(xf)), np.float64)  # [B, Tf, V]
       logp = log_softmax_np(logits)
-      ce = np.array([[-logp[n, j, yf[n, j]] if yf[n, j] != -1 else 0.0 for j in range(tf)]
-                     for n in range(b)])
+      ce = np.array(
+        [[-logp[n, j, yf[n, j]] if yf[n, j] != -1 else 0.0 for j in range(tf)] for n in range(b)]
+      )
       pred = update(rp, m_t, jnp.asarray(x[:, t + 1]))
       r_sum, r_cnt = ce_sum_count(readout(rp, m_next), y[:, t + 1])
-      self.pos[t] = dict(ce=ce, count=int(np.sum(yf != -1)), m_t=np.asarray(m_t),
-                         sq=np.sum((np.asarray(pred, np.float64) - np.asarray(m_next)) ** 2),
-                         size=np.asarray(pred).size, r_sum=r_sum, r_cnt=r_cnt)
+      self.pos[t] = dict(
+        ce=ce,
+        count=int(np.sum(yf != -1)),
+        m_t=np.asarray(m_t),
+        sq=np.sum((np.asarray(pred, np.float64) - np.asarray(m_next)) ** 2),
+        size=np.asarray(pred).size,
+        r_sum=r_sum,
+        r_cnt=r_cnt,
+      )
     m_init = np.asarray(encode(tp, jnp.full((1, tc), -1, jnp.int32))[0], np.float64)
     self.l_init = float(np.mean((np.asarray(rfns.initial_memory(rp)) - m_init) ** 2))
 
@@ -134,20 +152,26 @@ class HandSMT:
     ps = [self.pos[t] for t in positions]
     w = gamma ** np.arange(ps[0]["ce"].shape[1])
     count = sum(p["count"] for p in ps)
-    return {"decoding_loss": sum(np.sum(p["ce"] * w) for p in ps) / max(count, 1),
-            "dynamics_loss": sum(p["sq"] for p in ps) / sum(p["size"] for p in ps),
-            "init_loss": self.l_init,
-            "uniformity_loss": uniformity_np(np.stack([p["m_t"] for p in ps], axis=1)),
-            "readout_loss": sum(p["r_sum"] for p in ps) / max(sum(p["r_cnt"] for p in ps), 1)}
+    return {
+      "decoding_loss": sum(np.sum(p["ce"] * w) for p in ps) / max(count, 1),
+      "dynamics_loss": sum(p["sq"] for p in ps) / sum(p["size"] for p in ps),
+      "init_loss": self.l_init,
+      "uniformity_loss": uniformity_np(np.stack([p["m_t"] for p in ps], axis=1)),
+      "readout_loss": sum(p["r_sum"] for p in ps) / max(sum(p["r_cnt"] for p in ps), 1),
+    }
 
 
 COEF = dict(c_dec=1.3, c_dyn=0.7, c_init=0.4, c_unif=0.05, c_readout=0.6)
 
 
 def total(terms):
-  return (COEF["c_dec"] * terms["decoding_loss"]
-          + COEF["c_dyn"] * terms["dynamics_loss"] + COEF["c_init"] * terms["init_loss"]
-          + COEF["c_unif"] * terms["uniformity_loss"] + COEF["c_readout"] * terms["readout_loss"])
+  return (
+    COEF["c_dec"] * terms["decoding_loss"]
+    + COEF["c_dyn"] * terms["dynamics_loss"]
+    + COEF["c_init"] * terms["init_loss"]
+    + COEF["c_unif"] * terms["uniformity_loss"]
+    + COEF["c_readout"] * terms["readout_loss"]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +179,12 @@ def smt_case(tiny):
   tfns, rfns, params = tiny.models("elman", seed=10)
   batch = tiny.batch(11, batch_size=2, seq_len=6, mask_frac=0.3)
   hand = HandSMT(tfns, rfns, params, batch["x"], batch["y"], tc=3, tf=2)
-  loss = jax.jit(functools.partial(smt_jax.smt_loss, teacher=tfns, rnn=rfns, context_length=3,
-                                   future_length=2, gamma=0.5, **COEF),
-                 static_argnames="num_transitions")
+  loss = jax.jit(
+    functools.partial(
+      smt_jax.smt_loss, teacher=tfns, rnn=rfns, context_length=3, future_length=2, gamma=0.5, **COEF
+    ),
+    static_argnames="num_transitions",
+  )
   return tfns, rfns, params, batch, hand, loss
 
 
@@ -224,25 +251,31 @@ def test_smt_one_transition_reads_exactly_the_published_windows(tiny):
     record("readout", m)
     return rfns.readout(p, m)
 
-  jax.jit(functools.partial(
-      smt_jax.smt_loss, teacher=objectives.TeacherFns(encode, decode),
-      rnn=RNNFns(update, readout, rfns.initial_memory), context_length=tc, future_length=tf,
-      num_transitions=1))(params, batch, None)
+  jax.jit(
+    functools.partial(
+      smt_jax.smt_loss,
+      teacher=objectives.TeacherFns(encode, decode),
+      rnn=RNNFns(update, readout, rfns.initial_memory),
+      context_length=tc,
+      future_length=tf,
+      num_transitions=1,
+    )
+  )(params, batch, None)
   jax.effects_barrier()
   windows = sorted(tuple(map(tuple, c[0])) for c in seen["encode"])
-  want = sorted([tuple(map(tuple, x[:, 0:tc])), tuple(map(tuple, x[:, 1:tc + 1])),
-                 ((-1,) * tc,)])
+  want = sorted([tuple(map(tuple, x[:, 0:tc])), tuple(map(tuple, x[:, 1 : tc + 1])), ((-1,) * tc,)])
   assert windows == want
-  (m_src, x_in), = seen["update"]
+  ((m_src, x_in),) = seen["update"]
   np.testing.assert_array_equal(x_in, x[:, tc])
   m_want = np.asarray(tfns.encode(params["teacher"], jnp.asarray(x[:, 0:tc])))
   np.testing.assert_allclose(m_src, m_want, atol=1e-6)
-  (m_dec, xf), = seen["decode"]
-  np.testing.assert_array_equal(xf, x[:, tc:tc + tf])
+  ((m_dec, xf),) = seen["decode"]
+  np.testing.assert_array_equal(xf, x[:, tc : tc + tf])
   np.testing.assert_allclose(m_dec, m_want, atol=1e-6)
-  (m_read,), = seen["readout"]
+  ((m_read,),) = seen["readout"]
   np.testing.assert_allclose(
-      m_read, tfns.encode(params["teacher"], jnp.asarray(x[:, 1:tc + 1])), atol=1e-6)
+    m_read, tfns.encode(params["teacher"], jnp.asarray(x[:, 1 : tc + 1])), atol=1e-6
+  )
 
 
 def test_smt_gradient_routing(tiny):
@@ -250,15 +283,24 @@ def test_smt_gradient_routing(tiny):
   tfns, tp = toy_teacher(tiny.vocab_size, tiny.num_memory_tokens, tiny.width, 3, seed=13)
   rfns, rp = tanh_rnn(tiny.vocab_size, tiny.num_memory_tokens, tiny.width, seed=13)
   batch = tiny.batch(14, 2, 6)
-  kw = dict(teacher=tfns, rnn=rfns, context_length=3, future_length=2, num_transitions=6,
-            c_dec=0.0, c_unif=0.0)
+  kw = dict(
+    teacher=tfns,
+    rnn=rfns,
+    context_length=3,
+    future_length=2,
+    num_transitions=6,
+    c_dec=0.0,
+    c_unif=0.0,
+  )
 
   @jax.jit
   def grads(params):
     g = lambda **c: jax.grad(lambda p: smt_jax.smt_loss(p, batch, None, **kw, **c)[0])(params)
-    return (g(c_dyn=1.0, c_init=1.0, c_readout=1.0, stop_teacher_grad=True),
-            g(c_dyn=1.0, c_init=1.0, c_readout=0.0, stop_teacher_grad=False),
-            g(c_dyn=0.0, c_init=0.0, c_readout=1.0, stop_teacher_grad=False))
+    return (
+      g(c_dyn=1.0, c_init=1.0, c_readout=1.0, stop_teacher_grad=True),
+      g(c_dyn=1.0, c_init=1.0, c_readout=0.0, stop_teacher_grad=False),
+      g(c_dyn=0.0, c_init=0.0, c_readout=1.0, stop_teacher_grad=False),
+    )
 
   stopped, flowing, readout = grads({"teacher": tp, "rnn": rp})
   norm = lambda t: float(optax.tree.norm(t))
@@ -272,6 +314,7 @@ def test_smt_gradient_routing(tiny):
 
 
 # ---------------------------------------------------------------- rollout / DMT / BPTT
+
 
 @pytest.mark.parametrize("kind", ["lstm", "transformer"])
 def test_rollout_equals_a_python_loop_of_updates(tiny, kind):
@@ -289,8 +332,9 @@ def test_rollout_equals_a_python_loop_of_updates(tiny, kind):
   np.testing.assert_allclose(states, jnp.stack(want, 1), atol=1e-5)
   # Cutting gradients changes no value.
   for every in (1, 2):
-    np.testing.assert_allclose(run(rp, m0, xs, update=rfns.update, stop_gradient_every=every),
-                               states, atol=1e-6)
+    np.testing.assert_allclose(
+      run(rp, m0, xs, update=rfns.update, stop_gradient_every=every), states, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("start", [None, -1])
@@ -300,13 +344,24 @@ def test_dmt_loss_equals_a_python_loop(tiny, start):
   rfns, rp = tanh_rnn(tiny.vocab_size, tiny.num_memory_tokens, tiny.width, seed=1)
   batch = tiny.batch(17, batch_size=2, seq_len=tc + td, mask_frac=0.3)
   x, y = np.asarray(batch["x"]), np.asarray(batch["y"])
-  loss, metrics = jax.jit(functools.partial(
-      smt_jax.dmt_loss, teacher=tfns, rnn=rfns, context_length=tc, rollout_length=td,
-      label_every=k, c_dyn=3.0, c_readout=0.5, start=start))({"teacher": tp, "rnn": rp}, batch)
+  loss, metrics = jax.jit(
+    functools.partial(
+      smt_jax.dmt_loss,
+      teacher=tfns,
+      rnn=rfns,
+      context_length=tc,
+      rollout_length=td,
+      label_every=k,
+      c_dyn=3.0,
+      c_readout=0.5,
+      start=start,
+    )
+  )({"teacher": tp, "rnn": rp}, batch)
   t0 = tc - 1 if start is None else start
   encode = jax.jit(tfns.encode)
-  label = lambda s: np.asarray(encode(tp, jnp.asarray(left_padded_window(x, t0 + s, tc))),
-                               np.float64)
+  label = lambda s: np.asarray(
+    encode(tp, jnp.asarray(left_padded_window(x, t0 + s, tc))), np.float64
+  )
   state, states = jnp.asarray(label(0), jnp.float32), [label(0)]
   for s in range(1, td + 1):
     state = rfns.update(rp, state, jnp.asarray(x[:, t0 + s]))
@@ -339,10 +394,20 @@ def test_dmt_carry_stop_gradient_trains_only_the_last_update(tiny, label_every, 
 
   @jax.jit
   def grads(params):
-    g = lambda stop, c_dyn=1.0, c_readout=0.0: jax.grad(lambda p: smt_jax.dmt_loss(
-        p, batch, teacher=tfns, rnn=rfns, context_length=tc, rollout_length=td,
-        label_every=label_every, c_dyn=c_dyn, c_readout=c_readout, stop_carry_grad=stop)[0])(
-            params)
+    g = lambda stop, c_dyn=1.0, c_readout=0.0: jax.grad(
+      lambda p: smt_jax.dmt_loss(
+        p,
+        batch,
+        teacher=tfns,
+        rnn=rfns,
+        context_length=tc,
+        rollout_length=td,
+        label_every=label_every,
+        c_dyn=c_dyn,
+        c_readout=c_readout,
+        stop_carry_grad=stop,
+      )[0]
+    )(params)
     return g(True), g(False), g(True, c_dyn=0.0, c_readout=1.0)
 
   g_stop, g_bptt, g_read = grads({"teacher": tp, "rnn": rp})
@@ -392,8 +457,9 @@ def test_bptt_truncation_cuts_gradients(tiny):
 
   @functools.partial(jax.jit, static_argnames="truncation")
   def grad(rp, y, truncation):
-    return jax.grad(lambda r: smt_jax.bptt_loss({"rnn": r}, {"x": x, "y": y}, rnn=rfns,
-                                                 truncation=truncation)[0])(rp)
+    return jax.grad(
+      lambda r: smt_jax.bptt_loss({"rnn": r}, {"x": x, "y": y}, rnn=rfns, truncation=truncation)[0]
+    )(rp)
 
   late = jnp.array([[-1, -1, -1, -1, -1, 3]], jnp.int32)
   assert nonzero_rows(grad(rp, late, None)["e"]) == {0, 1, 2, 3, 4, 5}
@@ -428,11 +494,25 @@ def test_smt_credit_path_does_not_vanish_with_length(tiny):
     @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
     def grads(params):
       g_bptt = jax.grad(lambda p: smt_jax.bptt_loss(p, batch, rnn=rfns)[0])(params)
-      g_smt = jax.grad(lambda p: smt_jax.smt_loss(
-          p, batch, None, teacher=tfns, rnn=rfns, context_length=seq_len, future_length=2,
-          num_transitions=seq_len, c_dyn=0.0, c_unif=0.0, c_readout=0.0)[0])(params)
-      return (jnp.linalg.norm(get_leaf(g_bptt["rnn"], "embed/embedding")[v - 1]),
-              jnp.linalg.norm(get_leaf(g_smt["teacher"], "embed/embedding")[v - 1]))
+      g_smt = jax.grad(
+        lambda p: smt_jax.smt_loss(
+          p,
+          batch,
+          None,
+          teacher=tfns,
+          rnn=rfns,
+          context_length=seq_len,
+          future_length=2,
+          num_transitions=seq_len,
+          c_dyn=0.0,
+          c_unif=0.0,
+          c_readout=0.0,
+        )[0]
+      )(params)
+      return (
+        jnp.linalg.norm(get_leaf(g_bptt["rnn"], "embed/embedding")[v - 1]),
+        jnp.linalg.norm(get_leaf(g_smt["teacher"], "embed/embedding")[v - 1]),
+      )
 
     return [float(a) for a in grads({"teacher": tp, "rnn": rp})]
 
@@ -445,6 +525,7 @@ def test_smt_credit_path_does_not_vanish_with_length(tiny):
 
 # ---------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_updater_kind_trains_under_smt(tiny, kind):
   """100 AdamW steps of SMT on a counting sequence x[t+1] = x[t] + 1 (mod V), all transitions."""
@@ -452,8 +533,14 @@ def test_every_updater_kind_trains_under_smt(tiny, kind):
   v, b, t_len = tiny.vocab_size, 8, 6
   x = (np.random.default_rng(0).integers(0, v, (b, 1)) + np.arange(t_len + 1)) % v
   batch = {"x": jnp.asarray(x[:, :-1], jnp.int32), "y": jnp.asarray(x[:, 1:], jnp.int32)}
-  loss = functools.partial(smt_jax.smt_loss, teacher=tfns, rnn=rfns, context_length=4,
-                           future_length=2, num_transitions=t_len)
+  loss = functools.partial(
+    smt_jax.smt_loss,
+    teacher=tfns,
+    rnn=rfns,
+    context_length=4,
+    future_length=2,
+    num_transitions=t_len,
+  )
   opt = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.01)
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
@@ -463,6 +550,7 @@ def test_every_updater_kind_trains_under_smt(tiny, kind):
       (_, metrics), g = jax.value_and_grad(loss, has_aux=True)(p, batch, None)
       u, s = opt.update(g, s, p)
       return (optax.apply_updates(p, u), s), metrics
+
     return jax.lax.scan(step, (params, opt.init(params)), None, length=100)[1]
 
   metrics = jax.device_get(train(params))
@@ -476,6 +564,7 @@ def test_every_updater_kind_trains_under_smt(tiny, kind):
 
 # ---------------------------------------------------------------- jit = eager
 
+
 def test_objectives_jit_equals_eager(tiny):
   # Pure-function toy models keep the op-by-op (eager) run cheap; the objectives' own logic (time
   # indexing, random subsets, masks, scans) is what jit must not change.
@@ -485,36 +574,56 @@ def test_objectives_jit_equals_eager(tiny):
   params = {"teacher": tp, "rnn": rp}
   batch = tiny.batch(27, 2, 7, mask_frac=0.2)
   cases = {  # (op by op, every primitive compiles on its own: keep the list short)
-      "smt": functools.partial(smt_jax.smt_loss, teacher=tfns, rnn=rfns, context_length=tc,
-                               future_length=2, num_transitions=7, gamma=0.7,
-                               uniformity_max_samples=8),
-      "dmt": functools.partial(smt_jax.dmt_loss, teacher=tfns, rnn=rfns, context_length=tc,
-                               rollout_length=4, label_every=2),
-      "bptt": functools.partial(smt_jax.bptt_loss, rnn=rfns, truncation=3),
+    "smt": functools.partial(
+      smt_jax.smt_loss,
+      teacher=tfns,
+      rnn=rfns,
+      context_length=tc,
+      future_length=2,
+      num_transitions=7,
+      gamma=0.7,
+      uniformity_max_samples=8,
+    ),
+    "dmt": functools.partial(
+      smt_jax.dmt_loss, teacher=tfns, rnn=rfns, context_length=tc, rollout_length=4, label_every=2
+    ),
+    "bptt": functools.partial(smt_jax.bptt_loss, rnn=rfns, truncation=3),
   }
   key = jax.random.key(5)
   for name, f in cases.items():
     eager = f(params, batch, key)
     jitted = jax.jit(f)(params, batch, key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
-                                                         err_msg=name), eager, jitted)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name),
+      eager,
+      jitted,
+    )
 
 
 # ---------------------------------------------------------------- input checks
 
+
 def test_objectives_reject_bad_inputs(tiny):
   tfns, rfns, params = tiny.models("elman", seed=28)
   good = tiny.batch(29, 2, 6)
-  smt = functools.partial(smt_jax.smt_loss, params, teacher=tfns, rnn=rfns, context_length=3,
-                          future_length=2)
-  dmt = functools.partial(smt_jax.dmt_loss, params, teacher=tfns, rnn=rfns, context_length=3,
-                          rollout_length=2, label_every=1)
+  smt = functools.partial(
+    smt_jax.smt_loss, params, teacher=tfns, rnn=rfns, context_length=3, future_length=2
+  )
+  dmt = functools.partial(
+    smt_jax.dmt_loss,
+    params,
+    teacher=tfns,
+    rnn=rfns,
+    context_length=3,
+    rollout_length=2,
+    label_every=1,
+  )
   bptt = functools.partial(smt_jax.bptt_loss, params, rnn=rfns)
   bad_batches = [
-      {"x": good["x"].astype(jnp.float32), "y": good["y"]},  # float tokens
-      {"x": good["x"], "y": good["y"].astype(jnp.float32)},
-      {"x": good["x"][:, :5], "y": good["y"]},  # mismatched shapes
-      {"x": good["x"][0], "y": good["y"][0]},  # not [B, T]
+    {"x": good["x"].astype(jnp.float32), "y": good["y"]},  # float tokens
+    {"x": good["x"], "y": good["y"].astype(jnp.float32)},
+    {"x": good["x"][:, :5], "y": good["y"]},  # mismatched shapes
+    {"x": good["x"][0], "y": good["y"][0]},  # not [B, T]
   ]
   for f in (lambda b: smt(b, None), lambda b: dmt(b), lambda b: bptt(b)):
     for b in bad_batches:

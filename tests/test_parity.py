@@ -38,17 +38,24 @@ class Case:
   def __init__(self, name: str):
     z = np.load(FIXTURES / f"parity_{name}.npz")
     self.z = {k: z[k] for k in z.files}
-    cfg = {k[len("config/"):]: self.z[k] for k in self.z if k.startswith("config/")}
+    cfg = {k[len("config/") :]: self.z[k] for k in self.z if k.startswith("config/")}
     self.cfg = {k: (v.tolist() if v.ndim else v.item()) for k, v in cfg.items()}
     c = self.cfg
-    self.dims = dict(vocab_size=c["vocab"], width=c["d_model"], num_heads=c["n_heads"],
-                     num_memory_tokens=c["mem_tokens"], encoder_depth=c["encoder_depth"],
-                     decoder_depth=c["decoder_depth"], rnn_depth=c["rnn_depth"],
-                     readout_depth=c["readout_depth"])
+    self.dims = dict(
+      vocab_size=c["vocab"],
+      width=c["d_model"],
+      num_heads=c["n_heads"],
+      num_memory_tokens=c["mem_tokens"],
+      encoder_depth=c["encoder_depth"],
+      decoder_depth=c["decoder_depth"],
+      rnn_depth=c["rnn_depth"],
+      readout_depth=c["readout_depth"],
+    )
     self.teacher_state = self.state("teacher")
     self.rnn_state = self.state("rnn")
-    self.teacher, self.rnn = reference.from_state_dicts(self.teacher_state, self.rnn_state,
-                                                        **self.dims)
+    self.teacher, self.rnn = reference.from_state_dicts(
+      self.teacher_state, self.rnn_state, **self.dims
+    )
     tg, self.tp = nnx.split(self.teacher)
     rg, self.rp = nnx.split(self.rnn)
     self.tfns, self.rfns = smt_jax.teacher_fns(tg), smt_jax.rnn_fns(rg)
@@ -56,7 +63,7 @@ class Case:
 
   def state(self, model: str) -> dict[str, np.ndarray]:
     p = f"{model}/"
-    return {k[len(p):]: v for k, v in self.z.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in self.z.items() if k.startswith(p)}
 
   def __getitem__(self, key: str) -> np.ndarray:
     return self.z[key]
@@ -70,7 +77,7 @@ class Case:
     return np.asarray(m).reshape(*m.shape[:-2], -1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str) -> Case:
   return Case(name)
 
@@ -79,15 +86,18 @@ CASES = ["a", "b"]
 
 
 def close(ours, ref, atol=ATOL, rtol=1e-5):
-  np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(ref, np.float64),
-                             atol=atol, rtol=rtol)
+  np.testing.assert_allclose(
+    np.asarray(ours, np.float64), np.asarray(ref, np.float64), atol=atol, rtol=rtol
+  )
 
 
 # ------------------------------------------------------------------------ models, call by call
 
+
 @pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("call, inp", [("enc", "x_ctx"), ("enc_leftpad", "x_ctx_leftpad"),
-                                       ("enc_allpad", "x_ctx_allpad")])
+@pytest.mark.parametrize(
+  "call, inp", [("enc", "x_ctx"), ("enc_leftpad", "x_ctx_leftpad"), ("enc_allpad", "x_ctx_allpad")]
+)
 def test_encoder_memory(name, call, inp):
   c = case(name)
   m = c.teacher.encode(jnp.asarray(c[f"in/{inp}"]))
@@ -109,8 +119,10 @@ def test_rnn_update_and_readout(name):
   m = c.memory("in/m_given")
   close(c.flat(c.rnn.update(m, x)), c["out/rnn_update/value"])
   close(c.flat(c.rnn.update(jnp.zeros_like(m), x)), c["out/rnn_update_zero/value"])
-  close(c.flat(c.rnn.update(c.memory("out/enc/value"), jnp.asarray(c["in/x_fut"][:, 0]))),
-        c["out/rnn_update_from_enc/value"])
+  close(
+    c.flat(c.rnn.update(c.memory("out/enc/value"), jnp.asarray(c["in/x_fut"][:, 0]))),
+    c["out/rnn_update_from_enc/value"],
+  )
   close(c.rnn.readout(m), c["out/rnn_readout/value"])
   close(c.rnn.initial_memory(), np.zeros((c.cfg["mem_tokens"], c.cfg["d_model"])))
 
@@ -125,13 +137,19 @@ def test_rnn_rollouts_read_and_encode_with_rnn(name):
   # read_with_teacher_rnn: z = E(x[:Tc]), then readout / update over the next Tf tokens.
   tc, tf = c.cfg["Tc"], c.cfg["Tf"]
   x = jnp.asarray(c["in/x_smt"])
-  out = smt_jax.read(c.params, {"x": x, "y": jnp.concatenate([x[:, 1:], x[:, :1]], axis=1)},
-                     rnn=c.rfns, teacher=c.tfns, context_length=tc, prompt_length=tc)
+  out = smt_jax.read(
+    c.params,
+    {"x": x, "y": jnp.concatenate([x[:, 1:], x[:, :1]], axis=1)},
+    rnn=c.rfns,
+    teacher=c.tfns,
+    context_length=tc,
+    prompt_length=tc,
+  )
   # Our read scores y[t] after reading x[t]: y[P-1] from E(x[:P]) ... as the reference's logits.
   ref_logits = c["out/read_with_teacher_rnn/logits"]
   ref_nll = c["out/read_with_teacher_rnn/loss_eval_"]
   assert ref_logits.shape[1] == tf
-  close(np.asarray(out["nll"])[:, tc - 1:tc - 1 + tf], ref_nll)
+  close(np.asarray(out["nll"])[:, tc - 1 : tc - 1 + tf], ref_nll)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -142,11 +160,20 @@ def test_uniformity_loss(name):
 
 # ------------------------------------------------------------------------ the objectives
 
+
 def smt(c: Case, batch, params=None, gamma=1.0):
   """The reference's forward_smt: our SMT loss with c_init = c_readout = 0 (jitted)."""
-  loss = functools.partial(smt_jax.smt_loss, teacher=c.tfns, rnn=c.rfns,
-                           context_length=c.cfg["Tc"], future_length=c.cfg["Tf"],
-                           num_transitions=1, c_init=0.0, c_readout=0.0, gamma=gamma)
+  loss = functools.partial(
+    smt_jax.smt_loss,
+    teacher=c.tfns,
+    rnn=c.rfns,
+    context_length=c.cfg["Tc"],
+    future_length=c.cfg["Tf"],
+    num_transitions=1,
+    c_init=0.0,
+    c_readout=0.0,
+    gamma=gamma,
+  )
   return jax.jit(loss)(params or c.params, batch, None)
 
 
@@ -173,11 +200,12 @@ def test_smt_gradients_equal_the_reference():
   nnx.update(rnn, grads["rnn"])
   g_teacher, g_rnn = reference.to_state_dicts(teacher, rnn)
   for model, ours in (("teacher", g_teacher), ("rnn", g_rnn)):
-    ref_keys = {k[len(f"grad/smt/{model}/"):] for k in c.z if k.startswith(f"grad/smt/{model}/")}
+    ref_keys = {k[len(f"grad/smt/{model}/") :] for k in c.z if k.startswith(f"grad/smt/{model}/")}
     params = {k for k in ours if not k.endswith("inv_freq")}
     # The reference's SMT loss never reaches the RNN's readout: no gradient recorded there.
-    assert ref_keys <= params and all(
-        not np.any(ours[k]) for k in params - ref_keys), sorted(params - ref_keys)
+    assert ref_keys <= params and all(not np.any(ours[k]) for k in params - ref_keys), sorted(
+      params - ref_keys
+    )
     for k in sorted(ref_keys):
       ref = c[f"grad/smt/{model}/{k}"]
       scale = max(float(np.max(np.abs(ref))), 1e-3)
@@ -190,9 +218,18 @@ def test_dmt_loss_terms(name, stop_carry_grad):
   c = case(name)
   tc, td, k = c.cfg["Tc"], c.cfg["Td"], c.cfg["k"]
   batch = {"x": jnp.asarray(c["in/x_dmt"]), "y": jnp.asarray(c["in/y_dmt"])}
-  loss, m = jax.jit(functools.partial(
-      smt_jax.dmt_loss, teacher=c.tfns, rnn=c.rfns, context_length=tc, rollout_length=td,
-      label_every=k, reference_labels=True, stop_carry_grad=stop_carry_grad))(c.params, batch)
+  loss, m = jax.jit(
+    functools.partial(
+      smt_jax.dmt_loss,
+      teacher=c.tfns,
+      rnn=c.rfns,
+      context_length=tc,
+      rollout_length=td,
+      label_every=k,
+      reference_labels=True,
+      stop_carry_grad=stop_carry_grad,
+    )
+  )(c.params, batch)
   close(m["dynamics_loss"], c["out/dmt/loss_dyn"])
   close(m["readout_loss"], c["out/dmt/loss_readout"])
   # The reference's total adds the frozen teacher's decoding and uniformity terms (constants for
@@ -201,9 +238,14 @@ def test_dmt_loss_terms(name, stop_carry_grad):
   starts = np.arange(0, td, k)
   x, y = c["in/x_dmt"], c["in/y_dmt"]
   tf = c.cfg["Tf"]
-  logits = jnp.stack([c.teacher.decode(z_enc[:, i], jnp.asarray(x[:, s + tc:s + tc + tf]))
-                      for i, s in enumerate(starts)], axis=1)
-  y_fut = jnp.asarray(np.stack([y[:, s + tc - 1:s + tc + tf - 1] for s in starts], axis=1))
+  logits = jnp.stack(
+    [
+      c.teacher.decode(z_enc[:, i], jnp.asarray(x[:, s + tc : s + tc + tf]))
+      for i, s in enumerate(starts)
+    ],
+    axis=1,
+  )
+  y_fut = jnp.asarray(np.stack([y[:, s + tc - 1 : s + tc + tf - 1] for s in starts], axis=1))
   dec = losses.decoding_loss(logits, y_fut)
   close(dec, c["out/dmt/loss_decoder"])
   unif = losses.uniformity_loss(z_enc.reshape(*z_enc.shape[:2], -1))
@@ -220,7 +262,7 @@ def test_dmt_labels_and_rollout(name):
   starts = jnp.arange(0, td, k)
   labels = smt_jax.encode_over_time(c.tfns, c.tp, objectives.windows(x, starts + tc - 1, tc))
   close(c.flat(labels), c["out/dmt/z_enc"])
-  states = smt_jax.rollout(c.rp, labels[:, 0], x[:, tc:tc + td], update=c.rfns.update)
+  states = smt_jax.rollout(c.rp, labels[:, 0], x[:, tc : tc + td], update=c.rfns.update)
   states = jnp.concatenate([labels[:, :1], states], axis=1)[:, :td:k]
   close(c.flat(states), c["out/dmt/z_rnn"])
 
@@ -239,6 +281,7 @@ def test_bptt_loss_from_a_zero_memory(name, call, y):
 
 
 # ------------------------------------------------------------------------ the weights
+
 
 @pytest.mark.parametrize("name", CASES)
 def test_state_dicts_round_trip_exactly(name):
@@ -277,6 +320,7 @@ def test_bad_state_dicts_are_refused_by_name():
 
 # ------------------------------------------------------------------------ the tolerance bites
 
+
 def _encode_error(c: Case, teacher_state) -> float:
   t, _ = reference.from_state_dicts(teacher_state, None, **c.dims)
   m = t.encode(jnp.asarray(c["in/x_ctx_leftpad"]))
@@ -296,11 +340,13 @@ def test_a_port_with_the_heads_split_wrong_fails():
   w = t["encoder.layers.0.1.to_q.weight"]  # (H * 64, d), head-major rows
   hd = c.cfg["head_dim"]
   # 'b n (d h)' instead of 'b n (h d)': the rows interleaved across heads.
-  t["encoder.layers.0.1.to_q.weight"] = w.reshape(-1, hd, w.shape[1]).transpose(1, 0, 2).reshape(
-      w.shape)
+  t["encoder.layers.0.1.to_q.weight"] = (
+    w.reshape(-1, hd, w.shape[1]).transpose(1, 0, 2).reshape(w.shape)
+  )
   k = t["encoder.layers.0.1.to_k.weight"]
-  t["encoder.layers.0.1.to_k.weight"] = k.reshape(-1, hd, k.shape[1]).transpose(1, 0, 2).reshape(
-      k.shape)
+  t["encoder.layers.0.1.to_k.weight"] = (
+    k.reshape(-1, hd, k.shape[1]).transpose(1, 0, 2).reshape(k.shape)
+  )
   assert _encode_error(c, t) > 100 * ATOL
 
 
@@ -311,7 +357,7 @@ def test_a_port_with_the_rotary_pairs_wrong_fails(monkeypatch):
   def half_split(x, cos, sin):  # NeoX: (x_i, x_{i+R/2}) pairs instead of (x_2i, x_2i+1)
     rot = cos.shape[-1]
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    x1, x2 = x[..., :rot // 2], x[..., rot // 2:rot]
+    x1, x2 = x[..., : rot // 2], x[..., rot // 2 : rot]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return jnp.concatenate([x[..., :rot] * cos + rotated * sin, x[..., rot:]], axis=-1)
 
@@ -333,26 +379,39 @@ def reference_param_counts(v, d, h, k, enc, dec, rnn, readout, head_dim=64):
   """PARITY.md's formula (x-transformers leaves out the output projection with one head)."""
   attn = (3 if h == 1 else 4) * h * head_dim * d
   stack = lambda depth: depth * (attn + 8 * d * d + 7 * d) + d
-  return (v * d + stack(enc) + stack(dec) + d * v + v + k * d,
-          v * d + stack(rnn) + stack(readout) + d * v + v)
+  return (
+    v * d + stack(enc) + stack(dec) + d * v + v + k * d,
+    v * d + stack(rnn) + stack(readout) + d * v + v,
+  )
 
 
-@pytest.mark.parametrize("dims", [
+@pytest.mark.parametrize(
+  "dims",
+  [
     (16, 64, 4, 4, 2, 1, 2, 1),  # the bench config: 298,704 and 298,448
     (256, 256, 8, 16, 8, 4, 8, 4),  # the paper's
     (11, 32, 4, 3, 1, 2, 3, 1),
     (7, 64, 1, 2, 1, 1, 1, 1),  # one head: no output projection
-])
+  ],
+)
 @pytest.mark.parametrize("initial_memory", ["zeros", "learned"])
 def test_runner_models_have_the_reference_parameter_counts(dims, initial_memory):
   from experiments.configs import common
   from smt_jax import experiment
+
   v, d, h, k, enc, dec, rnn, readout = dims
   c = common.base()
   common.reference_recipe(c)
-  c.model.update(width=d, num_heads=h, num_memory_tokens=k, encoder_depth=enc,
-                 decoder_depth=dec, rnn_depth=rnn, readout_depth=readout,
-                 rnn_initial_memory=initial_memory)
+  c.model.update(
+    width=d,
+    num_heads=h,
+    num_memory_tokens=k,
+    encoder_depth=enc,
+    decoder_depth=dec,
+    rnn_depth=rnn,
+    readout_depth=readout,
+    rnn_initial_memory=initial_memory,
+  )
   teacher, rnn_model = nnx.eval_shape(lambda: experiment.build_models(c, v))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   ref_teacher, ref_rnn = reference_param_counts(*dims)

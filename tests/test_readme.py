@@ -11,7 +11,7 @@ README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 
 def _snippet() -> str:
   text = open(README).read()
-  section = text[text.index("## Using the losses in your own project"):]
+  section = text[text.index("## Using the losses in your own project") :]
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -24,9 +24,17 @@ def test_readme_snippet_runs_and_its_gradient_trains():
 
   # The same function differentiates: a few SGD steps on it lower the loss.
   import smt_jax
+
   f = lambda p: smt_jax.smt_loss(
-      p, ns["batch"], ns["k"][3], teacher=smt_jax.teacher_fns(ns["graphdef"]), rnn=ns["my_rnn"],
-      context_length=16, future_length=8, num_transitions=24)[0]
+    p,
+    ns["batch"],
+    ns["k"][3],
+    teacher=smt_jax.teacher_fns(ns["graphdef"]),
+    rnn=ns["my_rnn"],
+    context_length=16,
+    future_length=8,
+    num_transitions=24,
+  )[0]
   params = {"teacher": ns["teacher_params"], "rnn": ns["rnn_params"]}
   step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.05 * g, p, jax.grad(f)(p)))
   first = float(f(params))

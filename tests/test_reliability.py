@@ -16,8 +16,16 @@ import optax
 import pytest
 
 from experiments.configs import synthetic
-from smt_jax import (checkpoints, config_checks, data, experiment, losses, metrics_io, objectives,
-                     train)
+from smt_jax import (
+  checkpoints,
+  config_checks,
+  data,
+  experiment,
+  losses,
+  metrics_io,
+  objectives,
+  train,
+)
 from smt_jax.data.pixels import PixelSource
 
 
@@ -72,9 +80,11 @@ def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path)
   # Forked under a model of another width: refused, not mistaken for corruption.
   wider = _bptt_config()
   wider.model.width = 32
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r"checkpoint 3 .* holds parameters of other shapes .*\(rnn/embed/"
-                           r"embedding/value: \(2, 16\) saved, \(2, 32\) now"):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r"checkpoint 3 .* holds parameters of other shapes .*\(rnn/embed/"
+    r"embedding/value: \(2, 16\) saved, \(2, 32\) now",
+  ):
     train.train_and_evaluate(wider, wd, fork=True)
   assert os.path.isdir(os.path.join(wd, "checkpoints", "3"))  # left in place, and the workdir
   with open(os.path.join(wd, "config.json")) as f:  # still the old config's
@@ -85,8 +95,11 @@ def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path)
     for f in files:
       if os.path.basename(d) == "d":
         os.truncate(os.path.join(d, f), 0)
-  with pytest.raises(checkpoints.CheckpointError, match=r"holds checkpoints \[3\] but none is "
-                                                        r"readable .* --overwrite"):
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r"holds checkpoints \[3\] but none is "
+    r"readable .* --overwrite",
+  ):
     train.train_and_evaluate(_bptt_config(), wd)
 
 
@@ -114,7 +127,8 @@ def test_train_step_drops_a_non_finite_update():
   p = {"w": jnp.ones(3)}
   opt = optax.sgd(1e38)  # finite loss and gradients, but the update overflows
   step = experiment.make_train_step(
-      lambda q, b, k: (jnp.sum(q["w"] ** 2), {"loss": jnp.sum(q["w"])}), opt)
+    lambda q, b, k: (jnp.sum(q["w"] ** 2), {"loss": jnp.sum(q["w"])}), opt
+  )
   state = {"params": p, "opt_state": opt.init(p)}
   new, m = jax.jit(step)(state, None, None)
   assert not bool(m["finite"]) and np.isfinite(float(m["grad_norm"]))
@@ -133,10 +147,14 @@ def test_runtime_batches_with_tokens_outside_the_vocabulary_are_refused():
     def transform(step, rows):
       rows[field][row, t] = value
       return rows
+
     return transform
 
-  with pytest.raises(ValueError, match=r"parity train batch 7 has tokens outside the vocabulary "
-                                       r"\[0, 2\) \(x in \[0, 2\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"parity train batch 7 has tokens outside the vocabulary "
+    r"\[0, 2\) \(x in \[0, 2\]",
+  ):
     exp.batch(source, split="train", step=7, batch_size=2, transform=set_token("x", 1, 4, 2))
   with pytest.raises(ValueError, match=r"targets y in \[-2, 1\]"):  # only -1 means "no target"
     exp.batch(source, split="eval", step=0, batch_size=2, transform=set_token("y", 0, 0, -2))
@@ -150,14 +168,20 @@ def test_pixel_sources_reject_bad_images():
   ok = {"train": _images(), "eval": _images()}
   assert PixelSource(images=ok, levels=5, seq_len=8).vocab_size == 6
   cases = [
-      ({"train": _images(high=9), "eval": _images()}, r"intensities in \[0, 8\], outside \[0, "
-                                                      r"levels=5\); quantise them .* never clip"),
-      ({"train": _images(dtype=np.float32), "eval": _images()}, r"integer intensities \[N >= 1, "
-                                                                r"H, W\], got float32"),
-      ({"train": _images()[:, 0], "eval": _images()}, r"got uint8 \(3, 4\)"),
-      ({"train": _images(), "eval": _images(w=5)}, r"differ in shape: \[\(4, 4\), \(4, 5\)\]"),
-      ({"train": _images(n=0), "eval": _images()}, r"N >= 1"),
-      ({"train": _images()}, r"must have the splits \['eval', 'train'\]"),
+    (
+      {"train": _images(high=9), "eval": _images()},
+      r"intensities in \[0, 8\], outside \[0, "
+      r"levels=5\); quantise them .* never clip",
+    ),
+    (
+      {"train": _images(dtype=np.float32), "eval": _images()},
+      r"integer intensities \[N >= 1, "
+      r"H, W\], got float32",
+    ),
+    ({"train": _images()[:, 0], "eval": _images()}, r"got uint8 \(3, 4\)"),
+    ({"train": _images(), "eval": _images(w=5)}, r"differ in shape: \[\(4, 4\), \(4, 5\)\]"),
+    ({"train": _images(n=0), "eval": _images()}, r"N >= 1"),
+    ({"train": _images()}, r"must have the splits \['eval', 'train'\]"),
   ]
   for images, match in cases:
     with pytest.raises(ValueError, match=match):
@@ -170,16 +194,22 @@ def test_streams_and_examples_must_fit_the_vocabulary_and_shape():
 
   ok = np.arange(40) % 7
   assert Stream(streams={"train": ok, "eval": ok}, vocab_size=7, seq_len=8).vocab_size == 7
-  with pytest.raises(ValueError, match=r"the eval stream has token ids in \[-1, 5\], outside the "
-                                       r"vocabulary \[0, 7\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"the eval stream has token ids in \[-1, 5\], outside the "
+    r"vocabulary \[0, 7\)",
+  ):
     Stream(streams={"train": ok, "eval": ok - 1}, vocab_size=7, seq_len=8)
   with pytest.raises(ValueError, match=r"1-D array of integer token ids, got float64"):
     Stream(streams={"train": ok * 1.0, "eval": ok}, vocab_size=7, seq_len=8)
   with pytest.raises(ValueError, match="fewer than seq_len"):
     Stream(streams={"train": ok[:5], "eval": ok}, vocab_size=7, seq_len=8)
 
-  with pytest.raises(ValueError, match=r"generate_parity: x has token ids in \[0, 1\], outside "
-                                       r"the vocabulary \[0, 1\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"generate_parity: x has token ids in \[0, 1\], outside "
+    r"the vocabulary \[0, 1\)",
+  ):
     data.ProbeSource(data.generate_parity, vocab_size=1, train_kwargs={"seq_len": 8})
 
   class Short(data.Source):  # numpy would broadcast a short row into the batch
@@ -188,8 +218,11 @@ def test_streams_and_examples_must_fit_the_vocabulary_and_shape():
     def example(self, rng, *, split):
       return np.zeros(1, np.int32), np.zeros(6, np.int32)
 
-  with pytest.raises(ValueError, match=r"returned x of shape \(1,\) .* expected integers of "
-                                       r"shape \(6,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"returned x of shape \(1,\) .* expected integers of "
+    r"shape \(6,\)",
+  ):
     Short().batch(split="train", step=0, batch_size=2, seed=0)
 
 
@@ -241,20 +274,30 @@ def test_objectives_reject_wrong_containers_and_batch_sizes():
   x = jnp.zeros((3, 6), jnp.int32)
   batch = {"x": x, "y": x}
   m0 = jnp.zeros((3, 2, 8))
-  with pytest.raises(ValueError, match=r"memory must be \[B, K, d\] with the inputs' batch size "
-                                       r"B = 3 \(no broadcasting\), got \(1, 2, 8\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"memory must be \[B, K, d\] with the inputs' batch size "
+    r"B = 3 \(no broadcasting\), got \(1, 2, 8\)",
+  ):
     objectives.rollout({}, m0[:1], x, update=update)
   with pytest.raises(ValueError, match=r"inputs must be int \[B, L\], got float32"):
     objectives.rollout({}, m0, x.astype(jnp.float32), update=update)
   with pytest.raises(ValueError, match="stop_gradient_every must be a positive integer"):
     objectives.rollout({}, m0, x, update=update, stop_gradient_every=0)
-  with pytest.raises(ValueError, match=r"bptt_loss: params must be a mapping with entries "
-                                       r"\['rnn'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"bptt_loss: params must be a mapping with entries "
+    r"\['rnn'\]",
+  ):
     objectives.bptt_loss({"embed": {}}, batch, rnn=None)  # the RNN's state, not {'rnn': state}
-  with pytest.raises(ValueError, match=r"smt_loss: params must be a mapping with entries "
-                                       r"\['teacher', 'rnn'\]"):
-    objectives.smt_loss({"rnn": {}}, batch, None, teacher=None, rnn=None, context_length=2,
-                        future_length=2)
+  with pytest.raises(
+    ValueError,
+    match=r"smt_loss: params must be a mapping with entries "
+    r"\['teacher', 'rnn'\]",
+  ):
+    objectives.smt_loss(
+      {"rnn": {}}, batch, None, teacher=None, rnn=None, context_length=2, future_length=2
+    )
   with pytest.raises(ValueError, match=r"batch must be a mapping \{'x': int \[B, T\]"):
     objectives.bptt_loss({"rnn": {}}, (x, x), rnn=None)
   with pytest.raises(ValueError, match=r"context must be int \[B, N, Tc\]"):

@@ -40,6 +40,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def _config(mesh):
   from experiments.configs import synthetic
+
   c = synthetic.get_config("copy,smoke")  # episodes of T = 16, all 16 transitions (divisible by 4)
   c.phases = ",".join(PHASES)
   for p in (*PHASES, "eval"):
@@ -57,6 +58,7 @@ def _config(mesh):
 def _excess(a, b) -> float:
   """max(|a - b| - (atol + rtol |b|)): <= 0 when a and b agree within tolerance."""
   import numpy as np
+
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape:
     return float("inf")
@@ -65,6 +67,7 @@ def _excess(a, b) -> float:
 
 def _tree_excess(a, b) -> float:
   import jax
+
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   if len(la) != len(lb):
     return float("inf")
@@ -76,6 +79,7 @@ def _jaxpr_time_constraints(fn, *args) -> int:
   import re
 
   import jax
+
   text = str(jax.make_jaxpr(fn)(*args))
   return len(re.findall(r"sharding_constraint\[[^\]]*'time'", text))
 
@@ -101,13 +105,18 @@ def worker(outdir: str) -> dict:
       dev = jax.devices()[0]
       p1 = jax.device_put(jax.device_get(params), dev)
       state = {"params": p1, "opt_state": phase.optimizer.init(p1)}
-      batch = jax.device_put(phase.source.batch(split="train", step=0,
-                                                batch_size=phase.batch_size, seed=c.seed), dev)
+      batch = jax.device_put(
+        phase.source.batch(split="train", step=0, batch_size=phase.batch_size, seed=c.seed), dev
+      )
       loss_fn = experiment.make_loss(c, name, exp.fns)
-      fn = jax.jit(experiment.make_train_step(loss_fn, phase.optimizer),
-                   compiler_options=FAST_COMPILE)
-    time_constraints = (_jaxpr_time_constraints(loss_fn, state["params"], batch, key)
-                        if sharded and name == "smt" else 0)
+      fn = jax.jit(
+        experiment.make_train_step(loss_fn, phase.optimizer), compiler_options=FAST_COMPILE
+      )
+    time_constraints = (
+      _jaxpr_time_constraints(loss_fn, state["params"], batch, key)
+      if sharded and name == "smt"
+      else 0
+    )
     # Two steps of the same program: the first has learning rate 0 (the warm-up starts at 0), so it
     # is the second that moves the parameters.
     for i in range(2):
@@ -129,13 +138,13 @@ def worker(outdir: str) -> dict:
       new, metrics, n_time = one_step(exp, params, phase, sharded=True)
       ref_new, ref_metrics = reference[phase]
       out["steps"][f"{name}/{phase}"] = {
-          "loss": float(metrics["loss"]), "ref_loss": float(ref_metrics["loss"]),
-          "metrics_excess": max(_excess(metrics[k], ref_metrics[k]) for k in ref_metrics),
-          "params_excess": _tree_excess(jax.device_get(new["params"]), ref_new["params"]),
-          "opt_state_excess": _tree_excess(jax.device_get(new["opt_state"]),
-                                           ref_new["opt_state"]),
-          "params_changed": _tree_excess(ref_new["params"], ref_params) > 0,
-          "time_constraints": n_time,
+        "loss": float(metrics["loss"]),
+        "ref_loss": float(ref_metrics["loss"]),
+        "metrics_excess": max(_excess(metrics[k], ref_metrics[k]) for k in ref_metrics),
+        "params_excess": _tree_excess(jax.device_get(new["params"]), ref_new["params"]),
+        "opt_state_excess": _tree_excess(jax.device_get(new["opt_state"]), ref_new["opt_state"]),
+        "params_changed": _tree_excess(ref_new["params"], ref_params) > 0,
+        "time_constraints": n_time,
       }
       if mesh == (2, 4, 1) and phase == "smt":
         saved = new  # saved below, on this mesh
@@ -144,8 +153,7 @@ def worker(outdir: str) -> dict:
         out["fsdp_split"] = sum(a.addressable_shards[0].data.shape != a.shape for a in leaves)
         out["num_leaves"] = len(leaves)
         mngr = checkpoints.make_manager(outdir, keep=2)
-        checkpoints.save(mngr, 1, saved["params"], saved["opt_state"], phase_index=0,
-                         phase_step=1)
+        checkpoints.save(mngr, 1, saved["params"], saved["opt_state"], phase_index=0, phase_step=1)
         mngr.wait_until_finished()
         saved_host = jax.device_get(saved)
         saved_shards = [a.addressable_shards[0].data.shape for a in leaves]
@@ -154,22 +162,27 @@ def worker(outdir: str) -> dict:
   exp_b = config_checks.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
   r = checkpoints.restore(
-      mngr, phases=exp_b.phases, params=exp_b.abstract_params,
-      opt_states=[experiment.make_phase(exp_b, p).abstract_state["opt_state"] for p in PHASES])
+    mngr,
+    phases=exp_b.phases,
+    params=exp_b.abstract_params,
+    opt_states=[experiment.make_phase(exp_b, p).abstract_state["opt_state"] for p in PHASES],
+  )
   params_r, phase_index, phase_step = r["params"], r["phase_index"], r["phase_step"]
   restored = {"params": params_r, "opt_state": r["opt_state"]}
   leaves_r = jax.tree.leaves(params_r)
   want = jax.tree.leaves(exp_b.params_sharding)
   out["restore"] = {
-      "phase": [phase_index, phase_step],
-      "identical": all(np.array_equal(a, b) for a, b in zip(
-          jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved_host))),
-      "same_structure": (jax.tree.structure(jax.device_get(restored)) ==
-                         jax.tree.structure(saved_host)),
-      "layout_is_target": all(a.sharding.is_equivalent_to(s, a.ndim)
-                              for a, s in zip(leaves_r, want)),
-      "layout_changed": [a.addressable_shards[0].data.shape for a in leaves_r] != saved_shards,
-      "mesh": dict(leaves_r[0].sharding.mesh.shape),
+    "phase": [phase_index, phase_step],
+    "identical": all(
+      np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(saved_host))
+    ),
+    "same_structure": (
+      jax.tree.structure(jax.device_get(restored)) == jax.tree.structure(saved_host)
+    ),
+    "layout_is_target": all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(leaves_r, want)),
+    "layout_changed": [a.addressable_shards[0].data.shape for a in leaves_r] != saved_shards,
+    "mesh": dict(leaves_r[0].sharding.mesh.shape),
   }
   return out
 
@@ -183,12 +196,20 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      " --xla_force_host_platform_device_count=8").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   outdir = tmp_path_factory.mktemp("sharding_ckpt")
-  proc = subprocess.run([sys.executable, __file__, str(outdir)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900, check=False)
+  proc = subprocess.run(
+    [sys.executable, __file__, str(outdir)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

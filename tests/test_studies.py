@@ -41,8 +41,9 @@ def test_rollout_state_gradient_norms_match_the_linear_recurrence():
   m0 = jnp.asarray(rng.normal(size=(2, k, d)))
   loss = lambda states: jnp.sum(states[:, -1].reshape(2, -1) @ jnp.asarray(w))
   norms = np.asarray(analysis.rollout_state_gradient_norms(loss, params, m0, x, update=update))
-  expected = [np.linalg.norm(np.linalg.matrix_power(a.T, length - 1 - t) @ w)
-              for t in range(length)]
+  expected = [
+    np.linalg.norm(np.linalg.matrix_power(a.T, length - 1 - t) @ w) for t in range(length)
+  ]
   assert norms.shape == (2, length)
   np.testing.assert_allclose(norms, np.tile(expected, (2, 1)), rtol=1e-4)
 
@@ -56,12 +57,16 @@ def test_smt_memory_gradient_norms_find_each_windows_memory(tiny):
 
   def loss_fn(params, batch, key, *, teacher):
     del key
-    mem = objectives.encode_over_time(teacher, params["teacher"], objectives.windows(
-        batch["x"], jnp.arange(-1, t), t))  # [B, T+1, K, d]
+    mem = objectives.encode_over_time(
+      teacher, params["teacher"], objectives.windows(batch["x"], jnp.arange(-1, t), t)
+    )  # [B, T+1, K, d]
     return jnp.sum(mem * c), {}
 
-  norms = jax.jit(lambda p: analysis.smt_memory_gradient_norms(
-      loss_fn, {"teacher": p, "rnn": {}}, batch, None, teacher=tfns))(tparams)
+  norms = jax.jit(
+    lambda p: analysis.smt_memory_gradient_norms(
+      loss_fn, {"teacher": p, "rnn": {}}, batch, None, teacher=tfns
+    )
+  )(tparams)
   expected = np.linalg.norm(np.asarray(c).reshape(t + 1, -1), axis=-1)
   np.testing.assert_allclose(np.asarray(norms), np.tile(expected, (b, 1)), rtol=1e-5)
 
@@ -73,8 +78,9 @@ def test_perturbable_teacher_is_the_teacher_at_zero(tiny):
   np.testing.assert_array_equal(np.asarray(analysis.window_fill(ctx)), [2, 2, 2])
   wrapped = analysis.perturbable_teacher(tfns)
   delta = jnp.zeros((3, 6, tiny.num_memory_tokens, tiny.width)).at[:, 2].set(1.0)
-  got, plain = jax.jit(lambda p: (wrapped.encode({"teacher": p, "delta": delta}, ctx),
-                                   tfns.encode(p, ctx)))(tparams)
+  got, plain = jax.jit(
+    lambda p: (wrapped.encode({"teacher": p, "delta": delta}, ctx), tfns.encode(p, ctx))
+  )(tparams)
   np.testing.assert_allclose(np.asarray(got), np.asarray(plain) + 1.0, rtol=1e-6)
 
 
@@ -97,8 +103,12 @@ def test_one_step_predictions_are_vmapped_updates(tiny):
   rng = np.random.default_rng(0)
   mem = jnp.asarray(rng.normal(size=(2, 3, tiny.num_memory_tokens, tiny.width)), jnp.float32)
   x = jnp.asarray(rng.integers(0, tiny.vocab_size, (2, 3)))
-  got, loop = jax.jit(lambda p: (analysis.one_step_predictions(rfns, p, mem, x), jnp.stack(
-      [rfns.update(p, mem[:, i], x[:, i]) for i in range(3)], axis=1)))(rparams)
+  got, loop = jax.jit(
+    lambda p: (
+      analysis.one_step_predictions(rfns, p, mem, x),
+      jnp.stack([rfns.update(p, mem[:, i], x[:, i]) for i in range(3)], axis=1),
+    )
+  )(rparams)
   np.testing.assert_allclose(np.asarray(got), np.asarray(loop), atol=1e-5)
 
 
@@ -108,8 +118,9 @@ def test_pca_and_participation_ratio():
   p = analysis.pca(line, 2)
   np.testing.assert_allclose(p["explained_variance_ratio"], [1.0, 0.0], atol=1e-9)
   np.testing.assert_allclose(np.abs(p["components"][0]), [0.6, 0.8, 0.0], atol=1e-9)
-  np.testing.assert_allclose(p["projection"][:, 0] ** 2, ((line - line.mean(0)) ** 2).sum(1),
-                             rtol=1e-9)
+  np.testing.assert_allclose(
+    p["projection"][:, 0] ** 2, ((line - line.mean(0)) ** 2).sum(1), rtol=1e-9
+  )
   assert analysis.participation_ratio(line) == pytest.approx(1.0)
   iso = rng.normal(size=(20000, 4))
   assert analysis.participation_ratio(iso) == pytest.approx(4.0, rel=0.02)
@@ -138,23 +149,51 @@ def test_count_flops_and_seq_flops():
 # studies, and the digit studies.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GROUPS = ("probes,steps,gradients,drift,length,updaters", "samples,geometry")
-FIGURES = {"probes": ["probes.png", "probes_compute.png"], "steps": ["steps.png"],
-           "gradients": ["gradients.png"], "drift": ["drift.png"], "length": ["length.png"],
-           "updaters": ["updaters.png"], "samples": ["samples.png"], "geometry": ["geometry.png"]}
+FIGURES = {
+  "probes": ["probes.png", "probes_compute.png"],
+  "steps": ["steps.png"],
+  "gradients": ["gradients.png"],
+  "drift": ["drift.png"],
+  "length": ["length.png"],
+  "updaters": ["updaters.png"],
+  "samples": ["samples.png"],
+  "geometry": ["geometry.png"],
+}
 
 
 def _run_smoke(tmp_path) -> dict:
   """Runs every study at the smoke budget; returns {study: results json + its table as 'md'}."""
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
+    JAX_PLATFORMS="cpu",
+  )
   procs = []
   for i, studies in enumerate(GROUPS):
     out, runs, log = tmp_path / f"docs{i}", tmp_path / f"runs{i}", tmp_path / f"log{i}.txt"
     with open(log, "w") as f:  # a file, not a pipe: neither process can block on a full pipe
-      procs.append((studies, out, log, subprocess.Popen(
-          [sys.executable, "-m", "experiments.studies", f"--study={studies}", "--budget=smoke",
-           f"--out={out}", f"--runs={runs}"], cwd=ROOT, env=env, stdout=f,
-          stderr=subprocess.STDOUT)))
+      procs.append(
+        (
+          studies,
+          out,
+          log,
+          subprocess.Popen(
+            [
+              sys.executable,
+              "-m",
+              "experiments.studies",
+              f"--study={studies}",
+              "--budget=smoke",
+              f"--out={out}",
+              f"--runs={runs}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+          ),
+        )
+      )
   results = {}
   for studies, out, log, proc in procs:
     proc.wait(timeout=900)
@@ -185,7 +224,7 @@ def _table_rows(md: str, first_header: str) -> list[list[str]]:
   lines = md.splitlines()
   start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
   rows = []
-  for ln in lines[start + 2:]:
+  for ln in lines[start + 2 :]:
     if not ln.startswith("|"):
       break
     rows.append([c.strip() for c in ln.strip("|").split("|")])
@@ -195,6 +234,7 @@ def _table_rows(md: str, first_header: str) -> list[list[str]]:
 def test_smoke_studies(tmp_path):
   """`experiments.studies --study=all --budget=smoke`: every figure and the expected tables."""
   from experiments.studies import budgets
+
   b = budgets.get_config("smoke")
   res = _run_smoke(tmp_path)
   assert set(res) == set(FIGURES)
@@ -217,8 +257,7 @@ def test_smoke_studies(tmp_path):
   assert len(res["gradients"]["curves"]["SMT, init"]["median"]) == t + 1
   assert len(res["gradients"]["curves"]["BPTT, init"]["median"]) == t
 
-  assert [r[0] for r in _table_rows(res["drift"]["md"], "model")] == ["after SMT",
-                                                                      "after SMT->DMT"]
+  assert [r[0] for r in _table_rows(res["drift"]["md"], "model")] == ["after SMT", "after SMT->DMT"]
   assert len(_table_rows(res["drift"]["md"], "c_dyn")) == 1 + len(b.drift.settings)
   assert len(res["drift"]["along"]["after SMT"]["rollout_1mr2"]) == b.drift.length
 

@@ -16,7 +16,9 @@ def base() -> ml_collections.ConfigDict:
   c.data.name = "digits"  # a key of smt_jax.data.DATASETS
   c.data.episodic = False  # True: independent sequences of data.seq_len (the probes)
   c.data.seq_len = 0  # episodic sources only: the episode length T
-  c.data.path = ""  # text: a file or folder; mnist: a folder of IDX files ("" = tensorflow-datasets)
+  c.data.path = (
+    ""  # text: a file or folder; mnist: a folder of IDX files ("" = tensorflow-datasets)
+  )
   c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
 
   c.model = ml_collections.ConfigDict()
@@ -126,8 +128,9 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   c.dmt.stop_carry_grad = False
 
 
-def cpu_model(c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4,
-              depth: int = 2) -> None:
+def cpu_model(
+  c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4, depth: int = 2
+) -> None:
   """A small model that trains in minutes on a laptop CPU."""
   c.model.width = width
   c.model.num_memory_tokens = memory_tokens

@@ -26,8 +26,10 @@ from experiments.configs import common
 def get_config(arg: str = "digits"):
   arg, *flags = arg.split(",")
   if set(flags) - {"reference"}:
-    raise ValueError(f"pixels.py: unknown flags {sorted(set(flags) - {'reference'})}; the one "
-                     f"flag is 'reference' (e.g. pixels.py:digits,reference).")
+    raise ValueError(
+      f"pixels.py: unknown flags {sorted(set(flags) - {'reference'})}; the one "
+      f"flag is 'reference' (e.g. pixels.py:digits,reference)."
+    )
   c = common.base()
   if arg in ("digits", "smoke"):
     c.data.name = "digits"

@@ -16,12 +16,12 @@ Commands:
 from experiments.configs import common
 
 TASK_OPTIONS = {
-    "retrieval": {"num_tokens": 16},
-    "copy": {"num_tokens": 8},
-    "stack": {"num_tokens": 8, "max_depth": 4},
-    "keys_values": {"num_keys": 8, "num_values": 8},
-    "modular": {"modulus": 7},
-    "parity": {},
+  "retrieval": {"num_tokens": 16},
+  "copy": {"num_tokens": 8},
+  "stack": {"num_tokens": 8, "max_depth": 4},
+  "keys_values": {"num_keys": 8, "num_values": 8},
+  "modular": {"modulus": 7},
+  "parity": {},
 }
 
 

@@ -56,8 +56,9 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_REF_SRC = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "smt-pytorch",
-                               "src")
+DEFAULT_REF_SRC = os.path.join(
+  os.path.dirname(REPO_ROOT), "shared", "reference", "smt-pytorch", "src"
+)
 PHASES = ("smt", "dmt", "bptt", "dmt_frozen_teacher")
 EXPECTED_PARAMS = {"teacher": 298704, "rnn": 298448}
 
@@ -65,16 +66,26 @@ EXPECTED_PARAMS = {"teacher": 298704, "rnn": 298448}
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=None, help="Write the results as JSON to this file.")
-  p.add_argument("--ref_src", "--ref-src", dest="ref_src", default=DEFAULT_REF_SRC,
-                 help="Folder holding the reference's model.py (default: %(default)s).")
-  p.add_argument("--phases", default="smt,dmt,bptt",
-                 help=f"Comma-separated, from {','.join(PHASES)}.")
+  p.add_argument(
+    "--ref_src",
+    "--ref-src",
+    dest="ref_src",
+    default=DEFAULT_REF_SRC,
+    help="Folder holding the reference's model.py (default: %(default)s).",
+  )
+  p.add_argument(
+    "--phases", default="smt,dmt,bptt", help=f"Comma-separated, from {','.join(PHASES)}."
+  )
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads(N).")
-  p.add_argument("--omp_wait_policy", default=None, choices=["ACTIVE", "PASSIVE"],
-                 help="Set OMP_WAIT_POLICY before torch loads (default: leave the environment "
-                 "as it is). With 2 threads on a loaded machine, OpenMP's default spin-waiting "
-                 "can make the many small ops of the DMT and BPTT loops 10-50x slower; PASSIVE "
-                 "avoids that, but costs 1.6-1.8x on an idle machine (thread wake-ups).")
+  p.add_argument(
+    "--omp_wait_policy",
+    default=None,
+    choices=["ACTIVE", "PASSIVE"],
+    help="Set OMP_WAIT_POLICY before torch loads (default: leave the environment "
+    "as it is). With 2 threads on a loaded machine, OpenMP's default spin-waiting "
+    "can make the many small ops of the DMT and BPTT loops 10-50x slower; PASSIVE "
+    "avoids that, but costs 1.6-1.8x on an idle machine (thread wake-ups).",
+  )
   p.add_argument("--warmup", type=int, default=3, help="Untimed steps per phase.")
   p.add_argument("--steps", type=int, default=20, help="Timed steps per phase.")
   p.add_argument("--seed", type=int, default=0)
@@ -112,12 +123,14 @@ def load_reference(ref_src: str):
   if ref_src not in sys.path:
     sys.path.insert(0, ref_src)
   import model  # noqa: PLC0415 - the reference's module, found on --ref_src
+
   return model
 
 
 def random_batch(gen, batch: int, seq_len: int, vocab: int):
   """x, y = tokens[:, :-1], tokens[:, 1:] (y the next token), as the reference's datasets."""
   import torch
+
   tok = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
   return {"x": tok[:, :-1].contiguous(), "y": tok[:, 1:].contiguous()}
 
@@ -128,20 +141,34 @@ def count(module) -> int:
 
 def build(ref, a):
   import torch
+
   torch.manual_seed(a.seed)
   mem_size = a.d_model * a.mem_tokens
-  tcfg = ref.TeacherConfig(vocab_size=a.vocab, mem_size=mem_size, mem_tokens=a.mem_tokens,
-                           d_model=a.d_model, encoder_depth=a.encoder_depth,
-                           decoder_depth=a.decoder_depth, n_heads=a.n_heads)
-  rcfg = ref.RNNConfig(vocab_size=a.vocab, mem_size=mem_size, mem_tokens=a.mem_tokens,
-                       d_model=a.d_model, rnn_depth=a.rnn_depth, decoder_depth=a.readout_depth,
-                       n_heads=a.n_heads)
+  tcfg = ref.TeacherConfig(
+    vocab_size=a.vocab,
+    mem_size=mem_size,
+    mem_tokens=a.mem_tokens,
+    d_model=a.d_model,
+    encoder_depth=a.encoder_depth,
+    decoder_depth=a.decoder_depth,
+    n_heads=a.n_heads,
+  )
+  rcfg = ref.RNNConfig(
+    vocab_size=a.vocab,
+    mem_size=mem_size,
+    mem_tokens=a.mem_tokens,
+    d_model=a.d_model,
+    rnn_depth=a.rnn_depth,
+    decoder_depth=a.readout_depth,
+    n_heads=a.n_heads,
+  )
   return ref.Teacher(tcfg), ref.RNN(rcfg), tcfg, rcfg
 
 
 def make_step(ref, phase: str, teacher, rnn, a):
   """(step(batch) -> loss float, seq_len, phase config) for one phase, as the scripts train."""
   import torch
+
   if phase == "smt":
     cfg = ref.SMTConfig(T=a.Tc + a.Tf, Tc=a.Tc, Tf=a.Tf)
     params = []
@@ -189,11 +216,13 @@ def make_step(ref, phase: str, teacher, rnn, a):
 
 def percentile(xs, q):
   import numpy as np
+
   return float(np.percentile(np.asarray(xs), q))
 
 
 def time_phase(ref, phase: str, a) -> dict:
   import torch
+
   teacher, rnn, _, _ = build(ref, a)  # fresh models per phase: no state carried between phases
   step, seq_len, cfg = make_step(ref, phase, teacher, rnn, a)
   gen = torch.Generator().manual_seed(a.seed + 1)
@@ -210,12 +239,20 @@ def time_phase(ref, phase: str, a) -> dict:
     times.append(time.perf_counter() - t)
     cpu.append(time.process_time() - c)
   return {
-      "median_s": percentile(times, 50), "p25_s": percentile(times, 25),
-      "p75_s": percentile(times, 75), "min_s": float(min(times)),
-      "cpu_s": percentile(cpu, 50), "steps": a.steps, "warmup": a.warmup,
-      "warmup_s": warmup_s, "times_s": times, "seq_len": seq_len, "batch_size": a.batch,
-      "tokens_per_s": a.batch * seq_len / percentile(times, 50), "loss": loss,
-      "phase_config": dataclasses.asdict(cfg),
+    "median_s": percentile(times, 50),
+    "p25_s": percentile(times, 25),
+    "p75_s": percentile(times, 75),
+    "min_s": float(min(times)),
+    "cpu_s": percentile(cpu, 50),
+    "steps": a.steps,
+    "warmup": a.warmup,
+    "warmup_s": warmup_s,
+    "times_s": times,
+    "seq_len": seq_len,
+    "batch_size": a.batch,
+    "tokens_per_s": a.batch * seq_len / percentile(times, 50),
+    "loss": loss,
+    "phase_config": dataclasses.asdict(cfg),
   }
 
 
@@ -224,40 +261,67 @@ def main(argv=None):
   if a.omp_wait_policy:  # read by libgomp when torch loads it: must come before the import
     os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy
   import torch
+
   torch.set_num_threads(a.threads)
   ref = load_reference(a.ref_src)
   teacher, rnn, tcfg, rcfg = build(ref, a)
   n_t, n_r = count(teacher), count(rnn)
-  print(f"Number of parameters: {n_t} in Teacher, {n_r} in RNN"
-        f"{'' if (n_t, n_r) != tuple(EXPECTED_PARAMS.values()) else ' (as expected)'}", flush=True)
-  bench_shape = (a.vocab, a.d_model, a.mem_tokens, a.n_heads, a.encoder_depth, a.decoder_depth,
-                 a.rnn_depth, a.readout_depth) == (16, 64, 4, 4, 2, 1, 2, 1)
+  print(
+    f"Number of parameters: {n_t} in Teacher, {n_r} in RNN"
+    f"{'' if (n_t, n_r) != tuple(EXPECTED_PARAMS.values()) else ' (as expected)'}",
+    flush=True,
+  )
+  bench_shape = (
+    a.vocab,
+    a.d_model,
+    a.mem_tokens,
+    a.n_heads,
+    a.encoder_depth,
+    a.decoder_depth,
+    a.rnn_depth,
+    a.readout_depth,
+  ) == (16, 64, 4, 4, 2, 1, 2, 1)
   if bench_shape and (n_t, n_r) != tuple(EXPECTED_PARAMS.values()):
     print(f"WARNING: expected {EXPECTED_PARAMS} at the bench config", flush=True)
   del teacher, rnn
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
-        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, batch {a.batch}, reference {a.ref_src}",
-        flush=True)
+  print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+    f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, batch {a.batch}, reference {a.ref_src}",
+    flush=True,
+  )
 
   results = {}
-  print(f"{'phase':<20}{'median ms':>10}{'p25 ms':>9}{'p75 ms':>9}{'CPU ms':>9}{'tokens/s':>10}",
-        flush=True)
+  print(
+    f"{'phase':<20}{'median ms':>10}{'p25 ms':>9}{'p75 ms':>9}{'CPU ms':>9}{'tokens/s':>10}",
+    flush=True,
+  )
   for phase in a.phases:
     r = time_phase(ref, phase, a)
     results[phase] = r
-    print(f"{phase:<20}{1e3 * r['median_s']:>10.1f}{1e3 * r['p25_s']:>9.1f}"
-          f"{1e3 * r['p75_s']:>9.1f}{1e3 * r['cpu_s']:>9.1f}{r['tokens_per_s']:>10,.0f}",
-          flush=True)
+    print(
+      f"{phase:<20}{1e3 * r['median_s']:>10.1f}{1e3 * r['p25_s']:>9.1f}"
+      f"{1e3 * r['p75_s']:>9.1f}{1e3 * r['cpu_s']:>9.1f}{r['tokens_per_s']:>10,.0f}",
+      flush=True,
+    )
 
-  results.update({
-      "n_params_teacher": n_t, "n_params_rnn": n_r, "torch": torch.__version__,
-      "x_transformers": importlib.metadata.version("x-transformers"), "threads": a.threads,
+  results.update(
+    {
+      "n_params_teacher": n_t,
+      "n_params_rnn": n_r,
+      "torch": torch.__version__,
+      "x_transformers": importlib.metadata.version("x-transformers"),
+      "threads": a.threads,
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-      "teacher_config": dataclasses.asdict(tcfg), "rnn_config": dataclasses.asdict(rcfg),
-      "batch_size": a.batch, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-      "load_avg": list(os.getloadavg()), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "teacher_config": dataclasses.asdict(tcfg),
+      "rnn_config": dataclasses.asdict(rcfg),
+      "batch_size": a.batch,
+      "python": platform.python_version(),
+      "cpu_count": os.cpu_count(),
+      "load_avg": list(os.getloadavg()),
+      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
       "ref_src": os.path.relpath(os.path.abspath(a.ref_src), REPO_ROOT),
-  })
+    }
+  )
   if a.out:
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

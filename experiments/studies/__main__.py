@@ -28,13 +28,18 @@ from absl import app, flags, logging
 
 from experiments.studies import registry
 
-flags.DEFINE_string("study", "all",
-                    f"One of {list(registry.STUDIES)} or 'all' (or a comma-separated list).")
+flags.DEFINE_string(
+  "study", "all", f"One of {list(registry.STUDIES)} or 'all' (or a comma-separated list)."
+)
 flags.DEFINE_enum("budget", "cpu", ["cpu", "smoke"], "Budget (experiments/studies/budgets.py).")
 flags.DEFINE_string("out", "docs", "Where figures (*.png) and tables (studies/*.md, *.json) go.")
 flags.DEFINE_string("runs", None, "Run workdirs (default runs/studies/<budget>).")
-flags.DEFINE_string("compile_cache", "", "Persistent XLA compilation cache dir ('' = "
-                    "<runs>/.jax_cache; 'none' = off). Seeds of one config then compile once.")
+flags.DEFINE_string(
+  "compile_cache",
+  "",
+  "Persistent XLA compilation cache dir ('' = "
+  "<runs>/.jax_cache; 'none' = off). Seeds of one config then compile once.",
+)
 flags.DEFINE_bool("verbose", False, "Show the runner's progress lines.")
 FLAGS = flags.FLAGS
 
@@ -48,10 +53,14 @@ def main(argv):
   if FLAGS.compile_cache != "none":
     registry.enable_compile_cache(FLAGS.compile_cache or os.path.join(runs, ".jax_cache"))
   t0 = time.time()
-  res = registry.run_studies(names, budget=FLAGS.budget, out=FLAGS.out, runs=runs,
-                             quiet=not FLAGS.verbose)
-  print("Elapsed per study (s): " + ", ".join(f"{k} {v['elapsed_s']:.0f}" for k, v in res.items())
-        + f"; total {time.time() - t0:.0f} s.")
+  res = registry.run_studies(
+    names, budget=FLAGS.budget, out=FLAGS.out, runs=runs, quiet=not FLAGS.verbose
+  )
+  print(
+    "Elapsed per study (s): "
+    + ", ".join(f"{k} {v['elapsed_s']:.0f}" for k, v in res.items())
+    + f"; total {time.time() - t0:.0f} s."
+  )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,20 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.name = arg
 
   # The probe model (teacher and RNN): small enough for a CPU, the same for every method.
-  c.model = ml_collections.ConfigDict(dict(
-      width=16 if smoke else 32, num_memory_tokens=2 if smoke else 4, num_heads=2 if smoke else 4,
-      depth=1))
+  c.model = ml_collections.ConfigDict(
+    dict(
+      width=16 if smoke else 32,
+      num_memory_tokens=2 if smoke else 4,
+      num_heads=2 if smoke else 4,
+      depth=1,
+    )
+  )
 
   # 1. Probes: BPTT vs SMT->DMT at two difficulty levels (sequence length T), seeds.
   c.probes = ml_collections.ConfigDict()
-  c.probes.tasks = ("retrieval", "stack") if smoke else (
-      "retrieval", "copy", "stack", "keys_values", "modular")
+  c.probes.tasks = (
+    ("retrieval", "stack") if smoke else ("retrieval", "copy", "stack", "keys_values", "modular")
+  )
   c.probes.lengths = (8,) if smoke else (16, 32)
   c.probes.seeds = (0,) if smoke else (0, 1, 2)
   c.probes.smt_steps = 2 if smoke else 150
@@ -43,44 +49,66 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.probes.eval_batches = 1 if smoke else 2
   # Task sizes. Every task has a vocabulary of 17 (9 in smoke), so the compiled train / eval steps
   # of all tasks at one length are identical and XLA's compilation cache serves them all.
-  c.probes.options = ml_collections.ConfigDict(dict(
+  c.probes.options = ml_collections.ConfigDict(
+    dict(
       retrieval=dict(num_tokens=8 if smoke else 16),
       copy=dict(num_tokens=8 if smoke else 16),
       stack=dict(num_tokens=8 if smoke else 16, max_depth=2 if smoke else 4),
       keys_values=dict(num_keys=4 if smoke else 8, num_values=4 if smoke else 8),
       modular=dict(modulus=9 if smoke else 17),
-  ))
+    )
+  )
 
   # 1b. Accuracy vs budget: one probe, several optimiser-step budgets (the probe budget reused).
-  c.steps = ml_collections.ConfigDict(dict(
-      task="stack", length=c.probes.lengths[0],
-      totals=(c.probes.smt_steps + c.probes.dmt_steps,) if smoke else (200, 600, 1200, 2400)))
+  c.steps = ml_collections.ConfigDict(
+    dict(
+      task="stack",
+      length=c.probes.lengths[0],
+      totals=(c.probes.smt_steps + c.probes.dmt_steps,) if smoke else (200, 600, 1200, 2400),
+    )
+  )
 
   # 2. Gradient flow: the retrieval probe at the longest length, seed 0 (reuses the probe runs).
-  c.gradients = ml_collections.ConfigDict(dict(task="retrieval", length=c.probes.lengths[-1],
-                                               num_sequences=4 if smoke else 32))
+  c.gradients = ml_collections.ConfigDict(
+    dict(task="retrieval", length=c.probes.lengths[-1], num_sequences=4 if smoke else 32)
+  )
 
   # 3. Drift: along the sequence (reuses the probe run), and across SMT settings (SMT-only runs).
-  c.drift = ml_collections.ConfigDict(dict(task="stack", length=c.probes.lengths[-1],
-                                           num_sequences=8 if smoke else 128))
-  c.drift.settings = () if smoke else (
-      (0.01, 1e-3), (1.0, 1e-3), (0.1, 0.0), (0.1, 1e-2))  # (c_dyn, c_unif); (0.1, 1e-3) is reused
+  c.drift = ml_collections.ConfigDict(
+    dict(task="stack", length=c.probes.lengths[-1], num_sequences=8 if smoke else 128)
+  )
+  c.drift.settings = (
+    () if smoke else ((0.01, 1e-3), (1.0, 1e-3), (0.1, 0.0), (0.1, 1e-2))
+  )  # (c_dyn, c_unif); (0.1, 1e-3) is reused
 
   # 4. Length generalisation: train at T (reuses the probe runs), evaluate at factor * T.
-  c.length = ml_collections.ConfigDict(dict(task="stack", length=c.probes.lengths[0],
-                                            factors=(1, 2) if smoke else (1, 2, 4)))
+  c.length = ml_collections.ConfigDict(
+    dict(task="stack", length=c.probes.lengths[0], factors=(1, 2) if smoke else (1, 2, 4))
+  )
 
   # 5./7. Digits (pixels): SMT->DMT vs BPTT at equal steps, samples and memory geometry.
   # The model of pixels.py:digits (width 64, depth 2, 2 transitions per sequence), smaller batch.
-  c.digits = ml_collections.ConfigDict(dict(
-      width=16 if smoke else 64, num_memory_tokens=2 if smoke else 4, depth=1 if smoke else 2,
-      smt_steps=2 if smoke else 1200, dmt_steps=2 if smoke else 300,
-      batch_size=4 if smoke else 16, num_samples=4 if smoke else 10))
-  c.geometry = ml_collections.ConfigDict(dict(probe_task="stack", probe_length=c.probes.lengths[-1],
-                                              num_sequences=8 if smoke else 64))
+  c.digits = ml_collections.ConfigDict(
+    dict(
+      width=16 if smoke else 64,
+      num_memory_tokens=2 if smoke else 4,
+      depth=1 if smoke else 2,
+      smt_steps=2 if smoke else 1200,
+      dmt_steps=2 if smoke else 300,
+      batch_size=4 if smoke else 16,
+      num_samples=4 if smoke else 10,
+    )
+  )
+  c.geometry = ml_collections.ConfigDict(
+    dict(probe_task="stack", probe_length=c.probes.lengths[-1], num_sequences=8 if smoke else 64)
+  )
 
   # 6. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
-  c.updaters = ml_collections.ConfigDict(dict(
-      task="stack", length=c.probes.lengths[0],
-      kinds=("transformer",) if smoke else ("transformer", "mlp", "gru")))
+  c.updaters = ml_collections.ConfigDict(
+    dict(
+      task="stack",
+      length=c.probes.lengths[0],
+      kinds=("transformer",) if smoke else ("transformer", "mlp", "gru"),
+    )
+  )
   return c

@@ -29,6 +29,7 @@ RECORD = "study_record.json"
 @dataclasses.dataclass
 class Context:
   """Where a study reads its budget and writes its runs and outputs."""
+
   budget: ml_collections.ConfigDict
   out: str  # figures, tables (<out>/*.png, <out>/studies/<study>.{md,json})
   runs: str  # run workdirs
@@ -42,10 +43,19 @@ class Context:
 # Configs.
 
 
-def probe_config(ctx: Context, task: str, length: int, *, seed: int, phases: str,
-                 rnn_kind: str = "transformer", **smt_overrides) -> ml_collections.ConfigDict:
+def probe_config(
+  ctx: Context,
+  task: str,
+  length: int,
+  *,
+  seed: int,
+  phases: str,
+  rnn_kind: str = "transformer",
+  **smt_overrides,
+) -> ml_collections.ConfigDict:
   """The synthetic probe config at the study budget: SMT+DMT steps == BPTT steps."""
   from experiments.configs import synthetic
+
   b = ctx.budget
   c = synthetic.get_config(f"{task},{length}")
   c.data.options.update(dict(b.probes.options[task]))
@@ -68,6 +78,7 @@ def probe_config(ctx: Context, task: str, length: int, *, seed: int, phases: str
 def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections.ConfigDict:
   """The pixels (8x8 digits) config at the study budget: SMT+DMT steps == BPTT steps."""
   from experiments.configs import pixels
+
   d = ctx.budget.digits
   smoke = ctx.budget.name == "smoke"
   c = pixels.get_config("smoke" if smoke else "digits")
@@ -107,6 +118,7 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   training excluding compile}, 'compile_s': {phase: s}, 'steps': {phase: n}, 'reused': bool}.
   """
   from smt_jax import checkpoints, metrics_io, train
+
   workdir = ctx.workdir(name)
   record_path = os.path.join(workdir, RECORD)
   cfg_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
@@ -121,26 +133,43 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   print(f"[study] training {name} ({config.phases}, {config.model.rnn_kind})", flush=True)
   t0 = time.time()
   out = io.StringIO()
-  with (contextlib.redirect_stdout(out) if ctx.quiet else contextlib.nullcontext()):
+  with contextlib.redirect_stdout(out) if ctx.quiet else contextlib.nullcontext():
     summary = train.train_and_evaluate(config, workdir, overwrite=overwrite)
   wall = time.time() - t0
   phases = experiment.phase_names(config)
   rows = metrics_io.read_metrics(workdir)
   train_s = {}
   for p in phases:
-    rates = [r["steps_per_s"] for r in rows if r.get("phase") == p and "steps_per_s" in r
-             and math.isfinite(r["steps_per_s"]) and r["steps_per_s"] > 0]
+    rates = [
+      r["steps_per_s"]
+      for r in rows
+      if r.get("phase") == p
+      and "steps_per_s" in r
+      and math.isfinite(r["steps_per_s"])
+      and r["steps_per_s"] > 0
+    ]
     train_s[p] = config[p].steps / float(np.mean(rates)) if rates else float("nan")
-  rec = {"name": name, "workdir": workdir, "summary": summary, "wall_s": wall,
-         "train_s": train_s, "compile_s": {p: summary.get(f"{p}/compile_s", float("nan"))
-                                           for p in phases},
-         "steps": {p: int(config[p].steps) for p in phases}}
+  rec = {
+    "name": name,
+    "workdir": workdir,
+    "summary": summary,
+    "wall_s": wall,
+    "train_s": train_s,
+    "compile_s": {p: summary.get(f"{p}/compile_s", float("nan")) for p in phases},
+    "steps": {p: int(config[p].steps) for p in phases},
+  }
   with open(record_path + ".tmp", "w") as f:
     json.dump(rec, f, indent=1)
   os.replace(record_path + ".tmp", record_path)
-  print(f"[study]   done in {wall:.0f} s: " + ", ".join(
-      f"{p} acc {summary[p]['eval/rnn_acc']:.3f}" for p in phases if isinstance(summary.get(p),
-                                                                                dict)), flush=True)
+  print(
+    f"[study]   done in {wall:.0f} s: "
+    + ", ".join(
+      f"{p} acc {summary[p]['eval/rnn_acc']:.3f}"
+      for p in phases
+      if isinstance(summary.get(p), dict)
+    ),
+    flush=True,
+  )
   rec["reused"] = False
   return rec
 
@@ -167,12 +196,13 @@ def same_settings(old: dict, new: dict) -> bool:
 def phase_end_step(config, phase: str) -> int:
   """The global step of the checkpoint saved at the end of `phase`."""
   phases = experiment.phase_names(config)
-  return int(sum(config[p].steps for p in phases[:phases.index(phase) + 1]))
+  return int(sum(config[p].steps for p in phases[: phases.index(phase) + 1]))
 
 
 def restore(config, workdir: str, step: int | None = None):
   """(exp, params) of a run: its parameters at checkpoint `step` (None: the latest; 0: the init)."""
   from smt_jax import checkpoints, config_checks
+
   exp = config_checks.build_experiment(config)
   if step == 0:
     return exp, exp.init_params()
@@ -189,8 +219,9 @@ def restore(config, workdir: str, step: int | None = None):
   return exp, restored["params"]
 
 
-def eval_batch(exp, *, seq_len: int | None = None, batch_size: int, step: int = 0,
-               source=None) -> dict[str, jax.Array]:
+def eval_batch(
+  exp, *, seq_len: int | None = None, batch_size: int, step: int = 0, source=None
+) -> dict[str, jax.Array]:
   """Held-out sequences (the eval split) from the run's source, optionally at another length."""
   src = source or exp.source
   if seq_len is not None:
@@ -245,8 +276,10 @@ def _jsonable(x):
 
 def pyplot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.dpi": 110})
   return plt
 
@@ -256,5 +289,6 @@ def save_figure(ctx: Context, fig, name: str) -> str:
   path = os.path.join(ctx.out, name)
   fig.savefig(path, dpi=110, bbox_inches="tight")
   import matplotlib.pyplot as plt
+
   plt.close(fig)
   return path

@@ -29,20 +29,26 @@ def drift_curves(params, batch, *, rnn, teacher, context_length):
   """Per-time drift [T] of the rollout and of one-step predictions vs the teacher's memories."""
   x = batch["x"]
   t = x.shape[1]
-  mem = objectives.encode_over_time(teacher, params["teacher"], objectives.windows(
-      x, jnp.arange(-1, t), context_length))  # [B, T+1, K, d]: m_{-1} .. m_{T-1}
+  mem = objectives.encode_over_time(
+    teacher, params["teacher"], objectives.windows(x, jnp.arange(-1, t), context_length)
+  )  # [B, T+1, K, d]: m_{-1} .. m_{T-1}
   states = inference.read(params, batch, rnn=rnn)["states"]  # [B, T, K, d]: m_0 .. m_{T-1}
   one_step = analysis.one_step_predictions(rnn, params["rnn"], mem[:, :-1], x)
   r = analysis.drift_along_time(states, mem[:, 1:])
   o = analysis.drift_along_time(one_step, mem[:, 1:])
-  return {"rollout_mse": r["mse"], "rollout_1mr2": r["one_minus_r2"],
-          "one_step_mse": o["mse"], "one_step_1mr2": o["one_minus_r2"]}
+  return {
+    "rollout_mse": r["mse"],
+    "rollout_1mr2": r["one_minus_r2"],
+    "one_step_mse": o["mse"],
+    "one_step_1mr2": o["one_minus_r2"],
+  }
 
 
 def curves_for(exp, config, params, batch):
   tfns, rfns = exp.fns
-  out = drift_curves(params, batch, rnn=rfns, teacher=tfns,
-                     context_length=config.smt.context_length)
+  out = drift_curves(
+    params, batch, rnn=rfns, teacher=tfns, context_length=config.smt.context_length
+  )
   return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -53,8 +59,10 @@ def run(ctx) -> dict:
   exp, p_smt = common.restore(cfg, rec["workdir"], step=common.phase_end_step(cfg, "smt"))
   _, p_dmt = common.restore(cfg, rec["workdir"], step=None)
   batch = common.eval_batch(exp, batch_size=d.num_sequences)
-  along = {"after SMT": curves_for(exp, cfg, p_smt, batch),
-           "after SMT->DMT": curves_for(exp, cfg, p_dmt, batch)}
+  along = {
+    "after SMT": curves_for(exp, cfg, p_smt, batch),
+    "after SMT->DMT": curves_for(exp, cfg, p_dmt, batch),
+  }
 
   settings = []
   for c_dyn, c_unif in [DEFAULT] + [tuple(s) for s in d.settings]:
@@ -62,39 +70,81 @@ def run(ctx) -> dict:
       r, c, params, e = rec, cfg, p_smt, exp
       summary = rec["summary"]["smt"]
     else:
-      c = common.probe_config(ctx, d.task, d.length, seed=0, phases="smt", c_dyn=c_dyn,
-                              c_unif=c_unif)
+      c = common.probe_config(
+        ctx, d.task, d.length, seed=0, phases="smt", c_dyn=c_dyn, c_unif=c_unif
+      )
       r = common.ensure_run(ctx, f"drift/{d.task}_T{d.length}_cdyn{c_dyn:g}_cunif{c_unif:g}", c)
       e, params = common.restore(c, r["workdir"], step=None)
       summary = r["summary"]["smt"]
     cv = curves_for(e, c, params, batch)
-    settings.append({"c_dyn": c_dyn, "c_unif": c_unif,
-                     **{k: float(np.mean(v)) for k, v in cv.items()},
-                     "rnn_acc": summary["eval/rnn_acc"],
-                     "teacher_acc": summary["eval/teacher_acc"]})
+    settings.append(
+      {
+        "c_dyn": c_dyn,
+        "c_unif": c_unif,
+        **{k: float(np.mean(v)) for k, v in cv.items()},
+        "rnn_acc": summary["eval/rnn_acc"],
+        "teacher_acc": summary["eval/teacher_acc"],
+      }
+    )
 
   t = batch["x"].shape[1]
   rows = []
   for name, cv in along.items():
-    rows.append([name] + [f"{np.mean(cv[k]):.3f}" for k in
-                          ("one_step_1mr2", "rollout_1mr2", "one_step_mse", "rollout_mse")]
-                + [f"{cv['rollout_1mr2'][0]:.3f}", f"{cv['rollout_1mr2'][-1]:.3f}"])
-  md = (f"{d.task} probe, T = {t}, seed 0, {batch['x'].shape[0]} held-out episodes. Means over "
-        f"time steps; 1 - R^2 per time step across episodes (0: the teacher's memory exactly, "
-        f"1: no better than the mean memory at that step).\n\n")
-  md += common.markdown_table(["model", "one-step 1-R^2", "rollout 1-R^2", "one-step MSE",
-                               "rollout MSE", "rollout 1-R^2 at t=0", f"at t={t - 1}"], rows)
-  md += ("\nAcross SMT settings (end of SMT, same steps; the (0.1, 0.001) row is the probe "
-         "run):\n\n")
+    rows.append(
+      [name]
+      + [
+        f"{np.mean(cv[k]):.3f}"
+        for k in ("one_step_1mr2", "rollout_1mr2", "one_step_mse", "rollout_mse")
+      ]
+      + [f"{cv['rollout_1mr2'][0]:.3f}", f"{cv['rollout_1mr2'][-1]:.3f}"]
+    )
+  md = (
+    f"{d.task} probe, T = {t}, seed 0, {batch['x'].shape[0]} held-out episodes. Means over "
+    f"time steps; 1 - R^2 per time step across episodes (0: the teacher's memory exactly, "
+    f"1: no better than the mean memory at that step).\n\n"
+  )
   md += common.markdown_table(
-      ["c_dyn", "c_unif", "one-step 1-R^2", "rollout 1-R^2", "one-step MSE", "rollout MSE",
-       "RNN acc (SMT)", "teacher acc"],
-      [[f"{s['c_dyn']:g}", f"{s['c_unif']:g}", f"{s['one_step_1mr2']:.3f}",
-        f"{s['rollout_1mr2']:.3f}", f"{s['one_step_mse']:.4f}", f"{s['rollout_mse']:.4f}",
-        f"{s['rnn_acc']:.3f}", f"{s['teacher_acc']:.3f}"] for s in settings])
+    [
+      "model",
+      "one-step 1-R^2",
+      "rollout 1-R^2",
+      "one-step MSE",
+      "rollout MSE",
+      "rollout 1-R^2 at t=0",
+      f"at t={t - 1}",
+    ],
+    rows,
+  )
+  md += "\nAcross SMT settings (end of SMT, same steps; the (0.1, 0.001) row is the probe run):\n\n"
+  md += common.markdown_table(
+    [
+      "c_dyn",
+      "c_unif",
+      "one-step 1-R^2",
+      "rollout 1-R^2",
+      "one-step MSE",
+      "rollout MSE",
+      "RNN acc (SMT)",
+      "teacher acc",
+    ],
+    [
+      [
+        f"{s['c_dyn']:g}",
+        f"{s['c_unif']:g}",
+        f"{s['one_step_1mr2']:.3f}",
+        f"{s['rollout_1mr2']:.3f}",
+        f"{s['one_step_mse']:.4f}",
+        f"{s['rollout_mse']:.4f}",
+        f"{s['rnn_acc']:.3f}",
+        f"{s['teacher_acc']:.3f}",
+      ]
+      for s in settings
+    ],
+  )
   fig = plot(ctx, along, settings, d.task, t)
-  return common.write_outputs(ctx, "drift", {"along": along, "settings": settings,
-                                             "figures": [fig], "markdown": md}, md)
+  return common.write_outputs(
+    ctx, "drift", {"along": along, "settings": settings, "figures": [fig], "markdown": md}, md
+  )
 
 
 def plot(ctx, along, settings, task, t) -> str:
@@ -118,10 +168,16 @@ def plot(ctx, along, settings, task, t) -> str:
   ax = axes[2]
   labels = [f"c_dyn={st['c_dyn']:g}\nc_unif={st['c_unif']:g}" for st in settings]
   xs = np.arange(len(settings))
-  ax.bar(xs - 0.2, [st["one_step_1mr2"] for st in settings], 0.4, color="tab:green",
-         label="one-step")
-  ax.bar(xs + 0.2, [st["rollout_1mr2"] for st in settings], 0.4, color="tab:cyan",
-         label="rollout (RNN alone)")
+  ax.bar(
+    xs - 0.2, [st["one_step_1mr2"] for st in settings], 0.4, color="tab:green", label="one-step"
+  )
+  ax.bar(
+    xs + 0.2,
+    [st["rollout_1mr2"] for st in settings],
+    0.4,
+    color="tab:cyan",
+    label="rollout (RNN alone)",
+  )
   ax.set_xticks(xs, labels, fontsize=7)
   ax.set_ylabel("1 - R^2 vs teacher (mean over t)")
   ax.set_title("End of SMT, several (c_dyn, c_unif)")

@@ -24,10 +24,14 @@ def trajectories(exp, config, params, x):
   @jax.jit
   def f(params, x):
     rp = params["rnn"]
-    states = objectives.rollout(rp, inference.initial_memories(rfns, rp, x.shape[0]), x,
-                                update=rfns.update)
-    mem = objectives.encode_over_time(tfns, params["teacher"], objectives.windows(
-        x, jnp.arange(x.shape[1]), config.smt.context_length))
+    states = objectives.rollout(
+      rp, inference.initial_memories(rfns, rp, x.shape[0]), x, update=rfns.update
+    )
+    mem = objectives.encode_over_time(
+      tfns,
+      params["teacher"],
+      objectives.windows(x, jnp.arange(x.shape[1]), config.smt.context_length),
+    )
     return states.reshape(*x.shape, -1), mem.reshape(*x.shape, -1)
 
   s, m = f(params, jnp.asarray(x))
@@ -58,6 +62,7 @@ def _probe(rec, cfg, g):
 
 def run(ctx) -> dict:
   from experiments.studies import samples
+
   g = ctx.budget.geometry
   rec, cfg = samples.ensure_digits(ctx)["smt_dmt"]
   exp, params = common.restore(cfg, rec["workdir"], step=None)
@@ -65,34 +70,64 @@ def run(ctx) -> dict:
 
   pcfg = common.probe_config(ctx, g.probe_task, g.probe_length, seed=0, phases="smt,dmt")
   prec = common.ensure_run(ctx, probes.run_name(g.probe_task, g.probe_length, 0, "smt_dmt"), pcfg)
-  seqs = [("digit", exp, cfg, params, x_dig, rec["summary"]["dmt"]["eval/rnn_acc"]),
-          (f"{g.probe_task}, T={g.probe_length}, {_steps(pcfg)} steps", *_probe(prec, pcfg, g))]
+  seqs = [
+    ("digit", exp, cfg, params, x_dig, rec["summary"]["dmt"]["eval/rnn_acc"]),
+    (f"{g.probe_task}, T={g.probe_length}, {_steps(pcfg)} steps", *_probe(prec, pcfg, g)),
+  ]
   # The same probe family after the largest budget of the steps study (a better-trained RNN).
   srec, scfg = steps.ensure_budget_run(ctx, max(ctx.budget.steps.totals), "smt_dmt")
-  seqs.append((f"{ctx.budget.steps.task}, T={ctx.budget.steps.length}, {_steps(scfg)} steps",
-               *_probe(srec, scfg, g)))
+  seqs.append(
+    (
+      f"{ctx.budget.steps.task}, T={ctx.budget.steps.length}, {_steps(scfg)} steps",
+      *_probe(srec, scfg, g),
+    )
+  )
 
   out, rows = {}, []
   for name, e, c, p_, x, acc in seqs:
     s, m = trajectories(e, c, p_, x)
     p = analysis.pca(s.reshape(-1, s.shape[-1]), 3)
     proj = lambda a: (a - p["mean"]) @ p["components"].T
-    out[name] = {"x": x[0], "rnn": proj(s[0])[:, :2], "teacher": proj(m[0])[:, :2],
-                 "others": proj(s[1:]).reshape(s.shape[0] - 1, s.shape[1], -1)[:, :, :2],
-                 "explained_variance_ratio": p["explained_variance_ratio"],
-                 "pr_rnn": analysis.participation_ratio(s.reshape(-1, s.shape[-1])),
-                 "pr_teacher": analysis.participation_ratio(m.reshape(-1, m.shape[-1])),
-                 "rnn_acc": acc}
+    out[name] = {
+      "x": x[0],
+      "rnn": proj(s[0])[:, :2],
+      "teacher": proj(m[0])[:, :2],
+      "others": proj(s[1:]).reshape(s.shape[0] - 1, s.shape[1], -1)[:, :, :2],
+      "explained_variance_ratio": p["explained_variance_ratio"],
+      "pr_rnn": analysis.participation_ratio(s.reshape(-1, s.shape[-1])),
+      "pr_teacher": analysis.participation_ratio(m.reshape(-1, m.shape[-1])),
+      "rnn_acc": acc,
+    }
     ev = p["explained_variance_ratio"]
-    rows.append([name, s.shape[0], s.shape[1], f"{ev[0]:.2f}, {ev[1]:.2f}, {ev[2]:.2f}",
-                 f"{out[name]['pr_rnn']:.1f}", f"{out[name]['pr_teacher']:.1f}", s.shape[-1],
-                 f"{acc:.3f}"])
-  md = ("PCA of the SMT->DMT RNN's own memory states (flattened K x d). Participation ratio = "
-        "effective dimension (sum l)^2 / sum l^2 of the state covariance.\n\n")
-  md += common.markdown_table(["trajectory", "sequences", "tokens each",
-                               "variance in PC1, PC2, PC3",
-                               "eff. dim (RNN)", "eff. dim (teacher)", "state size",
-                               "RNN acc (held-out)"], rows)
+    rows.append(
+      [
+        name,
+        s.shape[0],
+        s.shape[1],
+        f"{ev[0]:.2f}, {ev[1]:.2f}, {ev[2]:.2f}",
+        f"{out[name]['pr_rnn']:.1f}",
+        f"{out[name]['pr_teacher']:.1f}",
+        s.shape[-1],
+        f"{acc:.3f}",
+      ]
+    )
+  md = (
+    "PCA of the SMT->DMT RNN's own memory states (flattened K x d). Participation ratio = "
+    "effective dimension (sum l)^2 / sum l^2 of the state covariance.\n\n"
+  )
+  md += common.markdown_table(
+    [
+      "trajectory",
+      "sequences",
+      "tokens each",
+      "variance in PC1, PC2, PC3",
+      "eff. dim (RNN)",
+      "eff. dim (teacher)",
+      "state size",
+      "RNN acc (held-out)",
+    ],
+    rows,
+  )
   fig = plot(ctx, out, imgs[0], exp.source.image_shape)
   res = {k: {kk: vv for kk, vv in v.items() if kk not in ("others", "x")} for k, v in out.items()}
   return common.write_outputs(ctx, "geometry", {"pca": res, "figures": [fig], "markdown": md}, md)
@@ -106,14 +141,27 @@ def plot(ctx, out, image, image_shape) -> str:
     d = out[name]
     for o in d["others"][:16]:
       ax.plot(o[:, 0], o[:, 1], color="0.85", lw=0.5, zorder=0)
-    ax.plot(d["teacher"][:, 0], d["teacher"][:, 1], color="tab:orange", lw=0.8, alpha=0.6,
-            label="teacher memories (same basis)")
+    ax.plot(
+      d["teacher"][:, 0],
+      d["teacher"][:, 1],
+      color="tab:orange",
+      lw=0.8,
+      alpha=0.6,
+      label="teacher memories (same basis)",
+    )
     ax.plot(d["rnn"][:, 0], d["rnn"][:, 1], color="k", lw=0.6)
     ev = d["explained_variance_ratio"]
     ax.set_xlabel(f"PC1 ({ev[0]:.0%})"), ax.set_ylabel(f"PC2 ({ev[1]:.0%})")
     if name == "digit":  # colour = pixel index (raster order)
-      sc = ax.scatter(d["rnn"][:, 0], d["rnn"][:, 1], c=np.arange(len(d["rnn"])), cmap="viridis",
-                      s=14, zorder=3, label="RNN state after each token")
+      sc = ax.scatter(
+        d["rnn"][:, 0],
+        d["rnn"][:, 1],
+        c=np.arange(len(d["rnn"])),
+        cmap="viridis",
+        s=14,
+        zorder=3,
+        label="RNN state after each token",
+      )
       fig.colorbar(sc, ax=ax, label="token index (0 = BOS, then pixels in raster order)")
       ax.set_title(f"RNN memory over one held-out digit (RNN pixel acc {d['rnn_acc']:.2f})")
       ins = ax.inset_axes([0.78, 0.74, 0.2, 0.24])
@@ -124,8 +172,18 @@ def plot(ctx, out, image, image_shape) -> str:
       depth = stack_depth(x)
       pushes = x != 0
       for mask, marker, lab in ((pushes, "o", "after a push"), (~pushes, "s", "after a pop")):
-        sc = ax.scatter(d["rnn"][mask, 0], d["rnn"][mask, 1], c=depth[mask], cmap="plasma", s=20,
-                        marker=marker, vmin=0, vmax=max(depth.max(), 1), zorder=3, label=lab)
+        sc = ax.scatter(
+          d["rnn"][mask, 0],
+          d["rnn"][mask, 1],
+          c=depth[mask],
+          cmap="plasma",
+          s=20,
+          marker=marker,
+          vmin=0,
+          vmax=max(depth.max(), 1),
+          zorder=3,
+          label=lab,
+        )
       fig.colorbar(sc, ax=ax, label="stack depth after the token")
       ax.set_title(f"RNN memory over one held-out episode\n({name}; RNN acc {d['rnn_acc']:.2f})")
     ax.legend(fontsize=7, loc="lower left")

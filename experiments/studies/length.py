@@ -22,12 +22,15 @@ def score(exp, params, source, *, num_batches: int, batch_size: int, with_teache
   tot = {}
   for i in range(num_batches):
     batch = common.eval_batch(exp, batch_size=batch_size, step=i, source=source)
-    out = evaluation.evaluate(params, batch, rnn=rfns, teacher=tfns if with_teacher else None,
-                              context_length=source.seq_len)
+    out = evaluation.evaluate(
+      params, batch, rnn=rfns, teacher=tfns if with_teacher else None, context_length=source.seq_len
+    )
     for k, v in jax.device_get(out).items():
       tot[k] = tot.get(k, 0.0) + float(v)
-  res = {"rnn_acc": tot["rnn_correct_sum"] / tot["count"],
-         "rnn_nll": tot["rnn_nll_sum"] / tot["count"]}
+  res = {
+    "rnn_acc": tot["rnn_correct_sum"] / tot["count"],
+    "rnn_nll": tot["rnn_nll_sum"] / tot["count"],
+  }
   if with_teacher:
     res["teacher_acc"] = tot["teacher_correct_sum"] / tot["count"]
     res["teacher_nll"] = tot["teacher_nll_sum"] / tot["count"]
@@ -38,31 +41,49 @@ def run(ctx) -> dict:
   L = ctx.budget.length
   seeds = ctx.budget.probes.seeds
   lengths = [f * L.length for f in L.factors]
-  per = {n: {"acc": {ln: [] for ln in lengths}, "nll": {ln: [] for ln in lengths}}
-         for n in ("smt_dmt", "bptt", "teacher")}
+  per = {
+    n: {"acc": {ln: [] for ln in lengths}, "nll": {ln: [] for ln in lengths}}
+    for n in ("smt_dmt", "bptt", "teacher")
+  }
   for seed in seeds:
     pair = probes.ensure_pair(ctx, L.task, L.length, seed)
     for method, (rec, cfg) in pair.items():
       exp, params = common.restore(cfg, rec["workdir"], step=None)
       for ln in lengths:
         src = data.make_source(L.task, seq_len=ln, **dict(cfg.data.options))
-        r = score(exp, params, src, num_batches=cfg.eval.num_batches,
-                  batch_size=cfg.eval.batch_size, with_teacher=method == "smt_dmt")
+        r = score(
+          exp,
+          params,
+          src,
+          num_batches=cfg.eval.num_batches,
+          batch_size=cfg.eval.batch_size,
+          with_teacher=method == "smt_dmt",
+        )
         per[method]["acc"][ln].append(r["rnn_acc"]), per[method]["nll"][ln].append(r["rnn_nll"])
         if method == "smt_dmt":
           per["teacher"]["acc"][ln].append(r["teacher_acc"])
           per["teacher"]["nll"][ln].append(r["teacher_nll"])
-  names = {"smt_dmt": "SMT->DMT RNN", "bptt": "BPTT RNN",
-           "teacher": "teacher (context = eval length)"}
-  rows = [[names[n]] + [f"{common.fmt_ms(per[n]['acc'][ln])} / {common.fmt_ms(per[n]['nll'][ln])}"
-                        for ln in lengths] for n in per]
-  md = (f"{L.task} probe trained at T = {L.length} (probe-study runs, seeds {list(seeds)}), "
-        f"evaluated on held-out episodes; accuracy / NLL, mean ± std over seeds.\n\n")
-  md += common.markdown_table(["model"] + [f"T={ln}" + (" (train)" if ln == L.length else "")
-                                           for ln in lengths], rows)
+  names = {
+    "smt_dmt": "SMT->DMT RNN",
+    "bptt": "BPTT RNN",
+    "teacher": "teacher (context = eval length)",
+  }
+  rows = [
+    [names[n]]
+    + [f"{common.fmt_ms(per[n]['acc'][ln])} / {common.fmt_ms(per[n]['nll'][ln])}" for ln in lengths]
+    for n in per
+  ]
+  md = (
+    f"{L.task} probe trained at T = {L.length} (probe-study runs, seeds {list(seeds)}), "
+    f"evaluated on held-out episodes; accuracy / NLL, mean ± std over seeds.\n\n"
+  )
+  md += common.markdown_table(
+    ["model"] + [f"T={ln}" + (" (train)" if ln == L.length else "") for ln in lengths], rows
+  )
   fig = plot(ctx, per, lengths, names, L)
-  return common.write_outputs(ctx, "length", {"lengths": lengths, "results": per,
-                                              "figures": [fig], "markdown": md}, md)
+  return common.write_outputs(
+    ctx, "length", {"lengths": lengths, "results": per, "figures": [fig], "markdown": md}, md
+  )
 
 
 def plot(ctx, per, lengths, names, L) -> str:

@@ -18,10 +18,12 @@ from smt_jax import analysis
 METHODS = ("bptt", "smt", "smt_dmt", "teacher")
 LABELS = {"bptt": "BPTT", "smt": "SMT (before DMT)", "smt_dmt": "SMT->DMT", "teacher": "teacher"}
 # What is measured for each method ("smt" shares its run, hence its wall time, with "smt_dmt").
-KEYS = {"bptt": ("acc", "nll", "wall_s", "train_s", "seq_flops"),
-        "smt": ("acc", "nll", "train_s", "seq_flops"),
-        "smt_dmt": ("acc", "nll", "wall_s", "train_s", "seq_flops"),
-        "teacher": ("acc", "nll")}
+KEYS = {
+  "bptt": ("acc", "nll", "wall_s", "train_s", "seq_flops"),
+  "smt": ("acc", "nll", "train_s", "seq_flops"),
+  "smt_dmt": ("acc", "nll", "wall_s", "train_s", "seq_flops"),
+  "teacher": ("acc", "nll"),
+}
 COLORS = {"bptt": "tab:red", "smt": "tab:cyan", "smt_dmt": "tab:blue", "teacher": "tab:gray"}
 
 
@@ -47,12 +49,14 @@ def unit_flops(config) -> dict[str, float]:
   m = jnp.zeros((1, k, d))
   x = jnp.zeros((1,), jnp.int32)
   return {
-      "update": analysis.count_flops(rfns.update, params["rnn"], m, x),
-      "readout": analysis.count_flops(rfns.readout, params["rnn"], m),
-      "encode": analysis.count_flops(tfns.encode, params["teacher"],
-                                     jnp.zeros((1, config.smt.context_length), jnp.int32)),
-      "decode": analysis.count_flops(tfns.decode, params["teacher"], m,
-                                     jnp.zeros((1, config.smt.future_length), jnp.int32)),
+    "update": analysis.count_flops(rfns.update, params["rnn"], m, x),
+    "readout": analysis.count_flops(rfns.readout, params["rnn"], m),
+    "encode": analysis.count_flops(
+      tfns.encode, params["teacher"], jnp.zeros((1, config.smt.context_length), jnp.int32)
+    ),
+    "decode": analysis.count_flops(
+      tfns.decode, params["teacher"], m, jnp.zeros((1, config.smt.future_length), jnp.int32)
+    ),
   }
 
 
@@ -61,10 +65,14 @@ def run_seq_flops(config, flops: dict[str, float]) -> dict[str, float]:
   out = {}
   for phase in [p.strip() for p in config.phases.split(",")]:
     per_step = analysis.seq_flops_per_step(
-        phase, rollout_length=config.dmt.rollout_length,
-        seq_len=config.data.seq_len if config.data.episodic else config.bptt.seq_len,
-        f_update=flops["update"], f_readout=flops["readout"], f_encode=flops["encode"],
-        f_decode=flops["decode"])
+      phase,
+      rollout_length=config.dmt.rollout_length,
+      seq_len=config.data.seq_len if config.data.episodic else config.bptt.seq_len,
+      f_update=flops["update"],
+      f_readout=flops["readout"],
+      f_encode=flops["encode"],
+      f_decode=flops["decode"],
+    )
     out[phase] = per_step * config[phase].steps
   return out
 
@@ -87,35 +95,85 @@ def run(ctx) -> dict:
         ss, sb = rs["summary"], rb["summary"]
         unigram.append(ss["baseline/unigram_nll"])
         vals = {
-            "bptt": (sb["bptt"]["eval/rnn_acc"], sb["bptt"]["eval/rnn_nll"], rb["wall_s"],
-                     rb["train_s"]["bptt"], sf_b["bptt"]),
-            "smt": (ss["smt"]["eval/rnn_acc"], ss["smt"]["eval/rnn_nll"], None,
-                    rs["train_s"]["smt"], sf_s["smt"]),
-            "smt_dmt": (ss["dmt"]["eval/rnn_acc"], ss["dmt"]["eval/rnn_nll"], rs["wall_s"],
-                        rs["train_s"]["smt"] + rs["train_s"]["dmt"], sf_s["smt"] + sf_s["dmt"]),
-            "teacher": (ss["dmt"]["eval/teacher_acc"], ss["dmt"]["eval/teacher_nll"]),
+          "bptt": (
+            sb["bptt"]["eval/rnn_acc"],
+            sb["bptt"]["eval/rnn_nll"],
+            rb["wall_s"],
+            rb["train_s"]["bptt"],
+            sf_b["bptt"],
+          ),
+          "smt": (
+            ss["smt"]["eval/rnn_acc"],
+            ss["smt"]["eval/rnn_nll"],
+            None,
+            rs["train_s"]["smt"],
+            sf_s["smt"],
+          ),
+          "smt_dmt": (
+            ss["dmt"]["eval/rnn_acc"],
+            ss["dmt"]["eval/rnn_nll"],
+            rs["wall_s"],
+            rs["train_s"]["smt"] + rs["train_s"]["dmt"],
+            sf_s["smt"] + sf_s["dmt"],
+          ),
+          "teacher": (ss["dmt"]["eval/teacher_acc"], ss["dmt"]["eval/teacher_nll"]),
         }
         for m, v in vals.items():
           for key, x in zip(("acc", "nll", "wall_s", "train_s", "seq_flops"), v):
             if key in per[m]:
               per[m][key].append(float(x))
-      cell = {"task": task, "length": length, "seeds": list(b.seeds), "unit_flops": flops,
-              "unigram_nll": float(np.mean(unigram)), "methods": per}
+      cell = {
+        "task": task,
+        "length": length,
+        "seeds": list(b.seeds),
+        "unit_flops": flops,
+        "unigram_nll": float(np.mean(unigram)),
+        "methods": per,
+      }
       results["cells"].append(cell)
-      steps = {"bptt": b.smt_steps + b.dmt_steps, "smt": b.smt_steps,
-               "smt_dmt": f"{b.smt_steps}+{b.dmt_steps}", "teacher": b.smt_steps}
+      steps = {
+        "bptt": b.smt_steps + b.dmt_steps,
+        "smt": b.smt_steps,
+        "smt_dmt": f"{b.smt_steps}+{b.dmt_steps}",
+        "teacher": b.smt_steps,
+      }
       for m in METHODS:
         p = per[m]
         opt = lambda k, f: f.format(np.mean(p[k])) if k in p else "-"
-        table.append([task, length, LABELS[m], steps[m], common.fmt_ms(p["acc"]),
-                      common.fmt_ms(p["nll"]), opt("seq_flops", "{:.3g}"),
-                      opt("train_s", "{:.0f}"), opt("wall_s", "{:.0f}"), f"{np.mean(unigram):.3f}"])
-  md = (f"Budget `{ctx.budget.name}`: batch {b.batch_size}, SMT {b.smt_steps} + DMT {b.dmt_steps}"
-        f" steps vs BPTT {b.smt_steps + b.dmt_steps} steps; seeds {list(b.seeds)} "
-        f"(mean ± std over seeds); held-out: {b.eval_batches} x {b.eval_batch_size} sequences.\n\n")
+        table.append(
+          [
+            task,
+            length,
+            LABELS[m],
+            steps[m],
+            common.fmt_ms(p["acc"]),
+            common.fmt_ms(p["nll"]),
+            opt("seq_flops", "{:.3g}"),
+            opt("train_s", "{:.0f}"),
+            opt("wall_s", "{:.0f}"),
+            f"{np.mean(unigram):.3f}",
+          ]
+        )
+  md = (
+    f"Budget `{ctx.budget.name}`: batch {b.batch_size}, SMT {b.smt_steps} + DMT {b.dmt_steps}"
+    f" steps vs BPTT {b.smt_steps + b.dmt_steps} steps; seeds {list(b.seeds)} "
+    f"(mean ± std over seeds); held-out: {b.eval_batches} x {b.eval_batch_size} sequences.\n\n"
+  )
   md += common.markdown_table(
-      ["task", "T", "method", "opt. steps", "accuracy", "NLL (nats)", "SeqFLOPs / run",
-       "train s", "wall s", "unigram NLL"], table)
+    [
+      "task",
+      "T",
+      "method",
+      "opt. steps",
+      "accuracy",
+      "NLL (nats)",
+      "SeqFLOPs / run",
+      "train s",
+      "wall s",
+      "unigram NLL",
+    ],
+    table,
+  )
   results["markdown"] = md
   results["figures"] = [plot_accuracy(ctx, results), plot_compute(ctx, results)]
   return common.write_outputs(ctx, "probes", results, md)
@@ -142,8 +200,7 @@ def plot_accuracy(ctx, results) -> str:
     ax.grid(axis="y", alpha=0.3)
   axes[0, 0].set_ylabel("held-out accuracy")
   axes[0, -1].legend(fontsize=7, loc="upper right")
-  fig.suptitle("Probes: same optimiser steps for BPTT and SMT->DMT (mean ± std over seeds)",
-               y=1.04)
+  fig.suptitle("Probes: same optimiser steps for BPTT and SMT->DMT (mean ± std over seeds)", y=1.04)
   return common.save_figure(ctx, fig, "probes.png")
 
 
@@ -156,16 +213,24 @@ def plot_compute(ctx, results) -> str:
       p = cell["methods"][m]
       acc = np.mean(p["acc"])
       for ax, key in zip(axes, ("seq_flops", "wall_s")):
-        ax.scatter(np.mean(p[key]), acc, color=COLORS[m], marker=markers[cell["task"]],
-                   s=18 + cell["length"], alpha=0.8)
+        ax.scatter(
+          np.mean(p[key]),
+          acc,
+          color=COLORS[m],
+          marker=markers[cell["task"]],
+          s=18 + cell["length"],
+          alpha=0.8,
+        )
   for ax, label in zip(axes, ("SeqFLOPs per run (serial critical path)", "wall time per run (s)")):
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(label)
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
-  handles = [plt.Line2D([], [], color=COLORS[m], marker="o", ls="", label=LABELS[m])
-             for m in ("bptt", "smt_dmt")]
+  handles = [
+    plt.Line2D([], [], color=COLORS[m], marker="o", ls="", label=LABELS[m])
+    for m in ("bptt", "smt_dmt")
+  ]
   handles += [plt.Line2D([], [], color="k", marker=mk, ls="", label=t) for t, mk in markers.items()]
   axes[1].legend(handles=handles, fontsize=7, loc="best")
   fig.suptitle("Accuracy vs sequential compute and wall time (marker size grows with T)")

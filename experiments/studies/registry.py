@@ -10,19 +10,29 @@ from __future__ import annotations
 import os
 import time
 
-from experiments.studies import (budgets, common, drift, geometry, gradients, length, probes,
-                                 samples, steps, updaters)
+from experiments.studies import (
+  budgets,
+  common,
+  drift,
+  geometry,
+  gradients,
+  length,
+  probes,
+  samples,
+  steps,
+  updaters,
+)
 
 # The one name -> study table. Order matters for `all`: later studies reuse earlier runs.
 STUDIES = {
-    "probes": probes.run,
-    "steps": steps.run,
-    "gradients": gradients.run,
-    "drift": drift.run,
-    "length": length.run,
-    "updaters": updaters.run,
-    "samples": samples.run,
-    "geometry": geometry.run,
+  "probes": probes.run,
+  "steps": steps.run,
+  "gradients": gradients.run,
+  "drift": drift.run,
+  "length": length.run,
+  "updaters": updaters.run,
+  "samples": samples.run,
+  "geometry": geometry.run,
 }
 
 
@@ -43,17 +53,20 @@ def resolve(study: str) -> list[str]:
 def enable_compile_cache(path: str) -> None:
   """Same HLO (e.g. a config's seeds) compiles once: XLA's persistent cache, also across reruns."""
   import jax
+
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_studies(names: list[str], *, budget: str, out: str, runs: str | None = None,
-                quiet: bool = True) -> dict[str, dict]:
+def run_studies(
+  names: list[str], *, budget: str, out: str, runs: str | None = None, quiet: bool = True
+) -> dict[str, dict]:
   """Runs the named studies in order; returns {study: results}."""
-  ctx = common.Context(budget=budgets.get_config(budget), out=out,
-                       runs=runs or default_runs(budget), quiet=quiet)
+  ctx = common.Context(
+    budget=budgets.get_config(budget), out=out, runs=runs or default_runs(budget), quiet=quiet
+  )
   results = {}
   for name in names:
     t0 = time.time()
@@ -61,6 +74,9 @@ def run_studies(names: list[str], *, budget: str, out: str, runs: str | None = N
     results[name] = STUDIES[name](ctx)
     results[name]["elapsed_s"] = time.time() - t0
     print(results[name].get("markdown", ""), flush=True)
-    print(f"=== {name} done in {time.time() - t0:.0f} s; figures: "
-          f"{', '.join(results[name].get('figures', []))}", flush=True)
+    print(
+      f"=== {name} done in {time.time() - t0:.0f} s; figures: "
+      f"{', '.join(results[name].get('figures', []))}",
+      flush=True,
+    )
   return results

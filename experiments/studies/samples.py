@@ -31,8 +31,9 @@ def generate(exp, params, n: int, key, temperature: float) -> np.ndarray:
   h, w = src.image_shape
   bos = jnp.full((n, 1), src.bos, jnp.int32)
   memory = inference.prompt_memory(params, bos, rnn=rfns)
-  tokens = np.asarray(inference.write(params, key, memory, rnn=rfns, num_steps=h * w,
-                                      temperature=temperature))
+  tokens = np.asarray(
+    inference.write(params, key, memory, rnn=rfns, num_steps=h * w, temperature=temperature)
+  )
   return np.where(tokens >= src.levels, 0, tokens).reshape(n, h, w)
 
 
@@ -48,34 +49,62 @@ def run(ctx) -> dict:
     flops = probes.run_seq_flops(cfg, probes.unit_flops(cfg))
     s = rec["summary"]
     final = s["dmt"] if method == "smt_dmt" else s["bptt"]
-    res[method] = {"rnn_nll": final["eval/rnn_nll"], "rnn_acc": final["eval/rnn_acc"],
-                   "teacher_nll": final.get("eval/teacher_nll"), "wall_s": rec["wall_s"],
-                   "train_s": sum(rec["train_s"].values()), "seq_flops": sum(flops.values()),
-                   "steps": rec["steps"], "unigram_nll": s["baseline/unigram_nll"]}
-    real = exp.source.images("eval")[:d.num_samples]
+    res[method] = {
+      "rnn_nll": final["eval/rnn_nll"],
+      "rnn_acc": final["eval/rnn_acc"],
+      "teacher_nll": final.get("eval/teacher_nll"),
+      "wall_s": rec["wall_s"],
+      "train_s": sum(rec["train_s"].values()),
+      "seq_flops": sum(flops.values()),
+      "steps": rec["steps"],
+      "unigram_nll": s["baseline/unigram_nll"],
+    }
+    real = exp.source.images("eval")[: d.num_samples]
     levels = exp.source.levels
   label = {"smt_dmt": "SMT->DMT", "bptt": "BPTT"}
   for method, r in res.items():
-    rows.append([label[method], "+".join(f"{p} {n}" for p, n in r["steps"].items()),
-                 f"{r['rnn_nll']:.3f}", f"{r['rnn_acc']:.3f}",
-                 "-" if r["teacher_nll"] is None else f"{r['teacher_nll']:.3f}",
-                 f"{r['seq_flops']:.3g}", f"{r['train_s']:.0f}", f"{r['wall_s']:.0f}"])
-  md = (f"8x8 digits (17 intensity levels + BOS), batch {d.batch_size}, width {d.width}, "
-        f"{d.num_memory_tokens} memory tokens; eval = held-out digit stream, per-token NLL "
-        f"(unigram baseline {res['bptt']['unigram_nll']:.3f} nats).\n\n")
-  md += common.markdown_table(["method", "optimiser steps", "RNN NLL", "RNN pixel acc",
-                               "teacher NLL", "SeqFLOPs / run", "train s", "wall s"], rows)
+    rows.append(
+      [
+        label[method],
+        "+".join(f"{p} {n}" for p, n in r["steps"].items()),
+        f"{r['rnn_nll']:.3f}",
+        f"{r['rnn_acc']:.3f}",
+        "-" if r["teacher_nll"] is None else f"{r['teacher_nll']:.3f}",
+        f"{r['seq_flops']:.3g}",
+        f"{r['train_s']:.0f}",
+        f"{r['wall_s']:.0f}",
+      ]
+    )
+  md = (
+    f"8x8 digits (17 intensity levels + BOS), batch {d.batch_size}, width {d.width}, "
+    f"{d.num_memory_tokens} memory tokens; eval = held-out digit stream, per-token NLL "
+    f"(unigram baseline {res['bptt']['unigram_nll']:.3f} nats).\n\n"
+  )
+  md += common.markdown_table(
+    [
+      "method",
+      "optimiser steps",
+      "RNN NLL",
+      "RNN pixel acc",
+      "teacher NLL",
+      "SeqFLOPs / run",
+      "train s",
+      "wall s",
+    ],
+    rows,
+  )
   fig = plot(ctx, real, imgs, levels, label, res, temperature)
-  return common.write_outputs(ctx, "samples", {"results": res, "figures": [fig],
-                                               "markdown": md}, md)
+  return common.write_outputs(
+    ctx, "samples", {"results": res, "figures": [fig], "markdown": md}, md
+  )
 
 
 def plot(ctx, real, imgs, levels, label, res, temperature) -> str:
   plt = common.pyplot()
   n = len(real)
   rows = [("held-out digits", real)] + [
-      (f"{label[m]} RNN alone\n(NLL {res[m]['rnn_nll']:.2f})", imgs[m])
-      for m in ("smt_dmt", "bptt")]
+    (f"{label[m]} RNN alone\n(NLL {res[m]['rnn_nll']:.2f})", imgs[m]) for m in ("smt_dmt", "bptt")
+  ]
   fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.85, len(rows) * 1.0), squeeze=False)
   for r, (name, ims) in enumerate(rows):
     for i in range(n):
@@ -84,7 +113,10 @@ def plot(ctx, real, imgs, levels, label, res, temperature) -> str:
       ax.set_xticks([]), ax.set_yticks([])
     axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
   steps = "+".join(str(v) for v in res["smt_dmt"]["steps"].values())
-  fig.suptitle(f"Digits sampled from BOS by the RNN alone (temperature {temperature:g}): "
-               f"SMT->DMT ({steps} "
-               f"steps) vs BPTT ({sum(res['bptt']['steps'].values())} steps)", fontsize=9)
+  fig.suptitle(
+    f"Digits sampled from BOS by the RNN alone (temperature {temperature:g}): "
+    f"SMT->DMT ({steps} "
+    f"steps) vs BPTT ({sum(res['bptt']['steps'].values())} steps)",
+    fontsize=9,
+  )
   return common.save_figure(ctx, fig, "samples.png")

@@ -17,11 +17,15 @@ def ensure_budget_run(ctx, total: int, method: str):
   s, p = ctx.budget.steps, ctx.budget.probes
   base_total = p.smt_steps + p.dmt_steps
   n_smt = int(round(total * p.smt_steps / base_total))
-  cfg = common.probe_config(ctx, s.task, s.length, seed=0,
-                            phases="smt,dmt" if method == "smt_dmt" else "bptt")
+  cfg = common.probe_config(
+    ctx, s.task, s.length, seed=0, phases="smt,dmt" if method == "smt_dmt" else "bptt"
+  )
   cfg.smt.steps, cfg.dmt.steps, cfg.bptt.steps = n_smt, total - n_smt, total
-  name = (probes.run_name(s.task, s.length, 0, method) if total == base_total
-          else f"steps/{s.task}_T{s.length}_s0_n{total}_{method}")
+  name = (
+    probes.run_name(s.task, s.length, 0, method)
+    if total == base_total
+    else f"steps/{s.task}_T{s.length}_s0_n{total}_{method}"
+  )
   return common.ensure_run(ctx, name, cfg), cfg
 
 
@@ -37,26 +41,55 @@ def run(ctx) -> dict:
       sf = sum(probes.run_seq_flops(cfg, flops).values())
       summ = rec["summary"]
       final = summ["dmt"] if method == "smt_dmt" else summ["bptt"]
-      point = {"total_steps": total, "method": method, "acc": final["eval/rnn_acc"],
-               "nll": final["eval/rnn_nll"], "seq_flops": sf,
-               "train_s": float(sum(rec["train_s"].values())), "wall_s": rec["wall_s"],
-               "steps": rec["steps"]}
+      point = {
+        "total_steps": total,
+        "method": method,
+        "acc": final["eval/rnn_acc"],
+        "nll": final["eval/rnn_nll"],
+        "seq_flops": sf,
+        "train_s": float(sum(rec["train_s"].values())),
+        "wall_s": rec["wall_s"],
+        "steps": rec["steps"],
+      }
       if method == "smt_dmt":
         point.update(teacher_acc=final["eval/teacher_acc"], smt_acc=summ["smt"]["eval/rnn_acc"])
       points.append(point)
-  rows = [[pt["total_steps"], probes.LABELS[pt["method"]],
-           "+".join(str(v) for v in pt["steps"].values()), f"{pt['acc']:.3f}", f"{pt['nll']:.3f}",
-           f"{pt.get('smt_acc', float('nan')):.3f}" if "smt_acc" in pt else "-",
-           f"{pt['teacher_acc']:.3f}" if "teacher_acc" in pt else "-",
-           f"{pt['seq_flops']:.3g}", f"{pt['train_s']:.0f}"] for pt in points]
-  md = (f"{s.task} probe, T = {s.length}, seed 0, batch {p.batch_size}; SMT : DMT steps = "
-        f"{p.smt_steps} : {p.dmt_steps}.\n\n")
-  md += common.markdown_table(["total steps", "method", "steps per phase", "RNN acc", "RNN NLL",
-                               "RNN acc after SMT", "teacher acc", "SeqFLOPs / run",
-                               "train s (no compile)"], rows)
+  rows = [
+    [
+      pt["total_steps"],
+      probes.LABELS[pt["method"]],
+      "+".join(str(v) for v in pt["steps"].values()),
+      f"{pt['acc']:.3f}",
+      f"{pt['nll']:.3f}",
+      f"{pt.get('smt_acc', float('nan')):.3f}" if "smt_acc" in pt else "-",
+      f"{pt['teacher_acc']:.3f}" if "teacher_acc" in pt else "-",
+      f"{pt['seq_flops']:.3g}",
+      f"{pt['train_s']:.0f}",
+    ]
+    for pt in points
+  ]
+  md = (
+    f"{s.task} probe, T = {s.length}, seed 0, batch {p.batch_size}; SMT : DMT steps = "
+    f"{p.smt_steps} : {p.dmt_steps}.\n\n"
+  )
+  md += common.markdown_table(
+    [
+      "total steps",
+      "method",
+      "steps per phase",
+      "RNN acc",
+      "RNN NLL",
+      "RNN acc after SMT",
+      "teacher acc",
+      "SeqFLOPs / run",
+      "train s (no compile)",
+    ],
+    rows,
+  )
   fig = plot(ctx, points, s)
-  return common.write_outputs(ctx, "steps", {"points": points, "figures": [fig],
-                                             "markdown": md}, md)
+  return common.write_outputs(
+    ctx, "steps", {"points": points, "figures": [fig], "markdown": md}, md
+  )
 
 
 def plot(ctx, points, s) -> str:
@@ -65,14 +98,30 @@ def plot(ctx, points, s) -> str:
   for method in ("bptt", "smt_dmt"):
     pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["total_steps"])
     for ax, key in zip(axes, ("total_steps", "seq_flops", "train_s")):
-      ax.plot([p[key] for p in pts], [p["acc"] for p in pts], marker="o",
-              color=probes.COLORS[method], label=probes.LABELS[method])
+      ax.plot(
+        [p[key] for p in pts],
+        [p["acc"] for p in pts],
+        marker="o",
+        color=probes.COLORS[method],
+        label=probes.LABELS[method],
+      )
       if method == "smt_dmt":
-        ax.plot([p[key] for p in pts], [p["teacher_acc"] for p in pts], marker="s", ls="--",
-                color=probes.COLORS["teacher"], label="teacher")
-  for ax, label in zip(axes, ("optimiser steps (SMT + DMT = BPTT)",
-                              "SeqFLOPs per run (serial critical path)",
-                              "training wall time on this CPU (s, no compile)")):
+        ax.plot(
+          [p[key] for p in pts],
+          [p["teacher_acc"] for p in pts],
+          marker="s",
+          ls="--",
+          color=probes.COLORS["teacher"],
+          label="teacher",
+        )
+  for ax, label in zip(
+    axes,
+    (
+      "optimiser steps (SMT + DMT = BPTT)",
+      "SeqFLOPs per run (serial critical path)",
+      "training wall time on this CPU (s, no compile)",
+    ),
+  ):
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(label)

@@ -11,25 +11,42 @@ from __future__ import annotations
 import inspect
 
 from smt_jax.data.base import IGNORE, SPLITS, Source, StreamSource, check_batch_tokens, row_rng
-from smt_jax.data.pixels import (DigitsSource, MnistSource, PixelSource, image_stream, read_idx,
-                                 read_mnist_images)
-from smt_jax.data.probes import (CopySource, KeysValuesSource, ModularSource, ParitySource,
-                                 ProbeSource, RetrievalSource, StackSource, generate_copy,
-                                 generate_keys_values, generate_modular, generate_parity,
-                                 generate_retrieval, generate_stack)
+from smt_jax.data.pixels import (
+  DigitsSource,
+  MnistSource,
+  PixelSource,
+  image_stream,
+  read_idx,
+  read_mnist_images,
+)
+from smt_jax.data.probes import (
+  CopySource,
+  KeysValuesSource,
+  ModularSource,
+  ParitySource,
+  ProbeSource,
+  RetrievalSource,
+  StackSource,
+  generate_copy,
+  generate_keys_values,
+  generate_modular,
+  generate_parity,
+  generate_retrieval,
+  generate_stack,
+)
 from smt_jax.data.text import TextSource
 
 # The one name -> constructor table (keyword-only constructors).
 DATASETS = {
-    'retrieval': RetrievalSource,
-    'copy': CopySource,
-    'stack': StackSource,
-    'keys_values': KeysValuesSource,
-    'modular': ModularSource,
-    'parity': ParitySource,
-    'digits': DigitsSource,
-    'mnist': MnistSource,
-    'text': TextSource,
+  'retrieval': RetrievalSource,
+  'copy': CopySource,
+  'stack': StackSource,
+  'keys_values': KeysValuesSource,
+  'modular': ModularSource,
+  'parity': ParitySource,
+  'digits': DigitsSource,
+  'mnist': MnistSource,
+  'text': TextSource,
 }
 
 
@@ -50,11 +67,32 @@ def make_source(name: str, **kwargs) -> Source:
 
 
 __all__ = [
-    'DATASETS', 'IGNORE', 'SPLITS', 'Source', 'StreamSource', 'ProbeSource', 'PixelSource',
-    'check_batch_tokens', 'make_source', 'row_rng',
-    'RetrievalSource', 'CopySource', 'StackSource', 'KeysValuesSource', 'ModularSource',
-    'ParitySource', 'DigitsSource', 'MnistSource', 'TextSource',
-    'generate_retrieval', 'generate_copy', 'generate_stack', 'generate_keys_values',
-    'generate_modular', 'generate_parity',
-    'read_idx', 'read_mnist_images', 'image_stream',
+  'DATASETS',
+  'IGNORE',
+  'SPLITS',
+  'Source',
+  'StreamSource',
+  'ProbeSource',
+  'PixelSource',
+  'check_batch_tokens',
+  'make_source',
+  'row_rng',
+  'RetrievalSource',
+  'CopySource',
+  'StackSource',
+  'KeysValuesSource',
+  'ModularSource',
+  'ParitySource',
+  'DigitsSource',
+  'MnistSource',
+  'TextSource',
+  'generate_retrieval',
+  'generate_copy',
+  'generate_stack',
+  'generate_keys_values',
+  'generate_modular',
+  'generate_parity',
+  'read_idx',
+  'read_mnist_images',
+  'image_stream',
 ]

@@ -34,27 +34,30 @@ def check_tokens(what: str, tokens, vocab_size: int) -> None:
   """Raises ValueError unless `tokens` is a 1-D integer array with every id in [0, vocab_size)."""
   tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f'{what} must be a 1-D array of integer token ids, got {tokens.dtype} '
-                     f'{tokens.shape}.')
+    raise ValueError(
+      f'{what} must be a 1-D array of integer token ids, got {tokens.dtype} {tokens.shape}.'
+    )
   # An unsigned dtype too narrow to hold vocab_size cannot go out of range: skip the O(N) scan
   # (a memory-mapped byte corpus with V = 256 is never read up front).
   if np.issubdtype(tokens.dtype, np.unsignedinteger) and np.iinfo(tokens.dtype).max < vocab_size:
     return
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-    raise ValueError(f'{what} has token ids in [{tokens.min()}, {tokens.max()}], outside the '
-                     f'vocabulary [0, {vocab_size}); the data and vocab_size disagree.')
+    raise ValueError(
+      f'{what} has token ids in [{tokens.min()}, {tokens.max()}], outside the '
+      f'vocabulary [0, {vocab_size}); the data and vocab_size disagree.'
+    )
 
 
 def check_batch_tokens(what: str, x, y, vocab_size: int) -> None:
   """Raises ValueError unless every token id in `x` is in [0, V) and every target in `y` in
   [-1, V): an embedding lookup would otherwise clip or fill out-of-range ids silently."""
   x, y = np.asarray(x), np.asarray(y)
-  if x.size and (x.min() < 0 or x.max() >= vocab_size or y.min() < IGNORE
-                 or y.max() >= vocab_size):
+  if x.size and (x.min() < 0 or x.max() >= vocab_size or y.min() < IGNORE or y.max() >= vocab_size):
     raise ValueError(
-        f'{what} has tokens outside the vocabulary [0, {vocab_size}) (x in [{x.min()}, '
-        f'{x.max()}], targets y in [{y.min()}, {y.max()}], {IGNORE} = no target); the dataset '
-        f'(or its options in config.data.options) is inconsistent.')
+      f'{what} has tokens outside the vocabulary [0, {vocab_size}) (x in [{x.min()}, '
+      f'{x.max()}], targets y in [{y.min()}, {y.max()}], {IGNORE} = no target); the dataset '
+      f'(or its options in config.data.options) is inconsistent.'
+    )
 
 
 def check_split(split: str) -> int:
@@ -89,8 +92,16 @@ class Source:
     """One sequence drawn from `rng`: (x, y), both int [T]."""
     raise NotImplementedError
 
-  def batch(self, *, split: str, step: int, batch_size: int, seed: int,
-            process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+  def batch(
+    self,
+    *,
+    split: str,
+    step: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> dict[str, np.ndarray]:
     """This process's rows of global batch `step`.
 
     Args:
@@ -115,8 +126,9 @@ class Source:
       raise ValueError(f'process_index={process_index} must be < process_count={process_count}.')
     if batch_size % process_count:
       raise ValueError(
-          f'batch_size={batch_size} is not divisible by process_count={process_count}; '
-          'choose a global batch_size that is a multiple of the number of processes.')
+        f'batch_size={batch_size} is not divisible by process_count={process_count}; '
+        'choose a global batch_size that is a multiple of the number of processes.'
+      )
     rows = batch_size // process_count
     first = process_index * rows
     x = np.empty((rows, self.seq_len), np.int32)
@@ -128,8 +140,9 @@ class Source:
       for name, v in (('x', xi), ('y', yi)):
         if np.shape(v) != (self.seq_len,) or not np.issubdtype(np.asarray(v).dtype, np.integer):
           raise ValueError(
-              f'{self.name}: example() returned {name} of shape {np.shape(v)} and dtype '
-              f'{np.asarray(v).dtype}; expected integers of shape ({self.seq_len},) (seq_len).')
+            f'{self.name}: example() returned {name} of shape {np.shape(v)} and dtype '
+            f'{np.asarray(v).dtype}; expected integers of shape ({self.seq_len},) (seq_len).'
+          )
       x[i], y[i] = xi, yi
     return {'x': x, 'y': y}
 
@@ -143,24 +156,29 @@ class StreamSource(Source):
   A row is a random crop of T+1 consecutive tokens: x = crop[:-1], y = crop[1:].
   """
 
-  def __init__(self, *, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int,
-               fix: str = ''):
+  def __init__(
+    self, *, streams: dict[str, np.ndarray], vocab_size: int, seq_len: int, fix: str = ''
+  ):
     """Args: streams: split -> int [N] tokens; fix: advice appended to a too-short error."""
     self.seq_len = check_int('seq_len', seq_len, minimum=1)
     self.vocab_size = check_int('vocab_size', vocab_size, minimum=1)
     for split in SPLITS:
-      check_tokens(f"{getattr(self, 'name', type(self).__name__)}: the {split} stream",
-                   streams[split], vocab_size)
+      check_tokens(
+        f"{getattr(self, 'name', type(self).__name__)}: the {split} stream",
+        streams[split],
+        vocab_size,
+      )
       n = len(streams[split])
       if n < self.seq_len + 1:
         raise ValueError(
-            f'{self.name}: the {split} stream has {n} tokens, fewer than seq_len+1 = '
-            f'{self.seq_len + 1}. Lower seq_len. {fix}'.rstrip())
+          f'{self.name}: the {split} stream has {n} tokens, fewer than seq_len+1 = '
+          f'{self.seq_len + 1}. Lower seq_len. {fix}'.rstrip()
+        )
     self.streams = streams
 
   def example(self, rng, *, split):
     stream = self.streams[split]
     # Crops start anywhere, so a row may begin mid-image / mid-word; that is the LM setting.
     start = int(rng.integers(0, len(stream) - self.seq_len))
-    crop = np.asarray(stream[start:start + self.seq_len + 1], dtype=np.int32)
+    crop = np.asarray(stream[start : start + self.seq_len + 1], dtype=np.int32)
     return crop[:-1], crop[1:]

@@ -23,8 +23,14 @@ import numpy as np
 from smt_jax.data.base import SPLITS, StreamSource, check_int
 
 # IDX type byte -> numpy dtype (IDX data is big-endian).
-_IDX_DTYPES = {0x08: np.dtype('u1'), 0x09: np.dtype('i1'), 0x0B: np.dtype('>i2'),
-               0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_DTYPES = {
+  0x08: np.dtype('u1'),
+  0x09: np.dtype('i1'),
+  0x0B: np.dtype('>i2'),
+  0x0C: np.dtype('>i4'),
+  0x0D: np.dtype('>f4'),
+  0x0E: np.dtype('>f8'),
+}
 
 # The standard MNIST image files, looked up in `data_dir` with or without '.gz'.
 MNIST_FILES = {'train': 'train-images-idx3-ubyte', 'eval': 't10k-images-idx3-ubyte'}
@@ -55,9 +61,10 @@ def read_idx(path: str) -> np.ndarray:
       raise ValueError(f'{path}: corrupt gzip data ({e}); download the file again.') from e
   if len(raw) < 4 or raw[:2] != b'\0\0' or raw[2] not in _IDX_DTYPES:
     raise ValueError(
-        f'{path}: not an IDX file (magic bytes {raw[:4].hex()!r}; expected 0000 then a type '
-        f'byte in {[hex(k) for k in _IDX_DTYPES]} and the number of dims, e.g. 00000803 for '
-        'MNIST images); point data_dir at the original MNIST files.')
+      f'{path}: not an IDX file (magic bytes {raw[:4].hex()!r}; expected 0000 then a type '
+      f'byte in {[hex(k) for k in _IDX_DTYPES]} and the number of dims, e.g. 00000803 for '
+      'MNIST images); point data_dir at the original MNIST files.'
+    )
   dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
   header = 4 + 4 * ndim
   if len(raw) < header:
@@ -66,8 +73,9 @@ def read_idx(path: str) -> np.ndarray:
   expected = int(np.prod(shape)) * dtype.itemsize
   if len(raw) - header != expected:
     raise ValueError(
-        f'{path}: the IDX header says shape {shape} ({expected} data bytes) but '
-        f'{len(raw) - header} bytes follow; the file is truncated or corrupt, download it again.')
+      f'{path}: the IDX header says shape {shape} ({expected} data bytes) but '
+      f'{len(raw) - header} bytes follow; the file is truncated or corrupt, download it again.'
+    )
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder('='))
 
 
@@ -75,8 +83,10 @@ def read_mnist_images(path: str) -> np.ndarray:
   """Reads an MNIST image IDX file: uint8 [N, 28, 28], or ValueError naming what is wrong."""
   images = read_idx(path)
   if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-    raise ValueError(f'{path}: expected uint8 images [N, 28, 28], got {images.dtype} '
-                     f'{images.shape}; is this an MNIST images (not labels) file?')
+    raise ValueError(
+      f'{path}: expected uint8 images [N, 28, 28], got {images.dtype} '
+      f'{images.shape}; is this an MNIST images (not labels) file?'
+    )
   return images
 
 
@@ -104,11 +114,15 @@ def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
   for split, im in images.items():
     im = np.asarray(im)
     if im.ndim != 3 or not len(im) or not np.issubdtype(im.dtype, np.integer):
-      raise ValueError(f'{split} images must be integer intensities [N >= 1, H, W], got '
-                       f'{im.dtype} {im.shape}; quantise float images to 0..levels-1 first.')
+      raise ValueError(
+        f'{split} images must be integer intensities [N >= 1, H, W], got '
+        f'{im.dtype} {im.shape}; quantise float images to 0..levels-1 first.'
+      )
     if im.min() < 0 or im.max() >= levels:
-      raise ValueError(f'{split} images hold intensities in [{im.min()}, {im.max()}], outside '
-                       f'[0, levels={levels}); quantise them (or raise levels), never clip.')
+      raise ValueError(
+        f'{split} images hold intensities in [{im.min()}, {im.max()}], outside '
+        f'[0, levels={levels}); quantise them (or raise levels), never clip.'
+      )
     shapes.add(im.shape[1:])
   if len(shapes) != 1:
     raise ValueError(f'train and eval images differ in shape: {sorted(shapes)}; one (H, W).')
@@ -124,8 +138,7 @@ class PixelSource(StreamSource):
       source was built with `bos=False` (images back to back; vocab_size = levels).
   """
 
-  def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int,
-               bos: bool = True):
+  def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int, bos: bool = True):
     levels = check_int('levels', levels, minimum=2)
     bos = check_bool('bos', bos)
     _check_images(images, levels)
@@ -161,15 +174,23 @@ class PixelSource(StreamSource):
 class DigitsSource(PixelSource):
   """scikit-learn's 8x8 handwritten digits (1797 images, 17 levels; BOS 17 and vocab 18, or
   with `bos=False` no BOS and vocab 17)."""
+
   name = 'digits'
 
   def __init__(self, *, seq_len: int = 256, bos: bool = True):
     from sklearn.datasets import load_digits  # lazy: only this source needs scikit-learn
+
     images = load_digits().images.astype(np.uint8)  # [1797, 8, 8], values 0..16
     order = np.random.default_rng(0).permutation(len(images))  # fixed: same split everywhere
-    super().__init__(images={'train': images[order[:DIGITS_TRAIN_IMAGES]],
-                             'eval': images[order[DIGITS_TRAIN_IMAGES:]]},
-                     levels=17, seq_len=seq_len, bos=bos)
+    super().__init__(
+      images={
+        'train': images[order[:DIGITS_TRAIN_IMAGES]],
+        'eval': images[order[DIGITS_TRAIN_IMAGES:]],
+      },
+      levels=17,
+      seq_len=seq_len,
+      bos=bos,
+    )
 
 
 def _find_mnist_file(data_dir: str, split: str) -> str | None:
@@ -186,23 +207,29 @@ def load_mnist_idx(data_dir: str) -> dict[str, np.ndarray]:
   its last 10% evaluate (t10k alone: 9000 / 1000), with a warning.
   """
   if not os.path.isdir(data_dir):
-    raise ValueError(f'mnist: data_dir={data_dir!r} is not a folder; pass the folder holding '
-                     f'{MNIST_FILES["train"]}(.gz) and {MNIST_FILES["eval"]}(.gz), or data_dir=None '
-                     'to load MNIST through tensorflow-datasets.')
+    raise ValueError(
+      f'mnist: data_dir={data_dir!r} is not a folder; pass the folder holding '
+      f'{MNIST_FILES["train"]}(.gz) and {MNIST_FILES["eval"]}(.gz), or data_dir=None '
+      'to load MNIST through tensorflow-datasets.'
+    )
   paths = {split: _find_mnist_file(data_dir, split) for split in SPLITS}
   if paths['train'] and paths['eval']:
     return {split: read_mnist_images(path) for split, path in paths.items()}
   found = paths['train'] or paths['eval']
   if found is None:
-    raise ValueError(f'mnist: data_dir={data_dir!r} holds neither {MNIST_FILES["train"]}(.gz) nor '
-                     f'{MNIST_FILES["eval"]}(.gz); put the MNIST IDX files there, or pass '
-                     'data_dir=None to load MNIST through tensorflow-datasets.')
+    raise ValueError(
+      f'mnist: data_dir={data_dir!r} holds neither {MNIST_FILES["train"]}(.gz) nor '
+      f'{MNIST_FILES["eval"]}(.gz); put the MNIST IDX files there, or pass '
+      'data_dir=None to load MNIST through tensorflow-datasets.'
+    )
   images = read_mnist_images(found)
   num_eval = len(images) // 10
-  warnings.warn(f'mnist: only {os.path.basename(found)} found in {data_dir!r}; using its first '
-                f'{len(images) - num_eval} images to train and its last {num_eval} to evaluate.',
-                stacklevel=2)
-  return {'train': images[:len(images) - num_eval], 'eval': images[len(images) - num_eval:]}
+  warnings.warn(
+    f'mnist: only {os.path.basename(found)} found in {data_dir!r}; using its first '
+    f'{len(images) - num_eval} images to train and its last {num_eval} to evaluate.',
+    stacklevel=2,
+  )
+  return {'train': images[: len(images) - num_eval], 'eval': images[len(images) - num_eval :]}
 
 
 def load_mnist_tfds() -> dict[str, np.ndarray]:
@@ -211,15 +238,19 @@ def load_mnist_tfds() -> dict[str, np.ndarray]:
   Returns: {'train', 'eval'} -> uint8 [N, 28, 28] (tfds 'train' and 'test').
   """
   import tensorflow_datasets as tfds  # lazy: heavy, and only this path needs it
+
   images = {}
   for split, tfds_split in (('train', 'train'), ('eval', 'test')):
     try:
       source = tfds.data_source('mnist', split=tfds_split)
     except Exception as e:  # no network, no prepared copy, ...: say what else would work
-      raise ValueError(f'mnist: tensorflow-datasets could not provide mnist/{tfds_split} ({e}); '
-                       'pass data_dir=<folder with the MNIST IDX files> instead.') from e
-    images[split] = np.stack([np.asarray(source[i]['image'], np.uint8).reshape(28, 28)
-                              for i in range(len(source))])
+      raise ValueError(
+        f'mnist: tensorflow-datasets could not provide mnist/{tfds_split} ({e}); '
+        'pass data_dir=<folder with the MNIST IDX files> instead.'
+      ) from e
+    images[split] = np.stack(
+      [np.asarray(source[i]['image'], np.uint8).reshape(28, 28) for i in range(len(source))]
+    )
   return images
 
 
@@ -230,15 +261,19 @@ class MnistSource(PixelSource):
   separator (`experiments/configs/pixels.py:mnist`). `bos=True` puts BOS = levels before each
   image (vocab levels + 1).
   """
+
   name = 'mnist'
 
-  def __init__(self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256,
-               bos: bool = True):
+  def __init__(
+    self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256, bos: bool = True
+  ):
     levels = check_int('levels', levels, minimum=2, fix='Use 2..256 intensity levels.')
     if levels > 256:
       raise ValueError(f'levels must be <= 256, got {levels}. Use 2..256 intensity levels.')
     images = load_mnist_tfds() if data_dir is None else load_mnist_idx(data_dir)
     if levels < 256:  # quantise v in 0..255 to v*levels//256 in 0..levels-1
-      images = {split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)
-                for split, im in images.items()}
+      images = {
+        split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)
+        for split, im in images.items()
+      }
     super().__init__(images=images, levels=levels, seq_len=seq_len, bos=bos)

@@ -7,7 +7,7 @@ arguments, so the Sources check them once at construction by generating a throwa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,8 +15,12 @@ from smt_jax.data.base import IGNORE, Source, check_batch_tokens, check_int, che
 
 
 def _check_seq_len(probe: str, seq_len, minimum: int, why: str) -> int:
-  return check_int('seq_len', seq_len, minimum=minimum,
-                   fix=f'The {probe} probe needs seq_len >= {minimum} ({why}); raise seq_len.')
+  return check_int(
+    'seq_len',
+    seq_len,
+    minimum=minimum,
+    fix=f'The {probe} probe needs seq_len >= {minimum} ({why}); raise seq_len.',
+  )
 
 
 def _empty_targets(seq_len: int) -> np.ndarray:
@@ -27,8 +31,9 @@ def _empty_targets(seq_len: int) -> np.ndarray:
 # One-sequence generators.
 
 
-def generate_retrieval(rng: np.random.Generator, *, seq_len: int, num_tokens: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def generate_retrieval(
+  rng: np.random.Generator, *, seq_len: int, num_tokens: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Needle retrieval: find the token that followed the marker, asked for at the very end.
 
   x: random tokens 1..n; x[p] = 0 (marker) and x[p+1] = needle with p+1 < T//2 (first half);
@@ -36,7 +41,9 @@ def generate_retrieval(rng: np.random.Generator, *, seq_len: int, num_tokens: in
 
   Returns: x, y: int32 [seq_len].
   """
-  seq_len = _check_seq_len('retrieval', seq_len, 4, 'marker and needle in the first half, then a query')
+  seq_len = _check_seq_len(
+    'retrieval', seq_len, 4, 'marker and needle in the first half, then a query'
+  )
   num_tokens = check_int('num_tokens', num_tokens, minimum=1)
   x = rng.integers(1, num_tokens + 1, size=seq_len).astype(np.int32)
   marker = int(rng.integers(0, seq_len // 2 - 1))  # so the needle, at marker+1, is < T//2
@@ -47,8 +54,14 @@ def generate_retrieval(rng: np.random.Generator, *, seq_len: int, num_tokens: in
   return x, y
 
 
-def generate_copy(rng: np.random.Generator, *, seq_len: int, num_tokens: int,
-                  reverse: bool = False, label_noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def generate_copy(
+  rng: np.random.Generator,
+  *,
+  seq_len: int,
+  num_tokens: int,
+  reverse: bool = False,
+  label_noise: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
   """String copy: read s, a separator 0, then reproduce s (reversed if `reverse`), LM-style.
 
   With L = (seq_len-1)//2 and c = s or s[::-1]:
@@ -70,18 +83,19 @@ def generate_copy(rng: np.random.Generator, *, seq_len: int, num_tokens: int,
   copy = s[::-1] if reverse else s
   x = np.zeros(seq_len, np.int32)
   x[:length] = s
-  x[length + 1:2 * length + 1] = copy
+  x[length + 1 : 2 * length + 1] = copy
   y = _empty_targets(seq_len)
   targets = copy.copy()
   if label_noise > 0:
     noisy = rng.random(length) < label_noise
     targets = np.where(noisy, rng.integers(1, num_tokens + 1, size=length), targets)
-  y[length:2 * length] = targets
+  y[length : 2 * length] = targets
   return x, y
 
 
-def generate_stack(rng: np.random.Generator, *, seq_len: int, num_tokens: int, max_depth: int,
-                   push_prob: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def generate_stack(
+  rng: np.random.Generator, *, seq_len: int, num_tokens: int, max_depth: int, push_prob: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
   """Stack: each step pushes a token 1..n or pops (input 0); a pop's target is the popped token.
 
   The stack starts empty; an empty stack always pushes, a full one (depth == max_depth) always
@@ -109,8 +123,9 @@ def generate_stack(rng: np.random.Generator, *, seq_len: int, num_tokens: int, m
   return x, y
 
 
-def generate_keys_values(rng: np.random.Generator, *, seq_len: int, num_keys: int,
-                         num_values: int) -> tuple[np.ndarray, np.ndarray]:
+def generate_keys_values(
+  rng: np.random.Generator, *, seq_len: int, num_keys: int, num_values: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Associative recall: P key/value pairs, a separator, then queries of stored keys.
 
   Tokens: 0 separator, keys 1..num_keys, values num_keys+1..num_keys+num_values (disjoint
@@ -130,16 +145,17 @@ def generate_keys_values(rng: np.random.Generator, *, seq_len: int, num_keys: in
   values = 1 + num_keys + rng.integers(0, num_values, size=num_pairs)
   asked = rng.integers(0, num_pairs, size=seq_len - 2 * num_pairs - 1)  # indices into the pairs
   x = np.zeros(seq_len, np.int32)
-  x[0:2 * num_pairs:2] = keys
-  x[1:2 * num_pairs:2] = values
-  x[2 * num_pairs + 1:] = keys[asked]  # x[2P] stays 0: the separator
+  x[0 : 2 * num_pairs : 2] = keys
+  x[1 : 2 * num_pairs : 2] = values
+  x[2 * num_pairs + 1 :] = keys[asked]  # x[2P] stays 0: the separator
   y = _empty_targets(seq_len)
-  y[2 * num_pairs + 1:] = values[asked]
+  y[2 * num_pairs + 1 :] = values[asked]
   return x, y
 
 
-def generate_modular(rng: np.random.Generator, *, seq_len: int, modulus: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def generate_modular(
+  rng: np.random.Generator, *, seq_len: int, modulus: int
+) -> tuple[np.ndarray, np.ndarray]:
   """In-context modular regression: pairs (a, (w*a + b) mod m) with w, b hidden per sequence.
 
   w is uniform in 1..m-1, b in 0..m-1, each a uniform in 0..m-1.
@@ -181,10 +197,19 @@ def generate_parity(rng: np.random.Generator, *, seq_len: int) -> tuple[np.ndarr
 class ProbeSource(Source):
   """A `Source` whose rows are `generate(rng, **kwargs)`; `eval_kwargs` may differ (no noise)."""
 
-  def __init__(self, generate: Callable[..., tuple[np.ndarray, np.ndarray]], *,
-               vocab_size: int, train_kwargs: dict, eval_kwargs: dict | None = None):
+  def __init__(
+    self,
+    generate: Callable[..., tuple[np.ndarray, np.ndarray]],
+    *,
+    vocab_size: int,
+    train_kwargs: dict,
+    eval_kwargs: dict | None = None,
+  ):
     self._generate = generate
-    self._kwargs = {'train': train_kwargs, 'eval': train_kwargs if eval_kwargs is None else eval_kwargs}
+    self._kwargs = {
+      'train': train_kwargs,
+      'eval': train_kwargs if eval_kwargs is None else eval_kwargs,
+    }
     # Dry run: the generator raises ValueError on bad arguments, now rather than mid-training;
     # and its tokens must fit the vocabulary (x in [0, V), targets y in [-1, V)).
     for kwargs in self._kwargs.values():
@@ -202,59 +227,88 @@ class ProbeSource(Source):
 
 class RetrievalSource(ProbeSource):
   """Needle retrieval (`generate_retrieval`); vocab num_tokens+1."""
+
   name = 'retrieval'
 
   def __init__(self, *, seq_len: int = 64, num_tokens: int = 16):
-    super().__init__(generate_retrieval, vocab_size=num_tokens + 1,
-                     train_kwargs=dict(seq_len=seq_len, num_tokens=num_tokens))
+    super().__init__(
+      generate_retrieval,
+      vocab_size=num_tokens + 1,
+      train_kwargs=dict(seq_len=seq_len, num_tokens=num_tokens),
+    )
     self.num_tokens = num_tokens
 
 
 class CopySource(ProbeSource):
   """String copy (`generate_copy`); label noise on the train split only; vocab num_tokens+1."""
+
   name = 'copy'
 
-  def __init__(self, *, seq_len: int = 64, num_tokens: int = 16, reverse: bool = False,
-               label_noise: float = 0.0):
+  def __init__(
+    self,
+    *,
+    seq_len: int = 64,
+    num_tokens: int = 16,
+    reverse: bool = False,
+    label_noise: float = 0.0,
+  ):
     train = dict(seq_len=seq_len, num_tokens=num_tokens, reverse=reverse, label_noise=label_noise)
-    super().__init__(generate_copy, vocab_size=num_tokens + 1, train_kwargs=train,
-                     eval_kwargs={**train, 'label_noise': 0.0})  # eval measures the clean task
+    super().__init__(
+      generate_copy,
+      vocab_size=num_tokens + 1,
+      train_kwargs=train,
+      eval_kwargs={**train, 'label_noise': 0.0},
+    )  # eval measures the clean task
     self.num_tokens, self.reverse, self.label_noise = num_tokens, reverse, label_noise
 
 
 class StackSource(ProbeSource):
   """Stack push/pop (`generate_stack`); vocab num_tokens+1."""
+
   name = 'stack'
 
-  def __init__(self, *, seq_len: int = 64, num_tokens: int = 16, max_depth: int = 8,
-               push_prob: float = 0.5):
-    super().__init__(generate_stack, vocab_size=num_tokens + 1, train_kwargs=dict(
-        seq_len=seq_len, num_tokens=num_tokens, max_depth=max_depth, push_prob=push_prob))
+  def __init__(
+    self, *, seq_len: int = 64, num_tokens: int = 16, max_depth: int = 8, push_prob: float = 0.5
+  ):
+    super().__init__(
+      generate_stack,
+      vocab_size=num_tokens + 1,
+      train_kwargs=dict(
+        seq_len=seq_len, num_tokens=num_tokens, max_depth=max_depth, push_prob=push_prob
+      ),
+    )
     self.num_tokens, self.max_depth, self.push_prob = num_tokens, max_depth, push_prob
 
 
 class KeysValuesSource(ProbeSource):
   """Associative recall (`generate_keys_values`); vocab 1+num_keys+num_values."""
+
   name = 'keys_values'
 
   def __init__(self, *, seq_len: int = 64, num_keys: int = 16, num_values: int = 16):
-    super().__init__(generate_keys_values, vocab_size=1 + num_keys + num_values,
-                     train_kwargs=dict(seq_len=seq_len, num_keys=num_keys, num_values=num_values))
+    super().__init__(
+      generate_keys_values,
+      vocab_size=1 + num_keys + num_values,
+      train_kwargs=dict(seq_len=seq_len, num_keys=num_keys, num_values=num_values),
+    )
     self.num_keys, self.num_values = num_keys, num_values
 
 
 class ModularSource(ProbeSource):
   """In-context modular arithmetic (`generate_modular`); vocab modulus."""
+
   name = 'modular'
 
   def __init__(self, *, seq_len: int = 64, modulus: int = 17):
-    super().__init__(generate_modular, vocab_size=modulus,
-                     train_kwargs=dict(seq_len=seq_len, modulus=modulus))
+    super().__init__(
+      generate_modular, vocab_size=modulus, train_kwargs=dict(seq_len=seq_len, modulus=modulus)
+    )
     self.modulus = modulus
 
 
 class ParitySource(ProbeSource):
   """Running parity (`generate_parity`); vocab 2."""
+
   name = 'parity'
 
   def __init__(self, *, seq_len: int = 64):

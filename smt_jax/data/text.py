@@ -37,8 +37,10 @@ def read_corpus(path: str) -> np.ndarray:
   A single file is memory-mapped, so large corpora (e.g. TinyStories) cost no RAM up front.
   """
   if not os.path.exists(path):
-    raise ValueError(f'text: data.path={path!r} does not exist; set data.path to a text file or '
-                     'a folder of text files.')
+    raise ValueError(
+      f'text: data.path={path!r} does not exist; set data.path to a text file or '
+      'a folder of text files.'
+    )
   if os.path.isfile(path):
     if os.path.getsize(path) == 0:
       return np.zeros(0, np.uint8)
@@ -52,31 +54,38 @@ def read_corpus(path: str) -> np.ndarray:
 
 class TextSource(StreamSource):
   """Byte-level language modelling on a local corpus; tokens are bytes, vocab 256."""
+
   name = 'text'
 
   def __init__(self, *, seq_len: int = 256, path: str | None = None):
     seq_len = check_int('seq_len', seq_len, minimum=1)
     if path is None:
-      raise ValueError('text: data.path is not set; set data.path to a text file or a folder of '
-                       'text files.')
+      raise ValueError(
+        'text: data.path is not set; set data.path to a text file or a folder of text files.'
+      )
     corpus = read_corpus(os.fspath(path))
     need = 2 * (seq_len + 1)  # each split must hold one crop of seq_len+1 bytes
     if len(corpus) < need:
       raise ValueError(
-          f'text: the corpus at data.path={path!r} has {len(corpus)} bytes, fewer than the '
-          f'{need} needed for a train and an eval crop of seq_len+1 = {seq_len + 1} bytes; '
-          'point data.path at a larger corpus (or lower seq_len).')
+        f'text: the corpus at data.path={path!r} has {len(corpus)} bytes, fewer than the '
+        f'{need} needed for a train and an eval crop of seq_len+1 = {seq_len + 1} bytes; '
+        'point data.path at a larger corpus (or lower seq_len).'
+      )
     num_eval = max(int(len(corpus) * EVAL_FRACTION), seq_len + 1)
     self.path = path
-    super().__init__(streams={'train': corpus[:len(corpus) - num_eval],
-                              'eval': corpus[len(corpus) - num_eval:]},
-                     vocab_size=256, seq_len=seq_len)
+    super().__init__(
+      streams={'train': corpus[: len(corpus) - num_eval], 'eval': corpus[len(corpus) - num_eval :]},
+      vocab_size=256,
+      seq_len=seq_len,
+    )
 
   @staticmethod
   def decode(tokens) -> str:
     """Byte tokens int [N] in [0, 256) -> text (invalid UTF-8 shown as U+FFFD)."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > 255):
-      raise ValueError(f'decode: tokens must be bytes in [0, 256), got range '
-                       f'[{tokens.min()}, {tokens.max()}]; drop masked (-1) entries first.')
+      raise ValueError(
+        f'decode: tokens must be bytes in [0, 256), got range '
+        f'[{tokens.min()}, {tokens.max()}]; drop masked (-1) entries first.'
+      )
     return tokens.astype(np.uint8).tobytes().decode('utf-8', errors='replace')

@@ -16,22 +16,33 @@ def head_width(width: int, num_heads: int, head_dim: int) -> int:
   return head_dim or width // num_heads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def teacher_fns(graphdef: nnx.GraphDef) -> TeacherFns:
   """Pure functions of the teacher's state, for `graphdef, state = nnx.split(teacher)`."""
   return TeacherFns(
-      encode=lambda p, context: nnx.merge(graphdef, p).encode(context),
-      decode=lambda p, m, x_future: nnx.merge(graphdef, p).decode(m, x_future))
+    encode=lambda p, context: nnx.merge(graphdef, p).encode(context),
+    decode=lambda p, m, x_future: nnx.merge(graphdef, p).decode(m, x_future),
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
   """Pure functions of an RNN's state, for `graphdef, state = nnx.split(rnn)`."""
   return RNNFns(
-      update=lambda p, m, x: nnx.merge(graphdef, p).update(m, x),
-      readout=lambda p, m: nnx.merge(graphdef, p).readout(m),
-      initial_memory=lambda p: nnx.merge(graphdef, p).initial_memory())
+    update=lambda p, m, x: nnx.merge(graphdef, p).update(m, x),
+    readout=lambda p, m: nnx.merge(graphdef, p).readout(m),
+    initial_memory=lambda p: nnx.merge(graphdef, p).initial_memory(),
+  )
 
 
-__all__ = ["DEFAULT_HEAD_DIM", "Decoder", "RNN", "Teacher", "RNN_KINDS", "head_width", "make_rnn", "rnn_fns",
-           "teacher_fns"]
+__all__ = [
+  "DEFAULT_HEAD_DIM",
+  "Decoder",
+  "RNN",
+  "Teacher",
+  "RNN_KINDS",
+  "head_width",
+  "make_rnn",
+  "rnn_fns",
+  "teacher_fns",
+]

@@ -41,8 +41,9 @@ ROPE_BASE = 10_000.0
 def rms_normalize(x: jax.Array, eps: float = MEMORY_EPS) -> jax.Array:
   """x / sqrt(mean(x^2) + eps) over the last axis, no learned scale (the memory normalisation)."""
   x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-          ).astype(x.dtype)
+  return (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(
+    x.dtype
+  )
 
 
 def torch_uniform(key, shape, dtype=jnp.float32, *, fan_in: int):
@@ -54,14 +55,14 @@ def torch_uniform(key, shape, dtype=jnp.float32, *, fan_in: int):
 def linear(din: int, dout: int, *, use_bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
   """nnx.Linear with PyTorch's default initialisation (kernel [din, dout] = weight.T)."""
   init = lambda key, shape, dtype=jnp.float32: torch_uniform(key, shape, dtype, fan_in=din)
-  return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, kernel_init=init, bias_init=init,
-                    rngs=rngs)
+  return nnx.Linear(
+    din, dout, use_bias=use_bias, dtype=dtype, kernel_init=init, bias_init=init, rngs=rngs
+  )
 
 
 def embedding(num: int, width: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
   """nnx.Embed with PyTorch's default N(0, 1) initialisation."""
-  return nnx.Embed(num, width, dtype=dtype, embedding_init=nnx.initializers.normal(1.0),
-                   rngs=rngs)
+  return nnx.Embed(num, width, dtype=dtype, embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -84,8 +85,9 @@ def rotary_inv_freq(head_dim: int, base: float = ROPE_BASE) -> jax.Array:
   return 1.0 / (base ** (jnp.arange(0, rot, 2, dtype=jnp.float32) / rot))
 
 
-def rope_tables(positions: jax.Array, head_dim: int, base: float = ROPE_BASE
-                ) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+  positions: jax.Array, head_dim: int, base: float = ROPE_BASE
+) -> tuple[jax.Array, jax.Array]:
   """(cos, sin), each float32 [L, head_dim/2]: angle p * inv_freq[j // 2] for rotated dim j."""
   angles = positions.astype(jnp.float32)[:, None] * rotary_inv_freq(head_dim, base)[None, :]
   angles = jnp.repeat(angles, 2, axis=-1)  # f0 f0 f1 f1 ...: one frequency per adjacent pair
@@ -110,12 +112,19 @@ def _dense(layer: nnx.Linear, x: jax.Array, columns: slice | None = None) -> jax
   if columns is not None:
     kernel = kernel[:, columns]
   x, kernel = layer.promote_dtype((x, kernel), dtype=layer.dtype)
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                             precision=layer.precision)
+  return jax.lax.dot_general(
+    x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=layer.precision
+  )
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-           implementation: str | None = None) -> jax.Array:
+def attend(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None,
+  *,
+  implementation: str | None = None,
+) -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v with float32 logits and softmax.
 
   Args:
@@ -132,13 +141,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
     implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
   scale = q.shape[-1] ** -0.5
   if implementation == "xla":
-    return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
-                                        scale=scale)
+    return jax.nn.dot_product_attention(
+      q, k, v, mask=None if mask is None else mask[:, None], scale=scale
+    )
   if implementation not in ("explicit", "auto"):
-    raise ValueError(f"attention implementation must be 'auto', 'xla' or 'explicit', got "
-                     f"{implementation!r}.")
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)  # [B, H, Q, L]
+    raise ValueError(
+      f"attention implementation must be 'auto', 'xla' or 'explicit', got {implementation!r}."
+    )
+  scores = jnp.einsum(
+    "bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32
+  )  # [B, H, Q, L]
   if mask is not None:
     scores = jnp.where(mask[:, None], scores, -jnp.finfo(jnp.float32).max)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -149,25 +161,43 @@ class Attention(nnx.Module):
   """Multi-head self-attention: fused q/k/v projections to H * head_dim, partial rotary, output
   projection back to the width (absent with one head, as in x-transformers)."""
 
-  def __init__(self, width: int, num_heads: int, head_dim: int, *, attention: str | None = None,
-               dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    attention: str | None = None,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     if head_dim % 4:
-      raise ValueError(f"head_dim ({head_dim}) must be a multiple of 4 (rotary embedding turns "
-                       f"pairs within the first half of every head).")
+      raise ValueError(
+        f"head_dim ({head_dim}) must be a multiple of 4 (rotary embedding turns "
+        f"pairs within the first half of every head)."
+      )
     self.num_heads, self.head_dim, self.implementation = num_heads, head_dim, attention
     inner = num_heads * head_dim
     if num_heads == 1 and inner != width:
-      raise ValueError(f"one head has no output projection: head_dim ({head_dim}) must equal "
-                       f"the width ({width}).")
+      raise ValueError(
+        f"one head has no output projection: head_dim ({head_dim}) must equal the width ({width})."
+      )
     # One kernel [width, 3 * inner]: columns [q | k | v], each head-major ('(h dh)'). Its init
     # U(+-1/sqrt(width)) is that of three separate Linear(width, inner) layers.
     self.qkv = linear(width, 3 * inner, use_bias=False, dtype=dtype, rngs=rngs)
-    self.out = (linear(inner, width, use_bias=False, dtype=dtype, rngs=rngs)
-                if num_heads > 1 else None)
+    self.out = (
+      linear(inner, width, use_bias=False, dtype=dtype, rngs=rngs) if num_heads > 1 else None
+    )
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, *, queries: slice | None = None,
-               rope: tuple[jax.Array, jax.Array] | None = None,
-               query_valid: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    *,
+    queries: slice | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    query_valid: jax.Array | None = None,
+  ) -> jax.Array:
     """Self-attention of x [B, L, D].
 
     Args:
@@ -189,15 +219,17 @@ class Attention(nnx.Module):
     else:
       xq = x[:, queries]
       q = _dense(self.qkv, xq, slice(0, inner)).reshape(b, xq.shape[1], h, dh)  # [B, Q, H, Dh]
-      k, v = jnp.split(_dense(self.qkv, x, slice(inner, 3 * inner)).reshape(b, l, 2 * h, dh), 2,
-                       axis=2)
+      k, v = jnp.split(
+        _dense(self.qkv, x, slice(inner, 3 * inner)).reshape(b, l, 2 * h, dh), 2, axis=2
+      )
       q_cos, q_sin = cos[queries], sin[queries]
       if mask is not None and mask.shape[-2] != 1:
         mask = mask[..., queries, :]
       if query_valid is not None:
         query_valid = query_valid[:, queries]
-    out = attend(rotate(q, q_cos, q_sin), rotate(k, cos, sin), v, mask,
-                 implementation=self.implementation)
+    out = attend(
+      rotate(q, q_cos, q_sin), rotate(k, cos, sin), v, mask, implementation=self.implementation
+    )
     out = out.reshape(b, out.shape[1], inner)
     if self.out is not None:
       out = self.out(out)
@@ -209,20 +241,36 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm block: x + Attn(norm(x)), then x + FF(norm(x))."""
 
-  def __init__(self, width: int, num_heads: int, head_dim: int, *, mlp_ratio: int = 4,
-               attention: str | None = None, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    mlp_ratio: int = 4,
+    attention: str | None = None,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.attn_norm = RMSNorm(width, dtype=dtype)
     self.attn = Attention(width, num_heads, head_dim, attention=attention, dtype=dtype, rngs=rngs)
     self.mlp_norm = RMSNorm(width, dtype=dtype)
     self.fc1 = linear(width, mlp_ratio * width, use_bias=True, dtype=dtype, rngs=rngs)
     self.fc2 = linear(mlp_ratio * width, width, use_bias=True, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, *, queries: slice | None = None,
-               rope: tuple[jax.Array, jax.Array] | None = None,
-               query_valid: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    *,
+    queries: slice | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+    query_valid: jax.Array | None = None,
+  ) -> jax.Array:
     """x [B, L, D] -> [B, Q, D]: the block's output at the query rows (all rows when None)."""
-    attended = self.attn(self.attn_norm(x), mask, queries=queries, rope=rope,
-                         query_valid=query_valid)
+    attended = self.attn(
+      self.attn_norm(x), mask, queries=queries, rope=rope, query_valid=query_valid
+    )
     x = (x if queries is None else x[:, queries]) + attended
     return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
 
@@ -230,15 +278,34 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
   """A stack of pre-norm blocks followed by a final norm."""
 
-  def __init__(self, width: int, depth: int, num_heads: int, head_dim: int, *,
-               attention: str | None = None, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    depth: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    attention: str | None = None,
+    dtype,
+    rngs: nnx.Rngs,
+  ):
     self.head_dim = head_dim
-    self.blocks = nnx.List([Block(width, num_heads, head_dim, attention=attention, dtype=dtype,
-                                  rngs=rngs) for _ in range(depth)])
+    self.blocks = nnx.List(
+      [
+        Block(width, num_heads, head_dim, attention=attention, dtype=dtype, rngs=rngs)
+        for _ in range(depth)
+      ]
+    )
     self.final_norm = RMSNorm(width, dtype=dtype)
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None, *, outputs: slice | None = None,
-               key_valid: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    mask: jax.Array | None,
+    *,
+    outputs: slice | None = None,
+    key_valid: jax.Array | None = None,
+  ) -> jax.Array:
     """x [B, L, D] -> [B, L, D], or [B, Q, D] for the rows `outputs` (a slice) alone.
 
     Args:
@@ -253,8 +320,7 @@ class Transformer(nnx.Module):
       mask = keys if mask is None else mask & keys
     last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):
-      x = block(x, mask, queries=outputs if i == last else None, rope=rope,
-                query_valid=key_valid)
+      x = block(x, mask, queries=outputs if i == last else None, rope=rope, query_valid=key_valid)
     return self.final_norm(x)
 
 

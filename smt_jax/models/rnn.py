@@ -34,13 +34,17 @@ class RNN(nnx.Module):
   teacher's E(empty)) or "zeros" (the reference's BPTT and `encode_with_rnn` start; no parameter).
   """
 
-  def __init__(self, *, num_memory_tokens: int, width: int, initial_memory: str = "learned",
-               rngs: nnx.Rngs):
+  def __init__(
+    self, *, num_memory_tokens: int, width: int, initial_memory: str = "learned", rngs: nnx.Rngs
+  ):
     if initial_memory not in INITIAL_MEMORIES:
       raise ValueError(f"initial_memory must be one of {INITIAL_MEMORIES}, got {initial_memory!r}.")
     self.memory_shape = (num_memory_tokens, width)
-    self.init_memory = (nnx.Param(jax.random.normal(rngs.params(), self.memory_shape))
-                        if initial_memory == "learned" else None)
+    self.init_memory = (
+      nnx.Param(jax.random.normal(rngs.params(), self.memory_shape))
+      if initial_memory == "learned"
+      else None
+    )
 
   def initial_memory(self) -> jax.Array:
     """The RNN's own starting state, [K, d]."""
@@ -73,24 +77,50 @@ class TransformerRNN(RNN):
   """The paper's updater: a bidirectional Transformer over [m, embed(x)], keeping the first K
   outputs (no residual from m), and a causal-Transformer readout of the teacher decoder's shape."""
 
-  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
-               num_heads: int, readout_depth: int, head_dim: int = DEFAULT_HEAD_DIM,
-               hidden: int | None = None, initial_memory: str = "learned",
-               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    num_memory_tokens: int,
+    width: int,
+    depth: int,
+    num_heads: int,
+    readout_depth: int,
+    head_dim: int = DEFAULT_HEAD_DIM,
+    hidden: int | None = None,
+    initial_memory: str = "learned",
+    attention: str | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     del hidden
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
-                     initial_memory=initial_memory, rngs=rngs)
+    super().__init__(
+      num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
+    )
     self.embed = layers.embedding(vocab_size, width, dtype=dtype, rngs=rngs)
-    self.rnn = layers.Transformer(width, depth, num_heads, head_dim, attention=attention,
-                                  dtype=dtype, rngs=rngs)
-    self.decoder = Decoder(vocab_size=vocab_size, width=width, depth=readout_depth,
-                           num_heads=num_heads, head_dim=head_dim, attention=attention,
-                           dtype=dtype, rngs=rngs)
+    self.rnn = layers.Transformer(
+      width, depth, num_heads, head_dim, attention=attention, dtype=dtype, rngs=rngs
+    )
+    self.decoder = Decoder(
+      vocab_size=vocab_size,
+      width=width,
+      depth=readout_depth,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      attention=attention,
+      dtype=dtype,
+      rngs=rngs,
+    )
 
   def update(self, memory, x):
     k = memory.shape[1]
-    h = jnp.concatenate([memory.astype(self.embed.dtype or memory.dtype),
-                         layers.embed_tokens(self.embed, x)[:, None]], axis=1)  # [B, K+1, d]
+    h = jnp.concatenate(
+      [
+        memory.astype(self.embed.dtype or memory.dtype),
+        layers.embed_tokens(self.embed, x)[:, None],
+      ],
+      axis=1,
+    )  # [B, K+1, d]
     h = self.rnn(h, None, outputs=slice(0, k))  # bidirectional: no mask; keep the K rows
     return layers.rms_normalize(h).astype(memory.dtype)
 
@@ -101,29 +131,47 @@ class TransformerRNN(RNN):
 class MLPRNN(RNN):
   """m' = rmsnorm(m + MLP([flatten(m), embed(x)])), a deep residual MLP."""
 
-  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int,
-               num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
-               hidden: int | None = None, initial_memory: str = "learned",
-               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    num_memory_tokens: int,
+    width: int,
+    depth: int,
+    num_heads: int = 1,
+    readout_depth: int = 1,
+    head_dim: int = 0,
+    hidden: int | None = None,
+    initial_memory: str = "learned",
+    attention: str | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     del num_heads, readout_depth, head_dim, attention
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
-                     initial_memory=initial_memory, rngs=rngs)
+    super().__init__(
+      num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
+    )
     size = num_memory_tokens * width
     hidden = hidden or size
     self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
     self.inp = nnx.Linear(size + width, hidden, dtype=dtype, rngs=rngs)
     self.norms = nnx.List([nnx.RMSNorm(hidden, dtype=dtype, rngs=rngs) for _ in range(depth)])
-    self.fc1 = nnx.List([nnx.Linear(hidden, 2 * hidden, dtype=dtype, rngs=rngs)
-                         for _ in range(depth)])
-    self.fc2 = nnx.List([nnx.Linear(2 * hidden, hidden, dtype=dtype, rngs=rngs)
-                         for _ in range(depth)])
+    self.fc1 = nnx.List(
+      [nnx.Linear(hidden, 2 * hidden, dtype=dtype, rngs=rngs) for _ in range(depth)]
+    )
+    self.fc2 = nnx.List(
+      [nnx.Linear(2 * hidden, hidden, dtype=dtype, rngs=rngs) for _ in range(depth)]
+    )
     self.out = nnx.Linear(hidden, size, dtype=dtype, rngs=rngs)
     self.head = MLPReadout(size, hidden, vocab_size, dtype=dtype, rngs=rngs)
 
   def update(self, memory, x):
     flat = memory.reshape(memory.shape[0], -1)
-    h = self.inp(jnp.concatenate([flat.astype(self.embed.dtype or flat.dtype),
-                                  layers.embed_tokens(self.embed, x)], axis=-1))
+    h = self.inp(
+      jnp.concatenate(
+        [flat.astype(self.embed.dtype or flat.dtype), layers.embed_tokens(self.embed, x)], axis=-1
+      )
+    )
     for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
       h = h + fc2(jax.nn.gelu(fc1(norm(h))))
     return layers.rms_normalize(memory + self.out(h).reshape(memory.shape).astype(memory.dtype))
@@ -135,13 +183,26 @@ class MLPRNN(RNN):
 class _CellRNN(RNN):
   """Shared plumbing for the classic cells: embedding of x, flat state, MLP readout."""
 
-  def __init__(self, *, vocab_size: int, num_memory_tokens: int, width: int, depth: int = 1,
-               num_heads: int = 1, readout_depth: int = 1, head_dim: int = 0,
-               hidden: int | None = None, initial_memory: str = "learned",
-               attention: str | None = None, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    num_memory_tokens: int,
+    width: int,
+    depth: int = 1,
+    num_heads: int = 1,
+    readout_depth: int = 1,
+    head_dim: int = 0,
+    hidden: int | None = None,
+    initial_memory: str = "learned",
+    attention: str | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     del depth, num_heads, readout_depth, head_dim, attention
-    super().__init__(num_memory_tokens=num_memory_tokens, width=width,
-                     initial_memory=initial_memory, rngs=rngs)
+    super().__init__(
+      num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
+    )
     self.size = num_memory_tokens * width
     self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
     self.head = MLPReadout(self.size, hidden or self.size, vocab_size, dtype=dtype, rngs=rngs)
@@ -164,7 +225,6 @@ class _CellRNN(RNN):
 
 
 class GRURNN(_CellRNN):
-
   def build_cell(self, width, *, dtype, rngs):
     self.cell = nnx.GRUCell(width, self.size, dtype=dtype, rngs=rngs)
 
@@ -173,10 +233,15 @@ class GRURNN(_CellRNN):
 
 
 class ElmanRNN(_CellRNN):
-
   def build_cell(self, width, *, dtype, rngs):
-    self.recurrent = nnx.Linear(self.size, self.size, use_bias=False, dtype=dtype, rngs=rngs,
-                                kernel_init=nnx.initializers.orthogonal())
+    self.recurrent = nnx.Linear(
+      self.size,
+      self.size,
+      use_bias=False,
+      dtype=dtype,
+      rngs=rngs,
+      kernel_init=nnx.initializers.orthogonal(),
+    )
     self.inp = nnx.Linear(width, self.size, dtype=dtype, rngs=rngs)
 
   def step(self, flat, inputs):
@@ -184,7 +249,6 @@ class ElmanRNN(_CellRNN):
 
 
 class LSTMRNN(_CellRNN):
-
   def build_cell(self, width, *, dtype, rngs):
     if self.size % 2:
       raise ValueError(f"lstm needs an even memory size K*d to hold (h, c), got {self.size}.")
@@ -198,11 +262,11 @@ class LSTMRNN(_CellRNN):
 
 # The one table of RNN kinds: name -> constructor (all take the same keyword arguments).
 RNN_KINDS = {
-    "transformer": TransformerRNN,
-    "mlp": MLPRNN,
-    "gru": GRURNN,
-    "elman": ElmanRNN,
-    "lstm": LSTMRNN,
+  "transformer": TransformerRNN,
+  "mlp": MLPRNN,
+  "gru": GRURNN,
+  "elman": ElmanRNN,
+  "lstm": LSTMRNN,
 }
 
 
