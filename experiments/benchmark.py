@@ -7,12 +7,12 @@
 
 What is timed is the runner's own train step (`experiment.make_phase(...).step`: its loss and
 optimiser, jitted with its shardings and donation), on a config validated as every run's is, with
-parameters and optimiser state created already sharded on the config's mesh. Compilation (`lower().compile()`) is timed on its own; then
-`--warmup` steps run untimed and `--steps` steps are timed in steady state, as the training loop
-runs them (the next step is dispatched before the last one is waited for): a step's time is the
-interval between consecutive completions, and the median is reported. The batch is uniform random
-tokens of the config's vocabulary: step time does not depend on token values, and this keeps data
-generation out of the measurement.
+parameters and optimiser state created already sharded on the config's mesh. Compilation
+(`lower().compile()`) is timed on its own; then `--warmup` steps run untimed and `--steps` steps are
+timed in steady state, as the training loop runs them (the next step is dispatched before the last
+one is waited for): a step's time is the interval between consecutive completions, and the median is
+reported. The batch is uniform random tokens of the config's vocabulary: step time does not depend
+on token values, and this keeps data generation out of the measurement.
 
 Per objective the JSON holds `median_s` (per train step), `tokens_per_s` (B*T / median_s),
 `compile_s`, `seq_depth` (updates on the sequential critical path: SMT 1, DMT Td, BPTT T),

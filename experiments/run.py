@@ -1,7 +1,8 @@
 """The main entry point: train an experiment from its config.
 
   python -m experiments.run --config=experiments/configs/pixels.py
-  python -m experiments.run --config=experiments/configs/synthetic.py:stack --config.model.rnn_kind=gru
+  python -m experiments.run --config=experiments/configs/synthetic.py:stack \\
+      --config.model.rnn_kind=gru
 
 Rerunning the same command resumes from the latest checkpoint in --workdir (default
 runs/<config name>_<arg>). On multi-host systems every process runs this same command.

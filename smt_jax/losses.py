@@ -4,8 +4,8 @@ Nothing here imports Flax: arrays in, values out, so any JAX project can use the
 checks its inputs' ranks, dtypes and shapes while tracing (cheap, before any compile) and raises a
 `ValueError` saying what it expected; nothing broadcasts silently.
 
-Conventions: a target of -1 means "no target here" and is masked out of every loss; memories have the
-layout [..., K, d] (K memory tokens of width d).
+Conventions: a target of -1 means "no target here" and is masked out of every loss; memories have
+the layout [..., K, d] (K memory tokens of width d).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arr
 def decoding_loss(logits: jax.Array, targets: jax.Array, *, gamma: float = 1.0) -> jax.Array:
   """The predictive-state loss L_dec: discounted cross-entropy over the future window.
 
-  L_dec = sum_{n,j} gamma^j * CE(logits[n, j], y[n, j]) * [y[n, j] != -1]  /  #{(n, j): y[n, j] != -1}
+  L_dec = sum_{n,j} gamma^j * CE(logits[n, j], y[n, j]) * [y[n, j] != -1] / #{(n, j): y[n, j] != -1}
 
   Args:
     logits: float [..., Tf, V], the decoder's predictions for future steps j = 0..Tf-1.
@@ -141,8 +141,8 @@ def uniformity_loss(
 ) -> jax.Array:
   """The uniformity loss L_unif, which keeps memories from collapsing (Wang & Isola, 2020).
 
-  z_i = tokens_i / (||tokens_i|| + eps) (eps = float32's, as the reference), over at most `max_samples` tokens (a random subset when `key` is
-  given, else the first ones), and
+  z_i = tokens_i / (||tokens_i|| + eps) (eps = float32's, as the reference), over at most
+  `max_samples` tokens (a random subset when `key` is given, else the first ones), and
 
     L_unif = log( mean_{i != j} exp(-t * ||z_i - z_j||^2) ),
 
@@ -183,7 +183,8 @@ def drift(predicted: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
   """How far memories stray from their labels: MSE and 1 - R^2.
 
   1 - R^2 = sum (predicted - target)^2 / sum (target - mean(target))^2, the mean taken per feature
-  over every leading index (samples, times); 0 is a perfect fit, 1 is no better than the mean memory.
+  over every leading index (samples, times); 0 is a perfect fit, 1 is no better than the mean
+  memory.
 
   Args:
     predicted: float [..., K, d] (e.g. the RNN's own rollout).

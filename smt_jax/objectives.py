@@ -1,14 +1,14 @@
 """The SMT, DMT and BPTT objectives: pure functions (params, batch, key, *, hyper-parameters).
 
 Each returns `(loss, metrics)` and works under `jax.jit`, `jax.grad`, `jax.vmap` and sharding. The
-models enter as plain functions of their parameters (`TeacherFns`, `RNNFns`), so any RNN cell written
-in any JAX library can be trained: nothing here imports Flax.
+models enter as plain functions of their parameters (`TeacherFns`, `RNNFns`), so any RNN cell
+written in any JAX library can be trained: nothing here imports Flax.
 
 Time indexing (SPEC sections 2-5). A batch holds x, y int [B, T]; y[t] is predicted after reading
-x[0..t]; y == -1 means no target. The teacher's memory at time t is m_t = E(x[t-Tc+1 .. t]) (left-padded
-with -1; t = -1 is the empty context, giving the initial memory). m_t's decoder predicts
-y[t .. t+Tf-1] from x[t+1 .. t+Tf]. An RNN transition is (m_t, x[t+1]) -> m_{t+1}; readout(m_t)
-predicts y[t].
+x[0..t]; y == -1 means no target. The teacher's memory at time t is m_t = E(x[t-Tc+1 .. t])
+(left-padded with -1; t = -1 is the empty context, giving the initial memory). m_t's decoder
+predicts y[t .. t+Tf-1] from x[t+1 .. t+Tf]. An RNN transition is (m_t, x[t+1]) -> m_{t+1};
+readout(m_t) predicts y[t].
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def transition_positions(
   """Which memory times t the SMT loss trains, as int [N] in [-1, T-2].
 
   num_transitions == 1: the published recipe, t = Tc-1 (windows x[0:Tc] and x[1:Tc+1], input x[Tc]).
-  num_transitions == T: every transition of the sequence, t = -1 .. T-2 (from the initial memory on).
+  num_transitions == T: every transition of the sequence, t = -1 .. T-2
+    (from the initial memory on).
   Otherwise a sorted random subset of that range, shared by the batch, drawn with `key`.
   """
   if not 1 <= num_transitions <= seq_len:

@@ -1,9 +1,9 @@
 """The reference implementation's weights in smt-jax's models, and back.
 
-`from_state_dicts` builds the same NNX `Teacher` and transformer RNN the runner builds and fills them
-with the weights of the authors' PyTorch models, given as `{state_dict name: numpy array}` (e.g.
-`{k: v.numpy() for k, v in teacher.state_dict().items()}`); `to_state_dicts` goes the other way.
-Nothing here imports torch. The name correspondence (`docs/parity.md`):
+`from_state_dicts` builds the same NNX `Teacher` and transformer RNN the runner builds and fills
+them with the weights of the authors' PyTorch models, given as `{state_dict name: numpy array}`
+(e.g. `{k: v.numpy() for k, v in teacher.state_dict().items()}`); `to_state_dicts` goes the other
+way. Nothing here imports torch. The name correspondence (`docs/parity.md`):
 
   embed.weight                        teacher.embed.embedding          (shared by encoder, decoder)
   encoder_mem_register.weight         teacher.registers

@@ -13,8 +13,10 @@ Digits keep a BOS before every image (`data.options.bos`) so the RNN alone can s
 
 Commands:
   python -m experiments.run --config=experiments/configs/pixels.py
-  python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.model.dtype=bfloat16
-  python -m experiments.run --config=experiments/configs/pixels.py:mnist --config.data.path=/data/mnist
+  python -m experiments.run --config=experiments/configs/pixels.py:mnist \\
+      --config.model.dtype=bfloat16
+  python -m experiments.run --config=experiments/configs/pixels.py:mnist \\
+      --config.data.path=/data/mnist
   python -m experiments.run --config=experiments/configs/pixels.py --config.phases=bptt
   python -m experiments.run --config=experiments/configs/pixels.py:digits,reference
   python -m experiments.sample --workdir=runs/pixels_digits

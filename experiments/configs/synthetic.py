@@ -8,7 +8,8 @@ in `config.data.options` (e.g. --config.data.options.num_tokens=32).
 
 Commands:
   python -m experiments.run --config=experiments/configs/synthetic.py:retrieval
-  python -m experiments.run --config=experiments/configs/synthetic.py:stack,256 --config.model.rnn_kind=gru
+  python -m experiments.run --config=experiments/configs/synthetic.py:stack,256 \\
+      --config.model.rnn_kind=gru
   python -m experiments.run --config=experiments/configs/synthetic.py:copy --config.phases=bptt
   python -m experiments.run --config=experiments/configs/synthetic.py:parity,smoke
 """

@@ -1,4 +1,5 @@
-"""Byte-level language modelling (V = 256) on a local text file or folder (TinyStories in the paper).
+"""Byte-level language modelling (V = 256) on a local text file or folder
+(TinyStories in the paper).
 
 Argument: `small` (default; a CPU-sized model), `tinystories` (the paper's model and schedules,
 SPEC section 6), or `smoke`. The corpus is required: --config.data.path=FILE_OR_FOLDER.

@@ -5,12 +5,12 @@ Run it with the reference's environment (torch + x-transformers), from the repos
   /root/refvenv/bin/python -m experiments.reference.benchmark_torch --out=ref_speed.json
   $SMT_REF_PYTHON -m experiments.reference.benchmark_torch --phases=smt --steps=10 --threads=1
 
-It imports the reference's own `model.py` from --ref_src (default: `../shared/reference/smt-pytorch/src`
-relative to the repository root; nothing of it is copied here) and never imports jax or smt_jax, so
-`experiments/__init__.py` must stay import-free. The models and configs are those of
-`experiments/configs/bench.py`: vocab 16, d_model 64, 4 memory tokens (mem_size 256), 4 heads,
-teacher encoder depth 2 and decoder depth 1, RNN depth 2 and readout (RNN decoder) depth 1,
-batch 32; SMT Tc 64, Tf 32 (T 96); DMT Tc 64, Td 32, Tf 32, k 4 (T 128); BPTT T 64.
+It imports the reference's own `model.py` from --ref_src (default:
+`../shared/reference/smt-pytorch/src` relative to the repository root; nothing of it is copied here)
+and never imports jax or smt_jax, so `experiments/__init__.py` must stay import-free. The models and
+configs are those of `experiments/configs/bench.py`: vocab 16, d_model 64, 4 memory tokens (mem_size
+256), 4 heads, teacher encoder depth 2 and decoder depth 1, RNN depth 2 and readout (RNN decoder)
+depth 1, batch 32; SMT Tc 64, Tf 32 (T 96); DMT Tc 64, Td 32, Tf 32, k 4 (T 128); BPTT T 64.
 
 One timed step is the training step of the reference's scripts, without their periodic no-grad
 test pass, logging and checkpointing:

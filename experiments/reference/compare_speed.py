@@ -1,4 +1,5 @@
-"""Side-by-side train-step speed: the authors' PyTorch reference against smt-jax, same model, this CPU.
+"""Side-by-side train-step speed: the authors' PyTorch reference against smt-jax,
+same model, this CPU.
 
   SMT_REF_PYTHON=/root/refvenv/bin/python \
       python -m experiments.reference.compare_speed --rounds=3 --out=docs/reference_speed.json
@@ -16,9 +17,9 @@ machine's core count). Each side reports the median step time of its run.
 
 Run it on an otherwise idle machine: a warning is printed when the load average before a run is
 above --max_load. Under load, torch's OpenMP threads spin-wait for each other at every one of the
-hundreds (SMT) to thousands (DMT, BPTT) of small ops of a step, and its steps can get 10-50x
-slower (the CPU time too), which is not the reference's speed; --torch_omp_wait_policy=PASSIVE avoids that, at 1.6-1.8x
-on an idle machine.
+hundreds (SMT) to thousands (DMT, BPTT) of small ops of a step, and its steps can get 10-50x slower
+(the CPU time too), which is not the reference's speed; --torch_omp_wait_policy=PASSIVE avoids that,
+at 1.6-1.8x on an idle machine.
 
 The table gives per phase the reference's and smt-jax's ms/step and the ratio ours/ref, each the
 median over rounds (the ratio is the median of the per-round ratios), against the targets
@@ -27,8 +28,8 @@ and their ratio, which load disturbs least. --out writes every round's numbers a
 
 How the two step times are taken differs slightly: smt-jax dispatches step i+1 before waiting for
 step i (the training loop's steady state, compilation excluded and reported apart); PyTorch on CPU
-runs each step synchronously. Wall time on a shared machine is noisy; the JSON also holds each side's
-CPU seconds per step and the load average around each run.
+runs each step synchronously. Wall time on a shared machine is noisy; the JSON also holds each
+side's CPU seconds per step and the load average around each run.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def plot(ctx, per, lengths, names, L) -> str:
   ax.axvline(L.length, color="k", lw=0.6, ls=":")
   ax.set_xscale("log", base=2)
   ax.set_xticks(lengths, [str(x) for x in lengths])
-  ax.set_xlabel("eval sequence length (trained at T=%d)" % L.length)
+  ax.set_xlabel(f"eval sequence length (trained at T={L.length:d})")
   ax.set_ylabel("held-out accuracy")
   ax.set_ylim(0, 1.02)
   ax.set_title(f"Length generalisation ({L.task})")

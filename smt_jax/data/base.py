@@ -147,7 +147,10 @@ class Source:
     return {'x': x, 'y': y}
 
   def __repr__(self) -> str:
-    return f'{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, seq_len={self.seq_len})'
+    return (
+      f'{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, '
+      f'seq_len={self.seq_len})'
+    )
 
 
 class StreamSource(Source):

@@ -150,7 +150,8 @@ class PixelSource(StreamSource):
     super().__init__(streams=streams, vocab_size=levels + int(bos), seq_len=seq_len)
 
   def images(self, split: str) -> np.ndarray:
-    """The split's images as tokens (quantised to `levels`): uint8 [N, H, W] (uint16 if levels > 256)."""
+    """The split's images as tokens (quantised to `levels`): uint8 [N, H, W] (uint16 if
+    levels > 256)."""
     if split not in SPLITS:
       raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}.")
     return self._images[split]

@@ -10,7 +10,8 @@ defaults, as the authors use them; `docs/parity.md`), weight for weight:
   frequencies base^(-2i / (head_dim / 2)), positions 0..L-1 over the whole input;
 - with a key mask, the attention branch's output is zeroed at masked query positions;
 - feed-forward Linear(d, 4d) -> exact GELU -> Linear(4d, d), with biases;
-- PyTorch's default initialisation: linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1).
+- PyTorch's default initialisation: linear weights and biases U(+-1/sqrt(fan_in)), embeddings
+  N(0, 1).
 Shapes: B batch, L sequence (Q of them queries), H heads, Dh head width, D model width.
 
 Speed notes (the models are small, so op count and wasted rows matter more than FLOP/s):
@@ -209,18 +210,20 @@ class Attention(nnx.Module):
     Returns:
       [B, Q, D], Q the number of query rows.
     """
-    b, l, _ = x.shape
+    b, seq_len, _ = x.shape
     h, dh = self.num_heads, self.head_dim
     inner = h * dh
-    cos, sin = rope if rope is not None else rope_tables(jnp.arange(l), dh)
+    cos, sin = rope if rope is not None else rope_tables(jnp.arange(seq_len), dh)
     if queries is None:
-      q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * h, dh), 3, axis=2)  # each [B, L, H, Dh]
+      q, k, v = jnp.split(
+        self.qkv(x).reshape(b, seq_len, 3 * h, dh), 3, axis=2
+      )  # each [B, L, H, Dh]
       q_cos, q_sin = cos, sin
     else:
       xq = x[:, queries]
       q = _dense(self.qkv, xq, slice(0, inner)).reshape(b, xq.shape[1], h, dh)  # [B, Q, H, Dh]
       k, v = jnp.split(
-        _dense(self.qkv, x, slice(inner, 3 * inner)).reshape(b, l, 2 * h, dh), 2, axis=2
+        _dense(self.qkv, x, slice(inner, 3 * inner)).reshape(b, seq_len, 2 * h, dh), 2, axis=2
       )
       q_cos, q_sin = cos[queries], sin[queries]
       if mask is not None and mask.shape[-2] != 1:

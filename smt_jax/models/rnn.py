@@ -6,8 +6,8 @@ per-token RMS normalisation, so RNN states live on the teacher's memory scale.
 
 Kinds (the explicit table `RNN_KINDS` below):
   transformer  bidirectional Transformer over [m (K tokens), embed(x)]; keep the first K outputs.
-               Readout: a causal decoder over the memory tokens (same shape as the teacher's decoder,
-               so it can take the decoder's weights at the end of SMT).
+               Readout: a causal decoder over the memory tokens (same shape as the teacher's
+               decoder, so it can take the decoder's weights at the end of SMT).
   mlp          deep residual MLP on [flatten(m), embed(x)] -> m + delta.
   gru          a GRU cell whose hidden state is flatten(m).
   elman        tanh RNN: m' = tanh(W flatten(m) + U embed(x) + b).

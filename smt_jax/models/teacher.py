@@ -1,8 +1,9 @@
-"""The teacher: a Transformer encoder that writes predictive memories, and the decoder that reads them.
+"""The teacher: a Transformer encoder that writes predictive memories,
+and the decoder that reads them.
 
 Encoder  E(context [B, Tc]) -> m [B, K, d]: embed the context, append K learned registers, run a
-bidirectional Transformer with padding (-1) masked as keys (and the attention output zeroed at padded
-positions), keep the register outputs, RMS-normalise each memory token.
+bidirectional Transformer with padding (-1) masked as keys (and the attention output zeroed at
+padded positions), keep the register outputs, RMS-normalise each memory token.
 Decoder  D(m [B, K, d], x_future [B, Tf]) -> logits [B, Tf, V]: causal Transformer over
 [m, embed(x_future)]; output position K-1+j predicts future target j (K-1, the last memory token,
 predicts the first target).
