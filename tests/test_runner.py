@@ -59,3 +59,23 @@ def test_text_smoke(tmp_path):
   train.train_and_evaluate(c, str(tmp_path / "run"))
   _check_outputs(str(tmp_path / "run"), ["smt", "dmt"])
   assert "Samples from the RNN alone" in open(tmp_path / "run" / "samples.txt").read()
+
+
+def test_itstime_periods_and_zero_means_never():
+  due = lambda every, total, last: [
+    s for s in range(1, total + 1) if train.itstime(s, every, total, last=last)
+  ]
+  assert due(3, 10, last=False) == [3, 6, 9]
+  assert due(3, 9, last=False) == [3, 6]  # the final step is the phase's own (eval, checkpoint)
+  assert due(3, 9, last=True) == [3, 6, 9]
+  assert due(0, 10, last=True) == []
+
+
+def test_periods_of_zero_never_fire(tmp_path):
+  c = synthetic.get_config("parity,smoke")  # BPTT 6 steps; logs every 2, checkpoints every 3
+  c.phases, c.model.rnn_kind = "bptt", "elman"
+  c.checkpoint_every_steps = c.eval.every_steps = c.log_every_steps = 0
+  train.train_and_evaluate(c, str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["6"]  # the phase boundary's only
+  rows = _rows(str(tmp_path))
+  assert [r["step"] for r in rows] == [6] and "eval/rnn_nll" in rows[0] and "loss" not in rows[0]

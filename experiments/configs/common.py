@@ -1,7 +1,7 @@
 """Defaults shared by every experiment config (SPEC section 6's published values where they apply).
 
 Each config file starts from `base()` and overrides what its experiment needs. Periods are named
-with their units (`*_every_steps`) and must be positive.
+with their units (`*_every_steps`); a period of 0 means never.
 """
 
 import ml_collections
