@@ -8,7 +8,7 @@ Run it with the reference's environment (torch + x-transformers), from the repos
 It imports the reference's own `model.py` from --ref_src (default:
 `../shared/reference/smt-pytorch/src` relative to the repository root; nothing of it is copied here)
 and never imports jax or smt_jax, so `experiments/__init__.py` must stay import-free. The models and
-configs are those of `experiments/configs/bench.py`: vocab 16, d_model 64, 4 memory tokens (mem_size
+configs are those of `experiments/configs/bench.py`: vocab 17, d_model 64, 4 memory tokens (mem_size
 256), 4 heads, teacher encoder depth 2 and decoder depth 1, RNN depth 2 and readout (RNN decoder)
 depth 1, batch 32; SMT Tc 64, Tf 32 (T 96); DMT Tc 64, Td 32, Tf 32, k 4 (T 128); BPTT T 64.
 
@@ -30,7 +30,7 @@ test pass, logging and checkpointing:
 The learning rate is set on the param groups every step as the scripts do (3e-4: warm-up over).
 Under CUDA the scripts run the forward under bf16 autocast("cuda"); that autocast does nothing to
 CPU tensors, so this is float32, as smt-jax's bench config. Batches are uniform random tokens
-(x, y in [0, 16), y the next token, as the reference's datasets sample them); two are pre-built and
+(x, y in [0, 17), y the next token, as the reference's datasets sample them); two are pre-built and
 alternated. After --warmup untimed steps, --steps steps are timed one by one (wall clock and the
 process's CPU seconds, all threads); the JSON holds per phase median_s, p25_s, p75_s, min_s,
 cpu_s (median), steps, times_s (every timed step), and n_params_teacher, n_params_rnn, torch,
@@ -60,7 +60,7 @@ DEFAULT_REF_SRC = os.path.join(
   os.path.dirname(REPO_ROOT), "shared", "reference", "smt-pytorch", "src"
 )
 PHASES = ("smt", "dmt", "bptt", "dmt_frozen_teacher")
-EXPECTED_PARAMS = {"teacher": 298704, "rnn": 298448}
+EXPECTED_PARAMS = {"teacher": 298833, "rnn": 298577}
 
 
 def parse_args(argv=None):
@@ -90,7 +90,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=20, help="Timed steps per phase.")
   p.add_argument("--seed", type=int, default=0)
   # The bench config (experiments/configs/bench.py); flags so that a sweep can change them.
-  p.add_argument("--vocab", type=int, default=16)
+  p.add_argument("--vocab", type=int, default=17)
   p.add_argument("--d_model", type=int, default=64)
   p.add_argument("--mem_tokens", type=int, default=4)
   p.add_argument("--n_heads", type=int, default=4)
@@ -280,7 +280,7 @@ def main(argv=None):
     a.decoder_depth,
     a.rnn_depth,
     a.readout_depth,
-  ) == (16, 64, 4, 4, 2, 1, 2, 1)
+  ) == (17, 64, 4, 4, 2, 1, 2, 1)
   if bench_shape and (n_t, n_r) != tuple(EXPECTED_PARAMS.values()):
     print(f"WARNING: expected {EXPECTED_PARAMS} at the bench config", flush=True)
   del teacher, rnn

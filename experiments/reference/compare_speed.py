@@ -9,7 +9,7 @@ Each round runs, one after the other (never two at once), a subprocess of
 `python -m experiments.benchmark --config=experiments/configs/bench.py` (smt-jax, this interpreter)
 and one of `<torch_python> -m experiments.reference.benchmark_torch` (the reference, imported from
 `../shared/reference/smt-pytorch/src`), alternating which goes first from round to round. Both time
-the SMT, DMT and BPTT train steps of the bench config (vocab 16, d_model 64, 4 memory tokens, 4
+the SMT, DMT and BPTT train steps of the bench config (vocab 17, d_model 64, 4 memory tokens, 4
 heads, encoder 2, decoder 1, RNN 2, readout 1, batch 32; SMT Tc 64 Tf 32, DMT Tc 64 Td 32 Tf 32 k 4,
 BPTT T 64) with the same --warmup and --steps, float32, on all the machine's cores: XLA's CPU
 backend uses one thread per core by default, and the torch side gets --threads (default 2, this
