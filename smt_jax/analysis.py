@@ -96,7 +96,15 @@ def perturbable_teacher(teacher: TeacherFns) -> TeacherFns:
       return m
     return m + delta[jnp.arange(context.shape[0]), window_fill(context)].astype(m.dtype)
 
-  return TeacherFns(encode=encode, decode=lambda p, m, xf: teacher.decode(p["teacher"], m, xf))
+  def encode_all(p, x):  # a one-pass teacher: delta[:, t+1] nudges m_t directly
+    m = teacher.encode_all(p["teacher"], x)
+    return m + p["delta"].astype(m.dtype)
+
+  return TeacherFns(
+    encode=encode,
+    decode=lambda p, m, xf: teacher.decode(p["teacher"], m, xf),
+    encode_all=encode_all if teacher.encode_all is not None else None,
+  )
 
 
 def smt_memory_gradient_norms(

@@ -17,7 +17,7 @@ import jax
 
 from smt_jax import data, experiment, sharding
 from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
-from smt_jax.models import RNN_KINDS, head_width
+from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
 _SOURCE_ARGS_FROM_CONFIG = {
@@ -143,6 +143,13 @@ def validate(config) -> None:
       "model.attention",
       c.model.attention,
       "use 'auto' (explicit on CPU, jax.nn.dot_product_attention elsewhere), 'xla' or 'explicit'.",
+    )
+  if c.model.teacher_kind not in TEACHER_KINDS:
+    _fail(
+      "model.teacher_kind",
+      c.model.teacher_kind,
+      f"use one of {sorted(TEACHER_KINDS)} ('windowed': the paper's; 'causal': every memory of a "
+      f"sequence in one pass).",
     )
   if c.model.rnn_initial_memory not in ("learned", "zeros"):
     _fail(

@@ -11,7 +11,7 @@ import numpy as np
 
 from smt_jax import experiment, losses
 from smt_jax.inference import read
-from smt_jax.objectives import Params, RNNFns, TeacherFns, encode_over_time, windows
+from smt_jax.objectives import Params, RNNFns, TeacherFns, teacher_memories
 
 
 @functools.partial(
@@ -53,7 +53,7 @@ def evaluate(
   if teacher is None:
     return out
   tp = params["teacher"]
-  mem = encode_over_time(teacher, tp, windows(x, jnp.arange(x.shape[1]), context_length))
+  mem = teacher_memories(teacher, tp, x, jnp.arange(x.shape[1]), context_length)
   # The decoder's first output (position K-1) predicts y[t] from m_t alone; the future input it is
   # fed cannot influence that position (causal mask).
   logits = jax.vmap(teacher.decode, in_axes=(None, 1, 1), out_axes=1)(tp, mem, x[:, :, None])

@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 
 from smt_jax import data, objectives, sharding
-from smt_jax.models import Teacher, head_width, make_rnn, rnn_fns, teacher_fns
+from smt_jax.models import TEACHER_KINDS, head_width, make_rnn, rnn_fns, teacher_fns
 
 PHASES = ("smt", "dmt", "bptt")
 
@@ -100,7 +100,10 @@ def build_models(config, vocab_size: int):
   dtype = jnp.dtype(m.dtype)
   rngs = nnx.Rngs(config.seed)
   head_dim = head_width(m.width, m.num_heads, m.head_dim)
-  teacher = Teacher(
+  # The causal teacher attends within the windowed teacher's context length.
+  window = {"window": config.smt.context_length} if m.teacher_kind == "causal" else {}
+  teacher = TEACHER_KINDS[m.teacher_kind](
+    **window,
     vocab_size=vocab_size,
     num_memory_tokens=m.num_memory_tokens,
     width=m.width,

@@ -12,7 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from smt_jax import losses
-from smt_jax.objectives import Params, RNNFns, TeacherFns, readout_over_time, rollout, windows
+from smt_jax.objectives import (
+  Params,
+  RNNFns,
+  TeacherFns,
+  readout_over_time,
+  rollout,
+  teacher_memories,
+)
 
 
 def initial_memories(rnn: RNNFns, params: Params, batch_size: int) -> jax.Array:
@@ -32,13 +39,14 @@ def prompt_memory(
 ) -> jax.Array:
   """The memory after reading `prompt` int [B, P]: [B, K, d].
 
-  With a teacher: E(last Tc prompt tokens). Without: the RNN's own rollout from its initial memory.
+  With a teacher: its memory at the prompt's last token (E(last Tc prompt tokens) for the windowed
+  teacher). Without: the RNN's own rollout from its initial memory.
   """
   if teacher is not None:
     if context_length is None:
       raise ValueError("context_length is needed to encode a prompt with the teacher.")
-    ctx = windows(prompt, jnp.array([prompt.shape[1] - 1]), context_length)[:, 0]
-    return teacher.encode(params["teacher"], ctx)
+    last = jnp.array([prompt.shape[1] - 1])
+    return teacher_memories(teacher, params["teacher"], prompt, last, context_length)[:, 0]
   m0 = initial_memories(rnn, params["rnn"], prompt.shape[0])
   return rollout(params["rnn"], m0, prompt, update=rnn.update)[:, -1]
 

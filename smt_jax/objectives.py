@@ -32,6 +32,9 @@ class TeacherFns(NamedTuple):
   decode: Callable[
     [Params, jax.Array, jax.Array], jax.Array
   ]  # (p, m, x_future [B, Tf]) -> [B, Tf, V]
+  # A one-pass teacher: (p, x [B, T]) -> memories [B, T+1, K, d] for t = -1 .. T-1, each of
+  # x[0..t] alone. None: memories come from `encode` of windows (`teacher_memories`).
+  encode_all: Callable[[Params, jax.Array], jax.Array] | None = None
 
 
 class RNNFns(NamedTuple):
@@ -106,6 +109,26 @@ def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) ->
       f"{context.dtype} {context.shape}."
     )
   return jax.vmap(teacher.encode, in_axes=(None, 1), out_axes=1)(params, context)
+
+
+def teacher_memories(
+  teacher: TeacherFns,
+  params: Params,
+  x: jax.Array,
+  times: jax.Array,
+  context_length: int,
+  constrain: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+  """The teacher's memories m_t for t in `times` (int [N], each in [-1, T-1]): [B, N, K, d].
+
+  A windowed teacher encodes the N windows x[t-Tc+1 .. t] (vmapped, `constrain` applied to the
+  windows, so a 'time' mesh axis splits the encoder's work); a one-pass teacher encodes the
+  sequence once and the N memories are gathered (`constrain` applied to them).
+  """
+  constrain = constrain or (lambda a: a)
+  if teacher.encode_all is not None:
+    return constrain(jnp.take(teacher.encode_all(params, x), times + 1, axis=1))
+  return encode_over_time(teacher, params, constrain(windows(x, times, context_length)))
 
 
 def transition_positions(
@@ -205,13 +228,11 @@ def smt_loss(
   # Teacher labels: memories at t (sources) and t+1 (targets). With every transition, the two sets
   # overlap in all but one position, so encode t = -1 .. T-1 once and slice.
   if n == seq_len:
-    mem = encode_over_time(
-      teacher, tp, constrain(windows(x, jnp.arange(-1, seq_len), context_length))
-    )
+    mem = teacher_memories(teacher, tp, x, jnp.arange(-1, seq_len), context_length, constrain)
     m_src, m_tgt = mem[:, :-1], mem[:, 1:]  # [B, N, K, d]
   else:
-    ctx = windows(x, jnp.concatenate([src, src + 1]), context_length)
-    mem = encode_over_time(teacher, tp, constrain(ctx))
+    times = jnp.concatenate([src, src + 1])
+    mem = teacher_memories(teacher, tp, x, times, context_length, constrain)
     m_src, m_tgt = mem[:, :n], mem[:, n:]
   m_src, m_tgt = constrain(m_src), constrain(m_tgt)
 
@@ -383,7 +404,7 @@ def dmt_loss(
   label_steps = jnp.arange(0, last + 1, label_every)  # s = 0, k, .., last
   num_states = rollout_length if reference_labels else rollout_length + 1  # readout: s < this
   trained = label_steps[1:]  # the labels of states the RNN wrote (s > 0)
-  labels = encode_over_time(teacher, tp, windows(x, label_steps + t0, context_length))  # [B,S,K,d]
+  labels = teacher_memories(teacher, tp, x, label_steps + t0, context_length)  # [B, S, K, d]
   inputs = x[:, t0 + 1 : t0 + 1 + rollout_length]
   if stop_carry_grad:
     # With the carry cut before every update, the gradient reaches only the updates whose outputs

@@ -175,6 +175,11 @@ CONFIG_ONLY = {
     {"eval.every_steps": -1},
     ["config.eval.every_steps = -1"],
   ),
+  "unknown_teacher_kind": (
+    "pixels:smoke",
+    {"model.teacher_kind": "bidirectional"},
+    ["config.model.teacher_kind = 'bidirectional'", "'causal'"],
+  ),
   "phase_twice": (
     "pixels:smoke",
     {"phases": "smt,dmt,dmt"},

@@ -158,6 +158,21 @@ def worker(outdir: str) -> dict:
         saved_host = jax.device_get(saved)
         saved_shards = [a.addressable_shards[0].data.shape for a in leaves]
 
+  # The one-pass causal teacher on the time axis: its gathered memories are split across it.
+  c = _config((2, 1, 4))
+  c.phases, c.model.teacher_kind, c.model.encoder_depth = "smt", "causal", 2
+  exp_c = config_checks.build_experiment(c)
+  params_c = exp_c.init_params()
+  ref_new, ref_metrics, _ = one_step(exp_c, params_c, "smt", sharded=False)
+  new, metrics, n_time = one_step(exp_c, params_c, "smt", sharded=True)
+  out["causal_time"] = {
+    "loss": float(metrics["loss"]),
+    "ref_loss": float(ref_metrics["loss"]),
+    "metrics_excess": max(_excess(metrics[k], ref_metrics[k]) for k in ref_metrics),
+    "params_excess": _tree_excess(jax.device_get(new["params"]), jax.device_get(ref_new["params"])),
+    "time_constraints": n_time,
+  }
+
   # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
   exp_b = config_checks.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
@@ -241,6 +256,13 @@ def test_time_axis_constrains_smt_transitions(results):
   assert results["steps"]["2x1x4/smt"]["time_constraints"] >= 3
   for mesh in ("8x1x1", "2x4x1"):
     assert results["steps"][f"{mesh}/smt"]["time_constraints"] == 0
+
+
+def test_causal_teacher_sharded_on_time_equals_one_device(results):
+  r = results["causal_time"]
+  assert abs(r["loss"] - r["ref_loss"]) <= ATOL + RTOL * abs(r["ref_loss"]), r
+  assert r["metrics_excess"] <= 0 and r["params_excess"] <= 0, r
+  assert r["time_constraints"] >= 3, r
 
 
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(results):

@@ -23,6 +23,10 @@ def base() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.rnn_kind = "transformer"  # a key of smt_jax.models.RNN_KINDS
+  # "windowed": m_t = E(x[t-Tc+1 .. t]), one encoder pass per memory (the paper's and the
+  # reference's); "causal": a causal encoder labels every memory of a sequence in one pass, its
+  # attention windowed to the last smt.context_length tokens (smt_jax.models.CausalTeacher).
+  c.model.teacher_kind = "windowed"
   c.model.width = 256  # d: model width = memory token width
   c.model.num_memory_tokens = 16  # K
   c.model.num_heads = 8

@@ -7,7 +7,13 @@ import functools
 from flax import nnx
 
 from smt_jax.models.rnn import RNN, RNN_KINDS, make_rnn
-from smt_jax.models.teacher import DEFAULT_HEAD_DIM, Decoder, Teacher
+from smt_jax.models.teacher import (
+  DEFAULT_HEAD_DIM,
+  TEACHER_KINDS,
+  CausalTeacher,
+  Decoder,
+  Teacher,
+)
 from smt_jax.objectives import RNNFns, TeacherFns
 
 
@@ -18,10 +24,15 @@ def head_width(width: int, num_heads: int, head_dim: int) -> int:
 
 @functools.cache
 def teacher_fns(graphdef: nnx.GraphDef) -> TeacherFns:
-  """Pure functions of the teacher's state, for `graphdef, state = nnx.split(teacher)`."""
+  """Pure functions of the teacher's state, for `graphdef, state = nnx.split(teacher)`.
+
+  A one-pass teacher (`CausalTeacher`) also gives `encode_all`, which the objectives then use.
+  """
+  one_pass = getattr(graphdef.nodes[0].type, "one_pass", False)  # the module's class
   return TeacherFns(
     encode=lambda p, context: nnx.merge(graphdef, p).encode(context),
     decode=lambda p, m, x_future: nnx.merge(graphdef, p).decode(m, x_future),
+    encode_all=(lambda p, x: nnx.merge(graphdef, p).encode_all(x)) if one_pass else None,
   )
 
 
@@ -36,11 +47,13 @@ def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
 
 
 __all__ = [
+  "CausalTeacher",
   "DEFAULT_HEAD_DIM",
   "Decoder",
   "RNN",
   "Teacher",
   "RNN_KINDS",
+  "TEACHER_KINDS",
   "head_width",
   "make_rnn",
   "rnn_fns",

@@ -190,6 +190,16 @@ class Attention(nnx.Module):
       linear(inner, width, use_bias=False, dtype=dtype, rngs=rngs) if num_heads > 1 else None
     )
 
+  def heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [..., D] -> q, k, v [..., H, Dh] (before rotary)."""
+    qkv = self.qkv(x).reshape(*x.shape[:-1], 3 * self.num_heads, self.head_dim)
+    return tuple(jnp.split(qkv, 3, axis=-2))
+
+  def merge_heads(self, out: jax.Array) -> jax.Array:
+    """[..., H, Dh] -> [..., D]: the heads concatenated, then the output projection (if any)."""
+    out = out.reshape(*out.shape[:-2], self.num_heads * self.head_dim)
+    return out if self.out is None else self.out(out)
+
   def __call__(
     self,
     x: jax.Array,
@@ -215,9 +225,7 @@ class Attention(nnx.Module):
     inner = h * dh
     cos, sin = rope if rope is not None else rope_tables(jnp.arange(seq_len), dh)
     if queries is None:
-      q, k, v = jnp.split(
-        self.qkv(x).reshape(b, seq_len, 3 * h, dh), 3, axis=2
-      )  # each [B, L, H, Dh]
+      q, k, v = self.heads(x)  # each [B, L, H, Dh]
       q_cos, q_sin = cos, sin
     else:
       xq = x[:, queries]
@@ -233,9 +241,7 @@ class Attention(nnx.Module):
     out = attend(
       rotate(q, q_cos, q_sin), rotate(k, cos, sin), v, mask, implementation=self.implementation
     )
-    out = out.reshape(b, out.shape[1], inner)
-    if self.out is not None:
-      out = self.out(out)
+    out = self.merge_heads(out)
     if query_valid is not None:
       out = jnp.where(query_valid[..., None], out, jnp.zeros((), out.dtype))
     return out
@@ -274,7 +280,10 @@ class Block(nnx.Module):
     attended = self.attn(
       self.attn_norm(x), mask, queries=queries, rope=rope, query_valid=query_valid
     )
-    x = (x if queries is None else x[:, queries]) + attended
+    return self.feed_forward((x if queries is None else x[:, queries]) + attended)
+
+  def feed_forward(self, x: jax.Array) -> jax.Array:
+    """x + FF(norm(x)), the block's second half."""
     return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
 
 

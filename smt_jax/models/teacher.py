@@ -125,3 +125,111 @@ class Teacher(nnx.Module):
   def next_logits(self, memory: jax.Array) -> jax.Array:
     """memory [B, K, d] -> logits [B, V]: the decoder's next-token prediction (no future input)."""
     return self.decoder.next_logits(memory, self.compute_dtype)
+
+
+def _near(query_pos: jax.Array, key_pos: jax.Array, window: int) -> jax.Array:
+  """Whether a query at `query_pos` may read the context token at `key_pos`: causal, and within
+  the last `window` tokens (0: all of them). Broadcasts."""
+  ok = key_pos <= query_pos
+  return ok & (query_pos - key_pos < window) if window else ok
+
+
+def _attend_registers(q, k, v, k_ctx, v_ctx, ctx_mask):
+  """Every memory time's registers attend to the context and to their own group, one softmax.
+
+  q, k, v [B, G, K, H, Dh] (the registers of G memory times); k_ctx, v_ctx [B, T, H, Dh];
+  ctx_mask bool [G, T]. The [G K, T + G K] matrix of one sequence is never formed: the context
+  logits are [G, K, T] and the group logits [G, K, K], normalised together.
+  """
+  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  to_ctx = jnp.einsum("bgkhd,bjhd->bhgkj", q, k_ctx, preferred_element_type=jnp.float32)
+  to_ctx = jnp.where(ctx_mask[:, None, :], to_ctx, -jnp.finfo(jnp.float32).max)
+  to_group = jnp.einsum("bgkhd,bglhd->bhgkl", q, k, preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.concatenate([to_ctx, to_group], axis=-1), axis=-1).astype(v.dtype)
+  t = k_ctx.shape[1]
+  return jnp.einsum("bhgkj,bjhd->bgkhd", probs[..., :t], v_ctx) + jnp.einsum(
+    "bhgkl,bglhd->bgkhd", probs[..., t:], v
+  )
+
+
+class CausalTeacher(Teacher):
+  """A teacher whose encoder is causal, so that one pass labels every memory of a sequence.
+
+  The parameters are the windowed teacher's, in the same layout; only who attends to whom
+  differs. Context tokens attend to earlier context tokens (within the last `window`; 0: all)
+  and never to registers. The K registers of memory time t sit at positions t+1 .. t+K (right
+  after x[t], as after a windowed encoder's context) and attend to the context tokens <= t
+  (within the window) and to each other. So m_t depends on x[0..t] alone:
+
+    encode_all(x)[:, t + 1] == encode(x[:, :t + 1])   for every t = -1 .. T-1,
+
+  where `encode` runs the prefix as one input (the definition) and `encode_all` computes all
+  T+1 memories from T + (T+1) K tokens in one pass (instead of (T+1)(Tc+K) for the windowed
+  teacher's T+1 windows).
+  """
+
+  one_pass = True  # teacher_fns gives the objectives `encode_all`
+
+  def __init__(self, *, window: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    if window < 0:
+      raise ValueError(f"window must be >= 0 (0: unbounded), got {window}.")
+    self.window = window
+
+  def encode(self, context: jax.Array) -> jax.Array:
+    """The memory after a prefix: context int [B, L] (left-padded with -1) -> [B, K, d]."""
+    b, n = context.shape
+    k, d = self.registers.shape
+    x = jnp.concatenate(
+      [
+        layers.embed_tokens(self.embed, context),
+        jnp.broadcast_to(self.registers[...].astype(self.compute_dtype), (b, k, d)),
+      ],
+      axis=1,
+    )
+    pos = jnp.arange(n + k)
+    is_ctx = pos < n
+    reads_like = jnp.where(is_ctx, pos, n - 1)[:, None]  # registers read as x[L-1] does
+    mask = jnp.where(
+      is_ctx[None, :], _near(reads_like, pos[None, :], self.window), ~is_ctx[:, None]
+    )  # [L+K, L+K]: context keys causally (windowed); register keys by registers only
+    valid = jnp.concatenate([context != -1, jnp.ones((b, k), bool)], axis=1)
+    h = self.encoder(x, mask[None], outputs=slice(n, None), key_valid=valid)
+    return layers.rms_normalize(h)
+
+  def encode_all(self, x: jax.Array) -> jax.Array:
+    """Every memory of a sequence, one pass: x int [B, T] -> [B, T+1, K, d] for t = -1 .. T-1."""
+    b, t = x.shape
+    k, d = self.registers.shape
+    g = t + 1  # memory times -1 .. T-1
+    enc = self.encoder
+    dh, h = enc.head_dim, enc.blocks[0].attn.num_heads
+    ctx = layers.embed_tokens(self.embed, x)  # [B, T, D]
+    reg = jnp.broadcast_to(self.registers[...].astype(self.compute_dtype), (b, g, k, d))
+    pos = jnp.arange(t)
+    cos_c, sin_c = layers.rope_tables(pos, dh)
+    cos_r, sin_r = layers.rope_tables((jnp.arange(g)[:, None] + jnp.arange(k)).reshape(-1), dh)
+    ctx_mask = _near(pos[:, None], pos[None, :], self.window)[None]  # [1, T, T]
+    reg_mask = _near(jnp.arange(g)[:, None] - 1, pos[None, :], self.window)  # [G, T]
+
+    def rotate_registers(a):
+      return layers.rotate(a.reshape(b, g * k, h, dh), cos_r, sin_r).reshape(b, g, k, h, dh)
+
+    last = len(enc.blocks) - 1
+    for i, block in enumerate(enc.blocks):
+      attn = block.attn
+      q_c, k_c, v_c = attn.heads(block.attn_norm(ctx))  # [B, T, H, Dh]
+      q_r, k_r, v_r = attn.heads(block.attn_norm(reg))  # [B, G, K, H, Dh]
+      k_c = layers.rotate(k_c, cos_c, sin_c)
+      out = _attend_registers(rotate_registers(q_r), rotate_registers(k_r), v_r, k_c, v_c, reg_mask)
+      reg = block.feed_forward(reg + attn.merge_heads(out))
+      if i < last:  # the last block's context outputs would feed nothing
+        out = layers.attend(
+          layers.rotate(q_c, cos_c, sin_c), k_c, v_c, ctx_mask, implementation=attn.implementation
+        )
+        ctx = block.feed_forward(ctx + attn.merge_heads(out))
+    return layers.rms_normalize(enc.final_norm(reg))
+
+
+# The teacher kinds (`model.teacher_kind`): name -> constructor.
+TEACHER_KINDS = {"windowed": Teacher, "causal": CausalTeacher}
