@@ -4,6 +4,8 @@
   python -m experiments.benchmark --config=experiments/configs/bench.py --objectives=smt --steps=50
   python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=seq_len
   python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=devices
+  python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=teacher \\
+      --seq_lens=32,64,128,256,512 --sweep_batch_size=2 --steps=3 --warmup=1
 
 What is timed is the runner's own train step (`experiment.make_phase(...).step`: its loss and
 optimiser, jitted with its shardings and donation), on a config validated as every run's is, with
@@ -24,7 +26,10 @@ peak of the dtype the run used (`PEAK_FLOPS`).
 
 Sweeps (`--sweep`):
   seq_len  BPTT at T in --seq_lens, and SMT training every transition of an episode of length T
-           (Tc and Tf fixed): step time and per-transition (per-token) cost side by side.
+           (Tc and Tf fixed, capped at T): step time and per-transition (per-token) cost.
+  teacher  SMT on every transition of episodes of length T in --seq_lens, Tc = T: the windowed
+           teacher against the one-pass causal teacher (`model.teacher_kind`), the same model:
+           step time, time and matmul FLOPs per transition.
   devices  the same config on 1, 2, 4, 8 devices (`--device_counts`), one subprocess per count
            with XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU; the devices go to the
            mesh axis `--sweep_axis` (data, fsdp or time).
@@ -51,7 +56,7 @@ flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
 flags.DEFINE_list("objectives", ["smt", "dmt", "bptt"], "Which train steps to time.")
 flags.DEFINE_integer("steps", 20, "Timed steps per objective (the median is reported).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_enum("sweep", None, ["seq_len", "devices"], "An optional scaling sweep.")
+flags.DEFINE_enum("sweep", None, ["seq_len", "devices", "teacher"], "An optional scaling sweep.")
 flags.DEFINE_list("seq_lens", ["16", "32", "64", "128"], "Sequence lengths of --sweep=seq_len.")
 flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: the config's).")
 flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
@@ -296,6 +301,69 @@ def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: i
   return out
 
 
+def every_transition(config, t: int, context_length: int, batch_size: int, vocab_size: int = 0):
+  """`config` training SMT on every transition of episodes of length `t` (copy-probe tokens of
+  the config's vocabulary), with Tc = `context_length` and Tf capped at T."""
+  import ml_collections
+
+  from smt_jax import experiment
+
+  c = config.copy_and_resolve_references()
+  vocab = vocab_size or experiment.make_source(c).vocab_size
+  c.phases = "smt"
+  c.data = ml_collections.ConfigDict(
+    dict(name="copy", episodic=True, seq_len=t, path="", options={"num_tokens": vocab - 1})
+  )
+  c.smt.context_length = context_length
+  c.smt.future_length = min(c.smt.future_length, t)
+  c.smt.num_transitions = t
+  if batch_size:
+    c.smt.batch_size = c.eval.batch_size = batch_size
+  return c
+
+
+def sweep_teacher(
+  config, lengths: list[int], *, batch_size: int, steps: int, warmup: int, vocab_size: int = 0
+) -> dict:
+  """SMT on every transition of episodes of length T, Tc = T: the windowed teacher (T+1 windows)
+  against the one-pass causal teacher, the same model; step time, and time and matmul FLOPs per
+  transition (of one sequence)."""
+  rows = []
+  for t in lengths:
+    row = {"seq_len": t}
+    for kind in ("windowed", "causal"):
+      c = every_transition(config, t, t, batch_size, vocab_size)
+      c.model.teacher_kind = kind
+      r = time_objective(c, "smt", steps=steps, warmup=warmup, vocab_size=vocab_size)
+      per = t * r["batch_size"]  # transitions in one step
+      row[f"{kind}_s"] = r["median_s"]
+      row[f"{kind}_per_transition_s"] = r["median_s"] / per
+      row[f"{kind}_flops_per_transition"] = r["flops"] / per
+    row["speedup"] = row["windowed_s"] / row["causal_s"]
+    rows.append(row)
+    print(format_teacher_sweep({"rows": [row]}, header=len(rows) == 1), flush=True)
+  return {"batch_size": batch_size or None, "rows": rows}
+
+
+def format_teacher_sweep(s: dict, header: bool = True) -> str:
+  lines = (
+    [
+      f"{'T':>5}{'windowed s':>12}{'causal s':>10}{'speed-up':>10}{'windowed s/tr':>15}"
+      f"{'causal s/tr':>13}{'windowed GFLOP/tr':>19}{'causal GFLOP/tr':>17}"
+    ]
+    if header
+    else []
+  )
+  for r in s["rows"]:
+    lines.append(
+      f"{r['seq_len']:>5}{r['windowed_s']:>12.4f}{r['causal_s']:>10.4f}{r['speedup']:>9.1f}x"
+      f"{r['windowed_per_transition_s']:>15.5f}{r['causal_per_transition_s']:>13.5f}"
+      f"{r['windowed_flops_per_transition'] / 1e9:>19.3f}"
+      f"{r['causal_flops_per_transition'] / 1e9:>17.3f}"
+    )
+  return "\n".join(lines)
+
+
 def sweep_seq_len(
   config,
   lengths: list[int],
@@ -308,9 +376,6 @@ def sweep_seq_len(
 ) -> dict:
   """BPTT at T, and SMT on every transition of an episode of length T (Tc, Tf fixed, capped at
   T)."""
-  import ml_collections
-
-  from smt_jax import experiment
 
   rows = []
   for t in lengths:
@@ -325,18 +390,7 @@ def sweep_seq_len(
       row["bptt_per_token_s"] = r["median_s"] / t
       row["bptt_seq_depth"] = r["seq_depth"]
     if "smt" in objectives:
-      c = config.copy_and_resolve_references()
-      # Episodes of the copy probe (of the config's vocabulary): every one of the T transitions
-      # is regressed; the teacher's windows are capped at T.
-      vocab = vocab_size or experiment.make_source(c).vocab_size
-      c.data = ml_collections.ConfigDict(
-        dict(name="copy", episodic=True, seq_len=t, path="", options={"num_tokens": vocab - 1})
-      )
-      c.smt.context_length = min(c.smt.context_length, t)
-      c.smt.future_length = min(c.smt.future_length, t)
-      c.smt.num_transitions = t
-      if batch_size:
-        c.smt.batch_size = batch_size
+      c = every_transition(config, t, min(config.smt.context_length, t), batch_size, vocab_size)
       r = time_objective(c, "smt", steps=steps, warmup=warmup, vocab_size=vocab_size)
       row["smt_s"] = r["median_s"]
       row["smt_per_transition_s"] = r["per_transition_s"]
@@ -535,6 +589,15 @@ def main(argv):
       vocab_size=FLAGS.vocab_size,
     )
     print(format_seq_sweep(results["sweep_seq_len"]), flush=True)
+  elif FLAGS.sweep == "teacher":
+    results["sweep_teacher"] = sweep_teacher(
+      config,
+      [int(t) for t in FLAGS.seq_lens],
+      batch_size=FLAGS.sweep_batch_size,
+      steps=FLAGS.steps,
+      warmup=FLAGS.warmup,
+      vocab_size=FLAGS.vocab_size,
+    )
   elif FLAGS.sweep == "devices":
     results["sweep_devices"] = sweep_devices(
       config,

@@ -148,7 +148,7 @@ def test_count_flops_and_seq_flops():
 # beyond float rounding. The study set runs as two processes side by side (one per core): the probe
 # studies, and the digit studies.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-GROUPS = ("probes,steps,gradients,drift,length,updaters", "samples,geometry")
+GROUPS = ("probes,steps,gradients,drift,length,updaters", "samples,geometry,teachers")
 FIGURES = {
   "probes": ["probes.png", "probes_compute.png"],
   "steps": ["steps.png"],
@@ -158,6 +158,7 @@ FIGURES = {
   "updaters": ["updaters.png"],
   "samples": ["samples.png"],
   "geometry": ["geometry.png"],
+  "teachers": [],
 }
 
 
@@ -266,6 +267,11 @@ def test_smoke_studies(tmp_path):
   assert res["length"]["lengths"] == [f * b.length.length for f in b.length.factors]
 
   assert [r[0] for r in _table_rows(res["updaters"]["md"], "updater")] == list(b.updaters.kinds)
+
+  rows = _table_rows(res["teachers"]["md"], "task")
+  cells = len(b.teachers.tasks) * len(b.teachers.lengths)
+  assert [r[2] for r in rows] == ["windowed", "causal"] * cells
+  assert all(0.0 <= float(r[3].split()[0]) <= 1.0 for r in rows)  # teacher accuracy
 
   assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
   assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}

@@ -14,6 +14,7 @@ Studies (the table in registry.py; budgets in budgets.py):
   length     train at T, evaluate RNN and teacher at T, 2T, 4T (stack)
   geometry   2-D PCA of the RNN memory over a digit and over a probe episode
   updaters   transformer / mlp / gru updaters on one probe, SMT->DMT and BPTT
+  teachers   windowed vs one-pass causal teacher: label quality on the stack probe, T = 32 and 64
   samples    digits from the RNN alone, SMT->DMT next to BPTT at equal steps
 Runs are cached in --runs (default runs/studies/<budget>): a finished run is reused by every study
 and every rerun, so `--study=all` after `--study=probes` only trains what is missing.

@@ -103,6 +103,17 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     dict(probe_task="stack", probe_length=c.probes.lengths[-1], num_sequences=8 if smoke else 64)
   )
 
+  # 8. Label quality: the windowed teacher vs the one-pass causal teacher, SMT->DMT at the probe
+  # budget, with a two-layer encoder (at one layer, Tc = T, the two kinds compute the same).
+  c.teachers = ml_collections.ConfigDict(
+    dict(
+      tasks=("retrieval",) if smoke else ("stack",),
+      lengths=(8,) if smoke else (32, 64),
+      seeds=(0,) if smoke else (0, 1, 2),
+      depth=2,
+    )
+  )
+
   # 6. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
   c.updaters = ml_collections.ConfigDict(
     dict(

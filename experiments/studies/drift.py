@@ -29,8 +29,8 @@ def drift_curves(params, batch, *, rnn, teacher, context_length):
   """Per-time drift [T] of the rollout and of one-step predictions vs the teacher's memories."""
   x = batch["x"]
   t = x.shape[1]
-  mem = objectives.encode_over_time(
-    teacher, params["teacher"], objectives.windows(x, jnp.arange(-1, t), context_length)
+  mem = objectives.teacher_memories(
+    teacher, params["teacher"], x, jnp.arange(-1, t), context_length
   )  # [B, T+1, K, d]: m_{-1} .. m_{T-1}
   states = inference.read(params, batch, rnn=rnn)["states"]  # [B, T, K, d]: m_0 .. m_{T-1}
   one_step = analysis.one_step_predictions(rnn, params["rnn"], mem[:, :-1], x)

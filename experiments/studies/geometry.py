@@ -27,10 +27,8 @@ def trajectories(exp, config, params, x):
     states = objectives.rollout(
       rp, inference.initial_memories(rfns, rp, x.shape[0]), x, update=rfns.update
     )
-    mem = objectives.encode_over_time(
-      tfns,
-      params["teacher"],
-      objectives.windows(x, jnp.arange(x.shape[1]), config.smt.context_length),
+    mem = objectives.teacher_memories(
+      tfns, params["teacher"], x, jnp.arange(x.shape[1]), config.smt.context_length
     )
     return states.reshape(*x.shape, -1), mem.reshape(*x.shape, -1)
 

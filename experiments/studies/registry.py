@@ -20,6 +20,7 @@ from experiments.studies import (
   probes,
   samples,
   steps,
+  teachers,
   updaters,
 )
 
@@ -33,6 +34,7 @@ STUDIES = {
   "updaters": updaters.run,
   "samples": samples.run,
   "geometry": geometry.run,
+  "teachers": teachers.run,
 }
 
 

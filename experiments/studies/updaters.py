@@ -32,10 +32,8 @@ def run(ctx) -> dict:
     tfns, rfns = exp.fns
     states = np.asarray(inference.read(p_smt, batch, rnn=rfns)["states"])
     teach = np.asarray(
-      objectives.encode_over_time(
-        tfns,
-        p_smt["teacher"],
-        objectives.windows(batch["x"], jnp.arange(batch["x"].shape[1]), cs.smt.context_length),
+      objectives.teacher_memories(
+        tfns, p_smt["teacher"], batch["x"], jnp.arange(batch["x"].shape[1]), cs.smt.context_length
       )
     )
     res[kind] = {
