@@ -79,3 +79,13 @@ def test_periods_of_zero_never_fire(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == ["6"]  # the phase boundary's only
   rows = _rows(str(tmp_path))
   assert [r["step"] for r in rows] == [6] and "eval/rnn_nll" in rows[0] and "loss" not in rows[0]
+
+
+def test_a_stream_trains_with_the_causal_teacher(tmp_path):
+  # Streams: the causal teacher's attention is windowed to smt.context_length; DMT's labels and
+  # the prompted eval come from one pass too.
+  c = pixels.get_config("smoke")
+  c.model.teacher_kind, c.model.encoder_depth = "causal", 2
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  _check_outputs(str(tmp_path), ["smt", "dmt"])
+  assert np.isfinite(summary["dmt"]["eval/rnn_prompted_nll"])
