@@ -99,12 +99,9 @@ class Teacher(nnx.Module):
   def compute_dtype(self):
     return self.embed.dtype or jnp.float32
 
-  def encode(self, context: jax.Array) -> jax.Array:
-    """context int [B, Tc] (-1 = padding) -> memory [B, K, d], every token RMS-normalised.
-
-    A context that is all padding gives the initial memory E(empty): only the registers are keys.
-    """
-    b, tc = context.shape
+  def _encoder_input(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[embed(context), registers] [B, L+K, d] and its validity [B, L+K] (padding: False)."""
+    b = context.shape[0]
     k, d = self.registers.shape
     x = jnp.concatenate(
       [
@@ -113,7 +110,15 @@ class Teacher(nnx.Module):
       ],
       axis=1,
     )
-    valid = jnp.concatenate([context != -1, jnp.ones((b, k), bool)], axis=1)  # [B, Tc+K]
+    return x, jnp.concatenate([context != -1, jnp.ones((b, k), bool)], axis=1)
+
+  def encode(self, context: jax.Array) -> jax.Array:
+    """context int [B, Tc] (-1 = padding) -> memory [B, K, d], every token RMS-normalised.
+
+    A context that is all padding gives the initial memory E(empty): only the registers are keys.
+    """
+    tc = context.shape[1]
+    x, valid = self._encoder_input(context)
     # Only the K register rows are kept: the last block computes those alone.
     h = self.encoder(x, None, outputs=slice(tc, None), key_valid=valid)
     return layers.rms_normalize(h)
@@ -178,22 +183,14 @@ class CausalTeacher(Teacher):
 
   def encode(self, context: jax.Array) -> jax.Array:
     """The memory after a prefix: context int [B, L] (left-padded with -1) -> [B, K, d]."""
-    b, n = context.shape
-    k, d = self.registers.shape
-    x = jnp.concatenate(
-      [
-        layers.embed_tokens(self.embed, context),
-        jnp.broadcast_to(self.registers[...].astype(self.compute_dtype), (b, k, d)),
-      ],
-      axis=1,
-    )
+    n, k = context.shape[1], self.registers.shape[0]
+    x, valid = self._encoder_input(context)
     pos = jnp.arange(n + k)
     is_ctx = pos < n
     reads_like = jnp.where(is_ctx, pos, n - 1)[:, None]  # registers read as x[L-1] does
     mask = jnp.where(
       is_ctx[None, :], _near(reads_like, pos[None, :], self.window), ~is_ctx[:, None]
     )  # [L+K, L+K]: context keys causally (windowed); register keys by registers only
-    valid = jnp.concatenate([context != -1, jnp.ones((b, k), bool)], axis=1)
     h = self.encoder(x, mask[None], outputs=slice(n, None), key_valid=valid)
     return layers.rms_normalize(h)
 
