@@ -9,7 +9,7 @@
 parameters); `Phase` holds one phase's data source, optimiser, schedule and loss, its abstract
 state (parameters and optimiser state as shape/dtype/sharding structs, from `jax.eval_shape`), and
 the one compiled, sharded, donated train step that the runner, the benchmark and the tests all use.
-Nothing here touches files or clocks, and nothing here imports the shell: `config_checks` and
+Nothing here writes files or reads clocks, and nothing here imports the shell: `config_checks` and
 `train` import this module, never the other way.
 """
 
