@@ -39,9 +39,7 @@ def main(argv):
   mngr = checkpoints.make_manager(FLAGS.workdir, keep=config.keep_checkpoints)
   restored = checkpoints.restore(
     mngr,
-    phases=exp.phases,
-    params=exp.abstract_params,
-    opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases],
+    **experiment.restore_targets(exp),
   )
   if restored is None:
     raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints.")

@@ -85,8 +85,7 @@ def evaluate(
 
 def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[str, float]:
   """The run's eval metrics ('eval/rnn_nll', ...) over its `eval.num_batches` eval batches."""
-  c = exp.config
-  source = experiment.with_seq_len(exp.source, experiment.phase_seq_len(c, "eval"))
+  c, source = exp.config, exp.source_at("eval")
   tfns, rfns = exp.fns
   totals: dict[str, float] = {}
   for i in range(c.eval.num_batches):
@@ -125,8 +124,7 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
 
 def unigram_nll(exp: experiment.Experiment) -> float:
   """Entropy (nats) of the eval targets' own distribution: the bar a model must clear."""
-  c = exp.config
-  source = experiment.with_seq_len(exp.source, experiment.phase_seq_len(c, "eval"))
+  c, source = exp.config, exp.source_at("eval")
   counts = np.zeros(source.vocab_size)
   for i in range(c.eval.num_batches):
     y = source.batch(split="eval", step=i, batch_size=c.eval.batch_size, seed=c.seed)["y"]

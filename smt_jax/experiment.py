@@ -273,6 +273,10 @@ class Experiment:
   def params_sharding(self):
     return shardings_of(self.abstract_params)
 
+  def source_at(self, phase: str) -> data.Source:
+    """The data at the sequence length of `phase` (or 'eval')."""
+    return with_seq_len(self.source, phase_seq_len(self.config, phase))
+
   def init_params(self):
     """The initial parameters, created directly in their sharded layout (never gathered)."""
     config, vocab_size = self.config, self.source.vocab_size
@@ -415,10 +419,21 @@ def make_phase(
     offset=int(sum(c[p].steps for p in exp.phases[:index])),
     steps=c[name].steps,
     batch_size=c[name].batch_size,
-    source=with_seq_len(exp.source, phase_seq_len(c, name)),
+    source=exp.source_at(name),
     schedule=schedule,
     optimizer=optimizer,
     loss_fn=loss_fn,
     abstract_state=abstract_state,
     step=step,
   )
+
+
+def restore_targets(exp: Experiment, phases: list[Phase] | None = None) -> dict:
+  """`checkpoints.restore`'s abstract targets for `exp`: its phase names, parameters and each
+  phase's optimiser state (`phases`: those already built; None builds them, compiling nothing)."""
+  phases = phases if phases is not None else [make_phase(exp, p) for p in exp.phases]
+  return {
+    "phases": exp.phases,
+    "params": exp.abstract_params,
+    "opt_states": [p.abstract_state["opt_state"] for p in phases],
+  }

@@ -127,9 +127,7 @@ def train_and_evaluate(
       # the restored state alone decides everything that follows.
       restored = checkpoints.restore(
         mngr,
-        phases=exp.phases,
-        params=exp.abstract_params,
-        opt_states=[p.abstract_state["opt_state"] for p in phases],
+        **experiment.restore_targets(exp, phases),
         quarantine=True,
         is_main=is_main,
       )

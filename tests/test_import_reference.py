@@ -76,9 +76,7 @@ def restore_params(workdir):
   mngr = checkpoints.make_manager(str(workdir), keep=3)
   restored = checkpoints.restore(
     mngr,
-    phases=exp.phases,
-    params=exp.abstract_params,
-    opt_states=[experiment.make_phase(exp, p).abstract_state["opt_state"] for p in exp.phases],
+    **experiment.restore_targets(exp),
   )
   mngr.close()
   params, phase_index = restored["params"], restored["phase_index"]

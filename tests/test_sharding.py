@@ -178,9 +178,7 @@ def worker(outdir: str) -> dict:
   mngr = checkpoints.make_manager(outdir, keep=2)
   r = checkpoints.restore(
     mngr,
-    phases=exp_b.phases,
-    params=exp_b.abstract_params,
-    opt_states=[experiment.make_phase(exp_b, p).abstract_state["opt_state"] for p in PHASES],
+    **experiment.restore_targets(exp_b),
   )
   params_r, phase_index, phase_step = r["params"], r["phase_index"], r["phase_step"]
   restored = {"params": params_r, "opt_state": r["opt_state"]}
