@@ -23,12 +23,21 @@ from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
 _SOURCE_ARGS_FROM_CONFIG = {
   "seq_len": "data.seq_len (episodic sources) or the phases' lengths",
   "path": "data.path",
+  "eval_path": "data.eval_path",
   "data_dir": "data.path",
 }
 # Datasets that read data.path, and what it must be.
 _PATH_DATASETS = {
-  "text": "a text file or a folder of text files",
+  "text": "a text file, a folder of text files or an hf:// path (or \"\" for the built-in corpus)",
   "mnist": "a folder of MNIST IDX files (or \"\" for tensorflow-datasets)",
+  "image_folder": "a folder of PNG/JPEG images",
+  "quickdraw": "a numpy_bitmap/<category>.npy file or a folder of them",
+}
+_PATH_REQUIRED = ("image_folder", "quickdraw")
+# Datasets that read data.eval_path, and what it must be.
+_EVAL_PATH_DATASETS = {
+  "text": "a text file, a folder of text files or an hf:// path",
+  "image_folder": "a folder of PNG/JPEG images",
 }
 
 
@@ -244,6 +253,7 @@ def _validate_data(c) -> None:
         f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
       )
   _validate_path(d.name, d.path)
+  _validate_eval_path(d.name, d.path, d.get("eval_path", ""))
 
 
 def _validate_path(name: str, path: str) -> None:
@@ -256,22 +266,46 @@ def _validate_path(name: str, path: str) -> None:
         f"it (data.path is for {sorted(_PATH_DATASETS)}).",
       )
     return
-  if name == "text" and not path:
-    _fail("data.path", path, "text needs a corpus: --config.data.path=FILE_OR_FOLDER.")
   if not path:
-    return  # mnist through tensorflow-datasets
+    if name in _PATH_REQUIRED:
+      _fail("data.path", path, f"{name} needs {_PATH_DATASETS[name]}: --config.data.path=...")
+    return  # text: the built-in corpus; mnist: tensorflow-datasets
+  if data.files.is_remote(path):
+    if name != "text":
+      _fail("data.path", path, f"hf:// paths are for text; {name} needs {_PATH_DATASETS[name]}.")
+    return  # fetched (or found in the hub's cache) when the source is built
   if not os.path.exists(path):
     _fail("data.path", path, f"does not exist; {name} needs {_PATH_DATASETS[name]}.")
-  if name == "mnist" and not os.path.isdir(path):
-    _fail("data.path", path, f"is not a folder; mnist needs {_PATH_DATASETS[name]}.")
+  if name in ("mnist", "image_folder") and not os.path.isdir(path):
+    _fail("data.path", path, f"is not a folder; {name} needs {_PATH_DATASETS[name]}.")
   if os.path.isfile(path) and os.path.getsize(path) == 0:
-    _fail("data.path", path, "is an empty file; point it at the corpus.")
+    _fail("data.path", path, "is an empty file; point it at the data.")
   if os.path.isdir(path) and not any(
-    not f.startswith(".") for _, _, files in os.walk(path) for f in files
+    not f.startswith(".") for _, _, names in os.walk(path) for f in names
   ):
     _fail(
       "data.path", path, f"is a folder with no files in it; {name} needs {_PATH_DATASETS[name]}."
     )
+
+
+def _validate_eval_path(name: str, path: str, eval_path: str) -> None:
+  if not eval_path:
+    return
+  if name not in _EVAL_PATH_DATASETS:
+    _fail(
+      "data.eval_path",
+      eval_path,
+      f"{name} takes no separate evaluation data (data.eval_path is for "
+      f"{sorted(_EVAL_PATH_DATASETS)}); remove it.",
+    )
+  if not path:
+    _fail("data.eval_path", eval_path, "set data.path (the training data) too.")
+  if data.files.is_remote(eval_path):
+    if name != "text":
+      _fail("data.eval_path", eval_path, "hf:// paths are for text; use a local folder.")
+    return
+  if not os.path.exists(eval_path):
+    _fail("data.eval_path", eval_path, f"does not exist; it must be {_EVAL_PATH_DATASETS[name]}.")
 
 
 def _validate_smt(c) -> None:
@@ -410,6 +444,13 @@ def validate_with_source(config, source: data.Source) -> None:
       )
     except ValueError as e:
       raise ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
+  if isinstance(source, data.PixelSource) and len(source.images("eval")) < c.samples.num:
+    _fail(
+      "samples.num",
+      c.samples.num,
+      f"samples.png shows that many eval images, but {c.data.name} has "
+      f"{len(source.images('eval'))}; lower samples.num or add evaluation images.",
+    )
 
 
 def make_mesh(config) -> jax.sharding.Mesh:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -71,11 +72,15 @@ def phase_seq_len(config, phase: str) -> int:
 
 def make_source(config) -> data.Source:
   """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
-  kwargs = dict(config.data.options)
-  if config.data.name == "text":
-    kwargs["path"] = config.data.path or None
-  elif config.data.name == "mnist" and config.data.path:
-    kwargs["data_dir"] = config.data.path
+  d = config.data
+  kwargs = dict(d.options)
+  accepted = inspect.signature(data.DATASETS[d.name]).parameters
+  if "path" in accepted:  # text and the sketch sources ("" = the source's default)
+    kwargs["path"] = d.path or None
+  elif "data_dir" in accepted and d.path:  # mnist ("" = tensorflow-datasets)
+    kwargs["data_dir"] = d.path
+  if d.get("eval_path"):  # config_checks refuses it for sources without an eval_path
+    kwargs["eval_path"] = d.eval_path
   if config.data.episodic:
     kwargs["seq_len"] = config.data.seq_len
   return data.make_source(config.data.name, **kwargs)

@@ -186,10 +186,15 @@ CONFIG_ONLY = {
     ["config.phases = 'smt,dmt,dmt'", "dmt is listed twice"],
   ),
   # data paths
-  "text_without_path": (
-    "text:smoke",
+  "sketch_without_path": (
+    "pixels:quickdraw,smoke",
     {"data.path": ""},
-    ["config.data.path = ''", "--config.data.path=FILE_OR_FOLDER"],
+    ["config.data.path = ''", "quickdraw needs a numpy_bitmap/<category>.npy file"],
+  ),
+  "eval_path_for_a_dataset_without_one": (
+    "pixels:smoke",
+    {"data.eval_path": "/data/valid"},
+    ["config.data.eval_path = '/data/valid'", "digits takes no separate evaluation data"],
   ),
   "text_missing_path": (
     "text:smoke",

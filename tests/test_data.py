@@ -594,4 +594,4 @@ def test_text_errors(tmp_path):
   with pytest.raises(ValueError, match='data.path'):
     make_source('text', seq_len=64, path=str(tmp_path / 'short.txt'))
   with pytest.raises(ValueError, match='data.path'):
-    make_source('text')
+    make_source('text', seq_len=300_000, path=None)  # the built-in corpus is ~0.5 MB

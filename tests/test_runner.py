@@ -52,13 +52,24 @@ def test_synthetic_smoke_bptt_only(tmp_path):
 
 
 def test_text_smoke(tmp_path):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-  c = text.get_config("smoke")
-  c.data.path = str(corpus)
+  c = text.get_config("smoke")  # no data.path: the built-in corpus (pydoc_data.topics)
   train.train_and_evaluate(c, str(tmp_path / "run"))
   _check_outputs(str(tmp_path / "run"), ["smt", "dmt"])
   assert "Samples from the RNN alone" in open(tmp_path / "run" / "samples.txt").read()
+
+
+def test_quickdraw_smoke_writes_samples(tmp_path):
+  """A sketch source trains and draws like digits: samples.png of 28x28 images."""
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, (20, 784), dtype=np.uint8))
+  c = pixels.get_config("quickdraw,smoke")  # 2 x 2 eval drawings: samples.num = 4
+  c.data.path = str(tmp_path)
+  c.data.options.levels = 8
+  c.phases = "smt"
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert np.isfinite(summary["smt"]["eval/rnn_nll"])
+  assert os.path.getsize(tmp_path / "run" / "samples.png") > 1000
 
 
 def test_itstime_periods_and_zero_means_never():

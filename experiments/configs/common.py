@@ -16,9 +16,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.name = "digits"  # a key of smt_jax.data.DATASETS
   c.data.episodic = False  # True: independent sequences of data.seq_len (the probes)
   c.data.seq_len = 0  # episodic sources only: the episode length T
-  c.data.path = (
-    ""  # text: a file or folder; mnist: a folder of IDX files ("" = tensorflow-datasets)
-  )
+  # text: a file, folder or hf:// path ("" = the built-in corpus); mnist: a folder of IDX files
+  # ("" = tensorflow-datasets); image_folder: a folder of images; quickdraw: .npy file(s).
+  c.data.path = ""
+  c.data.eval_path = ""  # text, image_folder: the evaluation data ("" = held out from data.path)
   c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
 
   c.model = ml_collections.ConfigDict()

@@ -1,7 +1,24 @@
-"""Byte-level text (SPEC 8): next-byte prediction (vocab 256) on a local corpus.
+"""Byte-level text (SPEC 8): next-byte prediction (vocab 256).
 
-The corpus is one file, or every text file under a folder (recursively, sorted by path, joined
-with a newline). Eval is the last 10% of bytes (at least seq_len+1), train the rest.
+Where the text comes from (`path`, and optionally `eval_path`):
+- `path=None`: the English text every Python ships, the standard library's `pydoc_data.topics`
+  (the help pages of the language reference, about 0.5 MB), so a text run needs no download.
+  A smoke-scale corpus: enough to learn words and punctuation, far too small for stories.
+- a file, or a folder (every non-hidden text file under it, recursively, sorted by relative path
+  and joined with a newline), or an `hf://datasets/<owner>/<name>/<file>` path (fetched once
+  through `huggingface_hub`, see `smt_jax.data.files`).
+- Splits: with `eval_path`, train on all of `path` and evaluate on `eval_path` (e.g. TinyStories'
+  official validation file); without it, the last 10% of the bytes (at least seq_len+1) evaluate.
+
+Bytes (`encoding`):
+- 'bytes' (the default): the files' raw bytes (UTF-8 text stays multi-byte).
+- 'ascii': every byte >= 128 dropped, as the authors' TinyStories loader does
+  (`str.encode('ascii', errors='ignore')` on UTF-8 text drops exactly these bytes).
+
+Memory: a single file read as raw bytes is memory-mapped directly. A folder, or ASCII filtering,
+derives a new byte array: it is built once, in 64 MiB chunks, into the data cache and
+memory-mapped from there (`smt_jax.data.files.cached_array`). So a 2 GB training file costs no
+RAM at start; the first ASCII run over it spends a few seconds filtering.
 """
 
 from __future__ import annotations
@@ -10,10 +27,15 @@ import os
 
 import numpy as np
 
+from smt_jax.data import files
 from smt_jax.data.base import StreamSource, check_int
 
-# Fraction of the corpus (its tail) held out for evaluation.
+# Fraction of the corpus (its tail) held out for evaluation when there is no eval_path.
 EVAL_FRACTION = 0.1
+ENCODINGS = ('bytes', 'ascii')
+# The corpus of path=None.
+BUILTIN_CORPUS = 'pydoc_data.topics'
+_CHUNK = 64 << 20  # bytes per chunk when deriving a corpus
 
 
 def _is_text_file(path: str) -> bool:
@@ -25,59 +47,137 @@ def _is_text_file(path: str) -> bool:
 def list_text_files(folder: str) -> list[str]:
   """Every non-hidden text file under `folder`, recursively, sorted by relative path."""
   found = []
-  for root, dirs, files in os.walk(folder):
+  for root, dirs, names in os.walk(folder):
     dirs[:] = [d for d in dirs if not d.startswith('.')]  # skip .git and the like
-    found += [os.path.join(root, f) for f in files if not f.startswith('.')]
+    found += [os.path.join(root, f) for f in names if not f.startswith('.')]
   return sorted((p for p in found if _is_text_file(p)), key=lambda p: os.path.relpath(p, folder))
 
 
-def read_corpus(path: str) -> np.ndarray:
-  """The bytes of a file, or of the text files under a folder joined with b'\\n': uint8 [N].
+def builtin_corpus() -> bytes:
+  """`pydoc_data.topics` as UTF-8: every help topic, sorted by name, each after a title line."""
+  from pydoc_data.topics import topics  # standard library
 
-  A single file is memory-mapped, so large corpora (e.g. TinyStories) cost no RAM up front.
-  """
-  if not os.path.exists(path):
-    raise ValueError(
-      f'text: data.path={path!r} does not exist; set data.path to a text file or '
-      'a folder of text files.'
+  return '\n\n'.join(f'{name}\n\n{topics[name].strip()}' for name in sorted(topics)).encode('utf-8')
+
+
+def ascii_only(raw: np.ndarray) -> np.ndarray:
+  """The bytes < 128 of `raw`, in order (what `.encode('ascii', errors='ignore')` keeps)."""
+  return raw[raw < 128]
+
+
+def _file_chunks(paths: list[str], encoding: str, chunk: int = _CHUNK):
+  """The bytes of `paths` joined with b'\\n', in chunks of <= `chunk` (ASCII only if asked)."""
+  for i, path in enumerate(paths):
+    if i:
+      yield np.frombuffer(b'\n', np.uint8)
+    raw = (
+      np.memmap(path, dtype=np.uint8, mode='r') if os.path.getsize(path) else np.zeros(0, np.uint8)
     )
-  if os.path.isfile(path):
-    if os.path.getsize(path) == 0:
-      return np.zeros(0, np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode='r')
-  parts = []
-  for name in list_text_files(path):
-    with open(name, 'rb') as f:
-      parts.append(f.read())
-  return np.frombuffer(b'\n'.join(parts), np.uint8)
+    for start in range(0, len(raw), chunk):
+      part = np.asarray(raw[start : start + chunk])
+      yield ascii_only(part) if encoding == 'ascii' else part
+
+
+def read_corpus(
+  path: str | None,
+  *,
+  encoding: str = 'bytes',
+  field: str = 'data.path',
+  cache_dir: str | None = None,
+) -> np.ndarray:
+  """The corpus at `path` (see the module docstring) as uint8 [N], memory-mapped where possible.
+
+  Raises:
+    ValueError: the path does not exist, or holds no text file, naming `field`.
+  """
+  if encoding not in ENCODINGS:
+    raise ValueError(f"text: encoding={encoding!r}; choose one of {list(ENCODINGS)}.")
+  if path is None:
+    raw = np.frombuffer(builtin_corpus(), np.uint8)
+    return ascii_only(raw) if encoding == 'ascii' else raw
+  local = files.resolve(os.fspath(path), field=field)
+  if not os.path.exists(local):
+    raise ValueError(
+      f'text: {field}={path!r} does not exist; set {field} to a text file or a folder of '
+      'text files.'
+    )
+  if os.path.isfile(local):
+    if encoding == 'bytes':
+      if os.path.getsize(local) == 0:
+        return np.zeros(0, np.uint8)
+      return np.memmap(local, dtype=np.uint8, mode='r')
+    paths = [local]
+  else:
+    paths = list_text_files(local)
+    if not paths:
+      raise ValueError(
+        f'text: {field}={path!r} is a folder with no text files; point it at a text file or '
+        'a folder holding some.'
+      )
+  return files.cached_array(
+    kind=f'text-{encoding}',
+    inputs=paths,
+    options={'encoding': encoding, 'join': 'newline'},
+    build=lambda: _file_chunks(paths, encoding),
+    dtype=np.uint8,
+    cache_dir=cache_dir,
+  )
 
 
 class TextSource(StreamSource):
-  """Byte-level language modelling on a local corpus; tokens are bytes, vocab 256."""
+  """Byte-level language modelling; tokens are bytes, vocab 256.
+
+  Attributes:
+    path, eval_path, encoding: as given (`path=None`: the built-in corpus, `BUILTIN_CORPUS`).
+  """
 
   name = 'text'
 
-  def __init__(self, *, seq_len: int = 256, path: str | None = None):
+  def __init__(
+    self,
+    *,
+    seq_len: int = 256,
+    path: str | None = None,
+    eval_path: str | None = None,
+    encoding: str = 'bytes',
+    cache_dir: str | None = None,
+  ):
     seq_len = check_int('seq_len', seq_len, minimum=1)
-    if path is None:
+    if eval_path is not None and path is None:
       raise ValueError(
-        'text: data.path is not set; set data.path to a text file or a folder of text files.'
+        f'text: data.eval_path={eval_path!r} is set but data.path is not; set data.path to the '
+        'training corpus too (or unset data.eval_path to use the built-in corpus).'
       )
-    corpus = read_corpus(os.fspath(path))
-    need = 2 * (seq_len + 1)  # each split must hold one crop of seq_len+1 bytes
-    if len(corpus) < need:
-      raise ValueError(
-        f'text: the corpus at data.path={path!r} has {len(corpus)} bytes, fewer than the '
-        f'{need} needed for a train and an eval crop of seq_len+1 = {seq_len + 1} bytes; '
-        'point data.path at a larger corpus (or lower seq_len).'
-      )
-    num_eval = max(int(len(corpus) * EVAL_FRACTION), seq_len + 1)
-    self.path = path
-    super().__init__(
-      streams={'train': corpus[: len(corpus) - num_eval], 'eval': corpus[len(corpus) - num_eval :]},
-      vocab_size=256,
-      seq_len=seq_len,
-    )
+    corpus = read_corpus(path, encoding=encoding, cache_dir=cache_dir)
+    where = f'data.path={path!r}' if path is not None else f'the built-in corpus ({BUILTIN_CORPUS})'
+    if eval_path is not None:
+      streams = {
+        'train': corpus,
+        'eval': read_corpus(
+          eval_path, encoding=encoding, field='data.eval_path', cache_dir=cache_dir
+        ),
+      }
+      for split, field, p in (('train', 'data.path', path), ('eval', 'data.eval_path', eval_path)):
+        if len(streams[split]) < seq_len + 1:
+          raise ValueError(
+            f'text: {field}={p!r} holds {len(streams[split])} bytes ({encoding}), fewer than '
+            f'one crop of seq_len+1 = {seq_len + 1}; use a larger file (or lower seq_len).'
+          )
+    else:
+      need = 2 * (seq_len + 1)  # each split must hold one crop of seq_len+1 bytes
+      if len(corpus) < need:
+        raise ValueError(
+          f'text: {where} has {len(corpus)} bytes ({encoding}), fewer than the {need} needed '
+          f'for a train and an eval crop of seq_len+1 = {seq_len + 1} bytes; point data.path at '
+          'a larger corpus (or lower seq_len).'
+        )
+      num_eval = max(int(len(corpus) * EVAL_FRACTION), seq_len + 1)
+      streams = {
+        'train': corpus[: len(corpus) - num_eval],
+        'eval': corpus[len(corpus) - num_eval :],
+      }
+    self.path, self.eval_path, self.encoding = path, eval_path, encoding
+    super().__init__(streams=streams, vocab_size=256, seq_len=seq_len)
 
   @staticmethod
   def decode(tokens) -> str:

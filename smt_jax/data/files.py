@@ -1,0 +1,172 @@
+"""Where a source's files come from: local paths, `hf://` paths, and a cache of derived arrays.
+
+- `resolve(path)`: a local path as is; `hf://datasets/<owner>/<name>[@<revision>]/<file>` is
+  downloaded once through `huggingface_hub` (into its own cache, `HF_HUB_CACHE`) and its local
+  path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
+- `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
+  folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
+  cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
+  is not read into memory at start. The cache key covers the inputs' paths, sizes and
+  modification times and the options, so editing a file rebuilds. Several processes building the
+  same entry at once are safe: each writes a private temporary file and renames it into place
+  (the contents are identical).
+
+The cache folder is `cache_dir` when given, else `$SMT_JAX_CACHE_DIR`, else `~/.cache/smt_jax`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+
+HF_PREFIX = "hf://"
+# hf://datasets/<owner>/<name>[@<revision>]/<path in the repository>
+_HF_PATH = re.compile(r"^hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)$")
+
+# Bumped when the layout of a cached array changes, so old entries are not reused.
+CACHE_VERSION = 1
+
+
+def is_remote(path: str) -> bool:
+  """True for paths this module downloads (`hf://...`)."""
+  return str(path).startswith(HF_PREFIX)
+
+
+def resolve(path: str, *, field: str = "data.path") -> str:
+  """A local path for `path`, downloading an `hf://` file first (see the module docstring).
+
+  Raises:
+    ValueError: a malformed `hf://` path, `huggingface_hub` missing, or the file neither in the
+      hub cache nor downloadable (offline), each naming `field` and what to do.
+  """
+  path = os.fspath(path)
+  if not is_remote(path):
+    return path
+  match = _HF_PATH.match(path)
+  if not match:
+    raise ValueError(
+      f"{field}={path!r}: hf:// paths have the form "
+      "hf://datasets/<owner>/<name>[@<revision>]/<file>, e.g. "
+      "hf://datasets/roneneldan/TinyStories/TinyStories-valid.txt."
+    )
+  repo_id, revision, filename = match.groups()
+  try:
+    import huggingface_hub  # lazy: only hf:// paths need it
+  except ImportError:
+    raise ValueError(
+      f"{field}={path!r}: hf:// paths need huggingface_hub; pip install 'smt-jax[hf]' (or "
+      "download the file and pass its local path)."
+    ) from None
+  try:
+    return huggingface_hub.hf_hub_download(
+      repo_id=repo_id, filename=filename, repo_type="dataset", revision=revision
+    )
+  except Exception as e:  # offline and not cached, no such file, no access, ...
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(
+      f"{field}={path!r}: could not fetch {filename} from the dataset {repo_id} "
+      f"({type(e).__name__}: {reason}); connect to the network once (the file is then cached "
+      "in HF_HUB_CACHE), or download it and pass its local path."
+    ) from None
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+  """The cache folder: `cache_dir`, else $SMT_JAX_CACHE_DIR, else ~/.cache/smt_jax."""
+  if cache_dir:
+    return os.fspath(cache_dir)
+  return os.environ.get("SMT_JAX_CACHE_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "smt_jax"
+  )
+
+
+def file_stamp(path: str) -> list:
+  """What identifies a file's version for the cache key: [absolute path, size, mtime_ns]."""
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def cached_array(
+  *,
+  kind: str,
+  inputs: Iterable[str],
+  options: dict,
+  build: Callable[[], Iterator[np.ndarray]],
+  dtype,
+  cache_dir: str | None = None,
+) -> np.ndarray:
+  """The array `build` yields (concatenated along axis 0), built once and memory-mapped.
+
+  Args:
+    kind: a short name for the cache file (e.g. 'text-ascii').
+    inputs: the files the array is derived from (their stamps enter the key).
+    options: everything else the result depends on (JSON-serialisable).
+    build: yields the array's chunks in order (each of `dtype`, equal trailing shape), so the
+      result never needs to fit in memory at once.
+    dtype: the array's dtype.
+  Returns:
+    a read-only memory map of the cached array.
+  """
+  dtype = np.dtype(dtype)
+  key = json.dumps(
+    [CACHE_VERSION, kind, [file_stamp(p) for p in inputs], options, dtype.str], sort_keys=True
+  )
+  digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+  root = cache_root(cache_dir)
+  final = os.path.join(root, f"{kind}-{digest}.npy")
+  if not os.path.exists(final):
+    try:
+      os.makedirs(root, exist_ok=True)
+      _write_npy(final, build(), dtype)
+    except OSError as e:
+      raise ValueError(
+        f"could not write the data cache {final!r} ({e}); set SMT_JAX_CACHE_DIR to a writable "
+        "folder with room for the derived data."
+      ) from None
+  return np.load(final, mmap_mode="r")
+
+
+def _write_npy(final: str, chunks: Iterator[np.ndarray], dtype: np.dtype) -> None:
+  """Streams `chunks` into a private temporary .npy beside `final`, then renames it into place."""
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(final), prefix=".tmp-", suffix=".npy")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      # The header is written last, once the length is known: reserve room for it first.
+      header_room = 128
+      f.write(b"\0" * header_room)
+      length, trailing = 0, None
+      for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype)
+        if trailing is None:
+          trailing = chunk.shape[1:]
+        elif chunk.shape[1:] != trailing:
+          raise ValueError(f"cached_array: chunk shapes differ ({trailing} vs {chunk.shape[1:]})")
+        f.write(chunk.tobytes())
+        length += len(chunk)
+      shape = (length, *(trailing or ()))
+      header = _npy_header(dtype, shape, header_room)
+      f.seek(0)
+      f.write(header)
+    os.replace(tmp, final)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _npy_header(dtype: np.dtype, shape: tuple, size: int) -> bytes:
+  """A .npy version-1.0 header padded to exactly `size` bytes (the format allows padding)."""
+  body = repr(
+    {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+  )
+  prefix = b"\x93NUMPY\x01\x00"
+  pad = size - len(prefix) - 2 - len(body) - 1
+  if pad < 0:
+    raise ValueError(f"npy header for shape {shape} does not fit in {size} bytes")
+  text = (body + " " * pad + "\n").encode("latin1")
+  return prefix + len(text).to_bytes(2, "little") + text
