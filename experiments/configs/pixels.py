@@ -7,8 +7,22 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     --config.data.path), streamed as the authors do (vocab 256, no BOS); the
                     paper's model and schedules (SPEC section 6) and the reference recipe
                     (`common.reference_recipe`): the authors' published run.
+  sketch            a folder of PNG/JPEG line drawings in --config.data.path (the paper's
+                    sketches: the Sketchy database, https://sketchy.eye.gatech.edu; unpack its
+                    sketches and point data.path at e.g. rendered_256x256/256x256/sketch/
+                    tx_000000000000, one subfolder per category), turned grayscale, resized
+                    to 28x28 by area averaging, inverted (strokes bright on black, as MNIST) and
+                    kept at 256 levels (data.options.image_size / levels / invert); about 1 in 10
+                    images (by a hash of the file name) evaluate unless --config.data.eval_path
+                    names a folder. The model, schedules and stream of mnist.
+  quickdraw         Quick, Draw! bitmaps: --config.data.path is a numpy_bitmap/<category>.npy file
+                    or a folder of them (download from https://quickdraw.withgoogle.com/data,
+                    i.e. gs://quickdraw_dataset/full/numpy_bitmap/; uint8 [N, 784] 28x28);
+                    data.options.categories="cat,dog" picks some, max_per_category (20000)
+                    bounds how many of each are read; the last 10% of those evaluate. As mnist.
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
+  ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.bos`) so the RNN alone can start one.
 
 Commands:
@@ -19,6 +33,10 @@ Commands:
       --config.data.path=/data/mnist
   python -m experiments.run --config=experiments/configs/pixels.py --config.phases=bptt
   python -m experiments.run --config=experiments/configs/pixels.py:digits,reference
+  python -m experiments.run --config=experiments/configs/pixels.py:sketch \\
+      --config.data.path=/data/sketchy/sketch/tx_000000000000
+  python -m experiments.run --config=experiments/configs/pixels.py:quickdraw \\
+      --config.data.path=/data/quickdraw/numpy_bitmap --config.data.options.categories=cat,dog
   python -m experiments.sample --workdir=runs/pixels_digits
 """
 
@@ -27,10 +45,10 @@ from experiments.configs import common
 
 def get_config(arg: str = "digits"):
   arg, *flags = arg.split(",")
-  if set(flags) - {"reference"}:
+  if set(flags) - {"reference", "smoke"}:
     raise ValueError(
-      f"pixels.py: unknown flags {sorted(set(flags) - {'reference'})}; the one "
-      f"flag is 'reference' (e.g. pixels.py:digits,reference)."
+      f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke'})}; the "
+      f"flags are 'reference' (e.g. pixels.py:digits,reference) and 'smoke'."
     )
   c = common.base()
   if arg in ("digits", "smoke"):
@@ -62,8 +80,8 @@ def get_config(arg: str = "digits"):
     c.samples.temperature = 0.8
     if arg == "smoke":
       common.smoke(c)
-  elif arg == "mnist":
-    c.data.name = "mnist"
+  elif arg in ("mnist", "sketch", "quickdraw"):
+    c.data.name = {"mnist": "mnist", "sketch": "image_folder", "quickdraw": "quickdraw"}[arg]
     # The authors' stream: every image's 784 pixels in row-major order, back to back with no
     # separator, vocabulary exactly 256; rows are random windows of it (train: the 60k train
     # images, eval: the 10k test images).
@@ -74,7 +92,11 @@ def get_config(arg: str = "digits"):
     c.eval.prompt_length = 784 + 392  # an image's worth, then half of one more
     c.bptt.seq_len = 320
   else:
-    raise ValueError(f"pixels.py: unknown argument {arg!r}; use digits, mnist or smoke.")
-  if arg == "mnist" or "reference" in flags:
+    raise ValueError(
+      f"pixels.py: unknown argument {arg!r}; use digits, mnist, sketch, quickdraw or smoke."
+    )
+  if arg != "digits" and arg != "smoke" or "reference" in flags:
     common.reference_recipe(c)
+  if "smoke" in flags:
+    common.smoke(c)
   return c

@@ -34,6 +34,7 @@ from smt_jax.data.probes import (
   generate_retrieval,
   generate_stack,
 )
+from smt_jax.data.sketches import ImageFolderSource, QuickDrawSource
 from smt_jax.data.text import TextSource
 
 # The one name -> constructor table (keyword-only constructors).
@@ -46,6 +47,8 @@ DATASETS = {
   'parity': ParitySource,
   'digits': DigitsSource,
   'mnist': MnistSource,
+  'image_folder': ImageFolderSource,
+  'quickdraw': QuickDrawSource,
   'text': TextSource,
 }
 
@@ -85,6 +88,8 @@ __all__ = [
   'ParitySource',
   'DigitsSource',
   'MnistSource',
+  'ImageFolderSource',
+  'QuickDrawSource',
   'TextSource',
   'generate_retrieval',
   'generate_copy',
