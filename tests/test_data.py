@@ -229,6 +229,8 @@ def test_make_source_errors():
     'parity',
     'digits',
     'mnist',
+    'image_folder',
+    'quickdraw',
     'text',
   }
   with pytest.raises(ValueError, match='unknown dataset'):

@@ -150,6 +150,7 @@ class TextSource(StreamSource):
       )
     corpus = read_corpus(path, encoding=encoding, cache_dir=cache_dir)
     where = f'data.path={path!r}' if path is not None else f'the built-in corpus ({BUILTIN_CORPUS})'
+    kept = ' of ASCII' if encoding == 'ascii' else ''
     if eval_path is not None:
       streams = {
         'train': corpus,
@@ -160,14 +161,14 @@ class TextSource(StreamSource):
       for split, field, p in (('train', 'data.path', path), ('eval', 'data.eval_path', eval_path)):
         if len(streams[split]) < seq_len + 1:
           raise ValueError(
-            f'text: {field}={p!r} holds {len(streams[split])} bytes ({encoding}), fewer than '
+            f'text: {field}={p!r} holds {len(streams[split])} bytes{kept}, fewer than '
             f'one crop of seq_len+1 = {seq_len + 1}; use a larger file (or lower seq_len).'
           )
     else:
       need = 2 * (seq_len + 1)  # each split must hold one crop of seq_len+1 bytes
       if len(corpus) < need:
         raise ValueError(
-          f'text: {where} has {len(corpus)} bytes ({encoding}), fewer than the {need} needed '
+          f'text: {where} has {len(corpus)} bytes{kept}, fewer than the {need} needed '
           f'for a train and an eval crop of seq_len+1 = {seq_len + 1} bytes; point data.path at '
           'a larger corpus (or lower seq_len).'
         )
