@@ -174,9 +174,16 @@ def validate(config) -> None:
   _validate_optim(c)
   _validate_data(c)
   try:
-    sharding.check_mesh_spec(dict(c.mesh))
+    sharding.check_mesh_spec(mesh_axes(c))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  v = c.mesh.fsdp_min_size
+  if not _is_int(v) or v < 0:
+    _fail(
+      "mesh.fsdp_min_size",
+      v,
+      "the size (in elements) from which fsdp shards an array: an integer >= 0 (0: every array).",
+    )
 
   for p in phases:
     _positive_int(c, f"{p}.steps")
@@ -453,10 +460,15 @@ def validate_with_source(config, source: data.Source) -> None:
     )
 
 
+def mesh_axes(config) -> dict[str, int]:
+  """The axis sizes of config.mesh ({axis: size}), without its other fields (fsdp_min_size)."""
+  return {k: v for k, v in config.mesh.items() if k != "fsdp_min_size"}
+
+
 def make_mesh(config) -> jax.sharding.Mesh:
   """The mesh of config.mesh on this job's devices; ConfigError when they do not fit."""
   try:
-    return sharding.make_mesh(dict(config.mesh))
+    return sharding.make_mesh(mesh_axes(config))
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

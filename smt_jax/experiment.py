@@ -342,7 +342,9 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
     mesh=mesh,
     graphdefs=(tg, rg),
     fns=(teacher_fns(tg), rnn_fns(rg)),
-    abstract_params=_abstract(params, sharding.state_shardings(params, mesh)),
+    abstract_params=_abstract(
+      params, sharding.state_shardings(params, mesh, min_size=config.mesh.fsdp_min_size)
+    ),
     batch_sharding=sharding.batch_sharding(mesh),
   )
 
@@ -407,7 +409,9 @@ def make_phase(
   opt_state = jax.eval_shape(optimizer.init, exp.abstract_params)
   abstract_state = {
     "params": exp.abstract_params,
-    "opt_state": _abstract(opt_state, sharding.state_shardings(opt_state, exp.mesh)),
+    "opt_state": _abstract(
+      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=c.mesh.fsdp_min_size)
+    ),
   }
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(

@@ -105,6 +105,9 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: every device not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.time = 1  # SMT's time axis: the vmapped transitions split across devices
+  # fsdp shards only arrays of at least this many elements (smaller ones, e.g. biases and norm
+  # gains, stay replicated); 0: every array with a dimension that divides evenly.
+  c.mesh.fsdp_min_size = 2**14
   return c
 
 
