@@ -222,6 +222,7 @@ def validate(config, *, check_paths: bool = True) -> None:
       c.eval.prompt_length,
       f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.",
     )
+  _validate_profile(c, phases)
 
 
 def _validate_optim(c) -> None:
@@ -230,6 +231,21 @@ def _validate_optim(c) -> None:
   _number_in(c, "optim.weight_decay", 0.0, math.inf)
   _number_in(c, "optim.clip_norm", 0.0, math.inf, lo_open=True)
   _number_in(c, "optim.warmup_frac", 0.0, 1.0, why="the fraction of a phase spent warming up")
+
+
+def _validate_profile(c, phases: list[str]) -> None:
+  for f in ("profile.start_step", "profile.num_steps"):
+    v = get_field(c, f)
+    if not _is_int(v) or v < 0:
+      _fail(f, v, "a number of steps >= 0 (profile.num_steps=0: no trace).")
+  total = sum(c[p].steps for p in phases)
+  if c.profile.num_steps and c.profile.start_step >= total:
+    _fail(
+      "profile.start_step",
+      c.profile.start_step,
+      f"the run has {total} steps in all ({' + '.join(f'{p}.steps' for p in phases)}), so no "
+      f"trace would be written; use a global step < {total} (a few steps in, past compilation).",
+    )
 
 
 def _validate_data(c, *, check_paths: bool = True) -> None:
