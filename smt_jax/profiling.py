@@ -2,9 +2,11 @@
 
 The trace goes to `<workdir>/profile`: `plugins/profile/<run>/<host>.xplane.pb`, which
 TensorBoard's profile plugin reads (`tensorboard --logdir=<workdir>/profile`, then the PROFILE
-tab; `pip install tensorboard-plugin-profile`), and `perfetto_trace.json.gz` next to it, which
-https://ui.perfetto.dev opens directly. Every process traces its own host, so a pod's trace has
-one file per host.
+tab; `pip install tensorboard-plugin-profile`), and, for a local workdir, `perfetto_trace.json.gz`
+next to it, which https://ui.perfetto.dev opens directly. The profiler writes object-store paths
+(`gs://`) itself, but JAX's Perfetto export does not (jax-ml/jax#19263), so a `gs://` workdir gets
+the `.xplane.pb` (and the `<host>.trace.json.gz` it comes with) only. Every process traces its own
+host, so a pod's trace has one file per host.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class StepTrace:
 
   def before(self, step: int) -> None:
     if not self.tracing and not self.done and self.start <= step < self.stop_at:
-      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      # Perfetto's file is written with local file I/O only (jax-ml/jax#19263).
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace="://" not in self.log_dir)
       self.tracing = True
       self.say(f"profile: tracing steps {step}..{self.stop_at - 1} into {self.log_dir}")
     if self.tracing:

@@ -34,8 +34,13 @@ def test_profile_traces_the_configured_steps_into_the_workdir(tmp_path):
 
 
 def test_profile_is_off_by_default_and_a_trace_cut_short_still_stops(tmp_path, monkeypatch):
-  calls = []
-  monkeypatch.setattr(profiling.jax.profiler, "start_trace", lambda d, **kw: calls.append("start"))
+  calls, perfetto = [], []
+
+  def start_trace(log_dir, *, create_perfetto_trace):
+    calls.append("start")
+    perfetto.append(create_perfetto_trace)
+
+  monkeypatch.setattr(profiling.jax.profiler, "start_trace", start_trace)
   monkeypatch.setattr(profiling.jax.profiler, "stop_trace", lambda: calls.append("stop"))
   off = profiling.StepTrace(str(tmp_path), start_step=0, num_steps=0, say=lambda m: None)
   for s in range(3):
@@ -53,11 +58,13 @@ def test_profile_is_off_by_default_and_a_trace_cut_short_still_stops(tmp_path, m
   resumed.stop()
   assert calls == ["start", "stop"]
 
-  cut = profiling.StepTrace(str(tmp_path), start_step=0, num_steps=10, say=lambda m: None)
+  # An object-store workdir: no Perfetto export (JAX writes that file with local file I/O only).
+  cut = profiling.StepTrace("gs://bucket/run/profile", start_step=0, num_steps=10, say=print)
   cut.before(0)
   cut.after(0, None)
   cut.stop()  # the run ended (an error, SIGTERM) inside the window
   assert calls == ["start", "stop", "start", "stop"] and not cut.tracing
+  assert perfetto == [True, False]
 
 
 @pytest.mark.parametrize(
