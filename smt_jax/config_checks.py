@@ -182,7 +182,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     sharding.check_mesh_spec(mesh_axes(c))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  v = c.mesh.fsdp_min_size
+  v = experiment.fsdp_min_size(c)
   if not _is_int(v) or v < 0:
     _fail(
       "mesh.fsdp_min_size",
@@ -234,6 +234,8 @@ def _validate_optim(c) -> None:
 
 
 def _validate_profile(c, phases: list[str]) -> None:
+  if "profile" not in c:  # a config saved before config.profile existed (read back, not trained)
+    return
   for f in ("profile.start_step", "profile.num_steps"):
     v = get_field(c, f)
     if not _is_int(v) or v < 0:

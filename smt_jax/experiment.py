@@ -51,6 +51,11 @@ def get_field(config, name: str):
   return value
 
 
+def fsdp_min_size(config) -> int:
+  """config.mesh.fsdp_min_size; the default for a config saved before that field existed."""
+  return config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
+
+
 def phase_names(config) -> list[str]:
   """The phases of `config.phases` in order ('smt,dmt' -> ['smt', 'dmt']); not validated."""
   return [p.strip() for p in config.phases.split(",") if p.strip()]
@@ -343,7 +348,7 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
     graphdefs=(tg, rg),
     fns=(teacher_fns(tg), rnn_fns(rg)),
     abstract_params=_abstract(
-      params, sharding.state_shardings(params, mesh, min_size=config.mesh.fsdp_min_size)
+      params, sharding.state_shardings(params, mesh, min_size=fsdp_min_size(config))
     ),
     batch_sharding=sharding.batch_sharding(mesh),
   )
@@ -410,7 +415,7 @@ def make_phase(
   abstract_state = {
     "params": exp.abstract_params,
     "opt_state": _abstract(
-      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=c.mesh.fsdp_min_size)
+      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=fsdp_min_size(c))
     ),
   }
   state_sharding = shardings_of(abstract_state)

@@ -387,6 +387,16 @@ def test_validate_for_devices_checks_a_described_target_without_its_devices():
   assert config_checks.validate_for_devices(c, num_devices=16, num_processes=4)["data"] == 16
 
 
+def test_a_config_saved_before_fsdp_min_size_and_profile_existed_still_builds():
+  # What experiments.sample and the studies read back from an older workdir's config.json.
+  c = _config("pixels:smoke", {})
+  with c.unlocked():
+    del c.mesh["fsdp_min_size"]
+    del c["profile"]
+  exp = config_checks.build_experiment(c)
+  assert jax.tree.leaves(exp.abstract_params)
+
+
 def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})
