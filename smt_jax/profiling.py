@@ -6,7 +6,8 @@ tab; `pip install tensorboard-plugin-profile`), and, for a local workdir, `perfe
 next to it, which https://ui.perfetto.dev opens directly. The profiler writes object-store paths
 (`gs://`) itself, but JAX's Perfetto export does not (jax-ml/jax#19263), so a `gs://` workdir gets
 the `.xplane.pb` (and the `<host>.trace.json.gz` it comes with) only. Every process traces its own
-host, so a pod's trace has one file per host.
+host; in a multi-process job each writes under `<workdir>/profile/process_<i>` (several processes
+on one host would otherwise write the same files), which TensorBoard lists as one run each.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class StepTrace:
   the dispatch). Each traced step is a `StepTraceAnnotation` named 'train' with its global step
   number, which the profile plugin uses to split the timeline into steps. A run resumed inside
   the window traces what is left of it; `stop()` ends a trace cut short (an error, SIGTERM).
-  num_steps = 0 traces nothing.
+  num_steps = 0 traces nothing. In a job of several processes each traces into its own
+  `log_dir/process_<i>`.
   """
 
   def __init__(
@@ -36,6 +38,8 @@ class StepTrace:
     num_steps: int,
     say: Callable[[str], None] = print,
   ):
+    if jax.process_count() > 1:
+      log_dir = f"{log_dir.rstrip('/')}/process_{jax.process_index()}"
     self.log_dir = log_dir
     self.start, self.stop_at = start_step, start_step + num_steps
     self.say = say

@@ -82,3 +82,12 @@ def test_bad_profile_fields_fail_naming_the_field(field, value, message):
   c.profile[field] = value
   with pytest.raises(config_checks.ConfigError, match=message.replace(".", r"\.")):
     config_checks.validate(c)
+
+
+def test_each_process_of_a_multi_process_job_traces_into_its_own_folder(monkeypatch):
+  # Several processes on one host would write the same <host> files in one folder.
+  assert profiling.StepTrace("w/profile", start_step=0, num_steps=1).log_dir == "w/profile"
+  monkeypatch.setattr(profiling.jax, "process_count", lambda: 4)
+  monkeypatch.setattr(profiling.jax, "process_index", lambda: 3)
+  trace = profiling.StepTrace("gs://b/w/profile/", start_step=0, num_steps=1)
+  assert trace.log_dir == "gs://b/w/profile/process_3"
