@@ -11,7 +11,11 @@ Usage (from the repository root; `--dry-run` prints the commands, one per line, 
   python -m launch.tpu_pod \\
       --name=smt-pixels --zone=us-west4-a --accelerator-type=v5litepod-16 --project=my-project \\
       --config=experiments/configs/pixels.py --workdir=gs://my-bucket/smt/pixels \\
-      --spot --log-file=pixels.log -- --config.batch_size=256
+      --spot --log-file=pixels.log -- --config.smt.batch_size=256
+
+  # Before anything is created, the config and its overrides are checked here, as experiments.run
+  # will parse and check them, against the slice's devices and hosts (16 and 4 for v5litepod-16):
+  # a field that does not exist or a batch size the slice cannot split fails in seconds.
 
   # Keep the slice for a second run, then iterate on it without re-creating:
   python -m launch.tpu_pod ... --keep
@@ -52,6 +56,20 @@ _RUNTIME_VERSIONS = (
   ("v3", "tpu-ubuntu2204-base"),
   ("v2", "tpu-ubuntu2204-base"),
 )
+# What an accelerator type's number counts, by family: (prefix, TensorCores per JAX device, JAX
+# devices per host, the most devices a single-host slice has). v2/v3 count TensorCores, one
+# device each, 8 per host; v4/v5p count TensorCores too, two per (megacore) device, 4 devices per
+# host; v5e/v6e count chips, one device each, 4 per host in multi-host slices, up to 8 on one host
+# (https://cloud.google.com/tpu/docs/system-architecture-tpu-vm).
+_TOPOLOGIES = (
+  ("v6e", 1, 4, 8),
+  ("v5litepod", 1, 4, 8),
+  ("v5e", 1, 4, 8),
+  ("v5p", 2, 4, 4),
+  ("v4", 2, 4, 4),
+  ("v3", 1, 8, 8),
+  ("v2", 1, 8, 8),
+)
 # GCP resource names: lowercase letters, digits and hyphens, starting with a letter.
 _NAME_PATTERN = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
@@ -75,6 +93,20 @@ def default_runtime_version(accelerator_type: str) -> str:
   raise ValueError(
     f"no default runtime version for accelerator type {accelerator_type!r}; "
     "pass --runtime-version (see `gcloud compute tpus tpu-vm versions list`)"
+  )
+
+
+def tpu_topology(accelerator_type: str) -> tuple[int, int]:
+  """(JAX devices, hosts) of a slice such as "v5litepod-16" (16, 4) or "v4-32" (16, 4)."""
+  for prefix, cores_per_device, per_host, single_host in _TOPOLOGIES:
+    if accelerator_type.startswith(prefix + "-"):
+      count = accelerator_type.removeprefix(prefix + "-")
+      if count.isdigit() and int(count) >= cores_per_device:
+        devices = int(count) // cores_per_device
+        return devices, 1 if devices <= single_host else -(-devices // per_host)
+  raise ValueError(
+    f"cannot tell how many devices and hosts a {accelerator_type!r} slice has, to check the "
+    "config against them; pass --skip-config-check to launch unchecked"
   )
 
 
@@ -349,6 +381,13 @@ def make_parser() -> argparse.ArgumentParser:
     help="gs:// path shared by all hosts: metrics, checkpoints, resume (needed to run).",
   )
   job.add_argument(
+    "--skip-config-check",
+    action="store_true",
+    help="Do not check --config and its overrides here against the slice's devices before "
+    "anything starts (the check uses this checkout's configs: skip it when --ref or --repo "
+    "ships configs that differ).",
+  )
+  job.add_argument(
     "--env",
     action="append",
     default=[],
@@ -500,8 +539,41 @@ def _warn_if_dirty(args: argparse.Namespace) -> None:
     _say(f"warning: uncommitted changes are not shipped; the workers get {args.ref!r} as committed")
 
 
+def check_config(args: argparse.Namespace) -> str:
+  """What experiments.run will train, checked here against the slice before anything starts.
+
+  The config and its overrides go through experiments.run's own flag parsing and
+  `config_checks.validate_for_devices` with the slice's device and host counts, so a field that
+  does not exist or a batch size the slice cannot split fails now, not after create, copy and
+  install. Raises ValueError (one line); returns a line saying what was checked.
+  """
+  devices, hosts = tpu_topology(args.accelerator_type)
+  if str(REPO_ROOT) not in sys.path:  # also when run as a script (`python launch/tpu_pod.py`)
+    sys.path.insert(0, str(REPO_ROOT))
+  run_args = [f"--config={args.config}", f"--workdir={args.workdir}", *args.overrides]
+  try:
+    from launch import checks
+
+    shape = checks.check_run_args(run_args, num_devices=devices, num_processes=hosts)
+  except ImportError as e:  # jax, ml_collections, ...: smt-jax is not installed here
+    raise ValueError(
+      f"the config check needs smt-jax's dependencies here ({e}): `pip install -e .`, or "
+      "--skip-config-check"
+    ) from None
+  return f"config check: ok, mesh {shape} on {devices} devices over {hosts} hosts"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if "run" in args.steps and not args.skip_config_check:
+    if not args.accelerator_type:
+      make_parser().error(
+        "the config check needs the slice's --accelerator-type (or --skip-config-check)"
+      )
+    try:
+      _say(check_config(args))
+    except ValueError as e:
+      make_parser().error(f"config check: {e}")
   plan = build_plan(args)
   if args.dry_run:
     for step in plan:

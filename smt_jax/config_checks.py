@@ -4,6 +4,8 @@ Every error names the config field, its value and the fix. `validate` needs only
 stats data paths); `make_mesh` and `validate_with_mesh` check what depends on the devices;
 `validate_with_source` what depends on the dataset (after it is built, before anything compiles).
 `build_experiment` runs them in that order and then builds the `experiment.Experiment`.
+`validate_for_devices` checks a config against a described target (so many devices over so many
+processes) without having its devices: what the launchers run before they start anything.
 """
 
 from __future__ import annotations
@@ -114,8 +116,11 @@ def validate_phases(config) -> list[str]:
   return phases
 
 
-def validate(config) -> None:
-  """Checks the config on its own (no data loaded, no devices touched)."""
+def validate(config, *, check_paths: bool = True) -> None:
+  """Checks the config on its own (no data loaded, no devices touched).
+
+  check_paths: whether data paths must exist here (False: they name files on another machine).
+  """
   c = config
   phases = validate_phases(c)
   if not _is_int(c.seed) or c.seed < 0:
@@ -172,11 +177,18 @@ def validate(config) -> None:
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
   _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
   _validate_optim(c)
-  _validate_data(c)
+  _validate_data(c, check_paths=check_paths)
   try:
-    sharding.check_mesh_spec(dict(c.mesh))
+    sharding.check_mesh_spec(mesh_axes(c))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  v = experiment.fsdp_min_size(c)
+  if not _is_int(v) or v < 0:
+    _fail(
+      "mesh.fsdp_min_size",
+      v,
+      "the size (in elements) from which fsdp shards an array: an integer >= 0 (0: every array).",
+    )
 
   for p in phases:
     _positive_int(c, f"{p}.steps")
@@ -210,6 +222,7 @@ def validate(config) -> None:
       c.eval.prompt_length,
       f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.",
     )
+  _validate_profile(c, phases)
 
 
 def _validate_optim(c) -> None:
@@ -220,7 +233,24 @@ def _validate_optim(c) -> None:
   _number_in(c, "optim.warmup_frac", 0.0, 1.0, why="the fraction of a phase spent warming up")
 
 
-def _validate_data(c) -> None:
+def _validate_profile(c, phases: list[str]) -> None:
+  if "profile" not in c:  # a config saved before config.profile existed (read back, not trained)
+    return
+  for f in ("profile.start_step", "profile.num_steps"):
+    v = get_field(c, f)
+    if not _is_int(v) or v < 0:
+      _fail(f, v, "a number of steps >= 0 (profile.num_steps=0: no trace).")
+  total = sum(c[p].steps for p in phases)
+  if c.profile.num_steps and c.profile.start_step >= total:
+    _fail(
+      "profile.start_step",
+      c.profile.start_step,
+      f"the run has {total} steps in all ({' + '.join(f'{p}.steps' for p in phases)}), so no "
+      f"trace would be written; use a global step < {total} (a few steps in, past compilation).",
+    )
+
+
+def _validate_data(c, *, check_paths: bool = True) -> None:
   d = c.data
   constructor = data.DATASETS[d.name]
   is_stream = issubclass(constructor, data.StreamSource)
@@ -252,11 +282,11 @@ def _validate_data(c) -> None:
         f"{d.name} takes no such option; its options are "
         f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
       )
-  _validate_path(d.name, d.path)
-  _validate_eval_path(d.name, d.path, d.get("eval_path", ""))
+  _validate_path(d.name, d.path, check_exists=check_paths)
+  _validate_eval_path(d.name, d.path, d.get("eval_path", ""), check_exists=check_paths)
 
 
-def _validate_path(name: str, path: str) -> None:
+def _validate_path(name: str, path: str, *, check_exists: bool = True) -> None:
   if name not in _PATH_DATASETS:
     if path:
       _fail(
@@ -274,6 +304,8 @@ def _validate_path(name: str, path: str) -> None:
     if name != "text":
       _fail("data.path", path, f"hf:// paths are for text; {name} needs {_PATH_DATASETS[name]}.")
     return  # fetched (or found in the hub's cache) when the source is built
+  if not check_exists:
+    return
   if not os.path.exists(path):
     _fail("data.path", path, f"does not exist; {name} needs {_PATH_DATASETS[name]}.")
   if name in ("mnist", "image_folder") and not os.path.isdir(path):
@@ -288,7 +320,7 @@ def _validate_path(name: str, path: str) -> None:
     )
 
 
-def _validate_eval_path(name: str, path: str, eval_path: str) -> None:
+def _validate_eval_path(name: str, path: str, eval_path: str, *, check_exists: bool = True) -> None:
   if not eval_path:
     return
   if name not in _EVAL_PATH_DATASETS:
@@ -304,7 +336,7 @@ def _validate_eval_path(name: str, path: str, eval_path: str) -> None:
     if name != "text":
       _fail("data.eval_path", eval_path, "hf:// paths are for text; use a local folder.")
     return
-  if not os.path.exists(eval_path):
+  if check_exists and not os.path.exists(eval_path):
     _fail("data.eval_path", eval_path, f"does not exist; it must be {_EVAL_PATH_DATASETS[name]}.")
 
 
@@ -453,20 +485,53 @@ def validate_with_source(config, source: data.Source) -> None:
     )
 
 
+def mesh_axes(config) -> dict[str, int]:
+  """The axis sizes of config.mesh ({axis: size}), without its other fields (fsdp_min_size)."""
+  return {k: v for k, v in config.mesh.items() if k != "fsdp_min_size"}
+
+
 def make_mesh(config) -> jax.sharding.Mesh:
   """The mesh of config.mesh on this job's devices; ConfigError when they do not fit."""
   try:
-    return sharding.make_mesh(dict(config.mesh))
+    return sharding.make_mesh(mesh_axes(config))
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
 
 def validate_with_mesh(config, mesh) -> None:
   """Batch sizes must split over the batch axes and processes, SMT's transitions over `time`."""
+  _validate_mesh_shape(config, dict(mesh.shape), jax.process_count())
+
+
+def validate_for_devices(config, *, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+  """`validate` and `validate_with_mesh` for a described target, without its devices.
+
+  The seam the launchers use before they create anything: the config is checked as
+  `build_experiment` would check it on a job of `num_devices` devices driven by `num_processes`
+  processes (e.g. a v5litepod-16: 16 and 4), except for what needs the data (its paths, which
+  name files on the target, are not looked up here). Returns the mesh shape the target gets.
+  """
+  if not _is_int(num_devices) or not _is_int(num_processes) or not 1 <= num_processes:
+    raise ValueError(f"num_devices={num_devices!r}, num_processes={num_processes!r}: positive ints")
+  if num_devices % num_processes:
+    raise ValueError(
+      f"num_devices={num_devices} does not split over num_processes={num_processes} (each "
+      f"process drives the same number of devices)"
+    )
+  validate(config, check_paths=False)
+  try:
+    shape = dict(zip(sharding.AXES, sharding.mesh_shape(mesh_axes(config), num_devices)))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _validate_mesh_shape(config, shape, num_processes)
+  return shape
+
+
+def _validate_mesh_shape(config, shape: dict[str, int], num_processes: int) -> None:
   c = config
   phases = phase_names(c)
-  b = mesh.shape["data"] * mesh.shape["fsdp"]
-  n = jax.process_count()
+  b = shape["data"] * shape["fsdp"]
+  n = num_processes
   for p in phases + ["eval"]:
     bs = c[p].batch_size
     if bs % b or bs % n:
@@ -474,9 +539,9 @@ def validate_with_mesh(config, mesh) -> None:
         f"{p}.batch_size",
         bs,
         f"must be divisible by data x fsdp = {b} devices and by {n} processes "
-        f"(config.mesh = {dict(mesh.shape)}); e.g. {p}.batch_size={_round_up(bs, b, n)}.",
+        f"(config.mesh = {shape}); e.g. {p}.batch_size={_round_up(bs, b, n)}.",
       )
-  t = mesh.shape["time"]
+  t = shape["time"]
   if t > 1:
     if "smt" not in phases:
       _fail("mesh.time", t, "the time axis splits SMT's transitions; this run has no SMT phase.")

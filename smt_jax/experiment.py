@@ -51,6 +51,11 @@ def get_field(config, name: str):
   return value
 
 
+def fsdp_min_size(config) -> int:
+  """config.mesh.fsdp_min_size; the default for a config saved before that field existed."""
+  return config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
+
+
 def phase_names(config) -> list[str]:
   """The phases of `config.phases` in order ('smt,dmt' -> ['smt', 'dmt']); not validated."""
   return [p.strip() for p in config.phases.split(",") if p.strip()]
@@ -342,7 +347,9 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
     mesh=mesh,
     graphdefs=(tg, rg),
     fns=(teacher_fns(tg), rnn_fns(rg)),
-    abstract_params=_abstract(params, sharding.state_shardings(params, mesh)),
+    abstract_params=_abstract(
+      params, sharding.state_shardings(params, mesh, min_size=fsdp_min_size(config))
+    ),
     batch_sharding=sharding.batch_sharding(mesh),
   )
 
@@ -407,7 +414,9 @@ def make_phase(
   opt_state = jax.eval_shape(optimizer.init, exp.abstract_params)
   abstract_state = {
     "params": exp.abstract_params,
-    "opt_state": _abstract(opt_state, sharding.state_shardings(opt_state, exp.mesh)),
+    "opt_state": _abstract(
+      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=fsdp_min_size(c))
+    ),
   }
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(

@@ -3,7 +3,9 @@
 One small vocabulary of mesh axes:
   data  the batch is split across it (data parallelism);
   fsdp  the batch is split across it too, and parameters and optimiser state are sharded over it
-        (each array along its largest dimension that divides evenly);
+        (each array of at least `min_size` elements along its largest dimension that divides
+        evenly; smaller arrays, e.g. biases and norm gains, stay replicated, as big_vision's
+        `fsdp` rule: gathering them would cost more in latency than their memory saves);
   time  SMT's own axis: the vmapped transitions (time positions) are split across it, the
         parallelism BPTT cannot have.
 Everything goes through `jax.jit` with `NamedSharding`s on this mesh (today's form of pjit).
@@ -11,6 +13,7 @@ Everything goes through `jax.jit` with `NamedSharding`s on this mesh (today's fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "time")
 BATCH_AXES = ("data", "fsdp")
+# Arrays with fewer elements than this stay replicated on an fsdp mesh (64 KiB of float32): at the
+# paper's width 256 the weight matrices (65,536+ elements) are sharded, biases and gains are not.
+FSDP_MIN_SIZE = 2**14
 
 
 def check_mesh_spec(spec: dict[str, int]) -> None:
@@ -65,22 +71,29 @@ def make_mesh(spec: dict[str, int]) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
-def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
-  if fsdp == 1 or not shape:
+def fsdp_spec(shape: tuple[int, ...], fsdp: int, *, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Where an array of `shape` goes on an fsdp axis of size `fsdp`.
+
+  Its largest dimension that `fsdp` divides is split (the first of equal ones); arrays of fewer
+  than `min_size` elements, scalars, and arrays with no such dimension are replicated (`P()`).
+  """
+  if fsdp == 1 or not shape or math.prod(shape) < min_size:
     return P()
-  dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+  dims = sorted(range(len(shape)), key=lambda i: -shape[i])  # stable: ties keep their order
   for i in dims:
     if shape[i] % fsdp == 0:
       spec = [None] * len(shape)
       spec[i] = "fsdp"
       return P(*spec)
-  return P()  # too small to split evenly: replicate
+  return P()  # no dimension splits evenly: replicate
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for params / optimiser state: FSDP-sharded along the largest even dim."""
+def state_shardings(tree: Any, mesh: Mesh, *, min_size: int = FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for params / optimiser state: `fsdp_spec` of each leaf on `mesh`."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda a: NamedSharding(mesh, _fsdp_spec(tuple(a.shape), fsdp)), tree)
+  return jax.tree.map(
+    lambda a: NamedSharding(mesh, fsdp_spec(tuple(a.shape), fsdp, min_size=min_size)), tree
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

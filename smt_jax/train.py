@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from smt_jax import checkpoints, config_checks, evaluation, experiment, metrics_io
+from smt_jax import checkpoints, config_checks, evaluation, experiment, metrics_io, profiling
 from smt_jax.preemption import Preempted, SigtermWatch
 
 __all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
@@ -83,6 +84,7 @@ class _Run:
   watch: SigtermWatch
   hooks: Hooks
   with_teacher: bool  # a teacher is trained (and evaluated)
+  tracer: profiling.StepTrace  # config.profile's jax.profiler trace
 
 
 def train_and_evaluate(
@@ -162,10 +164,17 @@ def train_and_evaluate(
       watch=SigtermWatch(),
       hooks=hooks,
       with_teacher="smt" in exp.phases,
+      tracer=profiling.StepTrace(
+        os.path.join(workdir, "profile"),
+        start_step=config.profile.start_step,
+        num_steps=config.profile.num_steps,
+        say=say,
+      ),
     )
     try:
       return _train(run, phases, pos, t_start)
     finally:
+      run.tracer.stop()
       writer.close()
       mngr.close()  # waits for a save in flight: a run that stops keeps its last checkpoint
 
@@ -238,8 +247,10 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(pos.phase_step, phase.steps):
     gstep = phase.offset + step
+    run.tracer.before(gstep)
     batch = phase.batch(gstep, transform=run.hooks.train_batch)
     state, metrics = phase.step(state, batch, jax.random.fold_in(base_key, gstep))
+    run.tracer.after(gstep, (state, metrics))
     if pending is not None:
       pos.skipped += _check_finite(c, name, *pending)
     pending = (step, metrics)

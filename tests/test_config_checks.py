@@ -361,6 +361,42 @@ def test_batch_and_transitions_must_split_over_the_mesh():
   config_checks.validate_with_mesh(_config("pixels:smoke", {}), _mesh(data=4))
 
 
+def test_validate_for_devices_checks_a_described_target_without_its_devices():
+  many = {f"{p}.batch_size": 64 for p in ("smt", "dmt", "eval")}
+  c = _config("pixels:smoke", {**many, "mesh.fsdp": 4})
+  assert jax.device_count() < 64  # the target's devices are described, not present
+  shape = config_checks.validate_for_devices(c, num_devices=64, num_processes=16)
+  assert shape == {"data": 16, "fsdp": 4, "time": 1}
+  with pytest.raises(
+    ConfigError, match=r"config.smt.batch_size = 64: must be divisible by data x fsdp = 128"
+  ):
+    config_checks.validate_for_devices(c, num_devices=128, num_processes=16)
+  c = _config("pixels:smoke", {"mesh.data": 2, "mesh.time": 4})  # batch sizes 4
+  with pytest.raises(ConfigError, match="config.smt.batch_size = 4: .* and by 8 processes"):
+    config_checks.validate_for_devices(c, num_devices=8, num_processes=8)
+  with pytest.raises(ConfigError, match="needs 8 devices, but 16 are available"):
+    config_checks.validate_for_devices(c, num_devices=16)
+  with pytest.raises(ValueError, match="does not split over num_processes=3"):
+    config_checks.validate_for_devices(c, num_devices=8, num_processes=3)
+  # Config-only checks run too, and data paths (files on the target) are not looked up here.
+  with pytest.raises(ConfigError, match="config.smt.lr = 0"):
+    config_checks.validate_for_devices(_config("pixels:smoke", {"smt.lr": 0.0}), num_devices=4)
+  c = _config("pixels:mnist", {"data.path": "/data/on/the/pod/mnist"})
+  with pytest.raises(ConfigError, match="config.data.path = .*does not exist"):
+    config_checks.validate(c)
+  assert config_checks.validate_for_devices(c, num_devices=16, num_processes=4)["data"] == 16
+
+
+def test_a_config_saved_before_fsdp_min_size_and_profile_existed_still_builds():
+  # What experiments.sample and the studies read back from an older workdir's config.json.
+  c = _config("pixels:smoke", {})
+  with c.unlocked():
+    del c.mesh["fsdp_min_size"]
+    del c["profile"]
+  exp = config_checks.build_experiment(c)
+  assert jax.tree.leaves(exp.abstract_params)
+
+
 def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})

@@ -3,10 +3,13 @@ exports the coordinator environment and one srun line. No network, gcloud or SLU
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import io
+import math
 import os
 import pathlib
+import re
 import shlex
 import stat
 import subprocess
@@ -29,7 +32,8 @@ def _load_tpu_pod():
 
 tpu_pod = _load_tpu_pod()
 
-NASTY = "--config.name=a b; rm -rf ~ && echo 'q' \"$HOME\""
+# A real field (the launcher checks the config), with a value no shell may interpret.
+NASTY = "--config.data.path=a b; rm -rf ~ && echo 'q' \"$HOME\""
 BASE = [
   "--name=smt-pix",
   "--zone=us-west4-a",
@@ -76,10 +80,10 @@ def test_tpu_dry_run_prints_every_stage_in_order(capsys, no_subprocess):
   commands = _dry_run(
     capsys,
     "--spot",
-    "--config.batch_size=256",
+    "--config.smt.batch_size=256",
     NASTY,
     "--",
-    "--config.model.kind",
+    "--config.model.rnn_kind",
     "mlp",
     "--jax_log_compiles",
   )
@@ -116,9 +120,9 @@ def test_tpu_dry_run_prints_every_stage_in_order(capsys, no_subprocess):
     "experiments.run",
     "--config=experiments/configs/pixels.py:mnist",
     "--workdir=gs://bucket/runs/pix",
-    "--config.batch_size=256",
+    "--config.smt.batch_size=256",
     NASTY,
-    "--config.model.kind",
+    "--config.model.rnn_kind",
     "mlp",
     "--jax_log_compiles",
   ]
@@ -282,7 +286,7 @@ def _run_sbatch(env, *args):
 
 
 def test_slurm_dry_run_prints_coordinator_env_and_srun(tmp_path):
-  result = _run_sbatch(_slurm_env(tmp_path), "--config.batch_size=64", NASTY)
+  result = _run_sbatch(_slurm_env(tmp_path), "--config.smt.batch_size=64", NASTY)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   assert "export JAX_COORDINATOR_ADDRESS=gpu-node-07:24242" in lines  # port 20000 + 4242
@@ -300,7 +304,7 @@ def test_slurm_dry_run_prints_coordinator_env_and_srun(tmp_path):
     "experiments.run",
     "--config=experiments/configs/pixels.py:mnist",
     f"--workdir={tmp_path}/runs/pix",
-    "--config.batch_size=64",
+    "--config.smt.batch_size=64",
     NASTY,
   ]
 
@@ -330,3 +334,209 @@ def test_slurm_refuses_to_run_outside_an_allocation(tmp_path):
   env = {k: v for k, v in _slurm_env(tmp_path).items() if k != "SLURM_JOB_NODELIST"}
   result = _run_sbatch(env)
   assert result.returncode != 0 and "sbatch" in result.stderr
+
+
+# ----------------------------------------------------------------------------- documented commands
+# Every launch command the docs show is checked as the real launch would check it: its config and
+# overrides through experiments.run's flag parsing and config_checks, against the devices and
+# processes of the target the command names. The commands are read from the files themselves.
+
+
+def _load_checks():
+  spec = importlib.util.spec_from_file_location("launch_checks", REPO / "launch" / "checks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+checks = _load_checks()
+DOCUMENTED = ("launch/README.md", "launch/tpu_pod.py", "launch/slurm_gpu.sbatch")
+
+
+def _shell_text(path: str) -> str:
+  """The shell the file shows: README's bash blocks, the module docstring, the script's comments."""
+  text = (REPO / path).read_text()
+  if path.endswith(".md"):
+    return "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S))
+  if path.endswith(".py"):
+    return ast.get_docstring(ast.parse(text))
+  return "\n".join(
+    line[1:] for line in text.splitlines() if line.startswith("#") and line[:2] not in ("#!", "#S")
+  )
+
+
+def _documented_commands(path: str) -> list[list[str]]:
+  """The launch commands of a file (continued lines joined, comments dropped), placeholders
+  (`...`) left out: tpu_pod, slurm_gpu.sbatch and launch.checks invocations."""
+  out = []
+  for line in re.sub(r"\\\n", " ", _shell_text(path)).splitlines():
+    try:
+      argv = shlex.split(line, comments=True)
+    except ValueError:  # prose with an apostrophe
+      continue
+    if any("..." in a for a in argv):
+      continue
+    if {"launch.tpu_pod", "launch.checks"} & set(argv) or any(
+      a.endswith("slurm_gpu.sbatch") for a in argv
+    ):
+      out.append(argv)
+  return out
+
+
+def _sbatch_header() -> dict[str, str]:
+  text = SBATCH.read_text()
+  header = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, flags=re.M))
+  header["config"] = re.search(r'config="\$\{CONFIG:-([^}]*)\}"', text).group(1)
+  return header
+
+
+def _target(argv: list[str]) -> tuple[str, list[str], int, int] | None:
+  """(what, experiments.run's arguments, devices, processes) of a documented command; None for a
+  command that runs nothing (e.g. --steps=delete)."""
+  if "launch.tpu_pod" in argv:
+    args = tpu_pod.parse_args(argv[argv.index("launch.tpu_pod") + 1 :])
+    if "run" not in args.steps:
+      return None
+    devices, hosts = tpu_pod.tpu_topology(args.accelerator_type)
+    run_args = [f"--config={args.config}", f"--workdir={args.workdir}", *args.overrides]
+    return f"tpu_pod {args.accelerator_type}", run_args, devices, hosts
+  if "launch.checks" in argv:
+    rest = argv[argv.index("launch.checks") + 1 :]
+    flags_ = dict(a.removeprefix("--").split("=", 1) for a in rest if a.startswith("--num-"))
+    run_args = [a for a in rest if not a.startswith("--num-")]
+    return "checks", run_args, int(flags_["num-devices"]), int(flags_.get("num-processes", 1))
+  # [ENV=VALUE ...] (sbatch [OPTIONS] | bash) launch/slurm_gpu.sbatch [experiments.run args]
+  env = dict(a.split("=", 1) for a in argv if re.fullmatch(r"[A-Z_]+=.*", a))
+  script = next(i for i, a in enumerate(argv) if a.endswith("slurm_gpu.sbatch"))
+  options = dict(a.removeprefix("--").split("=", 1) for a in argv[:script] if a.startswith("--"))
+  slurm = {**_sbatch_header(), **options}
+  tasks = int(env.get("SLURM_NTASKS", int(slurm["nodes"]) * int(slurm["ntasks-per-node"])))
+  config = env.get("CONFIG", slurm["config"])
+  run_args = [f"--config={config}", "--workdir=/shared/run", *argv[script + 1 :]]
+  return "slurm", run_args, tasks * int(slurm["gpus-per-task"]), tasks
+
+
+_COMMANDS = [
+  (path, i, argv) for path in DOCUMENTED for i, argv in enumerate(_documented_commands(path))
+]
+
+
+@pytest.mark.parametrize(
+  "path, argv", [(p, a) for p, _, a in _COMMANDS], ids=[f"{p}#{i}" for p, i, _ in _COMMANDS]
+)
+def test_documented_launch_commands_pass_the_config_checks_on_their_target(path, argv):
+  target = _target(argv)
+  if target is None:
+    return
+  what, run_args, devices, processes = target
+  shape = checks.check_run_args(run_args, num_devices=devices, num_processes=processes)
+  assert math.prod(shape.values()) == devices, (what, shape)
+
+
+def test_the_documented_commands_were_found():
+  """The parser above finds what the docs show (else the check would pass by seeing nothing)."""
+  found = {path: [_target(a) for a in _documented_commands(path)] for path in DOCUMENTED}
+  kinds = {path: sorted({t[0] for t in targets if t}) for path, targets in found.items()}
+  assert kinds["launch/README.md"] == ["checks", "slurm", "tpu_pod v5litepod-16"], kinds
+  assert kinds["launch/tpu_pod.py"] == ["tpu_pod v5litepod-16"], kinds
+  assert kinds["launch/slurm_gpu.sbatch"] == ["checks", "slurm"], kinds
+  readme = [t for t in found["launch/README.md"] if t]
+  assert {(t[0], t[2], t[3]) for t in readme} >= {
+    ("tpu_pod v5litepod-16", 16, 4),
+    ("slurm", 16, 16),  # sbatch --nodes=2 x the header's 8 tasks, and the DRY_RUN example's 16
+  }
+  assert any("--config.profile.num_steps=5" in t[1] for t in readme)  # the profiling example
+  assert all(any(a.startswith("--config.") for a in t[1]) for t in readme if t[0] != "checks")
+
+
+def test_every_config_override_in_the_launch_docs_names_a_field():
+  """Prose and printed plans included, not only the commands checked above."""
+  base = _fields_of(checks.parse_run_args(["--config=experiments/configs/pixels.py"]))
+  for path in DOCUMENTED:
+    for name in re.findall(r"--config\.([\w.]+)", (REPO / path).read_text()):
+      name = name.rstrip(".")
+      if name == "field":  # the placeholder of `--config.field=value`
+        continue
+      assert name in base or name.startswith("data.options."), f"{path}: --config.{name}"
+
+
+def _fields_of(config, prefix=""):
+  out = set()
+  for k, v in config.items():
+    out.add(prefix + k)
+    if hasattr(v, "items"):
+      out |= _fields_of(v, f"{prefix}{k}.")
+  return out
+
+
+def test_launch_checks_parse_with_experiments_runs_flags():
+  run_py = (REPO / "experiments" / "run.py").read_text()
+  checks_py = (REPO / "launch" / "checks.py").read_text()
+  names = lambda text: sorted(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", text))
+  assert names(checks_py) == names(run_py) == ["config", "fork", "overwrite", "workdir"]
+  assert "lock_config=True" in run_py and "lock_config=True" in checks_py
+
+
+@pytest.mark.parametrize(
+  "accelerator, devices, hosts",
+  [
+    ("v5litepod-16", 16, 4),
+    ("v5litepod-8", 8, 1),
+    ("v5litepod-256", 256, 64),
+    ("v6e-32", 32, 8),
+    ("v5p-8", 4, 1),
+    ("v5p-128", 64, 16),
+    ("v4-8", 4, 1),
+    ("v4-16", 8, 2),
+    ("v4-32", 16, 4),
+    ("v3-32", 32, 4),
+    ("v2-8", 8, 1),
+  ],
+)
+def test_tpu_topology(accelerator, devices, hosts):
+  assert tpu_pod.tpu_topology(accelerator) == (devices, hosts)
+
+
+def test_tpu_topology_of_an_unknown_slice_says_how_to_skip():
+  with pytest.raises(ValueError, match="--skip-config-check"):
+    tpu_pod.tpu_topology("tpu9-8")
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.batch_size=256", "no field 'batch_size'; did you mean --config.bptt.batch_size"),
+    ("--config.smt.batch_size=100", "config.smt.batch_size = 100: must be divisible by data x"),
+    ("--config.smt.batch_size=abc", "--config.smt.batch_size=abc: invalid literal for int()"),
+    ("--config.mesh.data=3", "needs 3 devices, but 16 are available"),
+    ("--config.profile.start_step=-1", "config.profile.start_step = -1"),
+  ],
+)
+def test_tpu_bad_override_fails_before_any_command_runs(
+  capsys, monkeypatch, no_subprocess, override, message
+):
+  def no_execute(*args, **kwargs):
+    raise AssertionError("the plan ran")
+
+  monkeypatch.setattr(tpu_pod, "execute", no_execute)
+  with pytest.raises(SystemExit):
+    tpu_pod.main([*BASE, override])
+  err = capsys.readouterr().err
+  assert "config check: " in err and message in err, err
+  assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_tpu_config_check_can_be_skipped_and_needs_the_slice_type(capsys, no_subprocess):
+  assert tpu_pod.main(["--dry-run", *BASE, "--skip-config-check", "--config.batch_size=1"]) == 0
+  assert "--config.batch_size=1" in capsys.readouterr().out  # passed through, unchecked
+  with pytest.raises(SystemExit):
+    tpu_pod.main(["--dry-run", *[a for a in BASE if "accelerator" not in a], "--steps=run"])
+  assert "--accelerator-type" in capsys.readouterr().err
+
+
+def test_launch_checks_command_line(capsys):
+  argv = ["--num-devices=16", "--num-processes=16", "--config=experiments/configs/pixels.py:mnist"]
+  assert checks.main([*argv, "--config.smt.batch_size=256"]) == 0
+  assert "ok: mesh {'data': 16, 'fsdp': 1, 'time': 1}" in capsys.readouterr().out
+  assert checks.main([*argv, "--config.smt.batch_sise=256"]) == 1
+  assert "did you mean --config.smt.batch_size" in capsys.readouterr().err

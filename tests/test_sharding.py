@@ -9,8 +9,10 @@ below assert on it. What is checked:
   parameters and optimiser state of the same steps on one device (the phase's unconstrained loss
   and optimiser, plainly jitted; two steps of each program, as the warm-up's first learning rate
   is 0);
-- the parameters really are sharded (fsdp leaves split across devices), parameters created sharded
-  equal those created on one device, and the time axis really constrains SMT's transitions;
+- the parameters and optimiser state are laid out as the fsdp rule says (arrays of at least
+  mesh.fsdp_min_size elements split along their largest dimension that divides evenly, the rest
+  replicated: the (2, 4, 1) steps above train with both kinds), parameters created sharded equal
+  those created on one device, and the time axis really constrains SMT's transitions;
 - a checkpoint saved on one mesh restores onto a different mesh with identical values, in the
   restoring mesh's layout.
 The model is the synthetic smoke config's (transformer teacher); its RNN is an Elman cell, which
@@ -30,6 +32,9 @@ MESHES = ((8, 1, 1), (2, 4, 1), (2, 1, 4))  # (data, fsdp, time)
 PHASES = ("smt", "dmt", "bptt")
 RNN_KIND = os.environ.get("SHARDING_TEST_RNN", "elman")
 RTOL, ATOL = 1e-5, 1e-6
+# Of the smoke model's 31 parameter arrays (9 to 12,288 elements), 12 have at least 256 elements:
+# the fsdp steps train with sharded and replicated parameters side by side.
+FSDP_MIN_SIZE = 256
 # Unoptimised LLVM code generation: these programs run twice, so compile time is what counts.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -51,6 +56,7 @@ def _config(mesh):
     # keeps that rounding well inside the tolerance; a sharding bug still moves weights by ~lr.
     c[p].lr = 1e-4
   c.mesh.data, c.mesh.fsdp, c.mesh.time = mesh
+  c.mesh.fsdp_min_size = FSDP_MIN_SIZE
   c.model.rnn_kind = RNN_KIND
   return c
 
@@ -152,6 +158,14 @@ def worker(outdir: str) -> dict:
         out["fsdp_leaves"] = sum("fsdp" in str(a.sharding.spec) for a in leaves)
         out["fsdp_split"] = sum(a.addressable_shards[0].data.shape != a.shape for a in leaves)
         out["num_leaves"] = len(leaves)
+        out["fsdp_layout"] = [
+          {
+            "shape": list(a.shape),
+            "shard": list(a.addressable_shards[0].data.shape),
+            "on_fsdp": "fsdp" in str(a.sharding.spec),
+          }
+          for a in jax.tree.leaves(new)  # parameters and optimiser state
+        ]
         mngr = checkpoints.make_manager(outdir, keep=2)
         checkpoints.save(mngr, 1, saved["params"], saved["opt_state"], phase_index=0, phase_step=1)
         mngr.wait_until_finished()
@@ -203,7 +217,9 @@ def worker(outdir: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The tests (in the pytest process).
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +259,62 @@ def test_parameters_created_sharded_equal_the_one_device_init(results, mesh):
   assert results["init_excess"][mesh] <= 0
 
 
-def test_fsdp_really_shards_the_parameters(results):
+def _expected_shard(shape: list[int], fsdp: int, min_size: int) -> list[int]:
+  """The fsdp rule, written out independently: split the largest dimension that fsdp divides
+  (the first of equal ones) of arrays of at least min_size elements; replicate the rest."""
+  if int(np.prod(shape)) < min_size or not shape:
+    return shape
+  divisible = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
+  if not divisible:
+    return shape
+  i = max(divisible, key=lambda i: (shape[i], -i))
+  return [n // fsdp if j == i else n for j, n in enumerate(shape)]
+
+
+def test_fsdp_shards_large_arrays_and_replicates_small_ones(results):
   assert results["devices"] == 8
-  # Most leaves split over fsdp (the rest are too small to split evenly and stay replicated).
-  assert results["fsdp_leaves"] >= results["num_leaves"] // 2, results
-  assert results["fsdp_split"] == results["fsdp_leaves"], results
+  layout = results["fsdp_layout"]  # mesh (2, 4, 1): fsdp = 4
+  for leaf in layout:
+    want = _expected_shard(leaf["shape"], 4, FSDP_MIN_SIZE)
+    assert leaf["shard"] == want, leaf
+    assert leaf["on_fsdp"] == (want != leaf["shape"]), leaf
+  sharded = [leaf for leaf in layout if leaf["shard"] != leaf["shape"]]
+  small = [leaf for leaf in layout if int(np.prod(leaf["shape"])) < FSDP_MIN_SIZE]
+  assert sharded and small, "the rule was not exercised both ways"
+  # Below the threshold even evenly divisible arrays stay whole (e.g. the [16] norm gains).
+  assert any(leaf["shape"] and leaf["shape"][0] % 4 == 0 for leaf in small)
+  assert results["fsdp_split"] == results["fsdp_leaves"] > 0, results
+
+
+@pytest.mark.parametrize(
+  "shape, fsdp, min_size, spec",
+  [
+    ((64, 256), 4, 2**14, P(None, "fsdp")),  # 16,384 elements: at the threshold, sharded
+    ((64, 258), 4, 2**14, P("fsdp", None)),  # the largest dimension does not divide: the next
+    ((64, 256), 4, 2**14 + 1, P()),  # below the threshold: replicated
+    ((256,), 4, 2**14, P()),  # a bias
+    ((8, 8), 4, 0, P("fsdp", None)),  # equal dimensions: the first
+    ((3, 5), 4, 0, P()),  # nothing divides
+    ((), 4, 0, P()),  # a scalar (e.g. Adam's count)
+    ((64, 256), 1, 0, P()),  # no fsdp axis
+  ],
+)
+def test_fsdp_spec_rule(shape, fsdp, min_size, spec):
+  from smt_jax import sharding  # here: the worker above imports it after fixing sys.path
+
+  assert sharding.fsdp_spec(shape, fsdp, min_size=min_size) == spec
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "big"])
+def test_fsdp_min_size_must_be_a_non_negative_integer(value):
+  from experiments.configs import synthetic
+  from smt_jax import config_checks
+
+  c = synthetic.get_config("copy,smoke")
+  with c.mesh.ignore_type():
+    c.mesh.fsdp_min_size = value
+  with pytest.raises(config_checks.ConfigError, match=r"config\.mesh\.fsdp_min_size = "):
+    config_checks.validate(c)
 
 
 def test_time_axis_constrains_smt_transitions(results):

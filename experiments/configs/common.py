@@ -101,10 +101,19 @@ def base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.nan_policy = "stop"  # "stop": halt naming the step and term; "skip": skip the update, count it
 
+  # A jax.profiler trace of profile.num_steps train steps from global step profile.start_step,
+  # written to <workdir>/profile (TensorBoard's profile plugin, or Perfetto); 0 steps: off.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.time = 1  # SMT's time axis: the vmapped transitions split across devices
+  # fsdp shards only arrays of at least this many elements (smaller ones, e.g. biases and norm
+  # gains, stay replicated); 0: every array with a dimension that divides evenly.
+  c.mesh.fsdp_min_size = 2**14
   return c
 
 
