@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -459,7 +460,9 @@ def smt_loss(
     l_init = jnp.zeros((), jnp.float32)
 
   # Uniformity over the source memories (tokens, or whole flattened states).
-  unif_in = m_src if uniformity_over == "tokens" else m_src.reshape(*m_src.shape[:2], -1)
+  unif_in = (
+    m_src if uniformity_over == "tokens" else einops.rearrange(m_src, "b n k d -> b n (k d)")
+  )
   l_unif = losses.uniformity_loss(
     unif_in, key=k_unif, max_samples=uniformity_max_samples, temperature=uniformity_temperature
   )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,7 +236,7 @@ def test_a_frozen_teacher_stays_put_under_weight_decay_where_plain_adamw_moves_i
   assert not np.array_equal(np.asarray(jax.tree.leaves(plain["teacher"])[-1]), w0)
 
   frozen = _step(smt_jax.adamw_per_model(lr, frozen=("teacher",)), params, grads)
-  jax.tree.map(np.testing.assert_array_equal, frozen["teacher"], params["teacher"])
+  chex.assert_trees_all_equal(frozen["teacher"], params["teacher"])
   # The RNN does train: with a unit gradient, Adam's first steps move each weight by about lr.
   moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), frozen["rnn"], params["rnn"])
   assert all(2 * lr < m < 4 * lr for m in jax.tree.leaves(moved)), moved
@@ -247,7 +248,7 @@ def test_clipping_is_per_model_a_huge_teacher_gradient_leaves_the_rnn_step_alone
   huge = dict(grads, teacher=jax.tree.map(lambda a: 1e6 * a, grads["teacher"]))
   tx = smt_jax.adamw_per_model(1e-3, clip_norm=1e-4)  # small: both models get clipped
   a, b = _step(tx, params, grads, 1), _step(tx, params, huge, 1)
-  jax.tree.map(np.testing.assert_array_equal, a["rnn"], b["rnn"])
+  chex.assert_trees_all_equal(a["rnn"], b["rnn"])
   with pytest.raises(ValueError, match=r"^adamw_per_model: frozen=\['encoder'\] not among"):
     smt_jax.adamw_per_model(1e-3, frozen=("encoder",))
 
@@ -269,7 +270,7 @@ def test_the_runner_uses_the_public_recipe():
       experiment.make_optimizer(config, phase, optax.constant_schedule(1e-2)), params, grads
     )
     public = _step(smt_jax.adamw_per_model(1e-2, frozen=frozen), params, grads)
-    jax.tree.map(np.testing.assert_array_equal, runner, public)
+    chex.assert_trees_all_equal(runner, public)
     teacher_moved = not np.array_equal(
       np.asarray(jax.tree.leaves(runner["teacher"])[0]),
       np.asarray(jax.tree.leaves(params["teacher"])[0]),
