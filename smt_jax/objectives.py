@@ -169,7 +169,7 @@ def check_memory_contract(
   Runs `update` on random unit-RMS memories and random tokens and requires every output token to
   have RMS 1 (within `rtol`; 3x that in 16-bit dtypes), the scale of the teacher's memories that
   the dynamics loss regresses onto; with a teacher, checks its memories the same way. Call it
-  once on a new cell, before training (it runs the models, so not inside `jax.jit`).
+  once on a new cell, before training (it reads the values, so not inside `jax.jit`).
 
   Returns:
     MemorySpec(K, d, V).
@@ -193,7 +193,7 @@ def check_memory_contract(
     outputs["teacher.encode"] = lambda m: teacher.encode(params["teacher"], ctx)
     m = m.astype(jax.eval_shape(outputs["teacher.encode"], m).dtype)
   for name, fn in outputs.items():
-    out = fn(m)
+    out = jax.jit(fn)(m)  # one compile, not one per op
     tol = rtol * (3 if jnp.finfo(out.dtype).bits <= 16 else 1)
     rms = np.asarray(jnp.sqrt(jnp.mean(jnp.square(out.astype(jnp.float32)), -1)))  # [B, K]
     if not np.all(np.abs(rms - 1) <= tol):
