@@ -63,9 +63,8 @@ class MemorySpec(NamedTuple):
 
 
 def _shape_name(shape: tuple[int, ...], k: int, d: int) -> str:
-  """A shape, and its layout in the memory's terms where it is a common mistake."""
-  hints = {(k * d,): " ([B, K*d]: a flat state)", (1, k, d): " ([1, K, d]: a batch axis)"}
-  return f"{tuple(shape)}{hints.get(tuple(shape[1:]), hints.get(tuple(shape), ''))}"
+  """A shape, named in the memory's terms where it is the common mistake (a flat state)."""
+  return f"{tuple(shape)}{' ([B, K*d]: a flat state)' if tuple(shape[1:]) == (k * d,) else ''}"
 
 
 def check_models(
