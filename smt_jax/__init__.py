@@ -1,7 +1,8 @@
 """smt-jax: Supervised Memory Training of recurrent networks, without backpropagation through time.
 
-The public API: the loss terms (`smt_jax.losses`), the objectives over pure model functions, the
-inference loops, and the Flax NNX models.
+The public API: the loss terms (`smt_jax.losses`), the objectives over pure model functions and
+the checks of their memory contract, the optimiser recipe (`adamw_per_model`), the inference
+loops, and the Flax NNX models.
 """
 
 from smt_jax.inference import initial_memories, prompt_memory, read, write
@@ -15,23 +16,33 @@ from smt_jax.losses import (
 )
 from smt_jax.models import RNN_KINDS, Teacher, make_rnn, rnn_fns, teacher_fns
 from smt_jax.objectives import (
+  MemorySpec,
   RNNFns,
   TeacherFns,
   bptt_loss,
+  check_memory_contract,
+  check_models,
+  check_tokens,
   dmt_loss,
   encode_over_time,
   rollout,
   smt_loss,
 )
+from smt_jax.optim import adamw_per_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "MemorySpec",
   "RNNFns",
   "Teacher",
   "TeacherFns",
   "RNN_KINDS",
+  "adamw_per_model",
   "bptt_loss",
+  "check_memory_contract",
+  "check_models",
+  "check_tokens",
   "decoding_loss",
   "dmt_loss",
   "drift",

@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from smt_jax import data, objectives, sharding
+from smt_jax import data, objectives, optim, sharding
 from smt_jax.models import TEACHER_KINDS, head_width, make_rnn, rnn_fns, teacher_fns
 
 PHASES = ("smt", "dmt", "bptt")
@@ -155,20 +155,17 @@ def make_schedule(config, phase: str) -> optax.Schedule:
 
 
 def make_optimizer(config, phase: str, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping per model; the teacher is frozen outside SMT."""
+  """AdamW with global-norm clipping per model; the teacher is frozen outside SMT (its updates
+  zeroed, so weight decay does not move it either: `smt_jax.optim.adamw_per_model`)."""
   o = config.optim
-  # Weight decay on matrices only (not biases, norm gains), or on everything (the reference's).
-  decayed = None if o.decay_all else (lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
-
-  def one_model():
-    return optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decayed),
-    )
-
-  teacher_tx = one_model() if phase == "smt" else optax.set_to_zero()
-  return optax.multi_transform(
-    {"teacher": teacher_tx, "rnn": one_model()}, {"teacher": "teacher", "rnn": "rnn"}
+  return optim.adamw_per_model(
+    schedule,
+    frozen=() if phase == "smt" else ("teacher",),
+    b1=o.b1,
+    b2=o.b2,
+    weight_decay=o.weight_decay,
+    clip_norm=o.clip_norm,
+    decay_all=o.decay_all,
   )
 
 

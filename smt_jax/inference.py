@@ -16,6 +16,8 @@ from smt_jax.objectives import (
   Params,
   RNNFns,
   TeacherFns,
+  check_models,
+  check_tokens,
   readout_over_time,
   rollout,
   teacher_memories,
@@ -42,6 +44,7 @@ def prompt_memory(
   With a teacher: its memory at the prompt's last token (E(last Tc prompt tokens) for the windowed
   teacher). Without: the RNN's own rollout from its initial memory.
   """
+  check_models(params, rnn=rnn, teacher=teacher, batch_size=prompt.shape[0], caller="prompt_memory")
   if teacher is not None:
     if context_length is None:
       raise ValueError("context_length is needed to encode a prompt with the teacher.")
@@ -73,6 +76,15 @@ def read(
   """
   x, y = batch["x"], batch["y"]
   rp = params["rnn"]
+  spec = check_models(
+    params,
+    rnn=rnn,
+    teacher=teacher if prompt_length else None,
+    batch_size=x.shape[0],
+    token_dtype=x.dtype,
+    caller="read",
+  )
+  check_tokens(batch, vocab_size=spec.vocab_size, caller="read")
   if prompt_length == 0:
     states = rollout(rp, initial_memories(rnn, rp, x.shape[0]), x, update=rnn.update)
     logits = readout_over_time(rnn, rp, states)  # [B, T, V]
@@ -111,6 +123,11 @@ def write(
   x ~ softmax(readout(m) / temperature) (argmax when temperature == 0) and sets m = update(m, x).
   """
   rp = params["rnn"]
+  k, d, _ = check_models(params, rnn=rnn, batch_size=memory.shape[0], caller="write")
+  if memory.shape[1:] != (k, d):
+    raise ValueError(
+      f"write: memory must be [B, K, d] = [B, {k}, {d}] (the RNN's), got {memory.shape}."
+    )
 
   def step(m, k):
     logits = rnn.readout(rp, m)

@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from smt_jax import losses
 
@@ -38,11 +40,189 @@ class TeacherFns(NamedTuple):
 
 
 class RNNFns(NamedTuple):
-  """An RNN as pure functions of its parameters."""
+  """An RNN as pure functions of its parameters: any cell, in any JAX library.
+
+  The memory contract (checked by every objective before anything compiles, `check_models`):
+  a memory is [B, K, d], K tokens of width d equal to the teacher's, each token of unit RMS like
+  the teacher's memories (end `update` with m / sqrt(mean(m**2, -1) + eps)); a cell with a flat
+  state reshapes it to [B, K, d] (K*d = its state size; for an LSTM, h and c together).
+  `initial_memory` returns one memory [K, d], no batch axis; `update` keeps m's shape and dtype.
+  """
 
   update: Callable[[Params, jax.Array, jax.Array], jax.Array]  # (p, m [B, K, d], x [B]) -> m'
   readout: Callable[[Params, jax.Array], jax.Array]  # (p, m [B, K, d]) -> logits [B, V]
   initial_memory: Callable[[Params], jax.Array]  # (p) -> [K, d]
+
+
+class MemorySpec(NamedTuple):
+  """What the models agree on: K memory tokens of width d, vocabulary V."""
+
+  num_memory_tokens: int  # K
+  width: int  # d
+  vocab_size: int  # V
+
+
+def _shape_name(shape: tuple[int, ...], k: int, d: int) -> str:
+  """A shape, named in the memory's terms where it is the common mistake (a flat state)."""
+  return f"{tuple(shape)}{' ([B, K*d]: a flat state)' if tuple(shape[1:]) == (k * d,) else ''}"
+
+
+def check_models(
+  params: Params,
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  batch_size: int = 1,
+  context_length: int = 1,
+  token_dtype=jnp.int32,
+  caller: str = "check_models",
+) -> MemorySpec:
+  """Checks the memory contract from shapes alone (`jax.eval_shape`: nothing runs or compiles).
+
+  The contract every objective and inference loop relies on:
+    rnn.initial_memory(p)   -> [K, d]       (one memory; the loops broadcast it over the batch)
+    rnn.update(p, m, x)     -> [B, K, d]    for m [B, K, d] and x int [B], in m's dtype
+    rnn.readout(p, m)       -> [B, V]       logits for the next target
+    teacher.encode(p, ctx)  -> [B, K, d]    with the RNN's K and d
+    teacher.decode(p, m, x) -> [B, Tf, V]   with the RNN's V
+  Values are checked separately (`check_memory_contract`): memories are per-token unit RMS.
+
+  Args:
+    params: {'rnn': ..., and 'teacher': ... when `teacher` is given}.
+    batch_size: B of the arrays the checks are traced with (the caller's, for its messages).
+    context_length: Tc of the teacher windows traced.
+    caller: the function named in the error.
+
+  Returns:
+    MemorySpec(K, d, V).
+
+  Raises:
+    ValueError: one line naming `caller`, what was expected and what to change.
+  """
+  rp = params["rnn"]
+  m0 = jax.eval_shape(rnn.initial_memory, rp)
+  if len(m0.shape) != 2:
+    hint = " (drop the batch axis: return m[0])" if len(m0.shape) == 3 and m0.shape[0] == 1 else ""
+    raise ValueError(
+      f"{caller}: rnn.initial_memory must return one memory [K, d], got shape "
+      f"{tuple(m0.shape)}{hint}."
+    )
+  k, d = m0.shape
+  m_dtype = m0.dtype
+  b = batch_size
+  x_spec = jax.ShapeDtypeStruct((b,), token_dtype)
+  if teacher is not None:
+    tp = params["teacher"]
+    context = jax.ShapeDtypeStruct((b, context_length), token_dtype)
+    mt = jax.eval_shape(teacher.encode, tp, context)
+    if tuple(mt.shape) != (b, k, d):
+      raise ValueError(
+        f"{caller}: the RNN's memory is [K, d] = {(k, d)} but the teacher's encoder gives "
+        f"{tuple(mt.shape[1:])}: build the RNN with the teacher's num_memory_tokens and width."
+      )
+    m_dtype = mt.dtype  # the RNN's updates start from teacher memories
+  m_spec = jax.ShapeDtypeStruct((b, k, d), m_dtype)
+  new = jax.eval_shape(rnn.update, rp, m_spec, x_spec)
+  if not hasattr(new, "shape") or tuple(new.shape) != (b, k, d):
+    got = _shape_name(new.shape, k, d) if hasattr(new, "shape") else type(new).__name__
+    raise ValueError(
+      f"{caller}: rnn.update(p, m, x) must return the memory's shape [B, K, d] = {(b, k, d)}, "
+      f"got {got}: reshape its output to m.shape."
+    )
+  if new.dtype != m_dtype:
+    raise ValueError(
+      f"{caller}: rnn.update must return the memory's dtype {m_dtype}, got {new.dtype} "
+      f"(a lax.scan carry keeps its type): cast with .astype(m.dtype)."
+    )
+  logits = jax.eval_shape(rnn.readout, rp, m_spec)
+  if len(logits.shape) != 2 or logits.shape[0] != b:
+    raise ValueError(
+      f"{caller}: rnn.readout(p, m) must return logits [B, V] for m [B, K, d] = {(b, k, d)}, "
+      f"got {tuple(logits.shape)}."
+    )
+  v = logits.shape[1]
+  if teacher is not None:
+    dec = jax.eval_shape(
+      teacher.decode, params["teacher"], m_spec, jax.ShapeDtypeStruct((b, 1), token_dtype)
+    )
+    if dec.shape[-1] != v:
+      raise ValueError(
+        f"{caller}: the RNN's readout has V = {v} logits but the teacher's decoder "
+        f"{dec.shape[-1]}: build both with the same vocab_size."
+      )
+  return MemorySpec(k, d, v)
+
+
+def check_memory_contract(
+  params: Params,
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  key: jax.Array | None = None,
+  batch_size: int = 4,
+  context_length: int = 1,
+  rtol: float = 0.02,
+) -> MemorySpec:
+  """Checks the whole memory contract once, eagerly: the shapes (`check_models`), then the values.
+
+  Runs `update` on random unit-RMS memories and random tokens and requires every output token to
+  have RMS 1 (within `rtol`; 3x that in 16-bit dtypes), the scale of the teacher's memories that
+  the dynamics loss regresses onto; with a teacher, checks its memories the same way. Call it
+  once on a new cell, before training (it reads the values, so not inside `jax.jit`).
+
+  Returns:
+    MemorySpec(K, d, V).
+  """
+  spec = check_models(
+    params,
+    rnn=rnn,
+    teacher=teacher,
+    batch_size=batch_size,
+    context_length=context_length,
+    caller="check_memory_contract",
+  )
+  k, d, v = spec
+  k_m, k_x = jax.random.split(jax.random.key(0) if key is None else key)
+  m = jax.random.normal(k_m, (batch_size, k, d))
+  m = m * jax.lax.rsqrt(jnp.mean(m**2, -1, keepdims=True))
+  x = jax.random.randint(k_x, (batch_size,), 0, v)
+  outputs = {"rnn.update": lambda m: rnn.update(params["rnn"], m, x)}
+  if teacher is not None:
+    ctx = jax.random.randint(k_x, (batch_size, context_length), 0, v)
+    outputs["teacher.encode"] = lambda m: teacher.encode(params["teacher"], ctx)
+    m = m.astype(jax.eval_shape(outputs["teacher.encode"], m).dtype)
+  for name, fn in outputs.items():
+    out = jax.jit(fn)(m)  # one compile, not one per op
+    tol = rtol * (3 if jnp.finfo(out.dtype).bits <= 16 else 1)
+    rms = np.asarray(jnp.sqrt(jnp.mean(jnp.square(out.astype(jnp.float32)), -1)))  # [B, K]
+    if not np.all(np.abs(rms - 1) <= tol):
+      raise ValueError(
+        f"check_memory_contract: {name} gives memory tokens of RMS in [{rms.min():.3g}, "
+        f"{rms.max():.3g}], not 1 (the teacher's memory scale): end it with a per-token RMS "
+        f"normalisation, m / sqrt(mean(m**2, -1, keepdims=True) + 1e-6)."
+      )
+  return spec
+
+
+def check_tokens(batch: Batch, *, vocab_size: int, caller: str = "check_tokens") -> None:
+  """Out-of-vocabulary tokens raise here instead of giving a silent NaN (or a zero embedding).
+
+  x must hold tokens in [0, V) and y in [0, V) or -1 (no target). Reading the values needs them
+  on the host: under `jax.jit` the batch is abstract and this does nothing (the objectives call
+  it, so an eager call of the loss checks a batch; call it on your data pipeline's batches).
+  """
+  for name, lo in (("x", 0), ("y", -1)):
+    v = batch[name]
+    if isinstance(v, jax.core.Tracer):
+      return
+    v = np.asarray(v)
+    if v.size and (v.min() < lo or v.max() >= vocab_size):
+      raise ValueError(
+        f"{caller}: batch['{name}'] holds tokens in [{v.min()}, {v.max()}], outside "
+        f"[{lo}, {vocab_size}) (V = {vocab_size}"
+        f"{'; -1 marks no target' if name == 'y' else ''}): build the models with a larger "
+        f"vocab_size or remap the data."
+      )
 
 
 def _check_params(params: Params, keys: tuple[str, ...], what: str) -> None:
@@ -198,6 +378,21 @@ def smt_loss(
   All teacher memories come from one `vmap` of the encoder over time positions and all RNN
   transitions from one `vmap` of `update`: no unrolling, an O(1) gradient path between any tokens.
 
+  Where to start (the published defaults, SPEC section 6, and what the configs use):
+    num_transitions  1 on long streams (text, pixels: the paper's main runs, T = Tc + Tf, the
+                     cheapest step); T on short episodic tasks (the probes: every memory of a
+                     sequence trained, from the initial memory on, which an RNN that must start
+                     from its own initial memory needs); in between, a random subset per batch
+                     (more transitions per sequence for the same teacher work; pixels.py uses 2).
+    c_dyn            0.1. It also pushes the teacher's memories towards what the RNN can
+                     predict (the gradient flows into the encoder unless stop_teacher_grad); much
+                     larger values can collapse the memories (watch uniformity_loss).
+    learning rate    AdamW 3e-4 with b2 0.95, weight decay 0.01, clip 1.0 per model, 1% warm-up
+                     then constant (batch 128); the small CPU configs train at 1e-3. Teacher and
+                     RNN train together: `smt_jax.adamw_per_model(lr)`.
+    context_length   long enough to hold what the future depends on (the memory can only keep
+                     what the window shows); the probes use Tc = T.
+
   Args:
     params: {'teacher': teacher params, 'rnn': RNN params}.
     batch: {'x': int [B, T], 'y': int [B, T]}.
@@ -218,6 +413,16 @@ def smt_loss(
     raise ValueError(f"uniformity_over must be 'tokens' or 'states', got {uniformity_over!r}.")
   x, y = _check_batch(batch, 2, "smt_loss")
   _check_params(params, ("teacher", "rnn"), "smt_loss")
+  spec = check_models(
+    params,
+    rnn=rnn,
+    teacher=teacher,
+    batch_size=x.shape[0],
+    context_length=context_length,
+    token_dtype=x.dtype,
+    caller="smt_loss",
+  )
+  check_tokens(batch, vocab_size=spec.vocab_size, caller="smt_loss")
   seq_len = x.shape[1]
   k_pos, k_unif = jax.random.split(key) if key is not None else (None, None)
   src = transition_positions(seq_len, num_transitions, context_length, k_pos)  # [N]
@@ -254,7 +459,9 @@ def smt_loss(
     l_init = jnp.zeros((), jnp.float32)
 
   # Uniformity over the source memories (tokens, or whole flattened states).
-  unif_in = m_src if uniformity_over == "tokens" else m_src.reshape(*m_src.shape[:2], -1)
+  unif_in = (
+    m_src if uniformity_over == "tokens" else einops.rearrange(m_src, "b n k d -> b n (k d)")
+  )
   l_unif = losses.uniformity_loss(
     unif_in, key=k_unif, max_samples=uniformity_max_samples, temperature=uniformity_temperature
   )
@@ -378,6 +585,13 @@ def dmt_loss(
   label trains only the last update (on-policy imitation, no backpropagation through time, as
   SPEC section 5 describes DMT; cheaper). The teacher gets no gradient.
 
+  Where to start: c_dyn 10, c_readout 1, Td 256, k 16, AdamW lr 3e-5 with warm-up then cosine
+  decay, batch 32 (published, after 150k SMT steps; the small CPU configs use 3e-4 after a
+  1e-3 SMT phase, i.e. about a tenth of the SMT learning rate), for about 1% of SMT's steps.
+  The teacher is frozen, but `optax.adamw`'s decoupled weight decay would still shrink its
+  parameters (the update -lr * wd * p needs no gradient): zero its updates,
+  `smt_jax.adamw_per_model(lr, frozen=("teacher",))`, as the runner does.
+
   Args:
     params: {'teacher': ..., 'rnn': ...}. batch: x, y int [B, T] with T >= t0 + 1 + Td.
     key: unused (the signature matches the other objectives).
@@ -398,6 +612,16 @@ def dmt_loss(
     raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
   x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
   _check_params(params, ("teacher", "rnn"), "dmt_loss")
+  spec = check_models(
+    params,
+    rnn=rnn,
+    teacher=teacher,
+    batch_size=x.shape[0],
+    context_length=context_length,
+    token_dtype=x.dtype,
+    caller="dmt_loss",
+  )
+  check_tokens(batch, vocab_size=spec.vocab_size, caller="dmt_loss")
   tp = jax.lax.stop_gradient(params["teacher"])
   rp = params["rnn"]
   last = rollout_length - label_every if reference_labels else rollout_length
@@ -447,24 +671,39 @@ def bptt_loss(
   batch: Batch,
   key: jax.Array | None = None,
   *,
+  teacher: TeacherFns | None = None,
   rnn: RNNFns,
   truncation: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Backpropagation through time: the baseline.
 
   From the RNN's initial memory, read x[0..T-1] with `lax.scan`; readout(state_t) predicts y[t].
-  L = masked mean over t of CE. Gradients flow through the whole unroll, or are cut every
-  `truncation` steps (truncated BPTT).
+
+    L = masked mean over t of CE(readout(state_t), y[t])
+
+  Gradients flow through the whole unroll, or are cut every `truncation` steps (truncated BPTT).
+
+  Starting points: AdamW lr 3e-4 (published; the small CPU configs use 1e-3), truncation None.
+  Cost and memory grow with T (the unroll is sequential), unlike `smt_loss`.
 
   Args:
-    params: {'rnn': RNN params} (a 'teacher' entry, if present, is ignored).
+    params: {'rnn': RNN params} (a 'teacher' entry, if present, is ignored), so one parameter
+      tree serves every objective.
     batch: x, y int [B, T]. key: unused.
+    teacher: unused: accepted so that the three objectives take the same pieces
+      (`functools.partial(objective, teacher=..., rnn=...)`).
+    rnn: the RNN as pure functions (memory contract: `RNNFns`).
+    truncation: None (full BPTT) or k: the gradient is cut every k steps.
   """
-  del key
+  del key, teacher
   if truncation is not None:
     _positive(truncation=truncation)
   x, y = _check_batch(batch, 1, "bptt_loss")
   _check_params(params, ("rnn",), "bptt_loss")
+  spec = check_models(
+    params, rnn=rnn, batch_size=x.shape[0], token_dtype=x.dtype, caller="bptt_loss"
+  )
+  check_tokens(batch, vocab_size=spec.vocab_size, caller="bptt_loss")
   rp = params["rnn"]
   m_init = rnn.initial_memory(rp)
   m0 = jnp.broadcast_to(m_init, (x.shape[0], *m_init.shape))

@@ -41,3 +41,31 @@ def test_readme_snippet_runs_and_its_gradient_trains():
   for _ in range(20):
     params = step(params)
   assert float(f(params)) < first
+
+
+def test_the_contract_error_the_readme_quotes_is_what_smt_loss_says():
+  """The snippet's cell, returning its flat [B, K*D] state, gives the README's one line."""
+  import pytest
+
+  import smt_jax
+
+  ns = {}
+  exec(compile(_snippet(), "README.md", "exec"), ns)  # noqa: S102 - our own README
+  text = open(README).read()
+  quoted = re.search(r"one-line error \(`(smt_loss: .*?)`\)", text, re.S).group(1)
+  quoted = re.sub(r"\s*\n\s*", " ", quoted)  # the README wraps it
+  flat = ns["my_rnn"]._replace(
+    update=lambda p, m, x: ns["update"](p, m, x).reshape(len(x), -1)  # [B, K*D]
+  )
+  with pytest.raises(ValueError) as e:
+    smt_jax.smt_loss(
+      {"teacher": ns["teacher_params"], "rnn": ns["rnn_params"]},
+      ns["batch"],
+      ns["k"][3],
+      teacher=smt_jax.teacher_fns(ns["graphdef"]),
+      rnn=flat,
+      context_length=16,
+      future_length=8,
+      num_transitions=24,
+    )
+  assert str(e.value) == quoted

@@ -38,7 +38,16 @@ def teacher_fns(graphdef: nnx.GraphDef) -> TeacherFns:
 
 @functools.cache
 def rnn_fns(graphdef: nnx.GraphDef) -> RNNFns:
-  """Pure functions of an RNN's state, for `graphdef, state = nnx.split(rnn)`."""
+  """Pure functions of an RNN's state, for `graphdef, state = nnx.split(rnn)`.
+
+  `rnn` may be any NNX module with three methods, not only the kinds of `make_rnn`:
+    update(m [B, K, d], x int [B]) -> [B, K, d]   (per-token unit RMS, like the teacher's)
+    readout(m [B, K, d]) -> logits [B, V]
+    initial_memory() -> [K, d]
+  e.g. a wrapper of `nnx.GRUCell` that reshapes its [B, K*d] state to [B, K, d]
+  (`docs/quickstart.ipynb`). The objectives check this contract before compiling
+  (`smt_jax.check_models`; `smt_jax.check_memory_contract` also checks the RMS, eagerly).
+  """
   return RNNFns(
     update=lambda p, m, x: nnx.merge(graphdef, p).update(m, x),
     readout=lambda p, m: nnx.merge(graphdef, p).readout(m),

@@ -17,6 +17,7 @@ The recurrent kinds and mlp read out with a small MLP on flatten(m).
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,7 +70,7 @@ class MLPReadout(nnx.Module):
     self.fc2 = nnx.Linear(hidden, vocab_size, dtype=dtype, rngs=rngs)
 
   def __call__(self, memory: jax.Array) -> jax.Array:
-    h = memory.reshape(memory.shape[0], -1)
+    h = einops.rearrange(memory, "b k d -> b (k d)")
     return self.fc2(jax.nn.gelu(self.fc1(h))).astype(jnp.float32)
 
 
@@ -166,7 +167,7 @@ class MLPRNN(RNN):
     self.head = MLPReadout(size, hidden, vocab_size, dtype=dtype, rngs=rngs)
 
   def update(self, memory, x):
-    flat = memory.reshape(memory.shape[0], -1)
+    flat = einops.rearrange(memory, "b k d -> b (k d)")
     h = self.inp(
       jnp.concatenate(
         [flat.astype(self.embed.dtype or flat.dtype), layers.embed_tokens(self.embed, x)], axis=-1
@@ -174,7 +175,8 @@ class MLPRNN(RNN):
     )
     for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
       h = h + fc2(jax.nn.gelu(fc1(norm(h))))
-    return layers.rms_normalize(memory + self.out(h).reshape(memory.shape).astype(memory.dtype))
+    delta = einops.rearrange(self.out(h), "b (k d) -> b k d", k=memory.shape[1])
+    return layers.rms_normalize(memory + delta.astype(memory.dtype))
 
   def readout(self, memory):
     return self.head(memory)
@@ -216,9 +218,10 @@ class _CellRNN(RNN):
     raise NotImplementedError
 
   def update(self, memory, x):
-    flat = memory.reshape(memory.shape[0], -1)
+    flat = einops.rearrange(memory, "b k d -> b (k d)")  # the cell's state
     new = self.step(flat, layers.embed_tokens(self.embed, x))
-    return layers.rms_normalize(new.reshape(memory.shape).astype(memory.dtype))
+    new = einops.rearrange(new, "b (k d) -> b k d", k=memory.shape[1])
+    return layers.rms_normalize(new.astype(memory.dtype))
 
   def readout(self, memory):
     return self.head(memory)
