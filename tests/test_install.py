@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_constraints  # noqa: E402
 
-EXTRAS = {"tb", "wandb", "gcs", "reference", "cuda", "tpu", "test"}
+EXTRAS = {"tb", "wandb", "hf", "gcs", "reference", "cuda", "tpu", "test"}
 
 
 def _cfg() -> configparser.ConfigParser:
