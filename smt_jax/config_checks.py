@@ -162,6 +162,8 @@ def validate(config) -> None:
   if c.nan_policy not in ("stop", "skip"):
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
   _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
+  if not isinstance(c.samples.get("at_eval", True), bool):
+    _fail("samples.at_eval", c.samples.at_eval, "use True (samples at every eval) or False.")
   _validate_optim(c)
   _validate_data(c)
   try:

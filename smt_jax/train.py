@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from smt_jax import checkpoints, config_checks, evaluation, experiment, metrics_io
+from smt_jax import checkpoints, config_checks, evaluation, experiment, metrics_io, samples
 from smt_jax.preemption import Preempted, SigtermWatch
 
 __all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
@@ -47,6 +47,11 @@ class Hooks:
   make_source: Callable | None = None  # config -> data.Source, instead of the config's dataset
   wrap_loss: Callable | None = None  # loss_fn -> loss_fn, for every phase, before jit
   train_batch: Callable | None = None  # (global step, host rows) -> rows, before they are sharded
+
+
+# The scalars TensorBoard's HParams dashboard shows beside each run's hyper-parameters (and the
+# RNN's NLL in bits, named by the data: `evaluation.bits_name`).
+HPARAMS_METRICS = ("eval/rnn_nll", "eval/rnn_acc", "eval/rnn_prompted_nll", "eval/teacher_nll")
 
 
 def itstime(step: int, every: int, total: int, *, last: bool) -> bool:
@@ -83,6 +88,18 @@ class _Run:
   watch: SigtermWatch
   hooks: Hooks
   with_teacher: bool  # a teacher is trained (and evaluated)
+  # Per phase, (training tokens, SeqFLOPs) of one step: the x-axes runs are compared on.
+  # SeqFLOPs count the serial critical path of one sequence (batch rows run in parallel; the
+  # tokens axis counts them), as in `analysis.seq_flops_per_step`.
+  per_step: tuple[tuple[int, float], ...]
+
+  def progress(self, phase: experiment.Phase, done: int) -> dict:
+    """Tokens seen and SeqFLOPs spent after `done` steps of `phase`, over the whole run."""
+    tokens, flops = 0, 0.0
+    for i, (t, f) in enumerate(self.per_step[: phase.index + 1]):
+      n = done if i == phase.index else self.exp.config[self.exp.phases[i]].steps
+      tokens, flops = tokens + n * t, flops + n * f
+    return {"tokens": tokens, "seqflops": flops}
 
 
 def train_and_evaluate(
@@ -154,6 +171,9 @@ def train_and_evaluate(
       workdir, enabled=is_main, purge_step=resume_step + 1 if restored else None
     )
     writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
+    flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles
+    if restored is None:
+      _write_hparams(writer, config, f"eval/rnn_{evaluation.bits_name(exp.source)}")
     run = _Run(
       exp=exp,
       workdir=workdir,
@@ -162,6 +182,9 @@ def train_and_evaluate(
       watch=SigtermWatch(),
       hooks=hooks,
       with_teacher="smt" in exp.phases,
+      per_step=tuple(
+        (p.tokens_per_step, experiment.seq_flops_per_step(exp, p.name, flops)) for p in phases
+      ),
     )
     try:
       return _train(run, phases, pos, t_start)
@@ -200,8 +223,6 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
     summary["baseline/unigram_nll"] = evaluation.unigram_nll(run.exp)
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
     if is_main:
-      from smt_jax import samples  # local: matplotlib only where samples are drawn
-
       samples.write_samples(run.exp, pos.params, run.workdir, summary)
       metrics_io.write_summary(run.workdir, summary)
   return summary
@@ -232,8 +253,11 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       skipped_steps=pos.skipped,
     )
 
+  if pos.phase_step == 0:
+    run.writer.write_text("phase", f"{name} starts at step {phase.offset}", phase.offset)
   t_compile = time.time()
   t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
+  t_first, first_done = None, 0  # for the ETA: wall time per step since then, evals included
   train_s, train_steps = 0.0, 0  # measured training time and steps, for the summary's throughput
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(pos.phase_step, phase.steps):
@@ -248,6 +272,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       jax.block_until_ready(metrics["loss"])
       out[f"{name}/compile_s"] = time.time() - t_compile
       t_last, steps_since = time.time(), 0
+      t_first, first_done = t_last, step + 1
     done = step + 1
     if itstime(done, c.log_every_steps, phase.steps, last=True):
       row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
@@ -259,18 +284,16 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
         train_s, train_steps = train_s + dt, train_steps + steps_since
         row.update(steps_per_s=rate, tokens_per_s=rate * phase.tokens_per_step)
         msg += f"  {rate:.2f} steps/s  {rate * phase.tokens_per_step:,.0f} tokens/s"
+      if done > first_done and done < phase.steps:
+        per_step = (time.time() - t_first) / (done - first_done)
+        msg += f"  eta {format_duration(per_step * (phase.steps - done))} ({name})"
       if pos.skipped:
         msg += f"  ({pos.skipped} non-finite steps skipped)"
       t_last, steps_since = time.time(), 0
-      run.writer.write(phase.offset + done, name, done, row)
+      run.writer.write(phase.offset + done, name, done, row, **run.progress(phase, done))
       say(msg)
     if itstime(done, c.eval.every_steps, phase.steps, last=False):
-      run.writer.write(
-        phase.offset + done,
-        name,
-        done,
-        evaluation.held_out(run.exp, state["params"], with_teacher=run.with_teacher),
-      )
+      _evaluate(run, phase, done, state["params"])
       t_last, steps_since = time.time(), 0  # eval time is not training throughput
     # Periodic checkpoints inside the phase; its last step is covered by the boundary checkpoint
     # (saved after the phase's final eval, so a restart never writes that eval twice).
@@ -284,14 +307,56 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   if pending is not None:
     pos.skipped += _check_finite(c, name, *pending)
   pos.params, pos.opt_state, pos.phase_step = state["params"], state["opt_state"], phase.steps
-  final = evaluation.held_out(run.exp, pos.params, with_teacher=run.with_teacher)
-  run.writer.write(phase.offset + phase.steps, name, phase.steps, final)
+  final = _evaluate(run, phase, phase.steps, pos.params)
   if train_steps:  # this process's measured part of the phase (a resumed run: since the restart)
     out[f"{name}/steps_per_s"] = train_steps / train_s
     out[f"{name}/tokens_per_s"] = train_steps / train_s * phase.tokens_per_step
   out[name] = final
   out[f"{name}/skipped_steps"] = pos.skipped
   return out
+
+
+def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
+  """Held-out metrics after `done` steps of `phase`, written with their samples; returns them."""
+  metrics = evaluation.held_out(run.exp, params, with_teacher=run.with_teacher)
+  step = phase.offset + done
+  run.writer.write(step, phase.name, done, metrics, **run.progress(phase, done))
+  if jax.process_index() == 0 and run.exp.config.samples.at_eval:
+    for tag, (kind, value) in samples.eval_samples(run.exp, params).items():
+      if kind == "image":
+        run.writer.write_image(tag, value, step)
+      else:
+        run.writer.write_text(tag, value, step)
+  return metrics
+
+
+def _write_hparams(
+  writer: metrics_io.MetricsWriter, config: ml_collections.ConfigDict, bits_tag: str
+) -> None:
+  """The config, flat, as TensorBoard HParams (with the final eval metrics beside it) and as
+  text (the JSON that config.json holds)."""
+  flat = {}
+
+  def visit(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        visit(f"{prefix}{k}.", v)
+      else:
+        flat[prefix + k] = v
+
+  visit("", config)
+  writer.write_hparams(flat, [*HPARAMS_METRICS, bits_tag])
+  writer.write_text("config", "    " + config.to_json(indent=2).replace("\n", "\n    "), 0)
+
+
+def format_duration(seconds: float) -> str:
+  """'42s', '3m05s', '2h07m'."""
+  s = int(round(seconds))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _check_finite(c, phase: str, step: int, metrics) -> int:

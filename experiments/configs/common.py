@@ -94,6 +94,7 @@ def base() -> ml_collections.ConfigDict:
   c.samples = ml_collections.ConfigDict()
   c.samples.num = 16
   c.samples.temperature = 1.0
+  c.samples.at_eval = True  # samples to TensorBoard at every eval, not only at the end
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1_000
