@@ -220,7 +220,12 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
       if run.watch.flag and nxt is not None:
         _exit_preempted(run.mngr, f"the start of {nxt}")
     run.mngr.wait_until_finished()
-    summary["baseline/unigram_nll"] = evaluation.unigram_nll(run.exp)
+    summary.update(
+      evaluation.with_bits(
+        {"baseline/unigram_nll": evaluation.unigram_nll(run.exp)},
+        evaluation.bits_name(run.exp.source),
+      )
+    )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
     if is_main:
       samples.write_samples(run.exp, pos.params, run.workdir, summary)

@@ -29,6 +29,10 @@ def _check_outputs(workdir, phases):
   for p in phases:
     assert np.isfinite(summary[p]["eval/rnn_nll"])
   assert summary["baseline/unigram_nll"] > 0
+  bits = [k for k in summary if k.startswith("baseline/unigram_bits_per_")]
+  assert [summary[k] for k in bits] == [
+    pytest.approx(summary["baseline/unigram_nll"] / math.log(2))
+  ]
   assert all(summary[f"{p}/tokens_per_s"] > 0 for p in phases)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
