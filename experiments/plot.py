@@ -22,6 +22,8 @@ import os
 
 from absl import app, flags
 
+from experiments import cli
+
 X_KEYS = {"steps": "step", "tokens": "tokens", "seqflops": "seqflops"}
 X_LABELS = {
   "steps": "global step",
@@ -166,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -38,7 +38,12 @@ class CheckpointError(RuntimeError):
 
 
 class WorkdirError(ValueError):
-  """The workdir holds a run of another config (and neither overwrite nor fork was asked)."""
+  """The workdir cannot be used: it holds a run of another config (and neither overwrite nor
+  fork was asked), is a file, cannot be written, or is in use."""
+
+
+class WorkdirBusyError(WorkdirError, RuntimeError):
+  """Another live run holds the workdir's lock."""
 
 
 def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -292,7 +297,7 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
     if old == new:
       return "same"
     what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
-  elif _has_checkpoints(workdir):
+  elif has_checkpoints(workdir):
     what = f"checkpoints but no {CONFIG_FILE} (a run of an unknown config)"
   else:
     return "new"
@@ -335,7 +340,8 @@ def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main:
   return action
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir/checkpoints` holds a (finished) checkpoint."""
   d = os.path.join(workdir, "checkpoints")
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
@@ -353,16 +359,25 @@ def workdir_lock(workdir: str, *, is_main: bool):
     return
   import fcntl
 
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  f = open(path, "a+")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(
+      f"workdir {workdir} is a file, not a directory: pass another --workdir (or move the file)."
+    )
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, "a+")
+  except OSError as e:
+    raise WorkdirError(
+      f"cannot write to workdir {workdir} ({e.strerror}): pass a --workdir you can write to."
+    ) from None
   try:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "another process"
-      raise RuntimeError(
+      raise WorkdirBusyError(
         f"workdir {workdir} is in use by a running job ({holder}); wait for it "
         f"to finish or stop it, or use another --workdir."
       ) from None

@@ -12,7 +12,9 @@ What a run guarantees (tests/test_config_checks.py, test_reliability.py, test_ki
   batches and PRNG keys are functions of the global step, checkpoints hold everything else
   (optimiser state, the count of skipped steps), and metrics rows past the restored step are
   dropped before they are rerun.
-- SIGTERM saves a checkpoint of the current step, then raises `Preempted` (exit 143 from run.py).
+- SIGTERM or SIGINT (Ctrl-C) saves a checkpoint of the current step, then raises `Preempted`
+  (exit 143 or 130 from run.py). The signal only sets a flag, honoured at the next step boundary:
+  one arriving while XLA compiles waits for the compile (raising inside it crashes the process).
 - A non-finite loss, gradient or update is never applied; the run stops naming step, phase and
   terms (nan_policy='stop'), or skips the step and counts it (nan_policy='skip').
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,8 +126,16 @@ def train_and_evaluate(
       nor `fork`); raised before anything is built.
     checkpoints.CheckpointError: checkpoints exist but none is readable.
     NonFiniteError: a non-finite loss/gradient under nan_policy='stop' (checkpoints kept).
-    Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
+    Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved first.
   """
+  watch = SigtermWatch()
+  with watch.installed():  # from the start: a Ctrl-C while building or compiling is deferred too
+    return _train_and_evaluate(
+      config, workdir, overwrite=overwrite, fork=fork, hooks=hooks, watch=watch
+    )
+
+
+def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> dict:
   t_start = time.time()
   hooks = hooks or Hooks()
   is_main = jax.process_index() == 0
@@ -179,7 +190,7 @@ def train_and_evaluate(
       workdir=workdir,
       mngr=mngr,
       writer=writer,
-      watch=SigtermWatch(),
+      watch=watch,
       hooks=hooks,
       with_teacher="smt" in exp.phases,
       per_step=tuple(
@@ -196,7 +207,7 @@ def train_and_evaluate(
 def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: float) -> dict:
   c, is_main = run.exp.config, jax.process_index() == 0
   summary = metrics_io.read_summary(run.workdir)
-  with run.watch.installed(), jax.set_mesh(run.exp.mesh):
+  with jax.set_mesh(run.exp.mesh):
     for phase in phases[pos.phase_index :]:
       summary.update(_run_phase(run, phase, pos))
       if is_main:
@@ -218,7 +229,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
         phase=nxt,
       )
       if run.watch.flag and nxt is not None:
-        _exit_preempted(run.mngr, f"the start of {nxt}")
+        _exit_preempted(run, f"the start of {nxt}")
     run.mngr.wait_until_finished()
     summary.update(
       evaluation.with_bits(
@@ -233,15 +244,22 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
   return summary
 
 
-def _exit_preempted(mngr, where: str):
-  mngr.wait_until_finished()
-  say(f"SIGTERM: saved a checkpoint at {where}; exiting. Rerun the same command to resume.")
-  raise Preempted(f"preempted; checkpoint saved at {where}")
+def _exit_preempted(run: _Run, where: str):
+  run.mngr.wait_until_finished()
+  sig = run.watch.signal_name
+  say(f"{sig}: saved a checkpoint at {where}; exiting. Rerun the same command to resume.")
+  raise Preempted(f"{sig}; checkpoint saved at {where}", run.watch.signum or signal.SIGTERM)
 
 
 def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   """Trains `phase` from `pos` (updated as it goes); returns its summary entries."""
   c, name = run.exp.config, phase.name
+  if run.watch.flag:  # the signal came before this phase's first step (building, compiling)
+    if pos.phase_step == 0:  # a phase-start checkpoint (a restored one exists already)
+      checkpoints.save(
+        run.mngr, phase.offset, pos.params, None, phase_index=phase.index, phase_step=0, phase=name
+      )
+    _exit_preempted(run, f"{name} step {pos.phase_step}")
   state = phase.init_state(pos.params, pos.opt_state)
   base_key = jax.random.key(c.seed)  # step keys: fold_in(seed key, global step), never a stream
   out = {}
@@ -308,7 +326,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       pending = None
       save(state, done)
       if stop:
-        _exit_preempted(run.mngr, f"{name} step {done}")
+        _exit_preempted(run, f"{name} step {done}")
   if pending is not None:
     pos.skipped += _check_finite(c, name, *pending)
   pos.params, pos.opt_state, pos.phase_step = state["params"], state["opt_state"], phase.steps
