@@ -294,7 +294,7 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if old == new:
+    if _identity(old) == _identity(new):
       return "same"
     what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
   elif has_checkpoints(workdir):
@@ -309,6 +309,15 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
     f"workdir {workdir} holds {what}. Use another --workdir, or pass --overwrite to start over "
     f"there, or --fork to continue its checkpoints under the new config."
   )
+
+
+# Config sections that only say where a run is mirrored, not what it computes: a run resumed
+# with another (e.g. --config.wandb.project added) is the same run.
+OBSERVER_SECTIONS = ("wandb",)
+
+
+def _identity(config_json: dict) -> dict:
+  return {k: v for k, v in config_json.items() if k not in OBSERVER_SECTIONS}
 
 
 def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main: bool) -> str:

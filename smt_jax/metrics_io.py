@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 
 PHASE_IDS = {"smt": 0, "dmt": 1, "bptt": 2}  # the TensorBoard scalar 'progress/phase'
 RATE_KEYS = ("steps_per_s", "tokens_per_s")
@@ -39,14 +40,24 @@ class MetricsWriter:
   `seqflops` the SeqFLOPs spent up to it, over every phase so far.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, purge_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool = True,
+    purge_step: int | None = None,
+    wandb: dict | None = None,
+  ):
     """purge_step: a resumed run's first step; TensorBoard then hides the older event files'
     points from that step on (those steps are rerun), as `truncate_after` does for the JSON lines.
+    wandb: {'project', 'entity', 'name', 'mode', 'config'} to mirror everything to Weights &
+    Biases (`WandbMirror`); None: off.
     """
     self.enabled = enabled
     self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._wandb = None
     self._progress_step = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
@@ -55,6 +66,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(
         os.path.join(workdir, "tensorboard"), flush_secs=30, purge_step=purge_step
       )
+      if wandb:
+        self._wandb = WandbMirror(workdir, **wandb)
 
   def write(
     self,
@@ -79,10 +92,16 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(row, allow_nan=True) + "\n")
     x = {"step": int(step), "tokens": int(tokens), "seqflops": int(seqflops)}
+    mirrored = {}
     for k, v in values.items():
       if math.isfinite(float(v)):
         for tag, axis in tensorboard_tags(phase, k):
           self._tb.add_scalar(tag, float(v), x[axis])
+          if axis == "step":  # wandb: one step axis, tokens and SeqFLOPs logged beside it
+            mirrored[tag] = float(v)
+    if self._wandb is not None:
+      mirrored.update({"progress/tokens": int(tokens), "progress/seqflops": float(seqflops)})
+      self._wandb.log(dict(mirrored, **{"progress/phase": PHASE_IDS.get(phase, -1)}), step)
     if step != self._progress_step:  # once per step (a train row and an eval row share one)
       self._progress_step = step
       self._tb.add_scalar("progress/phase", PHASE_IDS.get(phase, -1), int(step))
@@ -93,12 +112,16 @@ class MetricsWriter:
     """A text entry (markdown) at global `step`."""
     if self.enabled:
       self._tb.add_text(tag, text, int(step))
+      if self._wandb is not None:
+        self._wandb.log_text(tag, text, step)
 
   def write_image(self, tag: str, image, step: int) -> None:
     """An image (float [H, W] or [H, W, 3] in [0, 1]) at global `step`."""
     if self.enabled:
       fmt = "HW" if image.ndim == 2 else "HWC"
       self._tb.add_image(tag, image, int(step), dataformats=fmt)
+      if self._wandb is not None:
+        self._wandb.log_image(tag, image, step)
 
   def write_hparams(self, hparams: dict, metric_tags: list[str]) -> None:
     """The run's hyper-parameters for TensorBoard's HParams dashboard, with the scalars
@@ -143,6 +166,55 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
+
+
+class WandbMirror:
+  """The run mirrored to Weights & Biases: config, metrics (on the global step, with tokens and
+  SeqFLOPs logged beside them to pick as x-axes) and samples.
+
+  `wandb` is imported here only, so it is needed only when `wandb.project` is set. The wandb run
+  id is kept in `<workdir>/wandb_id`, so a resumed run continues the same wandb run (wandb drops
+  rows of steps it has already seen: those a resumed run rewrites keep their first values there).
+  """
+
+  def __init__(self, workdir: str, *, project: str, entity: str, name: str, mode: str, config):
+    import wandb
+
+    id_path = os.path.join(workdir, "wandb_id")
+    if os.path.exists(id_path):
+      with open(id_path) as f:
+        run_id = f.read().strip()
+    else:
+      run_id = secrets.token_hex(6)  # wandb ids: lowercase letters and digits
+      with open(id_path, "w") as f:
+        f.write(run_id)
+    self._wandb = wandb
+    self.run = wandb.init(
+      project=project,
+      entity=entity or None,
+      name=name or os.path.basename(os.path.abspath(workdir)),
+      mode=mode or None,
+      dir=workdir,
+      id=run_id,
+      resume="allow",
+      config=config,
+    )
+
+  def log(self, values: dict, step: int) -> None:
+    self.run.log(values, step=int(step))
+
+  def log_text(self, tag: str, text: str, step: int) -> None:
+    import html
+
+    self.run.log({tag: self._wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=int(step))
+
+  def log_image(self, tag: str, image, step: int) -> None:
+    self.run.log({tag: self._wandb.Image(image)}, step=int(step))
+
+  def close(self) -> None:
+    self.run.finish()
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -178,8 +178,16 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
       say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
     resume_step = restored["step"] if restored else 0
+    w = config.get("wandb") or {}
     writer = metrics_io.MetricsWriter(
-      workdir, enabled=is_main, purge_step=resume_step + 1 if restored else None
+      workdir,
+      enabled=is_main,
+      purge_step=resume_step + 1 if restored else None,
+      wandb=dict(
+        project=w.project, entity=w.entity, name=w.name, mode=w.mode, config=config.to_dict()
+      )
+      if w.get("project")
+      else None,
     )
     writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
     flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles

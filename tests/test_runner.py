@@ -73,6 +73,7 @@ def _check_compare_logs(workdir, config, bits: str, sample_tag: str | None):
   for r in evals:  # bits beside every NLL
     for k in [k for k in r if k.startswith("eval/") and k.endswith("_nll")]:
       assert r[k[: -len("nll")] + bits] == pytest.approx(r[k] / math.log(2), rel=1e-12)
+  assert not os.path.exists(os.path.join(workdir, "wandb"))  # off unless wandb.project is set
   tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
   assert not [t for t in tb if t.split("/")[0] in ("smt", "dmt", "bptt")], sorted(tb)
   for tag, x in [("eval/rnn_nll", "step"), ("eval_vs_tokens/rnn_nll", "tokens")] + [
