@@ -74,6 +74,9 @@ def parse_flags(argv: list[str]) -> list[str]:
       if "Error whilst parsing config file" in msg:  # get_config raised: its last line says why
         flag = lines[0].split(": Error whilst", 1)[0].removeprefix("flag ")
         raise FlagsError(f"{flag}: {lines[-1].split(': ', 1)[-1]}") from None
+      required = re.search(r"Flag (--\w+) must have a value other than None", msg)
+      if required:
+        raise FlagsError(f"{required[1]} is required (see --helpshort).") from None
       if "Did you mean" in msg and "--config." in msg:
         raise FlagsError(_override_error(argv, msg)) from None
       raise FlagsError(lines[0].removeprefix("flag ")) from None

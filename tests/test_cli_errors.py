@@ -97,6 +97,7 @@ def test_each_mistake_is_one_line(tmp_path):
       f"workdir {locked} is in use by a running job (pid 4242); wait for it to finish or stop "
       f"it, or use another --workdir.",
     ),
+    "run: no --config": (["experiments.run"], "--config is required (see --helpshort)."),
     "sample: missing workdir": (
       ["experiments.sample", f"--workdir={tmp_path / 'nope'}"],
       f"--workdir={tmp_path / 'nope'}: no such directory; pass the workdir of a run.",
