@@ -2,6 +2,7 @@
 
   python -m experiments.plot runs/pixels_digits runs/pixels_digits_bptt \\
       --metric=eval/rnn_nll --x=seqflops --out=compare.png
+  python -m experiments.plot RUN [RUN ...] --x=steps,tokens,seqflops   # one panel per x-axis
 
 Reads each run's `metrics.jsonl` (the rows `experiments.run` writes: `step`, `phase`, `tokens`,
 `seqflops`, the metrics) and draws one line per run through every row that has the metric, in
@@ -32,7 +33,9 @@ X_LABELS = {
 }
 
 flags.DEFINE_string("metric", "eval/rnn_nll", "The metrics.jsonl key to plot (y-axis).")
-flags.DEFINE_enum("x", "steps", list(X_KEYS), "The x-axis.")
+flags.DEFINE_list(
+  "x", ["steps"], f"The x-axis, one of {', '.join(X_KEYS)}; several: one panel each."
+)
 flags.DEFINE_string("out", "compare.png", "Where to write the picture.")
 flags.DEFINE_list("labels", None, "One legend label per run (default: the workdir's name).")
 flags.DEFINE_bool("logx", None, "Log x-axis (default: on for --x=seqflops only).")
@@ -89,7 +92,7 @@ def plot_runs(
   workdirs: list[str],
   *,
   metric: str,
-  x: str,
+  x: str | list[str],
   out: str | None = None,
   labels: list[str] | None = None,
   logx: bool | None = None,
@@ -97,19 +100,33 @@ def plot_runs(
 ):
   """Draws the runs' curves into one figure (written to `out` when given); returns the figure.
 
-  Each run's line is labelled '<label> (<phase>-><phase>)'; the figure's lines are in the
-  order of `workdirs` (the phase markers are vertical lines after them)."""
-  if x not in X_KEYS:
-    raise PlotError(f"--x={x}: use one of {', '.join(X_KEYS)}.")
+  One panel (axes) per x-axis in `x`. Each run's line is labelled '<label> (<phase>-><phase>)';
+  a panel's lines are in the order of `workdirs` (the phase markers are vertical lines after
+  them)."""
+  axes_x = [x] if isinstance(x, str) else list(x)
+  for name in axes_x:
+    if name not in X_KEYS:
+      raise PlotError(f"--x={name}: use one of {', '.join(X_KEYS)}.")
   if labels is not None and len(labels) != len(workdirs):
     raise PlotError(f"--labels has {len(labels)} names for {len(workdirs)} runs; give one each.")
-  curves = [load_curve(w, metric=metric, x=x) for w in workdirs]
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  fig, axes = plt.subplots(1, len(axes_x), figsize=(6.4 * len(axes_x), 4.0), squeeze=False)
+  for ax, name in zip(axes[0], axes_x):
+    curves = [load_curve(w, metric=metric, x=name) for w in workdirs]
+    _draw(ax, curves, metric=metric, x=name, labels=labels, logx=logx)
+  fig.suptitle(title or metric, fontsize=10)
+  fig.tight_layout()
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=130)
+  return fig
+
+
+def _draw(ax, curves, *, metric, x, labels, logx):
   lines = []
   for i, c in enumerate(curves):
     name = labels[i] if labels else c["label"]
@@ -130,17 +147,14 @@ def plot_runs(
         fontsize=8,
       )
   if logx if logx is not None else x == "seqflops":
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap
   ax.set_xlabel(X_LABELS[x])
   ax.set_ylabel(metric)
-  ax.set_title(title or metric, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  if out:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=130)
-  return fig
 
 
 def main(argv):
@@ -159,7 +173,7 @@ def main(argv):
     )
   except PlotError as e:
     raise SystemExit(f"error: {e}") from None
-  for line in fig.axes[0].get_lines():
+  for line in fig.axes[0].get_lines():  # the first panel: the same points in every panel
     if line.get_label().startswith("_"):  # the phase markers
       continue
     best = min(y for y in line.get_ydata() if not math.isnan(y))

@@ -74,6 +74,16 @@ def test_plotted_data_are_the_rows(runs, tmp_path, x, smt_dmt_x, bptt_x, dmt_sta
   assert img.shape[0] > 300 and img[..., :3].std() > 0.05  # a picture, not a blank file
 
 
+def test_one_panel_per_x_axis(runs):
+  fig = plot.plot_runs(list(runs), metric="eval/rnn_nll", x=["steps", "seqflops"])
+  steps, seqflops = fig.axes
+  np.testing.assert_array_equal(steps.get_lines()[1].get_xdata(), [2, 4])
+  np.testing.assert_array_equal(seqflops.get_lines()[1].get_xdata(), [2000, 4000])
+  assert (steps.get_xscale(), seqflops.get_xscale()) == ("linear", "log")
+  with pytest.raises(plot.PlotError, match="--x=flops: use one of steps, tokens, seqflops"):
+    plot.plot_runs(list(runs), metric="eval/rnn_nll", x=["steps", "flops"])
+
+
 def test_unplottable_runs_say_why(runs, tmp_path):
   with pytest.raises(plot.PlotError, match=r"no rows with 'eval/bits'; its metrics: eval/rnn_nll"):
     plot.load_curve(runs[0], metric="eval/bits", x="steps")
