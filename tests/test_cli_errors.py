@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "experiments/configs/pixels.py:smoke"
@@ -150,3 +151,37 @@ def test_ctrl_c_while_compiling_saves_and_exits_130(tmp_path):
     "SIGINT: saved a checkpoint at bptt step 1; exiting. Rerun the same command to resume.",
   ]
   assert os.listdir(wd / "checkpoints") == ["1"]
+
+
+def test_sigint_sets_the_flag_and_never_raises():
+  from smt_jax.preemption import Preempted, SigtermWatch
+
+  before = signal.getsignal(signal.SIGINT)
+  watch = SigtermWatch()
+  with watch.installed():
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: only the flag
+    time.sleep(0.05)
+    assert watch.flag and watch.signal_name == "SIGINT" and watch.check(0)
+  assert signal.getsignal(signal.SIGINT) is before  # restored on the way out
+  assert Preempted("x", signal.SIGINT).exit_code == 130
+  assert Preempted("x").exit_code == 143
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+  code = (
+    "import os, signal, time\n"
+    "from smt_jax.preemption import SigtermWatch\n"
+    "w = SigtermWatch()\n"
+    "with w.installed():\n"
+    "  os.kill(os.getpid(), signal.SIGINT)\n"
+    "  time.sleep(0.05)\n"
+    "  print('flag', w.flag, flush=True)\n"
+    "  os.kill(os.getpid(), signal.SIGINT)\n"
+    "  time.sleep(5)\n"
+    "  print('not reached')\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True
+  )
+  assert proc.returncode == 130 and proc.stdout == "flag True\n"
+  assert proc.stderr.strip() == "SIGINT again: exiting without a checkpoint."
