@@ -32,15 +32,20 @@ X_LABELS = {
   "seqflops": "SeqFLOPs (serial critical path, per sequence)",
 }
 
-flags.DEFINE_string("metric", "eval/rnn_nll", "The metrics.jsonl key to plot (y-axis).")
-flags.DEFINE_list(
-  "x", ["steps"], f"The x-axis, one of {', '.join(X_KEYS)}; several: one panel each."
-)
-flags.DEFINE_string("out", "compare.png", "Where to write the picture.")
-flags.DEFINE_list("labels", None, "One legend label per run (default: the workdir's name).")
-flags.DEFINE_bool("logx", None, "Log x-axis (default: on for --x=seqflops only).")
-flags.DEFINE_string("title", None, "The figure's title (default: the metric).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing the module
+  (tests, notebooks) does not collide with other tools' flags of the same names (--out)."""
+  flags.DEFINE_string("metric", "eval/rnn_nll", "The metrics.jsonl key to plot (y-axis).")
+  flags.DEFINE_list(
+    "x", ["steps"], f"The x-axis, one of {', '.join(X_KEYS)}; several: one panel each."
+  )
+  flags.DEFINE_string("out", "compare.png", "Where to write the picture.")
+  flags.DEFINE_list("labels", None, "One legend label per run (default: the workdir's name).")
+  flags.DEFINE_bool("logx", None, "Log x-axis (default: on for --x=seqflops only).")
+  flags.DEFINE_string("title", None, "The figure's title (default: the metric).")
 
 
 class PlotError(ValueError):
@@ -182,4 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)
