@@ -56,8 +56,8 @@ def load_curve(workdir: str, *, metric: str, x: str) -> dict:
   """One run's curve: {'label', 'x', 'y', 'phases', 'phase_starts'} from its metrics.jsonl.
 
   'x', 'y': the metric against the x-axis, one point per row holding the metric (later rows of
-  the same step win, as for a resumed run's rewritten rows). 'phase_starts': [(phase, x)] at
-  each phase's first point after the first phase.
+  the same step win, as for a resumed run's rewritten rows). 'phase_starts': [(phase, x)] for
+  each phase after the first, x that of the previous phase's last point (where it starts).
   """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isdir(workdir):
@@ -79,10 +79,10 @@ def load_curve(workdir: str, *, metric: str, x: str) -> dict:
   xs = [float(r[key]) for r in points]
   ys = [float(r[metric]) for r in points]
   starts, seen = [], []
-  for r, xv in zip(points, xs):
+  for i, r in enumerate(points):
     if r["phase"] not in seen:
-      if seen:
-        starts.append((r["phase"], xv))
+      if seen:  # the boundary: the previous phase's last point (its final eval)
+        starts.append((r["phase"], xs[i - 1]))
       seen.append(r["phase"])
   return {
     "label": os.path.basename(os.path.normpath(workdir)),

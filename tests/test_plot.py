@@ -52,9 +52,9 @@ def runs(tmp_path):
 @pytest.mark.parametrize(
   "x, smt_dmt_x, bptt_x, dmt_start",
   [
-    ("steps", [2, 4, 6, 8], [2, 4], 6),
-    ("tokens", [100, 200, 500, 800], [200, 400], 500),
-    ("seqflops", [10, 20, 320, 620], [2000, 4000], 320),
+    ("steps", [2, 4, 6, 8], [2, 4], 4),  # DMT starts where SMT's last eval is
+    ("tokens", [100, 200, 500, 800], [200, 400], 200),
+    ("seqflops", [10, 20, 320, 620], [2000, 4000], 20),
   ],
 )
 def test_plotted_data_are_the_rows(runs, tmp_path, x, smt_dmt_x, bptt_x, dmt_start):
