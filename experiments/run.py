@@ -9,7 +9,10 @@ runs/<config name>_<arg>). On multi-host systems every process runs this same co
 
 Exit status: 0 when every phase finished; 143 (as for a process ended by SIGTERM) when SIGTERM
 arrived and a checkpoint of the current step was saved first, so that a scheduler restarts the
-job rather than counting it done; 1 on an error (a bad config fails before anything compiles).
+job rather than counting it done; 130 for Ctrl-C (SIGINT), which gets the same treatment (a
+second Ctrl-C stops at once, without the checkpoint); 1 on an error. Every expected mistake (a
+typo in an override, a missing config file, a workdir that is a file, cannot be written, holds
+another config's run or is in use) prints one line naming the fix, before anything compiles.
 """
 
 import os
@@ -17,6 +20,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (and :arg).", lock_config=True
@@ -61,6 +66,14 @@ def maybe_initialize_distributed() -> None:
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except KeyboardInterrupt:  # before training started (e.g. while importing JAX): nothing to save
+    print("SIGINT: interrupted before training started; nothing to save.", file=sys.stderr)
+    sys.exit(130)
+
+
+def _main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # library INFO chatter (orbax) off unless asked with -v
     logging.set_verbosity(logging.WARNING)
@@ -73,8 +86,8 @@ def main(argv):
     summary = train.train_and_evaluate(
       FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork
     )
-  except train.Preempted:
-    sys.exit(train.Preempted.exit_code)  # the checkpoint is saved; rerun the command to resume
+  except train.Preempted as e:  # the checkpoint is saved; rerun the command to resume
+    sys.exit(e.exit_code)  # 143 (SIGTERM) or 130 (SIGINT), as for a process the signal ended
   except (
     config_checks.ConfigError,
     checkpoints.WorkdirError,
@@ -92,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -8,9 +8,12 @@ writes the samples into the workdir (or --out).
 
 import json
 import os
+import sys
 
 import ml_collections
 from absl import app, flags, logging
+
+from experiments import cli
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holding config.json and checkpoints/).")
 flags.DEFINE_string("out", None, "Where to write the samples (default: the workdir).")
@@ -27,7 +30,22 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from smt_jax import checkpoints, config_checks, experiment, metrics_io, samples
 
-  with open(os.path.join(FLAGS.workdir, checkpoints.CONFIG_FILE)) as f:
+  workdir = FLAGS.workdir
+  config_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  # Mistakes are one line each (no traceback), said before anything is built.
+  if not os.path.isdir(workdir):
+    sys.exit(f"error: --workdir={workdir}: no such directory; pass the workdir of a run.")
+  if not os.path.exists(config_path):
+    sys.exit(
+      f"error: --workdir={workdir}: no {checkpoints.CONFIG_FILE}, so not a run's workdir; pass "
+      f"the --workdir that python -m experiments.run wrote."
+    )
+  if not checkpoints.has_checkpoints(workdir):
+    sys.exit(
+      f"error: --workdir={workdir}: no checkpoint yet in {workdir}/checkpoints; let the run save "
+      f"one (checkpoint_every_steps, or the end of a phase), then sample."
+    )
+  with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if FLAGS.temperature is not None:
     config.samples.temperature = FLAGS.temperature
@@ -35,22 +53,30 @@ def main(argv):
     config.samples.num = FLAGS.num
   if FLAGS.seed is not None:
     config.seed = FLAGS.seed
-  exp = config_checks.build_experiment(config)
-  mngr = checkpoints.make_manager(FLAGS.workdir, keep=config.keep_checkpoints)
-  restored = checkpoints.restore(
-    mngr,
-    **experiment.restore_targets(exp),
-  )
-  if restored is None:
-    raise SystemExit(f"No checkpoint in {FLAGS.workdir}/checkpoints.")
-  params, phase_index, phase_step = (restored[k] for k in ("params", "phase_index", "phase_step"))
-  out = FLAGS.out or FLAGS.workdir
-  os.makedirs(out, exist_ok=True)
-  paths = samples.write_samples(exp, params, out, metrics_io.read_summary(FLAGS.workdir))
-  where = exp.phases[phase_index] if phase_index < len(exp.phases) else "end"
-  print(f"Checkpoint at {where} step {phase_step}; wrote {', '.join(paths)}")
-  mngr.close()
+  try:
+    exp = config_checks.build_experiment(config)
+  except config_checks.ConfigError as e:
+    sys.exit(f"error: {e}")
+  mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
+  try:
+    restored = checkpoints.restore(mngr, **experiment.restore_targets(exp))
+  except checkpoints.CheckpointError as e:
+    restored, error = None, f"error: {e}"
+  else:
+    error = None if restored else f"error: no readable checkpoint in {workdir}/checkpoints."
+  if error:
+    mngr.close()  # before exiting: orbax's threads must not outlive the interpreter's teardown
+    sys.exit(error)
+  try:
+    params, phase_index, phase_step = (restored[k] for k in ("params", "phase_index", "phase_step"))
+    out = FLAGS.out or workdir
+    os.makedirs(out, exist_ok=True)
+    paths = samples.write_samples(exp, params, out, metrics_io.read_summary(workdir))
+    where = exp.phases[phase_index] if phase_index < len(exp.phases) else "end"
+    print(f"Checkpoint at {where} step {phase_step}; wrote {', '.join(paths)}")
+  finally:
+    mngr.close()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -246,6 +246,8 @@ def seq_flops_per_step(
   f_encode: float = 0.0,
   f_decode: float = 0.0,
   rollout_length: int = 0,
+  carry_grad: bool = False,
+  truncation: int = 0,
 ) -> float:
   """FLOPs on the serial critical path of ONE training step, per sequence ("SeqFLOPs").
 
@@ -255,20 +257,32 @@ def seq_flops_per_step(
     bptt: T chained updates forward and backward:            3 (T f_update + f_readout)
     smt:  encoder -> {update | decoder | readout} -> loss:   3 (f_encode + max(f_update, f_decode,
                                                              f_readout)); independent of T
+    bptt, truncated every k steps: the forward is still T chained updates, but the backward
+          of each k-step segment is independent of the others' (its carry is cut):
+                                                             T f_update + f_readout
+                                                             + 2 (k f_update + f_readout)
     dmt:  labels (parallel encoder), Td chained updates forward; the carried state is
           stop-gradient'ed, so the backward of every step is independent:
                                                              f_encode + Td f_update + f_readout
                                                              + 2 (f_update + f_readout)
+    dmt with gradients through the rollout (`carry_grad`, the reference's default): the
+          backward is chained too:                           f_encode + 3 (Td f_update + f_readout)
   Args:
     method: 'bptt', 'smt' or 'dmt'. seq_len: T (BPTT). rollout_length: Td (DMT).
     f_update / f_readout / f_encode / f_decode: FLOPs of one application for one sequence
       (encoder: one context window; decoder: the memory and its Tf future inputs).
+    carry_grad: DMT's gradients flow through the rollout (`dmt_loss(stop_carry_grad=False)`).
+    truncation: BPTT's truncation length k (0: full BPTT).
   """
   if method == "bptt":
+    if 0 < truncation < seq_len:
+      return seq_len * f_update + f_readout + 2.0 * (truncation * f_update + f_readout)
     return 3.0 * (seq_len * f_update + f_readout)
   if method == "smt":
     return 3.0 * (f_encode + max(f_update, f_decode, f_readout))
   if method == "dmt":
+    if carry_grad:
+      return f_encode + 3.0 * (rollout_length * f_update + f_readout)
     return f_encode + rollout_length * f_update + f_readout + 2.0 * (f_update + f_readout)
   raise ValueError(f"method must be 'bptt', 'smt' or 'dmt', got {method!r}.")
 

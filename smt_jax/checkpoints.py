@@ -38,7 +38,12 @@ class CheckpointError(RuntimeError):
 
 
 class WorkdirError(ValueError):
-  """The workdir holds a run of another config (and neither overwrite nor fork was asked)."""
+  """The workdir cannot be used: it holds a run of another config (and neither overwrite nor
+  fork was asked), is a file, cannot be written, or is in use."""
+
+
+class WorkdirBusyError(WorkdirError, RuntimeError):
+  """Another live run holds the workdir's lock."""
 
 
 def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -289,10 +294,10 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if old == new:
+    if _identity(old) == _identity(new):
       return "same"
     what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
-  elif _has_checkpoints(workdir):
+  elif has_checkpoints(workdir):
     what = f"checkpoints but no {CONFIG_FILE} (a run of an unknown config)"
   else:
     return "new"
@@ -304,6 +309,15 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
     f"workdir {workdir} holds {what}. Use another --workdir, or pass --overwrite to start over "
     f"there, or --fork to continue its checkpoints under the new config."
   )
+
+
+# Config sections that only say where a run is mirrored, not what it computes: a run resumed
+# with another (e.g. --config.wandb.project added) is the same run.
+OBSERVER_SECTIONS = ("wandb",)
+
+
+def _identity(config_json: dict) -> dict:
+  return {k: v for k, v in config_json.items() if k not in OBSERVER_SECTIONS}
 
 
 def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main: bool) -> str:
@@ -335,7 +349,8 @@ def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main:
   return action
 
 
-def _has_checkpoints(workdir: str) -> bool:
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir/checkpoints` holds a (finished) checkpoint."""
   d = os.path.join(workdir, "checkpoints")
   return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
 
@@ -353,16 +368,25 @@ def workdir_lock(workdir: str, *, is_main: bool):
     return
   import fcntl
 
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  f = open(path, "a+")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(
+      f"workdir {workdir} is a file, not a directory: pass another --workdir (or move the file)."
+    )
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    f = open(path, "a+")
+  except OSError as e:
+    raise WorkdirError(
+      f"cannot write to workdir {workdir} ({e.strerror}): pass a --workdir you can write to."
+    ) from None
   try:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "another process"
-      raise RuntimeError(
+      raise WorkdirBusyError(
         f"workdir {workdir} is in use by a running job ({holder}); wait for it "
         f"to finish or stop it, or use another --workdir."
       ) from None

@@ -10,6 +10,7 @@ processes) without having its devices: what the launchers run before they start 
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import os
@@ -116,6 +117,22 @@ def validate_phases(config) -> list[str]:
   return phases
 
 
+def _validate_wandb(c) -> None:
+  """The optional Weights & Biases mirror: its package only when asked for (no import here)."""
+  w = c.get("wandb") or {}
+  if not w.get("project"):
+    return
+  if w.get("mode", "") not in ("", "online", "offline", "disabled"):
+    _fail("wandb.mode", w.mode, "use '' (WANDB_MODE decides), 'online', 'offline' or 'disabled'.")
+  if importlib.util.find_spec("wandb") is None:
+    _fail(
+      "wandb.project",
+      w.project,
+      "wandb is not installed: pip install wandb (or pip install -e '.[wandb]'), or leave "
+      "wandb.project empty.",
+    )
+
+
 def validate(config, *, check_paths: bool = True) -> None:
   """Checks the config on its own (no data loaded, no devices touched).
 
@@ -176,6 +193,9 @@ def validate(config, *, check_paths: bool = True) -> None:
   if c.nan_policy not in ("stop", "skip"):
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
   _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
+  _validate_wandb(c)
+  if not isinstance(c.samples.get("at_eval", True), bool):
+    _fail("samples.at_eval", c.samples.at_eval, "use True (samples at every eval) or False.")
   _validate_optim(c)
   _validate_data(c, check_paths=check_paths)
   try:

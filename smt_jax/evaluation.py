@@ -4,12 +4,13 @@ and its sum over a run's eval batches, `held_out`."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import experiment, losses
+from smt_jax import data, experiment, losses
 from smt_jax.inference import read
 from smt_jax.objectives import Params, RNNFns, TeacherFns, teacher_memories
 
@@ -83,8 +84,33 @@ def evaluate(
   return out
 
 
+def bits_name(source) -> str:
+  """What one target token of `source` is, for its NLL in bits: 'bits_per_byte' (byte-level
+  text, vocabulary 256), 'bits_per_dim' (pixels: one intensity per token), else
+  'bits_per_token'."""
+  if isinstance(source, data.TextSource) and source.vocab_size == 256:
+    return "bits_per_byte"
+  if isinstance(source, data.PixelSource):
+    return "bits_per_dim"
+  return "bits_per_token"
+
+
+def with_bits(metrics: dict[str, float], name: str) -> dict[str, float]:
+  """`metrics` and, beside every '<x>_nll' (nats per target token), '<x>_<name>' = nll / ln 2."""
+  out = dict(metrics)
+  for k, v in metrics.items():
+    if k.endswith("_nll"):
+      out[k[: -len("nll")] + name] = v / math.log(2)
+  return out
+
+
 def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[str, float]:
-  """The run's eval metrics ('eval/rnn_nll', ...) over its `eval.num_batches` eval batches."""
+  """The run's eval metrics ('eval/rnn_nll', ...) over its `eval.num_batches` eval batches.
+
+  Every NLL (nats per target token) comes with its value in bits, named by the data
+  (`bits_name`): 'eval/rnn_bits_per_dim' for pixels, 'eval/rnn_bits_per_byte' for byte-level
+  text, 'eval/rnn_bits_per_token' otherwise. Pixel streams with a BOS token count its targets
+  too (1 in H*W + 1 tokens), as the NLL does."""
   c, source = exp.config, exp.source_at("eval")
   tfns, rfns = exp.fns
   totals: dict[str, float] = {}
@@ -119,7 +145,7 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
     res["eval/drift_1mr2"] = totals["drift_1mr2"] / c.eval.num_batches
     if "prompted_nll_sum" in totals:
       res["eval/rnn_prompted_nll"] = mean("prompted_nll_sum", "prompted_count")
-  return res
+  return with_bits(res, bits_name(source))
 
 
 def unigram_nll(exp: experiment.Experiment) -> float:

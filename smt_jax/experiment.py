@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from smt_jax import data, objectives, optim, sharding
+from smt_jax import analysis, data, objectives, optim, sharding
 from smt_jax.models import TEACHER_KINDS, head_width, make_rnn, rnn_fns, teacher_fns
 
 PHASES = ("smt", "dmt", "bptt")
@@ -448,3 +448,43 @@ def restore_targets(exp: Experiment, phases: list[Phase] | None = None) -> dict:
     "params": exp.abstract_params,
     "opt_states": [p.abstract_state["opt_state"] for p in phases],
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute accounting: the x-axes runs are compared on (tokens seen, SeqFLOPs).
+
+
+def unit_flops(exp: Experiment) -> dict[str, float]:
+  """FLOPs XLA counts for one update / readout / encoder window / decoder call, one sequence.
+
+  Lowered on the abstract parameters: nothing is created or compiled."""
+  c = exp.config
+  tfns, rfns = exp.fns
+  strip = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  tp, rp = strip(exp.abstract_params["teacher"]), strip(exp.abstract_params["rnn"])
+  k, d = c.model.num_memory_tokens, c.model.width
+  m = jax.ShapeDtypeStruct((1, k, d), jnp.float32)
+  tokens = lambda n: jax.ShapeDtypeStruct((1, n), jnp.int32)
+  return {
+    "update": analysis.count_flops(rfns.update, rp, m, jax.ShapeDtypeStruct((1,), jnp.int32)),
+    "readout": analysis.count_flops(rfns.readout, rp, m),
+    "encode": analysis.count_flops(tfns.encode, tp, tokens(c.smt.context_length)),
+    "decode": analysis.count_flops(tfns.decode, tp, m, tokens(max(1, c.smt.future_length))),
+  }
+
+
+def seq_flops_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float:
+  """SeqFLOPs of one training step of `phase`: FLOPs on its serial critical path, for one
+  sequence (`analysis.seq_flops_per_step`; `flops` from `unit_flops`)."""
+  c = exp.config
+  return analysis.seq_flops_per_step(
+    phase,
+    seq_len=phase_seq_len(c, phase),
+    rollout_length=c.dmt.rollout_length,
+    carry_grad=not c.dmt.stop_carry_grad,
+    truncation=c.bptt.truncation,
+    f_update=flops["update"],
+    f_readout=flops["readout"],
+    f_encode=flops["encode"],
+    f_decode=flops["decode"],
+  )

@@ -42,18 +42,14 @@ def _generate(exp, params, key, prompts: np.ndarray, num_steps: int, *, use_teac
   )
 
 
-def pixel_samples(exp, params, key, path: str) -> str:
-  """A grid: real eval digits | the RNN alone (from BOS) | RNN completions of real top halves.
+def pixel_rows(exp, params, key) -> list[tuple[str, np.ndarray]]:
+  """(name, images float [N, H, W] in [0, 1]) rows: real eval digits | the RNN alone (from BOS)
+  | RNN completions of real top halves.
 
   Completions start from the teacher's memory of the top half when the run trained a teacher,
   else from the RNN's own rollout over it. A stream without BOS marks no image start, so there
   every prompt begins with the whole eval image before (`PixelSource.image_prefix`) instead.
   """
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   src = exp.source
   n = exp.config.samples.num
   h, w = src.image_shape
@@ -70,11 +66,34 @@ def pixel_samples(exp, params, key, path: str) -> str:
     t = np.where(tokens >= src.levels, 0, tokens)
     return t.reshape(-1, h, w) / (src.levels - 1)
 
-  rows = [
+  return [
     ("real", real / (src.levels - 1)),
     ("RNN alone", to_img(alone)),
     ("RNN completes top half", to_img(completed)),
   ]
+
+
+def image_grid(rows: list[tuple[str, np.ndarray]], *, gap: int = 1) -> np.ndarray:
+  """The rows' images tiled into one float [H', W'] picture, `gap` pixels of 0.5 between them."""
+  n = max(len(imgs) for _, imgs in rows)
+  h, w = rows[0][1].shape[1:]
+  out = np.full((len(rows) * (h + gap) - gap, n * (w + gap) - gap), 0.5, np.float32)
+  for r, (_, imgs) in enumerate(rows):
+    for i, img in enumerate(imgs):
+      out[r * (h + gap) : r * (h + gap) + h, i * (w + gap) : i * (w + gap) + w] = img
+  return out
+
+
+def pixel_samples(exp, params, key, path: str) -> str:
+  """`pixel_rows` drawn as a labelled figure at `path`."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  n = exp.config.samples.num
+  h = exp.source.image_shape[0]
+  rows = pixel_rows(exp, params, key)
   fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.95), squeeze=False)
   for r, (name, imgs) in enumerate(rows):
     for i in range(n):
@@ -90,8 +109,8 @@ def pixel_samples(exp, params, key, path: str) -> str:
   return path
 
 
-def text_samples(exp, params, key, path: str, length: int = 300) -> str:
-  """Stories written by the RNN alone and continuations of eval prompts."""
+def text_lines(exp, params, key, length: int = 300) -> list[str]:
+  """Stories written by the RNN alone and continuations of eval prompts, as lines."""
   src = exp.source
   n = min(exp.config.samples.num, 4)
   k1, k2 = jax.random.split(key)
@@ -106,9 +125,30 @@ def text_samples(exp, params, key, path: str, length: int = 300) -> str:
   lines.append("# Continuations of eval prompts (prompt | continuation)\n")
   for i in range(n):
     lines += [f"--- prompt {i}", src.decode(prompts[i]) + " | " + src.decode(cont[i]), ""]
+  return lines
+
+
+def text_samples(exp, params, key, path: str, length: int = 300) -> str:
+  """`text_lines` written to `path`."""
   with open(path, "w") as f:
-    f.write("\n".join(lines))
+    f.write("\n".join(text_lines(exp, params, key, length)))
   return path
+
+
+def eval_samples(exp, params) -> dict[str, tuple[str, object]]:
+  """Samples for TensorBoard at an eval: {tag: ('image', float [H, W]) | ('text', markdown)}.
+
+  The same key at every eval (that of `write_samples`), so successive evals differ only by the
+  parameters. Probes have none (their samples are the final accuracy table).
+  """
+  key = jax.random.key(exp.config.seed + 1)
+  if isinstance(exp.source, PixelSource):
+    return {"samples/pixels": ("image", image_grid(pixel_rows(exp, params, key)))}
+  if isinstance(exp.source, TextSource):
+    # Indented: TensorBoard renders markdown, where four spaces keep the text verbatim.
+    lines = text_lines(exp, params, key)
+    return {"samples/text": ("text", "\n".join("    " + line for line in lines))}
+  return {}
 
 
 def probe_table(summary: dict, path: str) -> str:

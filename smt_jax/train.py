@@ -12,7 +12,9 @@ What a run guarantees (tests/test_config_checks.py, test_reliability.py, test_ki
   batches and PRNG keys are functions of the global step, checkpoints hold everything else
   (optimiser state, the count of skipped steps), and metrics rows past the restored step are
   dropped before they are rerun.
-- SIGTERM saves a checkpoint of the current step, then raises `Preempted` (exit 143 from run.py).
+- SIGTERM or SIGINT (Ctrl-C) saves a checkpoint of the current step, then raises `Preempted`
+  (exit 143 or 130 from run.py). The signal only sets a flag, honoured at the next step boundary:
+  one arriving while XLA compiles waits for the compile (raising inside it crashes the process).
 - A non-finite loss, gradient or update is never applied; the run stops naming step, phase and
   terms (nan_policy='stop'), or skips the step and counts it (nan_policy='skip').
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +34,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from smt_jax import checkpoints, config_checks, evaluation, experiment, metrics_io, profiling
+from smt_jax import (
+  checkpoints,
+  config_checks,
+  evaluation,
+  experiment,
+  metrics_io,
+  profiling,
+  samples,
+)
 from smt_jax.preemption import Preempted, SigtermWatch
 
 __all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
@@ -48,6 +59,11 @@ class Hooks:
   make_source: Callable | None = None  # config -> data.Source, instead of the config's dataset
   wrap_loss: Callable | None = None  # loss_fn -> loss_fn, for every phase, before jit
   train_batch: Callable | None = None  # (global step, host rows) -> rows, before they are sharded
+
+
+# The scalars TensorBoard's HParams dashboard shows beside each run's hyper-parameters (and the
+# RNN's NLL in bits, named by the data: `evaluation.bits_name`).
+HPARAMS_METRICS = ("eval/rnn_nll", "eval/rnn_acc", "eval/rnn_prompted_nll", "eval/teacher_nll")
 
 
 def itstime(step: int, every: int, total: int, *, last: bool) -> bool:
@@ -85,6 +101,18 @@ class _Run:
   hooks: Hooks
   with_teacher: bool  # a teacher is trained (and evaluated)
   tracer: profiling.StepTrace  # config.profile's jax.profiler trace
+  # Per phase, (training tokens, SeqFLOPs) of one step: the x-axes runs are compared on.
+  # SeqFLOPs count the serial critical path of one sequence (batch rows run in parallel; the
+  # tokens axis counts them), as in `analysis.seq_flops_per_step`.
+  per_step: tuple[tuple[int, float], ...]
+
+  def progress(self, phase: experiment.Phase, done: int) -> dict:
+    """Tokens seen and SeqFLOPs spent after `done` steps of `phase`, over the whole run."""
+    tokens, flops = 0, 0.0
+    for i, (t, f) in enumerate(self.per_step[: phase.index + 1]):
+      n = done if i == phase.index else self.exp.config[self.exp.phases[i]].steps
+      tokens, flops = tokens + n * t, flops + n * f
+    return {"tokens": tokens, "seqflops": flops}
 
 
 def train_and_evaluate(
@@ -108,8 +136,16 @@ def train_and_evaluate(
       nor `fork`); raised before anything is built.
     checkpoints.CheckpointError: checkpoints exist but none is readable.
     NonFiniteError: a non-finite loss/gradient under nan_policy='stop' (checkpoints kept).
-    Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
+    Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved first.
   """
+  watch = SigtermWatch()
+  with watch.installed():  # from the start: a Ctrl-C while building or compiling is deferred too
+    return _train_and_evaluate(
+      config, workdir, overwrite=overwrite, fork=fork, hooks=hooks, watch=watch
+    )
+
+
+def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> dict:
   t_start = time.time()
   hooks = hooks or Hooks()
   is_main = jax.process_index() == 0
@@ -152,16 +188,27 @@ def train_and_evaluate(
       where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
       say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
     resume_step = restored["step"] if restored else 0
+    w = config.get("wandb") or {}
     writer = metrics_io.MetricsWriter(
-      workdir, enabled=is_main, purge_step=resume_step + 1 if restored else None
+      workdir,
+      enabled=is_main,
+      purge_step=resume_step + 1 if restored else None,
+      wandb=dict(
+        project=w.project, entity=w.entity, name=w.name, mode=w.mode, config=config.to_dict()
+      )
+      if w.get("project")
+      else None,
     )
     writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
+    flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles
+    if restored is None:
+      _write_hparams(writer, config, f"eval/rnn_{evaluation.bits_name(exp.source)}")
     run = _Run(
       exp=exp,
       workdir=workdir,
       mngr=mngr,
       writer=writer,
-      watch=SigtermWatch(),
+      watch=watch,
       hooks=hooks,
       with_teacher="smt" in exp.phases,
       tracer=profiling.StepTrace(
@@ -169,6 +216,9 @@ def train_and_evaluate(
         start_step=config.profile.start_step,
         num_steps=config.profile.num_steps,
         say=say,
+      ),
+      per_step=tuple(
+        (p.tokens_per_step, experiment.seq_flops_per_step(exp, p.name, flops)) for p in phases
       ),
     )
     try:
@@ -182,7 +232,7 @@ def train_and_evaluate(
 def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: float) -> dict:
   c, is_main = run.exp.config, jax.process_index() == 0
   summary = metrics_io.read_summary(run.workdir)
-  with run.watch.installed(), jax.set_mesh(run.exp.mesh):
+  with jax.set_mesh(run.exp.mesh):
     for phase in phases[pos.phase_index :]:
       summary.update(_run_phase(run, phase, pos))
       if is_main:
@@ -204,27 +254,37 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
         phase=nxt,
       )
       if run.watch.flag and nxt is not None:
-        _exit_preempted(run.mngr, f"the start of {nxt}")
+        _exit_preempted(run, f"the start of {nxt}")
     run.mngr.wait_until_finished()
-    summary["baseline/unigram_nll"] = evaluation.unigram_nll(run.exp)
+    summary.update(
+      evaluation.with_bits(
+        {"baseline/unigram_nll": evaluation.unigram_nll(run.exp)},
+        evaluation.bits_name(run.exp.source),
+      )
+    )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
     if is_main:
-      from smt_jax import samples  # local: matplotlib only where samples are drawn
-
       samples.write_samples(run.exp, pos.params, run.workdir, summary)
       metrics_io.write_summary(run.workdir, summary)
   return summary
 
 
-def _exit_preempted(mngr, where: str):
-  mngr.wait_until_finished()
-  say(f"SIGTERM: saved a checkpoint at {where}; exiting. Rerun the same command to resume.")
-  raise Preempted(f"preempted; checkpoint saved at {where}")
+def _exit_preempted(run: _Run, where: str):
+  run.mngr.wait_until_finished()
+  sig = run.watch.signal_name
+  say(f"{sig}: saved a checkpoint at {where}; exiting. Rerun the same command to resume.")
+  raise Preempted(f"{sig}; checkpoint saved at {where}", run.watch.signum or signal.SIGTERM)
 
 
 def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   """Trains `phase` from `pos` (updated as it goes); returns its summary entries."""
   c, name = run.exp.config, phase.name
+  if run.watch.flag:  # the signal came before this phase's first step (building, compiling)
+    if pos.phase_step == 0:  # a phase-start checkpoint (a restored one exists already)
+      checkpoints.save(
+        run.mngr, phase.offset, pos.params, None, phase_index=phase.index, phase_step=0, phase=name
+      )
+    _exit_preempted(run, f"{name} step {pos.phase_step}")
   state = phase.init_state(pos.params, pos.opt_state)
   base_key = jax.random.key(c.seed)  # step keys: fold_in(seed key, global step), never a stream
   out = {}
@@ -241,8 +301,11 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       skipped_steps=pos.skipped,
     )
 
+  if pos.phase_step == 0:
+    run.writer.write_text("phase", f"{name} starts at step {phase.offset}", phase.offset)
   t_compile = time.time()
   t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
+  t_first, first_done = None, 0  # for the ETA: wall time per step since then, evals included
   train_s, train_steps = 0.0, 0  # measured training time and steps, for the summary's throughput
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(pos.phase_step, phase.steps):
@@ -259,6 +322,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       jax.block_until_ready(metrics["loss"])
       out[f"{name}/compile_s"] = time.time() - t_compile
       t_last, steps_since = time.time(), 0
+      t_first, first_done = t_last, step + 1
     done = step + 1
     if itstime(done, c.log_every_steps, phase.steps, last=True):
       row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
@@ -270,18 +334,16 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
         train_s, train_steps = train_s + dt, train_steps + steps_since
         row.update(steps_per_s=rate, tokens_per_s=rate * phase.tokens_per_step)
         msg += f"  {rate:.2f} steps/s  {rate * phase.tokens_per_step:,.0f} tokens/s"
+      if done > first_done and done < phase.steps:
+        per_step = (time.time() - t_first) / (done - first_done)
+        msg += f"  eta {format_duration(per_step * (phase.steps - done))} ({name})"
       if pos.skipped:
         msg += f"  ({pos.skipped} non-finite steps skipped)"
       t_last, steps_since = time.time(), 0
-      run.writer.write(phase.offset + done, name, done, row)
+      run.writer.write(phase.offset + done, name, done, row, **run.progress(phase, done))
       say(msg)
     if itstime(done, c.eval.every_steps, phase.steps, last=False):
-      run.writer.write(
-        phase.offset + done,
-        name,
-        done,
-        evaluation.held_out(run.exp, state["params"], with_teacher=run.with_teacher),
-      )
+      _evaluate(run, phase, done, state["params"])
       t_last, steps_since = time.time(), 0  # eval time is not training throughput
     # Periodic checkpoints inside the phase; its last step is covered by the boundary checkpoint
     # (saved after the phase's final eval, so a restart never writes that eval twice).
@@ -291,18 +353,60 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       pending = None
       save(state, done)
       if stop:
-        _exit_preempted(run.mngr, f"{name} step {done}")
+        _exit_preempted(run, f"{name} step {done}")
   if pending is not None:
     pos.skipped += _check_finite(c, name, *pending)
   pos.params, pos.opt_state, pos.phase_step = state["params"], state["opt_state"], phase.steps
-  final = evaluation.held_out(run.exp, pos.params, with_teacher=run.with_teacher)
-  run.writer.write(phase.offset + phase.steps, name, phase.steps, final)
+  final = _evaluate(run, phase, phase.steps, pos.params)
   if train_steps:  # this process's measured part of the phase (a resumed run: since the restart)
     out[f"{name}/steps_per_s"] = train_steps / train_s
     out[f"{name}/tokens_per_s"] = train_steps / train_s * phase.tokens_per_step
   out[name] = final
   out[f"{name}/skipped_steps"] = pos.skipped
   return out
+
+
+def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
+  """Held-out metrics after `done` steps of `phase`, written with their samples; returns them."""
+  metrics = evaluation.held_out(run.exp, params, with_teacher=run.with_teacher)
+  step = phase.offset + done
+  run.writer.write(step, phase.name, done, metrics, **run.progress(phase, done))
+  if jax.process_index() == 0 and run.exp.config.samples.at_eval:
+    for tag, (kind, value) in samples.eval_samples(run.exp, params).items():
+      if kind == "image":
+        run.writer.write_image(tag, value, step)
+      else:
+        run.writer.write_text(tag, value, step)
+  return metrics
+
+
+def _write_hparams(
+  writer: metrics_io.MetricsWriter, config: ml_collections.ConfigDict, bits_tag: str
+) -> None:
+  """The config, flat, as TensorBoard HParams (with the final eval metrics beside it) and as
+  text (the JSON that config.json holds)."""
+  flat = {}
+
+  def visit(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, (dict, ml_collections.ConfigDict)):
+        visit(f"{prefix}{k}.", v)
+      else:
+        flat[prefix + k] = v
+
+  visit("", config)
+  writer.write_hparams(flat, [*HPARAMS_METRICS, bits_tag])
+  writer.write_text("config", "    " + config.to_json(indent=2).replace("\n", "\n    "), 0)
+
+
+def format_duration(seconds: float) -> str:
+  """'42s', '3m05s', '2h07m'."""
+  s = int(round(seconds))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _check_finite(c, phase: str, step: int, metrics) -> int:

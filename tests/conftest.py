@@ -132,3 +132,28 @@ def with_leaf(state, path: str, fn):
   out = jax.tree_util.tree_map_with_path(visit, state)
   assert len(found) == 1, f"no unique leaf {path!r}"
   return out
+
+
+def read_tensorboard(logdir: str) -> dict[str, list[tuple[int, object]]]:
+  """{tag: [(step, value), ...]} from the event files in `logdir`, read as TFRecords of Event
+  protos (no TensorBoard install needed). Values: floats for scalars; the Summary.Value itself
+  for images, text and the HParams plugin's entries."""
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  out: dict[str, list] = {}
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    i = 0
+    while i < len(data):  # record: uint64 length, uint32 crc, data, uint32 crc
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[i + 12 : i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        scalar = v.WhichOneof("value") == "simple_value"
+        out.setdefault(v.tag, []).append((event.step, v.simple_value if scalar else v))
+  return out

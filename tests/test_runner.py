@@ -1,13 +1,17 @@
 """Integration: every config's smoke variant trains end to end, and a crashed run resumes."""
 
 import json
+import math
 import os
+import re
 
 import numpy as np
 import pytest
+from conftest import read_tensorboard
+from tensorboardX.proto import plugin_hparams_pb2
 
 from experiments.configs import pixels, synthetic, text
-from smt_jax import metrics_io, train
+from smt_jax import config_checks, experiment, metrics_io, train
 
 
 def _rows(workdir):
@@ -26,16 +30,101 @@ def _check_outputs(workdir, phases):
   for p in phases:
     assert np.isfinite(summary[p]["eval/rnn_nll"])
   assert summary["baseline/unigram_nll"] > 0
+  bits = [k for k in summary if k.startswith("baseline/unigram_bits_per_")]
+  assert [summary[k] for k in bits] == [
+    pytest.approx(summary["baseline/unigram_nll"] / math.log(2))
+  ]
   assert all(summary[f"{p}/tokens_per_s"] > 0 for p in phases)
   assert os.listdir(os.path.join(workdir, "checkpoints"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   return summary
 
 
-def test_pixels_smoke_smt_dmt(tmp_path):
+def _expected_seq_flops(config, phase: str, f: dict) -> float:
+  """SeqFLOPs of one step, written out (analysis.seq_flops_per_step's table) from unit FLOPs."""
+  if phase == "smt":
+    return 3 * (f["encode"] + max(f["update"], f["decode"], f["readout"]))
+  if phase == "dmt":  # gradients through the rollout (the default): a chained backward
+    assert not config.dmt.stop_carry_grad
+    return f["encode"] + 3 * (config.dmt.rollout_length * f["update"] + f["readout"])
+  return 3 * (experiment.phase_seq_len(config, "bptt") * f["update"] + f["readout"])
+
+
+def _check_compare_logs(workdir, config, bits: str, sample_tag: str | None):
+  """Runs that compare: phase-free eval tags on the one global step axis (the phase its own
+  field), tokens seen and SeqFLOPs as x-axes, NLL in bits beside nats, the config as HParams and
+  text, samples at every eval."""
+  exp = config_checks.build_experiment(config)
+  flops = experiment.unit_flops(exp)
+  assert all(v > 0 for v in flops.values())
+  rows = _rows(workdir)
+  phases = list(exp.phases)
+  # tokens and SeqFLOPs of every row: the steps of the phases before, then this phase's.
+  for r in rows:
+    before = phases[: phases.index(r["phase"])]
+    cost = lambda p: (
+      config[p].batch_size * experiment.phase_seq_len(config, p),
+      _expected_seq_flops(config, p, flops),
+    )
+    steps = [(p, config[p].steps) for p in before] + [(r["phase"], r["phase_step"])]
+    assert r["step"] == sum(n for _, n in steps)
+    assert r["tokens"] == sum(n * cost(p)[0] for p, n in steps)
+    assert r["seqflops"] == pytest.approx(sum(n * cost(p)[1] for p, n in steps), rel=1e-9)
+  evals = [r for r in rows if "eval/rnn_nll" in r]
+  for r in evals:  # bits beside every NLL
+    for k in [k for k in r if k.startswith("eval/") and k.endswith("_nll")]:
+      assert r[k[: -len("nll")] + bits] == pytest.approx(r[k] / math.log(2), rel=1e-12)
+  assert not os.path.exists(os.path.join(workdir, "wandb"))  # off unless wandb.project is set
+  tb = read_tensorboard(os.path.join(workdir, "tensorboard"))
+  assert not [t for t in tb if t.split("/")[0] in ("smt", "dmt", "bptt")], sorted(tb)
+  for tag, x in [("eval/rnn_nll", "step"), ("eval_vs_tokens/rnn_nll", "tokens")] + [
+    ("eval_vs_seqflops/rnn_nll", "seqflops"),
+    (f"eval/rnn_{bits}", "step"),
+  ]:
+    key = "eval/rnn_" + tag.split("/rnn_")[1]
+    assert [s for s, _ in tb[tag]] == [int(r[x]) for r in evals], tag
+    np.testing.assert_allclose([v for _, v in tb[tag]], [r[key] for r in evals], rtol=1e-6)
+  train_rows = [r for r in rows if "loss" in r]
+  for p in phases:
+    assert [s for s, _ in tb[f"train/{p}/loss"]] == [
+      r["step"] for r in train_rows if r["phase"] == p
+    ]
+  steps = sorted({r["step"] for r in rows})
+  assert [s for s, _ in tb["progress/phase"]] == steps  # once per step
+  assert [v for _, v in tb["progress/phase"]] == [
+    metrics_io.PHASE_IDS[next(r["phase"] for r in rows if r["step"] == s)] for s in steps
+  ]
+  assert {s for s, _ in tb["phase/text_summary"]} == {
+    experiment.make_phase(exp, p).offset for p in phases
+  }
+  (_, start), *_ = tb["_hparams_/session_start_info"]
+  hp = plugin_hparams_pb2.HParamsPluginData.FromString(start.metadata.plugin_data.content)
+  assert hp.session_start_info.hparams[f"{phases[0]}.lr"].number_value == config[phases[0]].lr
+  assert hp.session_start_info.hparams["model.rnn_kind"].string_value == config.model.rnn_kind
+  (_, cfg), *_ = tb["config/text_summary"]
+  assert f'"rnn_kind": "{config.model.rnn_kind}"' in cfg.tensor.string_val[0].decode()
+  if sample_tag is None:
+    assert not [t for t in tb if t.startswith("samples/")]
+  else:
+    assert [s for s, _ in tb[sample_tag]] == [r["step"] for r in evals]  # every eval
+  return tb
+
+
+def test_pixels_smoke_smt_dmt(tmp_path, capsys):
   c = pixels.get_config("smoke")
   summary = train.train_and_evaluate(c, str(tmp_path))
+  out = capsys.readouterr().out
+  # The progress line: rate and the phase's ETA (not on the phase's last line, nor on the first
+  # line after the compile, which has no steady rate yet).
+  assert re.search(
+    r"^smt step 4/6  loss \S+  \S+ steps/s  \S+ tokens/s  eta \d+s \(smt\)$", out, re.M
+  )
+  assert re.search(r"^smt step 6/6  loss \S+  \S+ steps/s  \S+ tokens/s$", out, re.M)
   _check_outputs(str(tmp_path), ["smt", "dmt"])
+  tb = _check_compare_logs(str(tmp_path), c, "bits_per_dim", "samples/pixels")
+  img = tb["samples/pixels"][-1][1].image
+  h, w = 8, 8  # three rows (real | RNN alone | completions) of samples.num digits, 1 px apart
+  assert (img.height, img.width) == (3 * h + 2, c.samples.num * (w + 1) - 1)
   assert {"eval/teacher_nll", "eval/rnn_prompted_nll", "eval/drift_1mr2"} <= set(summary["smt"])
   # DMT freezes the teacher: its eval NLL is unchanged by the DMT phase.
   assert summary["dmt"]["eval/teacher_nll"] == pytest.approx(summary["smt"]["eval/teacher_nll"])
@@ -47,6 +136,7 @@ def test_synthetic_smoke_bptt_only(tmp_path):
   c.phases = "bptt"
   summary = train.train_and_evaluate(c, str(tmp_path))
   _check_outputs(str(tmp_path), ["bptt"])
+  _check_compare_logs(str(tmp_path), c, "bits_per_token", None)
   assert "eval/teacher_nll" not in summary["bptt"]  # no teacher trained: none reported
   assert "| bptt |" in open(tmp_path / "accuracy.md").read()
 
@@ -56,6 +146,19 @@ def test_text_smoke(tmp_path):
   train.train_and_evaluate(c, str(tmp_path / "run"))
   _check_outputs(str(tmp_path / "run"), ["smt", "dmt"])
   assert "Samples from the RNN alone" in open(tmp_path / "run" / "samples.txt").read()
+  tag = "samples/text/text_summary"  # tensorboardX's name for add_text("samples/text")
+  tb = _check_compare_logs(str(tmp_path / "run"), c, "bits_per_byte", tag)
+  assert "Samples from the RNN alone" in tb[tag][-1][1].tensor.string_val[0].decode()
+
+
+def test_eta_durations_read_at_a_glance():
+  assert [train.format_duration(s) for s in (0.4, 42, 185, 3599.6, 7620)] == [
+    "0s",
+    "42s",
+    "3m05s",
+    "1h00m",
+    "2h07m",
+  ]
 
 
 def test_quickdraw_smoke_writes_samples(tmp_path):

@@ -137,6 +137,11 @@ def test_count_flops_and_seq_flops():
   assert bptt == [3 * (16 * 10 + 2), 3 * (32 * 10 + 2)]  # grows with T
   assert smt == [3 * (100 + 50)] * 2  # does not
   assert analysis.seq_flops_per_step("dmt", seq_len=16, **kw) == 100 + 8 * 10 + 2 + 2 * 12
+  # Gradients through the rollout chain the backward too; truncation cuts BPTT's backward only.
+  assert analysis.seq_flops_per_step("dmt", seq_len=16, carry_grad=True, **kw) == 100 + 3 * 82
+  tbptt = analysis.seq_flops_per_step("bptt", seq_len=32, truncation=4, **kw)
+  assert tbptt == 32 * 10 + 2 + 2 * (4 * 10 + 2)
+  assert analysis.seq_flops_per_step("bptt", seq_len=32, truncation=32, **kw) == bptt[1]
   with pytest.raises(ValueError, match="method"):
     analysis.seq_flops_per_step("tbptt", seq_len=4, **kw)
 

@@ -95,6 +95,15 @@ def base() -> ml_collections.ConfigDict:
   c.samples = ml_collections.ConfigDict()
   c.samples.num = 16
   c.samples.temperature = 1.0
+  c.samples.at_eval = True  # samples to TensorBoard at every eval, not only at the end
+
+  # Weights & Biases mirror of the config, metrics and samples (off while project is "";
+  # needs `pip install wandb`). mode: "" (WANDB_MODE decides), "online", "offline", "disabled".
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""
+  c.wandb.entity = ""
+  c.wandb.name = ""  # "" : the workdir's name
+  c.wandb.mode = ""
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1_000

@@ -88,6 +88,7 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
   c.smt.steps, c.dmt.steps, c.bptt.steps = d.smt_steps, d.dmt_steps, d.smt_steps + d.dmt_steps
   c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = d.batch_size
   c.samples.num = d.num_samples
+  c.samples.at_eval = False  # the studies draw their own samples, at the end
   _quiet_periodics(c, log_every=max(1, min(50, c.smt.steps)))
   return c
 
