@@ -80,7 +80,7 @@ def test_each_mistake_is_one_line(tmp_path):
     "bad config argument": (
       ["experiments.run", "--config=configs/pixels.py:digitz"],
       "--config=experiments/configs/pixels.py:digitz: pixels.py: unknown argument 'digitz'; use "
-      "digits, mnist or smoke.",
+      "digits, mnist, sketch, quickdraw or smoke.",
     ),
     "workdir is a file": (
       [*run, f"--workdir={afile}"],
