@@ -16,8 +16,8 @@ from smt_jax.objectives import (
   Params,
   RNNFns,
   TeacherFns,
+  check_batch_against_models,
   check_models,
-  check_tokens,
   readout_over_time,
   rollout,
   teacher_memories,
@@ -76,15 +76,9 @@ def read(
   """
   x, y = batch["x"], batch["y"]
   rp = params["rnn"]
-  spec = check_models(
-    params,
-    rnn=rnn,
-    teacher=teacher if prompt_length else None,
-    batch_size=x.shape[0],
-    token_dtype=x.dtype,
-    caller="read",
+  check_batch_against_models(
+    params, batch, rnn=rnn, teacher=teacher if prompt_length else None, caller="read"
   )
-  check_tokens(batch, vocab_size=spec.vocab_size, caller="read")
   if prompt_length == 0:
     states = rollout(rp, initial_memories(rnn, rp, x.shape[0]), x, update=rnn.update)
     logits = readout_over_time(rnn, rp, states)  # [B, T, V]

@@ -225,6 +225,30 @@ def check_tokens(batch: Batch, *, vocab_size: int, caller: str = "check_tokens")
       )
 
 
+def check_batch_against_models(
+  params: Params,
+  batch: Batch,
+  *,
+  rnn: RNNFns,
+  teacher: TeacherFns | None = None,
+  context_length: int = 1,
+  caller: str,
+) -> MemorySpec:
+  """`check_models` at the batch's size and token dtype, then `check_tokens` against its V."""
+  x = batch["x"]
+  spec = check_models(
+    params,
+    rnn=rnn,
+    teacher=teacher,
+    batch_size=x.shape[0],
+    context_length=context_length,
+    token_dtype=x.dtype,
+    caller=caller,
+  )
+  check_tokens(batch, vocab_size=spec.vocab_size, caller=caller)
+  return spec
+
+
 def _check_params(params: Params, keys: tuple[str, ...], what: str) -> None:
   if not hasattr(params, "keys") or any(k not in params for k in keys):
     raise ValueError(
@@ -413,16 +437,9 @@ def smt_loss(
     raise ValueError(f"uniformity_over must be 'tokens' or 'states', got {uniformity_over!r}.")
   x, y = _check_batch(batch, 2, "smt_loss")
   _check_params(params, ("teacher", "rnn"), "smt_loss")
-  spec = check_models(
-    params,
-    rnn=rnn,
-    teacher=teacher,
-    batch_size=x.shape[0],
-    context_length=context_length,
-    token_dtype=x.dtype,
-    caller="smt_loss",
+  check_batch_against_models(
+    params, batch, rnn=rnn, teacher=teacher, context_length=context_length, caller="smt_loss"
   )
-  check_tokens(batch, vocab_size=spec.vocab_size, caller="smt_loss")
   seq_len = x.shape[1]
   k_pos, k_unif = jax.random.split(key) if key is not None else (None, None)
   src = transition_positions(seq_len, num_transitions, context_length, k_pos)  # [N]
@@ -612,16 +629,9 @@ def dmt_loss(
     raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
   x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
   _check_params(params, ("teacher", "rnn"), "dmt_loss")
-  spec = check_models(
-    params,
-    rnn=rnn,
-    teacher=teacher,
-    batch_size=x.shape[0],
-    context_length=context_length,
-    token_dtype=x.dtype,
-    caller="dmt_loss",
+  check_batch_against_models(
+    params, batch, rnn=rnn, teacher=teacher, context_length=context_length, caller="dmt_loss"
   )
-  check_tokens(batch, vocab_size=spec.vocab_size, caller="dmt_loss")
   tp = jax.lax.stop_gradient(params["teacher"])
   rp = params["rnn"]
   last = rollout_length - label_every if reference_labels else rollout_length
@@ -700,10 +710,7 @@ def bptt_loss(
     _positive(truncation=truncation)
   x, y = _check_batch(batch, 1, "bptt_loss")
   _check_params(params, ("rnn",), "bptt_loss")
-  spec = check_models(
-    params, rnn=rnn, batch_size=x.shape[0], token_dtype=x.dtype, caller="bptt_loss"
-  )
-  check_tokens(batch, vocab_size=spec.vocab_size, caller="bptt_loss")
+  check_batch_against_models(params, batch, rnn=rnn, caller="bptt_loss")
   rp = params["rnn"]
   m_init = rnn.initial_memory(rp)
   m0 = jnp.broadcast_to(m_init, (x.shape[0], *m_init.shape))

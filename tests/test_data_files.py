@@ -249,14 +249,8 @@ def test_image_folder_decodes_inverts_quantises_and_splits_by_hash(tmp_path):
   expected = _write_folder(tmp_path / 'sk', 40, rng)
   (tmp_path / 'sk' / 'notes.txt').write_text('not an image')
   levels = 4
-  source = data.make_source(
-    'image_folder',
-    seq_len=20,
-    path=str(tmp_path / 'sk'),
-    image_size=8,
-    levels=levels,
-    cache_dir=str(tmp_path / 'cache'),
-  )
+  kw = dict(seq_len=20, path=str(tmp_path / 'sk'), image_size=8, levels=levels)
+  source = data.make_source('image_folder', cache_dir=str(tmp_path / 'cache'), **kw)
   rels = sorted(expected)
   held = [zlib.crc32(r.encode()) % 10 == 0 for r in rels]
   assert any(held) and not all(held)
@@ -271,16 +265,17 @@ def test_image_folder_decodes_inverts_quantises_and_splits_by_hash(tmp_path):
   assert source.vocab_size == levels and source.bos is None
   _check_pure_and_sharded(source)
   # The second build reads the cache; an edited image rebuilds it.
-  again = data.make_source(
-    'image_folder',
-    seq_len=20,
-    path=str(tmp_path / 'sk'),
-    image_size=8,
-    levels=levels,
-    cache_dir=str(tmp_path / 'cache'),
-  )
+  again = data.make_source('image_folder', cache_dir=str(tmp_path / 'cache'), **kw)
   assert (again.images('train') == source.images('train')).all()
   assert len(os.listdir(tmp_path / 'cache')) == 1
+  from PIL import Image
+
+  first = rels[held.index(False)]  # the first training image
+  Image.fromarray(np.zeros((16, 16), np.uint8), 'L').save(tmp_path / 'sk' / first)
+  edited = data.make_source('image_folder', cache_dir=str(tmp_path / 'cache'), **kw)
+  assert len(os.listdir(tmp_path / 'cache')) == 2
+  assert (edited.images('train')[0] == levels - 1).all()  # black, inverted: the top level
+  assert (edited.images('train')[1:] == source.images('train')[1:]).all()
 
 
 def test_load_image_pads_non_square_and_composites_transparency(tmp_path):
