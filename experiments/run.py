@@ -29,6 +29,12 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go.")
 flags.DEFINE_bool("overwrite", False, "Start over in a workdir that holds another config's run.")
 flags.DEFINE_bool("fork", False, "Continue another config's checkpoints under this config.")
+flags.DEFINE_float(
+  "peer_timeout_s",
+  60.0,
+  "Several processes: when one stops responding for this long (or fails), the others exit with "
+  "one line saying so.",
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -40,29 +46,6 @@ def default_workdir(config_arg: str) -> str:
   module = {"pixels": "digits", "synthetic": "retrieval", "text": "small"}
   arg = arg or module.get(stem, "default")
   return os.path.join("runs", f"{stem}_{arg.replace(',', '_')}")
-
-
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() once, when the environment describes a multi-process job."""
-  import jax
-
-  env = os.environ
-  multi = (
-    env.get("JAX_COORDINATOR_ADDRESS")
-    or int(env.get("SLURM_NTASKS", "1")) > 1
-    or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
-  )
-  if multi:
-    kwargs = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-      kwargs = dict(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env["JAX_PROCESS_ID"]),
-      )
-    jax.distributed.initialize(**kwargs)
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def main(argv):
@@ -77,7 +60,26 @@ def _main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # library INFO chatter (orbax) off unless asked with -v
     logging.set_verbosity(logging.WARNING)
-  maybe_initialize_distributed()
+  if FLAGS.peer_timeout_s <= 0:
+    sys.exit(f"error: --peer_timeout_s={FLAGS.peer_timeout_s}: must be > 0 seconds (e.g. 60).")
+  from smt_jax import multihost
+
+  peers = multihost.initialize(peer_timeout_s=FLAGS.peer_timeout_s)
+  try:
+    _train()
+  except SystemExit as e:  # a clean stop (0, or 143 at a checkpoint) or a one-line error
+    if peers is not None:
+      peers.done() if e.code in (None, 0, 130, 143) else peers.fail(str(e.code))
+    raise
+  except BaseException as e:
+    if peers is not None:
+      peers.fail(f"{type(e).__name__}: {e}")
+    raise
+  if peers is not None:
+    peers.done()
+
+
+def _train():
   from smt_jax import checkpoints, config_checks, train  # after distributed init
 
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)

@@ -3,11 +3,12 @@
   python -m experiments.sample --workdir=runs/pixels_digits [--temperature=0.8] [--num=24]
 
 Reads the run's config from <workdir>/config.json, restores the newest readable checkpoint and
-writes the samples into the workdir (or --out).
+writes the samples into the workdir (or --out). The workdir may be remote (gs://...), and may
+belong to a live run: its checkpoints are opened read-only. In a job of several processes (the
+same environment as the run's), every process restores its part and process 0 writes.
 """
 
 import json
-import os
 import sys
 
 import ml_collections
@@ -20,6 +21,7 @@ flags.DEFINE_string("out", None, "Where to write the samples (default: the workd
 flags.DEFINE_float("temperature", None, "Sampling temperature (default: the run's config).")
 flags.DEFINE_integer("num", None, "How many samples (default: the run's config).")
 flags.DEFINE_integer("seed", None, "Sampling seed (default: the run's config seed).")
+flags.DEFINE_float("peer_timeout_s", 60.0, "Several processes: see experiments.run.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -28,14 +30,46 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from smt_jax import checkpoints, config_checks, experiment, metrics_io, samples
+  from smt_jax import multihost
+
+  peers = multihost.initialize(peer_timeout_s=FLAGS.peer_timeout_s)
+  try:
+    _sample()
+  except SystemExit as e:
+    if peers is not None:
+      peers.done() if e.code in (None, 0) else peers.fail(str(e.code))
+    raise
+  except BaseException as e:
+    if peers is not None:
+      peers.fail(f"{type(e).__name__}: {e}")
+    raise
+  if peers is not None:
+    peers.done()
+
+
+def _sample():
+  import jax
+
+  from smt_jax import (
+    checkpoints,
+    config_checks,
+    experiment,
+    metrics_io,
+    multihost,
+    samples,
+    storage,
+  )
 
   workdir = FLAGS.workdir
-  config_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  config_path = storage.join(workdir, checkpoints.CONFIG_FILE)
   # Mistakes are one line each (no traceback), said before anything is built.
-  if not os.path.isdir(workdir):
+  try:
+    storage.check_reachable(workdir)
+  except storage.StorageError as e:
+    sys.exit(f"error: {e}")
+  if not storage.is_dir(workdir):
     sys.exit(f"error: --workdir={workdir}: no such directory; pass the workdir of a run.")
-  if not os.path.exists(config_path):
+  if not storage.exists(config_path):
     sys.exit(
       f"error: --workdir={workdir}: no {checkpoints.CONFIG_FILE}, so not a run's workdir; pass "
       f"the --workdir that python -m experiments.run wrote."
@@ -45,8 +79,7 @@ def main(argv):
       f"error: --workdir={workdir}: no checkpoint yet in {workdir}/checkpoints; let the run save "
       f"one (checkpoint_every_steps, or the end of a phase), then sample."
     )
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(storage.read_text(config_path)))
   if FLAGS.temperature is not None:
     config.samples.temperature = FLAGS.temperature
   if FLAGS.num is not None:
@@ -57,7 +90,7 @@ def main(argv):
     exp = config_checks.build_experiment(config)
   except config_checks.ConfigError as e:
     sys.exit(f"error: {e}")
-  mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
+  mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     restored = checkpoints.restore(mngr, **experiment.restore_targets(exp))
   except checkpoints.CheckpointError as e:
@@ -68,12 +101,15 @@ def main(argv):
     mngr.close()  # before exiting: orbax's threads must not outlive the interpreter's teardown
     sys.exit(error)
   try:
-    params, phase_index, phase_step = (restored[k] for k in ("params", "phase_index", "phase_step"))
-    out = FLAGS.out or workdir
-    os.makedirs(out, exist_ok=True)
-    paths = samples.write_samples(exp, params, out, metrics_io.read_summary(workdir))
-    where = exp.phases[phase_index] if phase_index < len(exp.phases) else "end"
-    print(f"Checkpoint at {where} step {phase_step}; wrote {', '.join(paths)}")
+    phase_index, phase_step = restored["phase_index"], restored["phase_step"]
+    params = multihost.host_local(restored["params"])  # every process takes part
+    if jax.process_index() == 0:
+      out = FLAGS.out or workdir
+      storage.makedirs(out)
+      with multihost.on_this_host(exp.mesh):
+        paths = samples.write_samples(exp, params, out, metrics_io.read_summary(workdir))
+      where = exp.phases[phase_index] if phase_index < len(exp.phases) else "end"
+      print(f"Checkpoint at {where} step {phase_step}; wrote {', '.join(paths)}")
   finally:
     mngr.close()
 

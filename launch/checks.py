@@ -59,6 +59,7 @@ def _parse(argv: list[str]):
   flags.DEFINE_string("workdir", None, "workdir", flag_values=fv)
   flags.DEFINE_bool("overwrite", False, "overwrite", flag_values=fv)
   flags.DEFINE_bool("fork", False, "fork", flag_values=fv)
+  flags.DEFINE_float("peer_timeout_s", 60.0, "peer_timeout_s", flag_values=fv)
   try:
     fv(argv, known_only=True)  # other libraries' flags (e.g. --jax_log_compiles) are left alone
   except flags.Error as e:  # a bad value, or a config file that raised (its last line says why)

@@ -13,8 +13,13 @@ What survives a crash, and why:
   the unreadable ones aside (`checkpoints/<step>.unreadable-<n>`) so that they are neither retried
   nor counted as "the latest" by later saves. When checkpoints exist but none is readable, the run
   stops rather than silently starting over.
-- `workdir/.lock` (an flock the kernel drops when the process dies, even by kill -9) keeps two
-  runs from writing into one workdir at the same time.
+- Two runs never write into one workdir at once. A local workdir is held with `workdir/.lock`, an
+  flock the kernel drops when the process dies (even by kill -9). An object store has no locks, so
+  a remote workdir (or a filesystem without flock) is held with a lease (`Lease`,
+  `workdir/lease.json`) that process 0 renews while the run lives.
+- Every path goes through `smt_jax.storage` (etils.epath), so a workdir may be `gs://bucket/run`.
+- Readers (`experiments.sample`, the studies) open the checkpoints read-only (`make_manager(...,
+  read_only=True)`): they never delete a live run's save in progress or its temporary folders.
 """
 
 from __future__ import annotations
@@ -22,15 +27,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import socket
 import sys
+import threading
+import time
+import uuid
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from smt_jax import storage
+
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
+LEASE_FILE = "lease.json"
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished save on an object store
 
 
 class CheckpointError(RuntimeError):
@@ -46,17 +58,28 @@ class WorkdirBusyError(WorkdirError, RuntimeError):
   """Another live run holds the workdir's lock."""
 
 
-def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, "checkpoints")),
-    options=ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, cleanup_tmp_directories=True
-    ),
-    item_handlers={
-      "state": ocp.StandardCheckpointHandler(),  # named: metadata is readable
-      "meta": ocp.JsonCheckpointHandler(),
-    },
-  )
+def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager. `read_only`: for readers of a run that may be live (samples,
+  studies): nothing is created, deleted or cleaned up (a writer's unfinished save is left alone)."""
+  verbosity = logging.get_verbosity()
+  if read_only:  # orbax warns that a read-only manager is read-only
+    logging.set_verbosity(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(
+      storage.path(storage.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else keep,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+      ),
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),  # named: metadata is readable
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+    )
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def save(
@@ -258,13 +281,13 @@ def _quarantine(mngr: ocp.CheckpointManager, steps: list[int], *, is_main: bool)
   """Moves unreadable checkpoints to `<step>.unreadable-<n>` (kept for inspection, not listed)."""
   if is_main:
     for step in steps:
-      src = os.path.join(str(mngr.directory), str(step))
-      if not os.path.isdir(src):
+      src = storage.join(str(mngr.directory), str(step))
+      if not storage.is_dir(src):
         continue
       n = 0
-      while os.path.exists(f"{src}.unreadable-{n}"):
+      while storage.exists(f"{src}.unreadable-{n}"):
         n += 1
-      os.rename(src, f"{src}.unreadable-{n}")
+      storage.rename(src, f"{src}.unreadable-{n}")
       print(f"Moved unreadable checkpoint {step} to {src}.unreadable-{n}.", flush=True)
   _barrier("smt_jax_quarantine")
   mngr.reload()
@@ -289,11 +312,11 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
   """
   if overwrite and fork:
     raise WorkdirError("--overwrite and --fork exclude each other: start over, or continue.")
-  path = os.path.join(workdir, CONFIG_FILE)
+  storage.check_reachable(workdir)
+  path = storage.join(workdir, CONFIG_FILE)
   new = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if storage.exists(path):
+    old = json.loads(storage.read_text(path))
     if _identity(old) == _identity(new):
       return "same"
     what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
@@ -328,43 +351,51 @@ def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main:
   (see `check_workdir`).
   """
   action = check_workdir(workdir, config, overwrite=overwrite, fork=fork)
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = storage.join(workdir, CONFIG_FILE)
   if is_main:
     if action == "overwrite":
       for name in ("checkpoints", "tensorboard"):
-        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        storage.rmtree(storage.join(workdir, name))
       for name in ("metrics.jsonl", "summary.json", CONFIG_FILE):
-        if os.path.exists(os.path.join(workdir, name)):
-          os.remove(os.path.join(workdir, name))
-    elif action == "fork" and os.path.exists(path):
+        storage.remove(storage.join(workdir, name))
+    elif action == "fork" and storage.exists(path):
       n = 1
-      while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      while storage.exists(storage.join(workdir, f"config.{n}.json")):
         n += 1
-      shutil.copy(path, os.path.join(workdir, f"config.{n}.json"))
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(json.loads(config.to_json()), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+      storage.write_text(storage.join(workdir, f"config.{n}.json"), storage.read_text(path))
+    storage.makedirs(workdir)
+    storage.write_text(path, json.dumps(json.loads(config.to_json()), indent=2, sort_keys=True))
   _barrier("smt_jax_claim_workdir")  # no process reads the workdir before process 0 is done
   return action
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds a (finished) checkpoint."""
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+  d = storage.join(workdir, "checkpoints")
+  steps = [name for name in storage.list_names(d) if name.isdigit()]
+  if not storage.is_remote(workdir):
+    return bool(steps)  # a local save is renamed into place when complete
+  # An object store has no rename: orbax writes into <step>/ directly and marks it complete with
+  # commit_success.txt at the end.
+  return any(storage.exists(storage.join(d, s, COMMIT_FILE)) for s in steps)
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, *, is_main: bool):
-  """Holds an exclusive lock on `workdir` (process 0) for the duration of a run.
+def workdir_lock(workdir: str, *, is_main: bool, lease_ttl_s: float | None = None):
+  """Holds `workdir` exclusively (process 0) for the duration of a run.
 
-  A second run started in the same workdir while the first is alive fails at once instead of
-  interleaving checkpoints and metrics. The kernel drops the lock when the holder dies (kill -9
-  included), so a crash never leaves a stale lock behind.
+  A second run started in the same workdir while the first is alive fails (WorkdirBusyError)
+  instead of interleaving checkpoints and metrics. A local workdir is held with an flock, which
+  the kernel drops when the holder dies (kill -9 included), so a crash never leaves a stale lock.
+  A remote workdir (`gs://...`), or a local filesystem without flock, is held with a `Lease`
+  (`lease_ttl_s`, default $SMT_JAX_LEASE_TTL_S or 60 s).
   """
   if not is_main:
     yield
+    return
+  if storage.is_remote(workdir):
+    with Lease(workdir, ttl_s=lease_ttl_s):
+      yield
     return
   import fcntl
 
@@ -390,8 +421,11 @@ def workdir_lock(workdir: str, *, is_main: bool):
         f"workdir {workdir} is in use by a running job ({holder}); wait for it "
         f"to finish or stop it, or use another --workdir."
       ) from None
-    except OSError as e:  # a filesystem without flock: run unguarded rather than not at all
-      logging.warning("Cannot lock %s (%s); not guarding against concurrent runs.", path, e)
+    except OSError as e:  # a filesystem without flock (some network filesystems): a lease
+      logging.warning("Cannot flock %s (%s); holding the workdir with a lease instead.", path, e)
+      with Lease(workdir, ttl_s=lease_ttl_s):
+        yield
+      return
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}")
@@ -399,6 +433,139 @@ def workdir_lock(workdir: str, *, is_main: bool):
     yield
   finally:
     f.close()  # releases the lock
+
+
+class Lease:
+  """A workdir's claim on a store without locks: `<workdir>/lease.json`, renewed by its holder.
+
+  The holder writes {owner, host, pid, seq, renewed} and rewrites it every ttl/3 s from a
+  background thread (seq counts up), and deletes it when the run ends. A run that finds a lease:
+  - takes it at once when it is older than `ttl_s` by its own clock, or when it names this host
+    and a pid that no longer lives (a killed run's leftover);
+  - otherwise watches it for up to `ttl_s`: a renewal (seq changes) means a live holder, and the
+    run stops with WorkdirBusyError, before it builds or writes anything; no renewal in that time
+    means the holder is gone (a preempted VM), and the run takes the lease over.
+  After writing its own lease it reads it back ~1 s later and stops if another run's replaced it.
+
+  What it guarantees: a run started while another run is alive in the workdir is refused (within
+  ttl_s), and a rerun after a crash or preemption proceeds (at once on the same host, else within
+  ttl_s). What it does not: the store offers no compare-and-swap through epath, so two runs
+  started within about a second of each other on different hosts may both start; and a holder
+  stalled for longer than ttl_s (SIGSTOP, a frozen VM) can lose its lease to a new run, which it
+  notices at its next renewal and reports.
+  """
+
+  def __init__(self, workdir: str, *, ttl_s: float | None = None, settle_s: float = 1.0):
+    self.path = storage.join(workdir, LEASE_FILE)
+    self.workdir = workdir
+    self.ttl_s = float(ttl_s or os.environ.get("SMT_JAX_LEASE_TTL_S") or 60.0)
+    self.settle_s = settle_s
+    self.owner = uuid.uuid4().hex
+    self.seq = 0
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.lost = False  # set when another run took the lease over from this one
+
+  def _read(self) -> dict | None:
+    try:
+      return json.loads(storage.read_text(self.path))
+    except FileNotFoundError:
+      return None
+    except (ValueError, OSError):  # a torn or unreadable lease: nobody holds it validly
+      return None
+
+  def _write(self) -> None:
+    lease = {
+      "owner": self.owner,
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "seq": self.seq,
+      "renewed": time.time(),
+      "ttl_s": self.ttl_s,
+    }
+    storage.write_text(self.path, json.dumps(lease))
+
+  def _holder(self, lease: dict) -> str:
+    age = time.time() - float(lease.get("renewed", 0))
+    return f"host {lease.get('host')} pid {lease.get('pid')}, renewed {age:.0f} s ago"
+
+  def _stale(self, lease: dict) -> bool:
+    if time.time() - float(lease.get("renewed", 0)) > self.ttl_s:
+      return True
+    if lease.get("host") == socket.gethostname():
+      try:
+        os.kill(int(lease.get("pid", -1)), 0)
+      except ProcessLookupError:
+        return True
+      except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+  def _busy(self, lease: dict) -> WorkdirBusyError:
+    return WorkdirBusyError(
+      f"workdir {self.workdir} is in use by a running job ({self._holder(lease)}; its lease "
+      f"{self.path} is being renewed); wait for it to finish or stop it, or use another --workdir."
+    )
+
+  def acquire(self) -> None:
+    storage.makedirs(self.workdir)
+    lease = self._read()
+    if lease is not None and not self._stale(lease):
+      deadline = time.time() + self.ttl_s
+      print(
+        f"workdir {self.workdir} has a lease ({self._holder(lease)}): waiting up to "
+        f"{self.ttl_s:.0f} s to see whether its holder is alive.",
+        flush=True,
+      )
+      while time.time() < deadline:
+        time.sleep(min(2.0, self.ttl_s / 6))
+        now = self._read()
+        if now is None:
+          break  # released
+        if (now.get("owner"), now.get("seq")) != (lease.get("owner"), lease.get("seq")):
+          raise self._busy(now)
+      else:
+        print(f"Taking over the stale lease of {self._holder(lease)}.", flush=True)
+    self._write()
+    time.sleep(self.settle_s)
+    now = self._read()
+    if now is None or now.get("owner") != self.owner:
+      raise self._busy(now or {})
+    self._thread = threading.Thread(target=self._renew, name="smt_jax-lease", daemon=True)
+    self._thread.start()
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.ttl_s / 3):
+      try:
+        now = self._read()
+        if now is not None and now.get("owner") != self.owner:
+          self.lost = True
+          print(
+            f"ERROR: another run took over the lease of {self.workdir} ({self._holder(now)}); "
+            f"two runs may now write into it. Stop one of them.",
+            file=sys.stderr,
+            flush=True,
+          )
+          return
+        self.seq += 1
+        self._write()
+      except Exception as e:  # noqa: BLE001 - a failed renewal is retried at the next period
+        logging.warning("Could not renew the lease %s: %s", self.path, e)
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    now = self._read()
+    if now is not None and now.get("owner") == self.owner:
+      storage.remove(self.path)
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
 
 
 def _diff(old, new, prefix=""):

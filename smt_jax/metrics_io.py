@@ -1,14 +1,25 @@
-"""Metrics out: JSON lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only."""
+"""Metrics out: JSON lines (`metrics.jsonl`) and TensorBoard event files, from process 0 only.
+
+Both go through `smt_jax.storage`. A local `metrics.jsonl` is appended to row by row; an object
+store has no append, so a remote one is held in memory and rewritten whole (one atomic put) at
+every flush and at most every `REMOTE_FLUSH_S` seconds between them, and a remote TensorBoard
+event file likewise (`_StoreRecordWriter`).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import secrets
+import time
+
+from smt_jax import storage
 
 PHASE_IDS = {"smt": 0, "dmt": 1, "bptt": 2}  # the TensorBoard scalar 'progress/phase'
 RATE_KEYS = ("steps_per_s", "tokens_per_s")
+REMOTE_FLUSH_S = 30.0
 
 
 def tensorboard_tags(phase: str, key: str) -> list[tuple[str, str]]:
@@ -55,16 +66,21 @@ class MetricsWriter:
     """
     self.enabled = enabled
     self.workdir = workdir
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self.remote = storage.is_remote(workdir)
+    self._lines: list[str] | None = None  # a remote file's rows, rewritten whole when flushed
+    self._flushed = time.time()
     self._tb = None
     self._wandb = None
     self._progress_step = None
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
       from tensorboardX import SummaryWriter  # event files any TensorBoard reads
 
+      if self.remote:
+        _register_store_writer(storage.protocol(workdir))
       self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard"), flush_secs=30, purge_step=purge_step
+        storage.join(workdir, "tensorboard"), flush_secs=30, purge_step=purge_step
       )
       if wandb:
         self._wandb = WandbMirror(workdir, **wandb)
@@ -89,8 +105,14 @@ class MetricsWriter:
       "seqflops": float(seqflops),
     }
     row.update({k: float(v) for k, v in values.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row, allow_nan=True) + "\n")
+    line = json.dumps(row, allow_nan=True) + "\n"
+    if self.remote:
+      self._remote_lines().append(line)
+      if time.time() - self._flushed > REMOTE_FLUSH_S:
+        self._flush_lines()
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     x = {"step": int(step), "tokens": int(tokens), "seqflops": int(seqflops)}
     mirrored = {}
     for k, v in values.items():
@@ -137,7 +159,20 @@ class MetricsWriter:
     for summary in hparams_summary(clean, {t: float("nan") for t in metric_tags}):
       writer.add_summary(summary)
 
+  def _remote_lines(self) -> list[str]:
+    if self._lines is None:
+      text = storage.read_text(self.path) if storage.exists(self.path) else ""
+      self._lines = text.splitlines(keepends=True)
+    return self._lines
+
+  def _flush_lines(self) -> None:
+    if self._lines is not None:
+      storage.write_text(self.path, "".join(self._lines))
+      self._flushed = time.time()
+
   def flush(self) -> None:
+    if self.remote and self.enabled:
+      self._flush_lines()
     if self._tb is not None:
       self._tb.flush()
 
@@ -146,10 +181,9 @@ class MetricsWriter:
 
     Also drops a last line cut short by a crash. `step` 0: a fresh start drops every row.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not storage.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = f.readlines()
+    lines = storage.read_text(self.path).splitlines(keepends=True)
     keep = []
     for line in lines:
       try:
@@ -158,12 +192,13 @@ class MetricsWriter:
         continue
       if row["step"] <= step:
         keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    storage.write_text(self.path, "".join(keep))
+    if self.remote:
+      self._lines = keep
 
   def close(self) -> None:
+    if self.remote and self.enabled:
+      self._flush_lines()
     if self._tb is not None:
       self._tb.close()
     if self._wandb is not None:
@@ -182,21 +217,19 @@ class WandbMirror:
   def __init__(self, workdir: str, *, project: str, entity: str, name: str, mode: str, config):
     import wandb
 
-    id_path = os.path.join(workdir, "wandb_id")
-    if os.path.exists(id_path):
-      with open(id_path) as f:
-        run_id = f.read().strip()
+    id_path = storage.join(workdir, "wandb_id")
+    if storage.exists(id_path):
+      run_id = storage.read_text(id_path).strip()
     else:
       run_id = secrets.token_hex(6)  # wandb ids: lowercase letters and digits
-      with open(id_path, "w") as f:
-        f.write(run_id)
+      storage.write_text(id_path, run_id)
     self._wandb = wandb
     self.run = wandb.init(
       project=project,
       entity=entity or None,
-      name=name or os.path.basename(os.path.abspath(workdir)),
+      name=name or os.path.basename(os.fspath(storage.path(workdir)).rstrip("/")),
       mode=mode or None,
-      dir=workdir,
+      dir=storage.local_dir_for(workdir, "wandb"),  # wandb writes its run files locally
       id=run_id,
       resume="allow",
       config=config,
@@ -218,23 +251,52 @@ class WandbMirror:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def read_summary(workdir: str) -> dict:
-  path = os.path.join(workdir, "summary.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {}
+  path = storage.join(workdir, "summary.json")
+  return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
 def write_summary(workdir: str, summary: dict) -> None:
-  tmp = os.path.join(workdir, "summary.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, "summary.json"))
+  storage.write_text(
+    storage.join(workdir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True)
+  )
+
+
+class _StoreRecordWriter:
+  """A TensorBoard event file on an object store: the records so far are kept in memory and the
+  whole object is rewritten (one atomic put) at each flush (every 30 s, and at close)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    storage.write_bytes(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _StoreRecordWriterFactory:
+  def open(self, path):
+    return _StoreRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # object stores have no folders to create
+
+
+def _register_store_writer(protocol: str) -> None:
+  """Event files of `protocol`:// URLs go through `smt_jax.storage` (replacing tensorboardX's
+  own writer for that protocol, if any, so that every file of a run takes one path)."""
+  from tensorboardX import record_writer
+
+  record_writer.register_writer_factory(protocol, _StoreRecordWriterFactory())

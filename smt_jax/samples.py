@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import inference
+from smt_jax import inference, storage
 from smt_jax.data import PixelSource, ProbeSource, TextSource
 
 
@@ -17,11 +17,11 @@ def write_samples(exp, params, workdir: str, summary: dict | None = None) -> lis
   c = exp.config
   key = jax.random.key(c.seed + 1)
   if isinstance(exp.source, PixelSource):
-    return [pixel_samples(exp, params, key, os.path.join(workdir, "samples.png"))]
+    return [pixel_samples(exp, params, key, storage.join(workdir, "samples.png"))]
   if isinstance(exp.source, TextSource):
-    return [text_samples(exp, params, key, os.path.join(workdir, "samples.txt"))]
+    return [text_samples(exp, params, key, storage.join(workdir, "samples.txt"))]
   if isinstance(exp.source, ProbeSource):
-    return [probe_table(summary or {}, os.path.join(workdir, "accuracy.md"))]
+    return [probe_table(summary or {}, storage.join(workdir, "accuracy.md"))]
   return []
 
 
@@ -104,8 +104,10 @@ def pixel_samples(exp, params, key, path: str) -> str:
         ax.axhline(h // 2 - 0.5, color="red", lw=0.6)
     axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
   fig.suptitle(f"{exp.config.model.rnn_kind} RNN, phases {','.join(exp.phases)}", fontsize=8)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
   return path
 
 
@@ -130,8 +132,7 @@ def text_lines(exp, params, key, length: int = 300) -> list[str]:
 
 def text_samples(exp, params, key, path: str, length: int = 300) -> str:
   """`text_lines` written to `path`."""
-  with open(path, "w") as f:
-    f.write("\n".join(text_lines(exp, params, key, length)))
+  storage.write_text(path, "\n".join(text_lines(exp, params, key, length)))
   return path
 
 
@@ -163,6 +164,5 @@ def probe_table(summary: dict, path: str) -> str:
       f"| {phase} | {fmt('eval/rnn_acc')} | {fmt('eval/rnn_nll')} | "
       f"{fmt('eval/teacher_acc')} | {fmt('eval/teacher_nll')} |"
     )
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  storage.write_text(path, "\n".join(lines) + "\n")
   return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -40,8 +39,10 @@ from smt_jax import (
   evaluation,
   experiment,
   metrics_io,
+  multihost,
   profiling,
   samples,
+  storage,
 )
 from smt_jax.preemption import Preempted, SigtermWatch
 
@@ -212,7 +213,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       hooks=hooks,
       with_teacher="smt" in exp.phases,
       tracer=profiling.StepTrace(
-        os.path.join(workdir, "profile"),
+        storage.join(workdir, "profile"),
         start_step=config.profile.start_step,
         num_steps=config.profile.num_steps,
         say=say,
@@ -244,6 +245,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
       # Phase boundary checkpoint: a restart continues with the next phase.
       pos.phase_index, pos.phase_step, pos.skipped, pos.opt_state = phase.index + 1, 0, 0, None
       nxt = phases[pos.phase_index].name if pos.phase_index < len(phases) else None
+      run.writer.flush()
       checkpoints.save(
         run.mngr,
         phase.offset + phase.steps,
@@ -263,9 +265,14 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
       )
     )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
-    if is_main:
-      samples.write_samples(run.exp, pos.params, run.workdir, summary)
-      metrics_io.write_summary(run.workdir, summary)
+  # Samples are drawn by process 0 alone, from parameters gathered onto its host first (with
+  # several processes they may be sharded across them: sampling from those alone would wait
+  # forever for the others).
+  params = multihost.host_local(pos.params)
+  if is_main:
+    with multihost.on_this_host(run.exp.mesh):
+      samples.write_samples(run.exp, params, run.workdir, summary)
+    metrics_io.write_summary(run.workdir, summary)
   return summary
 
 
@@ -290,6 +297,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   out = {}
 
   def save(state, done: int):
+    run.writer.flush()  # the rows up to a checkpoint outlive a crash (on an object store too)
     checkpoints.save(
       run.mngr,
       phase.offset + done,
@@ -371,12 +379,16 @@ def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
   metrics = evaluation.held_out(run.exp, params, with_teacher=run.with_teacher)
   step = phase.offset + done
   run.writer.write(step, phase.name, done, metrics, **run.progress(phase, done))
-  if jax.process_index() == 0 and run.exp.config.samples.at_eval:
-    for tag, (kind, value) in samples.eval_samples(run.exp, params).items():
-      if kind == "image":
-        run.writer.write_image(tag, value, step)
-      else:
-        run.writer.write_text(tag, value, step)
+  if run.exp.config.samples.at_eval:
+    local = multihost.host_local(params)  # every process takes part (see `_train`)
+    if jax.process_index() == 0:
+      with multihost.on_this_host(run.exp.mesh):
+        drawn = samples.eval_samples(run.exp, local)
+      for tag, (kind, value) in drawn.items():
+        if kind == "image":
+          run.writer.write_image(tag, value, step)
+        else:
+          run.writer.write_text(tag, value, step)
   return metrics
 
 

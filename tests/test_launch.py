@@ -473,7 +473,8 @@ def test_launch_checks_parse_with_experiments_runs_flags():
   run_py = (REPO / "experiments" / "run.py").read_text()
   checks_py = (REPO / "launch" / "checks.py").read_text()
   names = lambda text: sorted(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", text))
-  assert names(checks_py) == names(run_py) == ["config", "fork", "overwrite", "workdir"]
+  expected = ["config", "fork", "overwrite", "peer_timeout_s", "workdir"]
+  assert names(checks_py) == names(run_py) == expected
   assert "lock_config=True" in run_py and "lock_config=True" in checks_py
 
 

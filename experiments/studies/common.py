@@ -207,7 +207,7 @@ def restore(config, workdir: str, step: int | None = None):
   exp = config_checks.build_experiment(config)
   if step == 0:
     return exp, exp.init_params()
-  mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
+  mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
   try:
     steps = mngr.all_steps()
     if step is None:
