@@ -72,15 +72,18 @@ class PeerWatch:
   once that has lasted `timeout_s` s.
   """
 
-  def __init__(self, timeout_s: float, *, client=None, exit=None):
+  def __init__(self, timeout_s: float, *, client=None, exit=None, process=None, period_s=None):
+    """client: the key-value store (default: jax.distributed's); exit(message): what to do when
+    a peer is gone (default: print `error: <message>. ...` and os._exit(1)); process: (this
+    process, the number of processes), default JAX's."""
     if timeout_s <= 0:
       raise ValueError(f"peer timeout {timeout_s} s: must be > 0.")
     from jax._src import distributed
 
     self.timeout_s = float(timeout_s)
-    self.period_s = max(0.5, self.timeout_s / 6)
+    self.period_s = period_s or max(0.5, self.timeout_s / 6)
     self.client = client or distributed.global_state.client
-    self.me, self.count = jax.process_index(), jax.process_count()
+    self.me, self.count = process or (jax.process_index(), jax.process_count())
     self._exit = exit or _exit_now
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None

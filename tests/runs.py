@@ -13,7 +13,7 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 
-from smt_jax import storage
+from smt_jax import checkpoints, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("steps_per_s", "tokens_per_s")
@@ -98,14 +98,20 @@ class Job:
 
 def restore(workdir: str, step: int | None = None):
   """(step, state as numpy, meta) of a run's checkpoint (the latest by default), read whole."""
-  mngr = ocp.CheckpointManager(
-    storage.path(storage.join(workdir, "checkpoints")),
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  )
+  mngr = checkpoints.make_manager(workdir, keep=1, read_only=True)
   try:
+    import jax
+
     step = mngr.latest_step() if step is None else step
+    # Onto this process's first device, whatever devices wrote it.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+      mngr.item_metadata(step)["state"],
+    )
     out = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
     )
   finally:
     mngr.close()
