@@ -312,7 +312,10 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
   """
   if overwrite and fork:
     raise WorkdirError("--overwrite and --fork exclude each other: start over, or continue.")
-  storage.check_reachable(workdir)
+  try:
+    storage.check_reachable(workdir)
+  except storage.StorageError as e:
+    raise WorkdirError(str(e)) from None
   path = storage.join(workdir, CONFIG_FILE)
   new = json.loads(config.to_json())
   if storage.exists(path):

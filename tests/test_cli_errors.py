@@ -99,6 +99,15 @@ def test_each_mistake_is_one_line(tmp_path):
       f"it, or use another --workdir.",
     ),
     "run: no --config": (["experiments.run"], "--config is required (see --helpshort)."),
+    "workdir in an unknown store": (
+      [*run, "--workdir=nosuch://bucket/run"],
+      "--workdir=nosuch://bucket/run: no filesystem for nosuch:// (Protocol not known: nosuch); "
+      "install the fsspec package for it.",
+    ),
+    "peer timeout": (
+      [*run, "--peer_timeout_s=0"],
+      "--peer_timeout_s=0.0: must be > 0 seconds (e.g. 60).",
+    ),
     "sample: missing workdir": (
       ["experiments.sample", f"--workdir={tmp_path / 'nope'}"],
       f"--workdir={tmp_path / 'nope'}: no such directory; pass the workdir of a run.",
