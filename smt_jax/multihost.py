@@ -58,6 +58,12 @@ def initialize(*, peer_timeout_s: float = 60.0) -> PeerWatch | None:
     **kwargs, heartbeat_timeout_seconds=int(max(100, 2 * peer_timeout_s + 10))
   )
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  if jax.default_backend() == "cpu":
+    # CPU collectives (gloo) give a new communicator 30 s for every process to arrive, and JAX's
+    # persistent compilation cache is written by process 0 alone: with it, process 0 loads a
+    # program that the others compile, reaches the program's first collective first, and times
+    # out there whenever that compile takes over 30 s. Without it, every process compiles alike.
+    jax.config.update("jax_enable_compilation_cache", False)
   return PeerWatch(peer_timeout_s).start()
 
 

@@ -11,9 +11,9 @@ collectives), against 1 process x 4 devices, through `python -m experiments.run`
     and `experiments.sample` draws from that run with 2 processes;
 (e) when one process dies, the other exits within --peer_timeout_s with one line saying so.
 
-Cost: every run compiles on process 1 (JAX's compilation cache is written by process 0 only,
-and the processes' cache keys differ), so each 2-process run costs one compile; the runs are
-shared between the tests (module fixtures).
+Cost: a 2-process CPU job compiles every program on both processes (`multihost.initialize`
+turns JAX's persistent cache off there: see why in it), so each costs a full compile; the runs
+are shared between the tests (module fixtures, one xdist worker).
 """
 
 from __future__ import annotations
