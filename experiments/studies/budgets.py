@@ -1,7 +1,7 @@
 """Budgets of the studies that reproduce the paper's findings (`experiments.studies`, SPEC 9).
 
 Argument: `cpu` (default; on a shared 2-core CPU the pre-parity study set trained in about 55
-minutes, length_parity in 48 and text in 17 more; everything reruns in about a minute once its runs
+minutes, length_parity in 62 and text in 17 more; everything reruns in about a minute once its runs
 are cached) or `smoke` (tiny models, a few steps, one seed; what
 tests/test_studies.py runs).
 
@@ -140,10 +140,6 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       decoder_tokens=8 if smoke else 512,  # SMT transitions per batch: min(T, this // Tf)
     )
   )
-  if not smoke:
-    # Retrieval ran one seed only in the time there was: every method, its teacher included, is at
-    # chance there at every length, so more seeds would not change the verdict.
-    c.length_parity.task_seeds = ml_collections.ConfigDict(dict(retrieval=(0,)))
 
   # 9. Bytes (language.py): SMT->DMT vs BPTT on the offline corpus, text.py's CPU model, equal
   # optimiser steps and batch, curves of held-out bits per byte (eval every eval_every_steps).
