@@ -37,6 +37,9 @@ class TeacherFns(NamedTuple):
   # A one-pass teacher: (p, x [B, T]) -> memories [B, T+1, K, d] for t = -1 .. T-1, each of
   # x[0..t] alone. None: memories come from `encode` of windows (`teacher_memories`).
   encode_all: Callable[[Params, jax.Array], jax.Array] | None = None
+  # Optional, a one-pass teacher's memories at some times only: (p, x [B, T], times int [N]) ->
+  # [B, N, K, d] == encode_all(p, x)[:, times + 1], at the cost of N (not T+1) memories.
+  encode_at: Callable[[Params, jax.Array, jax.Array], jax.Array] | None = None
 
 
 class RNNFns(NamedTuple):
@@ -327,9 +330,12 @@ def teacher_memories(
 
   A windowed teacher encodes the N windows x[t-Tc+1 .. t] (vmapped, `constrain` applied to the
   windows, so a 'time' mesh axis splits the encoder's work); a one-pass teacher encodes the
-  sequence once and the N memories are gathered (`constrain` applied to them).
+  sequence once, computing only the N memories asked for when it has `encode_at` (else all of
+  them, then gathered; `constrain` applied to them).
   """
   constrain = constrain or (lambda a: a)
+  if teacher.encode_at is not None:
+    return constrain(teacher.encode_at(params, x, times))
   if teacher.encode_all is not None:
     return constrain(jnp.take(teacher.encode_all(params, x), times + 1, axis=1))
   return encode_over_time(teacher, params, constrain(windows(x, times, context_length)))

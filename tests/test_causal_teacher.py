@@ -1,7 +1,8 @@
 """The one-pass causal teacher: no leak from the future, and the objectives agree with a loop.
 
 `CausalTeacher.encode(prefix)` (the prefix x[0..t] run as one input) is the definition of m_t;
-`encode_all(x)` computes all T+1 memories in one pass. These tests pin the one to the other, and
+`encode_all(x)` computes all T+1 memories in one pass (`encode_at(x, times)` those of some times
+only). These tests pin the one to the other, and
 the SMT / DMT losses with the one-pass teacher to the same losses fed by a Python loop of prefix
 encodings, values and gradients.
 """
@@ -70,7 +71,8 @@ def _loop_fns(graphdef):
   def encode_all(p, x):
     return jnp.stack([_prefix(fns.encode, p, x, s) for s in range(-1, x.shape[1])], axis=1)
 
-  return fns._replace(encode_all=encode_all)
+  # No `encode_at`: the objectives then take the loop's memories, not the one-pass ones.
+  return fns._replace(encode_all=encode_all, encode_at=None)
 
 
 @pytest.mark.parametrize("window", [0, 3])
@@ -85,6 +87,20 @@ def test_one_pass_equals_every_prefix_alone(window):
   # A left-padded window holding the whole prefix is the same prefix (padding is never read).
   padded = jnp.concatenate([jnp.full((2, 4), -1, x.dtype), x[:, :5]], axis=1)
   np.testing.assert_allclose(encode(p, padded), every[:, 5], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_memories_at_some_times_are_those_of_the_full_pass(window):
+  # encode_at computes only the registers asked for (any order, repeats, the empty context -1).
+  _, graphdef, p = _teacher(window=window)
+  fns = teacher_fns(graphdef)
+  x = _x()
+  every = jax.jit(fns.encode_all)(p, x)
+  times = jnp.array([T - 1, 2, -1, 5, 2])
+  some = jax.jit(fns.encode_at)(p, x, times)
+  assert some.shape == (2, 5, K, D)
+  np.testing.assert_allclose(some, every[:, times + 1], atol=2e-6, rtol=0)
+  np.testing.assert_allclose(some[:, 1], _prefix(fns.encode, p, x, 2), atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("window", [0, 3])

@@ -153,7 +153,10 @@ def test_count_flops_and_seq_flops():
 # beyond float rounding. The study set runs as two processes side by side (one per core): the probe
 # studies, and the digit studies.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-GROUPS = ("probes,steps,gradients,drift,length,updaters", "samples,geometry,teachers")
+GROUPS = (
+  "probes,steps,gradients,drift,length,updaters",
+  "samples,geometry,teachers,length_parity,text",
+)
 FIGURES = {
   "probes": ["probes.png", "probes_compute.png"],
   "steps": ["steps.png"],
@@ -164,6 +167,8 @@ FIGURES = {
   "samples": ["samples.png"],
   "geometry": ["geometry.png"],
   "teachers": [],
+  "length_parity": ["length_parity.png"],
+  "text": ["text.png"],
 }
 
 
@@ -277,6 +282,34 @@ def test_smoke_studies(tmp_path):
   cells = len(b.teachers.tasks) * len(b.teachers.lengths)
   assert [r[2] for r in rows] == ["windowed", "causal"] * cells
   assert all(0.0 <= float(r[3].split()[0]) <= 1.0 for r in rows)  # teacher accuracy
+
+  lp = b.length_parity
+  rows = _table_rows(res["length_parity"]["md"], "task")
+  assert len(rows) == len(lp.tasks) * len(lp.lengths) * 4
+  assert {r[3] for r in rows} == {"BPTT", "SMT (before DMT)", "SMT->DMT", "teacher"}
+  assert all(r[2].startswith("causal, depth 2") for r in rows)
+  for cell in res["length_parity"]["cells"]:
+    t, tf = cell["length"], cell["future_length"]
+    assert cell["teacher_kind"] == "causal" and cell["teacher_depth"] >= 2
+    spec = lp.future[cell["task"]]
+    assert cell["context_length"] == t
+    assert tf == (int(t * spec) if isinstance(spec, float) else min(spec, t))
+    assert cell["num_transitions"] == min(t, lp.decoder_tokens // tf)
+    assert len(cell["methods"]["smt_dmt"]["acc"]) == len(lp.seeds) == len(cell["seeds"])
+    # BPTT's serial path is the whole unroll, forward and backward, every step.
+    f, steps = cell["unit_flops"], lp.smt_steps + lp.dmt_steps
+    expected = steps * 3 * (t * f["update"] + f["readout"])
+    assert cell["seq_flops"]["bptt"] == pytest.approx(expected, rel=1e-6)
+
+  rows = _table_rows(res["text"]["md"], "method")
+  assert [r[0] for r in rows] == ["SMT->DMT", "BPTT"]
+  steps = b.text.smt_steps + b.text.dmt_steps
+  for r in res["text"]["results"].values():
+    c = r["curves"]
+    assert c["steps"]["x"][-1] == steps  # the last eval is the end of the run
+    assert c["steps"]["y"] == c["tokens"]["y"] == c["seqflops"]["y"]  # one eval, three x-axes
+    assert all(v > u for u, v in zip(c["tokens"]["x"], c["tokens"]["x"][1:]))
+    assert r["bits_per_byte"] == pytest.approx(c["steps"]["y"][-1])
 
   assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
   assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}

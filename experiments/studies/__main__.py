@@ -1,6 +1,6 @@
 """Reproduce the paper's findings at CPU scale: BPTT vs SMT vs SMT->DMT, with plots (SPEC 9).
 
-  python -m experiments.studies --study=all --budget=cpu --out=docs     # every study, ~55 min CPU
+  python -m experiments.studies --study=all --budget=cpu --out=docs     # every study, ~2 h CPU
   python -m experiments.studies --study=probes --budget=cpu --out=docs
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke --runs=/tmp/smoke_runs
 
@@ -12,6 +12,10 @@ Studies (the table in registry.py; budgets in budgets.py):
   drift      rollout vs one-step drift along the sequence after SMT and after DMT; across
              (c_dyn, c_unif)
   length     train at T, evaluate RNN and teacher at T, 2T, 4T (stack)
+  length_parity  the length claim at the reference architecture: retrieval and stack at
+             T = 32 .. 256, BPTT vs SMT->DMT vs the teacher (one-pass causal, depth 2), 3 seeds
+  text       bytes (the offline corpus): SMT->DMT vs BPTT, bits per byte against steps, tokens
+             and SeqFLOPs
   geometry   2-D PCA of the RNN memory over a digit and over a probe episode
   updaters   transformer / mlp / gru updaters on one probe, SMT->DMT and BPTT
   teachers   windowed vs one-pass causal teacher: label quality on the stack probe, T = 32 and 64

@@ -1,17 +1,19 @@
 """Budgets of the studies that reproduce the paper's findings (`experiments.studies`, SPEC 9).
 
-Argument: `cpu` (default; the whole study set trains in about 55 minutes on a shared 2-core CPU, and
-reruns in about 70 s once its runs are cached) or `smoke` (tiny models, a few steps, one seed; what
+Argument: `cpu` (default; on a shared 2-core CPU the pre-parity study set trained in about 55
+minutes, length_parity in 62 and text in 17 more; everything reruns in about a minute once its runs
+are cached) or `smoke` (tiny models, a few steps, one seed; what
 tests/test_studies.py runs).
 
 Every comparison gives each method the SAME number of optimiser steps:
   SMT steps + DMT steps == BPTT steps, with the same batch size, model width and RNN kind.
 
 Commands:
-  python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~55 min
+  python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~2 h
   python -m experiments.studies --study=probes --budget=cpu --out=docs     # one study
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
-Studies: probes, steps, gradients, drift, length, geometry, updaters, samples (see docs/results.md).
+Studies: probes, steps, gradients, drift, length, geometry, updaters, samples, teachers,
+length_parity, text (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
 
@@ -111,6 +113,43 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       lengths=(8,) if smoke else (32, 64),
       seeds=(0,) if smoke else (0, 1, 2),
       depth=2,
+    )
+  )
+
+  # 1c. Length at parity (length_parity.py): the probes whose dependency span grows with T, at
+  # T = 32 .. 256, BPTT vs SMT->DMT vs the teacher, 3 seeds, SMT + DMT steps == BPTT steps. The
+  # one-pass causal teacher (depth 2, Tc = T, Tf per task) makes the long lengths affordable; SMT
+  # trains min(T, decoder_tokens // Tf) transitions per batch (all of them while that is >= T,
+  # else a random subset), so the decoder's work per step stays the same at every length.
+  c.length_parity = ml_collections.ConfigDict(
+    dict(
+      tasks=("retrieval",) if smoke else ("retrieval", "stack"),
+      lengths=(8,) if smoke else (32, 64, 128, 256),
+      seeds=(0,) if smoke else (0, 1, 2),
+      smt_steps=2 if smoke else 150,
+      dmt_steps=2 if smoke else 50,
+      batch_size=4 if smoke else 16,
+      eval_batch_size=8 if smoke else 64,
+      eval_batches=1 if smoke else 2,
+      teacher_kind="causal",
+      teacher_depth=2,
+      # Tf per task: a float is a fraction of T, an int a fixed horizon (at most T). Retrieval's
+      # needle sits before T/2 and is asked for at T-1, so Tf = T/2 asks every memory from T/2
+      # on; a stack's push-to-pop span does not grow with T (95% within 17 steps at T = 256).
+      future=dict(retrieval=0.5, stack=4 if smoke else 16),
+      decoder_tokens=8 if smoke else 512,  # SMT transitions per batch: min(T, this // Tf)
+    )
+  )
+
+  # 9. Bytes (language.py): SMT->DMT vs BPTT on the offline corpus, text.py's CPU model, equal
+  # optimiser steps and batch, curves of held-out bits per byte (eval every eval_every_steps).
+  c.text = ml_collections.ConfigDict(
+    dict(
+      smt_steps=2 if smoke else 600,
+      dmt_steps=2 if smoke else 150,
+      batch_size=4 if smoke else 16,
+      eval_every_steps=2 if smoke else 75,
+      eval_batches=1 if smoke else 2,
     )
   )
 

@@ -16,7 +16,9 @@ from experiments.studies import (
   drift,
   geometry,
   gradients,
+  language,
   length,
+  length_parity,
   probes,
   samples,
   steps,
@@ -31,10 +33,12 @@ STUDIES = {
   "gradients": gradients.run,
   "drift": drift.run,
   "length": length.run,
+  "length_parity": length_parity.run,
   "updaters": updaters.run,
   "samples": samples.run,
   "geometry": geometry.run,
   "teachers": teachers.run,
+  "text": language.run,
 }
 
 

@@ -26,13 +26,17 @@ def head_width(width: int, num_heads: int, head_dim: int) -> int:
 def teacher_fns(graphdef: nnx.GraphDef) -> TeacherFns:
   """Pure functions of the teacher's state, for `graphdef, state = nnx.split(teacher)`.
 
-  A one-pass teacher (`CausalTeacher`) also gives `encode_all`, which the objectives then use.
+  A one-pass teacher (`CausalTeacher`) also gives `encode_all` and `encode_at` (only the memories
+  asked for), which the objectives then use.
   """
   one_pass = getattr(graphdef.nodes[0].type, "one_pass", False)  # the module's class
   return TeacherFns(
     encode=lambda p, context: nnx.merge(graphdef, p).encode(context),
     decode=lambda p, m, x_future: nnx.merge(graphdef, p).decode(m, x_future),
     encode_all=(lambda p, x: nnx.merge(graphdef, p).encode_all(x)) if one_pass else None,
+    encode_at=(lambda p, x, times: nnx.merge(graphdef, p).encode_all(x, times))
+    if one_pass
+    else None,
   )
 
 

@@ -194,20 +194,27 @@ class CausalTeacher(Teacher):
     h = self.encoder(x, mask[None], outputs=slice(n, None), key_valid=valid)
     return layers.rms_normalize(h)
 
-  def encode_all(self, x: jax.Array) -> jax.Array:
-    """Every memory of a sequence, one pass: x int [B, T] -> [B, T+1, K, d] for t = -1 .. T-1."""
+  def encode_all(self, x: jax.Array, times: jax.Array | None = None) -> jax.Array:
+    """Memories of a sequence, one pass: x int [B, T] -> [B, G, K, d].
+
+    times: int [G], memory times in [-1, T-1] (None: all of them, -1 .. T-1, G = T+1). Only the
+    registers of those times are computed, so a few memories of a long sequence cost a pass over
+    the context and G K register tokens: encode_all(x, times) == encode_all(x)[:, times + 1].
+    """
     b, t = x.shape
     k, d = self.registers.shape
-    g = t + 1  # memory times -1 .. T-1
+    times = jnp.arange(-1, t) if times is None else jnp.asarray(times)
+    g = times.shape[0]
     enc = self.encoder
     dh, h = enc.head_dim, enc.blocks[0].attn.num_heads
     ctx = layers.embed_tokens(self.embed, x)  # [B, T, D]
     reg = jnp.broadcast_to(self.registers[...].astype(self.compute_dtype), (b, g, k, d))
     pos = jnp.arange(t)
     cos_c, sin_c = layers.rope_tables(pos, dh)
-    cos_r, sin_r = layers.rope_tables((jnp.arange(g)[:, None] + jnp.arange(k)).reshape(-1), dh)
+    # The registers of time t sit at positions t+1 .. t+K and read the context as x[t] does.
+    cos_r, sin_r = layers.rope_tables((times[:, None] + 1 + jnp.arange(k)).reshape(-1), dh)
     ctx_mask = _near(pos[:, None], pos[None, :], self.window)[None]  # [1, T, T]
-    reg_mask = _near(jnp.arange(g)[:, None] - 1, pos[None, :], self.window)  # [G, T]
+    reg_mask = _near(times[:, None], pos[None, :], self.window)  # [G, T]
 
     def rotate_registers(a):
       return layers.rotate(a.reshape(b, g * k, h, dh), cos_r, sin_r).reshape(b, g, k, h, dh)
