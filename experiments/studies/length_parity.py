@@ -41,11 +41,6 @@ def future_length(spec, length: int) -> int:
   return max(1, min(int(spec), length))
 
 
-def seeds_for(b, task: str) -> tuple[int, ...]:
-  """The seeds a task runs with: the budget's `seeds`, unless `task_seeds` names the task."""
-  return tuple(b.task_seeds.get(task, b.seeds)) if "task_seeds" in b else tuple(b.seeds)
-
-
 def config(ctx, task: str, length: int, *, seed: int, phases: str):
   """The probe config of one run of this study (see the module docstring)."""
   b = ctx.budget.length_parity
@@ -80,7 +75,7 @@ def run(ctx) -> dict:
       per = {m: {"acc": [], "nll": []} for m in METHODS}
       cost = {"smt_dmt": {"train_s": [], "wall_s": []}, "bptt": {"train_s": [], "wall_s": []}}
       seq_flops, unit_flops, unigram, shape = {}, {}, [], {}
-      seeds = seeds_for(b, task)
+      seeds = tuple(b.seeds)
       for seed in seeds:
         recs = {}
         for method, phases in (("smt_dmt", "smt,dmt"), ("bptt", "bptt")):
@@ -150,9 +145,7 @@ def run(ctx) -> dict:
     f"Budget `{ctx.budget.name}`, parity architecture: width {ctx.budget.model.width}, "
     f"K {ctx.budget.model.num_memory_tokens}, {ctx.budget.model.num_heads} heads of 64, RNN depth "
     f"{ctx.budget.model.depth}; batch {b.batch_size}; SMT {b.smt_steps} + DMT {b.dmt_steps} steps "
-    f"vs BPTT {b.smt_steps + b.dmt_steps}; seeds {list(b.seeds)} (mean ± std over seeds"
-    + "".join(f"; {t}: seeds {list(seeds_for(b, t))}" for t in b.tasks if "task_seeds" in b)
-    + "); "
+    f"vs BPTT {b.smt_steps + b.dmt_steps}; seeds {list(b.seeds)} (mean ± std over seeds); "
     f"held-out: {b.eval_batches} x {b.eval_batch_size} episodes. The teacher column: its kind "
     f"(causal = one pass), encoder depth, context Tc, decoder horizon Tf and the SMT transitions "
     f"per sequence and step.\n\n"
