@@ -467,7 +467,6 @@ class Lease:
     self.seq = 0
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
-    self.lost = False  # set when another run took the lease over from this one
 
   def _read(self) -> dict | None:
     try:
@@ -542,7 +541,6 @@ class Lease:
       try:
         now = self._read()
         if now is not None and now.get("owner") != self.owner:
-          self.lost = True
           print(
             f"ERROR: another run took over the lease of {self.workdir} ({self._holder(now)}); "
             f"two runs may now write into it. Stop one of them.",

@@ -108,10 +108,6 @@ def read_text(p) -> str:
   return path(p).read_text()
 
 
-def read_bytes(p) -> bytes:
-  return path(p).read_bytes()
-
-
 def write_text(p, text: str) -> None:
   """Writes `text` to `p` atomically: readers see the old content or the new, never a part."""
   write_bytes(p, text.encode())
