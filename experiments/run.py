@@ -64,19 +64,9 @@ def _main(argv):
     sys.exit(f"error: --peer_timeout_s={FLAGS.peer_timeout_s}: must be > 0 seconds (e.g. 60).")
   from smt_jax import multihost
 
-  peers = multihost.initialize(peer_timeout_s=FLAGS.peer_timeout_s)
-  try:
+  clean = (None, 0, 130, 143)  # finished, or stopped at a checkpoint (SIGINT, SIGTERM)
+  with multihost.job(peer_timeout_s=FLAGS.peer_timeout_s, clean_exits=clean):
     _train()
-  except SystemExit as e:  # a clean stop (0, or 143 at a checkpoint) or a one-line error
-    if peers is not None:
-      peers.done() if e.code in (None, 0, 130, 143) else peers.fail(str(e.code))
-    raise
-  except BaseException as e:
-    if peers is not None:
-      peers.fail(f"{type(e).__name__}: {e}")
-    raise
-  if peers is not None:
-    peers.done()
 
 
 def _train():

@@ -32,19 +32,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from smt_jax import multihost
 
-  peers = multihost.initialize(peer_timeout_s=FLAGS.peer_timeout_s)
-  try:
+  with multihost.job(peer_timeout_s=FLAGS.peer_timeout_s):
     _sample()
-  except SystemExit as e:
-    if peers is not None:
-      peers.done() if e.code in (None, 0) else peers.fail(str(e.code))
-    raise
-  except BaseException as e:
-    if peers is not None:
-      peers.fail(f"{type(e).__name__}: {e}")
-    raise
-  if peers is not None:
-    peers.done()
 
 
 def _sample():

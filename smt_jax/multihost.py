@@ -67,6 +67,25 @@ def initialize(*, peer_timeout_s: float = 60.0) -> PeerWatch | None:
   return PeerWatch(peer_timeout_s).start()
 
 
+@contextlib.contextmanager
+def job(*, peer_timeout_s: float = 60.0, clean_exits=(None, 0)):
+  """`initialize`, then the body; its peers learn how this process ended: 'done' when the body
+  returns or exits with a status in `clean_exits`, else 'failed: <why>' (so they exit too)."""
+  peers = initialize(peer_timeout_s=peer_timeout_s)
+  try:
+    yield peers
+  except SystemExit as e:  # a clean stop, or a one-line error (its message is the status)
+    if peers is not None:
+      peers.done() if e.code in clean_exits else peers.fail(str(e.code))
+    raise
+  except BaseException as e:
+    if peers is not None:
+      peers.fail(f"{type(e).__name__}: {e}")
+    raise
+  if peers is not None:
+    peers.done()
+
+
 class PeerWatch:
   """Exits this process, with one line saying why, when another process of the job is gone.
 

@@ -25,28 +25,19 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import runs
+
+ROOT = runs.ROOT
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6 steps, DMT 4; checkpoints every 3
 TIMEOUT_S = 600
-TIMING = ("steps_per_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """The subprocesses' environment: one persistent compilation cache for all of them."""
-  e = dict(os.environ)
-  if not e.get("JAX_COMPILATION_CACHE_DIR"):  # this session's, shared by its xdist workers
-    base = tmp_path_factory.getbasetemp()
-    e["JAX_COMPILATION_CACHE_DIR"] = str(
-      (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "jax-cache"
-    )
-  e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
-  return e
+  return runs.subprocess_env(tmp_path_factory)
 
 
 class Run:
@@ -116,30 +107,7 @@ def _logged_steps(workdir) -> list[int]:
     return []
 
 
-def _restore(workdir, step=None):
-  mngr = ocp.CheckpointManager(os.path.abspath(_ckpt_dir(workdir)))
-  try:
-    step = mngr.latest_step() if step is None else step
-    out = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
-  finally:
-    mngr.close()
-  return step, out["state"], out["meta"]
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
-
-
-def _summary(workdir):
-  with open(os.path.join(workdir, "summary.json")) as f:
-    return {
-      k: v
-      for k, v in json.load(f).items()
-      if not k.endswith(("compile_s",) + TIMING) and k != "wall_time_s"
-    }
+_restore, _rows, _summary = runs.restore, runs.rows, runs.summary
 
 
 def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):
