@@ -26,10 +26,9 @@ import time
 import jax
 import numpy as np
 import pytest
+import run_helpers
 
-import runs
-
-ROOT = runs.ROOT
+ROOT = run_helpers.ROOT
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6 steps, DMT 4; checkpoints every 3
 TIMEOUT_S = 600
 
@@ -37,7 +36,7 @@ TIMEOUT_S = 600
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   """The subprocesses' environment: one persistent compilation cache for all of them."""
-  return runs.subprocess_env(tmp_path_factory)
+  return run_helpers.subprocess_env(tmp_path_factory)
 
 
 class Run:
@@ -107,7 +106,7 @@ def _logged_steps(workdir) -> list[int]:
     return []
 
 
-_restore, _rows, _summary = runs.restore, runs.rows, runs.summary
+_restore, _rows, _summary = run_helpers.restore, run_helpers.rows, run_helpers.summary
 
 
 def test_killed_and_preempted_run_ends_bit_identical(tmp_path, env):

@@ -24,8 +24,7 @@ import signal
 
 import numpy as np
 import pytest
-
-import runs
+import run_helpers
 
 pytestmark = pytest.mark.xdist_group("multiprocess")  # one worker: the runs are shared
 
@@ -35,7 +34,7 @@ PEER_TIMEOUT = "--peer_timeout_s=10"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  return runs.subprocess_env(tmp_path_factory)
+  return run_helpers.subprocess_env(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def _job(base, name, env, *, processes, config=CONFIG, extra=(), module="experim
   args = [f"--workdir={base / name}", PEER_TIMEOUT, *extra]
   if module == "experiments.run":
     args.insert(0, f"--config={config}")
-  return runs.Job(
+  return run_helpers.Job(
     args,
     env,
     base / f"{name}.{module.split('.')[-1]}.log",
@@ -75,8 +74,8 @@ def two(base, env):
 
 
 def _final(workdir):
-  step, state, _ = runs.restore(str(workdir))
-  return step, runs.leaves(state["params"])
+  step, state, _ = run_helpers.restore(str(workdir))
+  return step, run_helpers.leaves(state["params"])
 
 
 def _assert_same(a, b, *, exact):
@@ -87,11 +86,11 @@ def _assert_same(a, b, *, exact):
       np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
     else:
       np.testing.assert_allclose(pa[k], pb[k], rtol=2e-4, atol=2e-5, err_msg=k)
-  ra, rb = runs.rows(str(a)), runs.rows(str(b))
+  ra, rb = run_helpers.rows(str(a)), run_helpers.rows(str(b))
   assert [(r["step"], r["phase"]) for r in ra] == [(r["step"], r["phase"]) for r in rb]
   if exact:
     assert ra == rb
-    assert runs.summary(str(a)) == runs.summary(str(b))
+    assert run_helpers.summary(str(a)) == run_helpers.summary(str(b))
   else:
     for x, y in zip(ra, rb):
       for k in x:
@@ -117,7 +116,9 @@ def test_sigterm_both_then_rerun_is_bit_identical(base, env, one, two):
   assert rcs == [143, 143], f"exit {rcs}\n{job.outputs()}"
   m = re.search(r"SIGTERM: saved a checkpoint at smt step (\d+);", job.output(0))  # process 0 says
   assert m, job.outputs()
-  step, _, meta = runs.restore(str(base / "sigterm"))  # written by both: they agreed on the step
+  step, _, meta = run_helpers.restore(
+    str(base / "sigterm")
+  )  # written by both: they agreed on the step
   assert (step, meta["phase"], meta["phase_step"]) == (int(m.group(1)), "smt", int(m.group(1)))
   shutil.copytree(base / "sigterm", base / "sigterm_in_one")
 

@@ -23,8 +23,8 @@ import time
 
 import numpy as np
 import pytest
+import run_helpers
 
-import runs
 from smt_jax import checkpoints, storage
 
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6, DMT 4; checkpoints every 3
@@ -39,9 +39,9 @@ def gcs():
   for package in ("gcsfs", "gcp_storage_emulator"):  # not imported here: gcsfs reads env at import
     if importlib.util.find_spec(package) is None:
       pytest.skip(f"{package} is not installed (pip install -e '.[test]')")
-  port = runs.free_port()
+  port = run_helpers.free_port()
   proc = subprocess.Popen(
-    [sys.executable, os.path.join(runs.ROOT, "tests", "fixtures", "gcs_emulator.py")]
+    [sys.executable, os.path.join(run_helpers.ROOT, "tests", "fixtures", "gcs_emulator.py")]
     + [f"--port={port}", f"--bucket={BUCKET}"],
     stdout=subprocess.PIPE,
     stderr=subprocess.DEVNULL,
@@ -70,31 +70,31 @@ def gcs():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, gcs):
-  return runs.subprocess_env(tmp_path_factory, **gcs)
+  return run_helpers.subprocess_env(tmp_path_factory, **gcs)
 
 
 def test_killed_run_on_gcs_equals_a_local_run(tmp_path, env):
   local, remote = str(tmp_path / "local"), f"gs://{BUCKET}/run"
   args = lambda wd: [f"--config={CONFIG}", f"--workdir={wd}"]  # noqa: E731
-  ref = runs.Job(args(local), env, tmp_path / "ref.log", devices=1)
+  ref = run_helpers.Job(args(local), env, tmp_path / "ref.log", devices=1)
   assert ref.finish() == [0], ref.outputs()
 
-  first = runs.Job(args(remote), env, tmp_path / "first.log", devices=1)
+  first = run_helpers.Job(args(remote), env, tmp_path / "first.log", devices=1)
   assert first.wait_for(lambda: checkpoints.has_checkpoints(remote)), first.outputs()
   first.procs[0].kill()  # SIGKILL: no cleanup, its lease stays behind
   first.finish()
   lease = json.loads(storage.read_text(f"{remote}/{checkpoints.LEASE_FILE}"))
   assert lease["pid"] == first.procs[0].pid
 
-  again = runs.Job(args(remote), env, tmp_path / "again.log", devices=1)
+  again = run_helpers.Job(args(remote), env, tmp_path / "again.log", devices=1)
   assert again.finish() == [0], again.outputs()
   out = again.output()
   assert "Resumed from gs://" in out and "waiting up to" not in out, out  # dead pid: at once
 
-  assert runs.rows(remote) == runs.rows(local)
-  assert runs.summary(remote) == runs.summary(local)
-  (s1, a, _), (s2, b, _) = runs.restore(local), runs.restore(remote)
-  a, b = runs.leaves(a), runs.leaves(b)
+  assert run_helpers.rows(remote) == run_helpers.rows(local)
+  assert run_helpers.summary(remote) == run_helpers.summary(local)
+  (s1, a, _), (s2, b, _) = run_helpers.restore(local), run_helpers.restore(remote)
+  a, b = run_helpers.leaves(a), run_helpers.leaves(b)
   assert s1 == s2 and a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -107,7 +107,7 @@ def test_killed_run_on_gcs_equals_a_local_run(tmp_path, env):
   )
 
   # A reader of the run: samples from gs://, through a read-only checkpoint manager.
-  sample = runs.Job(
+  sample = run_helpers.Job(
     [f"--workdir={remote}", f"--out={tmp_path / 'samples'}"],
     env,
     tmp_path / "sample.log",
