@@ -12,7 +12,7 @@ Studies (the table in registry.py; budgets in budgets.py):
   drift      rollout vs one-step drift along the sequence after SMT and after DMT; across
              (c_dyn, c_unif)
   length     train at T, evaluate RNN and teacher at T, 2T, 4T (stack)
-  length_parity  the length claim at the reference architecture: retrieval and stack at
+  length_parity  the length claim at the reference architecture: the five probes at
              T = 32 .. 256, BPTT vs SMT->DMT vs the teacher (one-pass causal, depth 2), 3 seeds
   text       bytes (the offline corpus): SMT->DMT vs BPTT, bits per byte against steps, tokens
              and SeqFLOPs
@@ -27,16 +27,24 @@ and every rerun, so `--study=all` after `--study=probes` only trains what is mis
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
 
-from experiments.studies import registry
+from experiments.studies import budgets, registry
 
 flags.DEFINE_string(
   "study", "all", f"One of {list(registry.STUDIES)} or 'all' (or a comma-separated list)."
 )
 flags.DEFINE_enum("budget", "cpu", ["cpu", "smoke"], "Budget (experiments/studies/budgets.py).")
+flags.DEFINE_multi_string(
+  "set",
+  [],
+  "Override a budget field, field=Python literal (repeatable), e.g. "
+  "--set=\"length_parity.tasks=('copy',)\" --set=length_parity.seeds=(0,). Runs of other "
+  "settings are cached apart; send --out elsewhere so docs/ keeps the full budget's tables.",
+)
 flags.DEFINE_string("out", "docs", "Where figures (*.png) and tables (studies/*.md, *.json) go.")
 flags.DEFINE_string("runs", None, "Run workdirs (default runs/studies/<budget>).")
 flags.DEFINE_string(
@@ -54,12 +62,21 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   names = registry.resolve(FLAGS.study)
+  try:
+    budgets.apply_overrides(budgets.get_config(FLAGS.budget), FLAGS.set)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   runs = FLAGS.runs or registry.default_runs(FLAGS.budget)
   if FLAGS.compile_cache != "none":
     registry.enable_compile_cache(FLAGS.compile_cache or os.path.join(runs, ".jax_cache"))
   t0 = time.time()
   res = registry.run_studies(
-    names, budget=FLAGS.budget, out=FLAGS.out, runs=runs, quiet=not FLAGS.verbose
+    names,
+    budget=FLAGS.budget,
+    out=FLAGS.out,
+    runs=runs,
+    quiet=not FLAGS.verbose,
+    overrides=tuple(FLAGS.set),
   )
   print(
     "Elapsed per study (s): "

@@ -17,6 +17,8 @@ length_parity, text (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
 
+import ast
+
 import ml_collections
 
 
@@ -116,14 +118,14 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1c. Length at parity (length_parity.py): the probes whose dependency span grows with T, at
-  # T = 32 .. 256, BPTT vs SMT->DMT vs the teacher, 3 seeds, SMT + DMT steps == BPTT steps. The
-  # one-pass causal teacher (depth 2, Tc = T, Tf per task) makes the long lengths affordable; SMT
+  # 1c. Length at parity (length_parity.py): the five probes at T = 32 .. 256, BPTT vs SMT->DMT
+  # vs the teacher, 3 seeds, SMT + DMT steps == BPTT steps. The one-pass causal teacher (depth 2,
+  # Tc = T, Tf per task) makes the long lengths affordable; SMT
   # trains min(T, decoder_tokens // Tf) transitions per batch (all of them while that is >= T,
   # else a random subset), so the decoder's work per step stays the same at every length.
   c.length_parity = ml_collections.ConfigDict(
     dict(
-      tasks=("retrieval",) if smoke else ("retrieval", "stack"),
+      tasks=("retrieval",) if smoke else ("retrieval", "stack", "copy", "keys_values", "modular"),
       lengths=(8,) if smoke else (32, 64, 128, 256),
       seeds=(0,) if smoke else (0, 1, 2),
       smt_steps=2 if smoke else 150,
@@ -135,8 +137,17 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       teacher_depth=2,
       # Tf per task: a float is a fraction of T, an int a fixed horizon (at most T). Retrieval's
       # needle sits before T/2 and is asked for at T-1, so Tf = T/2 asks every memory from T/2
-      # on; a stack's push-to-pop span does not grow with T (95% within 17 steps at T = 256).
-      future=dict(retrieval=0.5, stack=4 if smoke else 16),
+      # on; copy reproduces a string of (T-1)//2 tokens after its separator, so Tf = T/2 asks the
+      # separator's memory for all of it. What the others must carry does not grow with T: a
+      # stack's push-to-pop span (95% within 17 steps at T = 256), the 8 key/value pairs that
+      # open a keys_values episode (queries follow until T-1), a modular episode's (w, b).
+      future=dict(
+        retrieval=0.5,
+        copy=0.5,
+        stack=4 if smoke else 16,
+        keys_values=4 if smoke else 16,
+        modular=4 if smoke else 16,
+      ),
       decoder_tokens=8 if smoke else 512,  # SMT transitions per batch: min(T, this // Tf)
     )
   )
@@ -153,6 +164,55 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
+  # 1d. Long budgets (curves.py): one probe (length_parity's config) and digits, SMT->DMT vs BPTT
+  # at equal steps, held-out evals every eval_every steps, long enough for the curves to flatten.
+  c.curves = ml_collections.ConfigDict(
+    dict(
+      workloads=("stack", "digits"),
+      stack=dict(
+        task="stack",
+        length=8 if smoke else 64,
+        smt_steps=2 if smoke else 1200,
+        dmt_steps=2 if smoke else 300,
+        eval_every=2 if smoke else 100,
+      ),
+      digits=dict(
+        smt_steps=2 if smoke else 1600,
+        dmt_steps=2 if smoke else 400,
+        eval_every=2 if smoke else 200,
+      ),
+    )
+  )
+
+  # 1e. Scaling (scaling.py, Fig. 8 / 9): width, RNN depth and memory tokens K around a base point,
+  # one probe at length_parity's config, SMT->DMT vs BPTT at equal steps, evals every eval_every.
+  c.scaling = ml_collections.ConfigDict(
+    dict(
+      task="stack",
+      length=8 if smoke else 32,
+      width=c.model.width,
+      memory_tokens=c.model.num_memory_tokens,
+      depth=1,
+      widths=(8,) if smoke else (16, 32, 64),
+      depths=(2,) if smoke else (1, 2),
+      memory_tokens_sweep=(1,) if smoke else (1, 2, 4, 8),
+      smt_steps=2 if smoke else 300,
+      dmt_steps=2 if smoke else 100,
+      eval_every=2 if smoke else 25,
+    )
+  )
+
+  # 1f. The c_dyn x c_unif grid (sweep.py, Fig. 16): SMT->DMT at length_parity's config.
+  c.sweep = ml_collections.ConfigDict(
+    dict(
+      task="stack",
+      length=8 if smoke else 32,
+      c_dyn=(0.1, 1.0) if smoke else (0.01, 0.1, 1.0),
+      c_unif=(1e-3,) if smoke else (0.0, 1e-3, 1e-2),
+      seeds=(0,) if smoke else (0, 1),
+    )
+  )
+
   # 6. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
   c.updaters = ml_collections.ConfigDict(
     dict(
@@ -162,3 +222,41 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
   return c
+
+
+def apply_overrides(budget: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """`--set` values, 'field.path=python literal' each, applied to (a copy of) a budget.
+
+  e.g. "length_parity.tasks=('copy', 'modular')" or "length_parity.seeds=(0,)". A field the budget
+  lacks, a value that is not a Python literal, or one of another type raises ValueError naming it.
+  """
+  budget = ml_collections.ConfigDict(budget.to_dict())
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ValueError(f"--set={item!r}: expected field=value, e.g. length_parity.seeds=(0,).")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      raise ValueError(
+        f"--set={item!r}: {text.strip()!r} is not a Python literal (quote strings: 'copy')."
+      ) from None
+    *parents, leaf = key.split(".")
+    node = budget
+    for i, part in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ValueError(f"--set: the budget has no field {'.'.join(parents[: i + 1])!r}.")
+      node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"--set: the budget has no field {key!r}.")
+    old = node[leaf]
+    if isinstance(old, dict | ml_collections.ConfigDict) and isinstance(value, dict):
+      value = dict(old, **value) if isinstance(old, dict) else dict(old.to_dict(), **value)
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise ValueError(
+        f"--set={item!r}: {key} is a {type(old).__name__} ({old!r}), not a {type(value).__name__}."
+      ) from None
+  return budget

@@ -9,8 +9,10 @@ shared teacher embedding, the reference's init). The teacher is what the task ne
     in one pass, so T = 256 is affordable (the windowed teacher would encode T windows of T tokens);
   - a decoder horizon Tf per task (`future`): T/2 for retrieval, which asks every memory from T/2
     on for the needle (placed before T/2; the memories between the needle and T/2 are tied to
-    those by L_dyn); 16 for stack, whose push-to-pop span does not grow with T (95% of pops
-    within 17 steps of their push at T = 256, 99% within 33).
+    those by L_dyn), and for copy, whose separator's memory must hold the whole (T-1)//2-token
+    string; 16 for stack, whose push-to-pop span does not grow with T (95% of pops within 17
+    steps of their push at T = 256, 99% within 33), and for keys_values and modular, whose
+    memories carry a fixed amount (8 pairs; the hidden (w, b)) from the start to T-1.
   - SMT trains min(T, `decoder_tokens` // Tf) transitions per batch (every one while that is >= T,
     else a random subset), so the decoder's work per step stays the same as T grows.
 Reported per (task, T): held-out accuracy and NLL of the RNN read from its own initial memory

@@ -13,6 +13,7 @@ import time
 from experiments.studies import (
   budgets,
   common,
+  curves,
   drift,
   geometry,
   gradients,
@@ -21,7 +22,9 @@ from experiments.studies import (
   length_parity,
   probes,
   samples,
+  scaling,
   steps,
+  sweep,
   teachers,
   updaters,
 )
@@ -34,6 +37,9 @@ STUDIES = {
   "drift": drift.run,
   "length": length.run,
   "length_parity": length_parity.run,
+  "curves": curves.run,
+  "scaling": scaling.run,
+  "sweep": sweep.run,
   "updaters": updaters.run,
   "samples": samples.run,
   "geometry": geometry.run,
@@ -67,12 +73,18 @@ def enable_compile_cache(path: str) -> None:
 
 
 def run_studies(
-  names: list[str], *, budget: str, out: str, runs: str | None = None, quiet: bool = True
+  names: list[str],
+  *,
+  budget: str,
+  out: str,
+  runs: str | None = None,
+  quiet: bool = True,
+  overrides: tuple[str, ...] = (),
 ) -> dict[str, dict]:
-  """Runs the named studies in order; returns {study: results}."""
-  ctx = common.Context(
-    budget=budgets.get_config(budget), out=out, runs=runs or default_runs(budget), quiet=quiet
-  )
+  """Runs the named studies in order; returns {study: results}. `overrides`: `--set` values
+  (budgets.apply_overrides), e.g. ("length_parity.tasks=('copy',)",)."""
+  b = budgets.apply_overrides(budgets.get_config(budget), overrides)
+  ctx = common.Context(budget=b, out=out, runs=runs or default_runs(budget), quiet=quiet)
   results = {}
   for name in names:
     t0 = time.time()
