@@ -154,8 +154,8 @@ def test_count_flops_and_seq_flops():
 # studies, and the digit studies.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GROUPS = (
-  "probes,steps,gradients,drift,length,updaters",
-  "samples,geometry,teachers,length_parity,text",
+  "probes,steps,gradients,drift,length,updaters,scaling,sweep",
+  "samples,geometry,teachers,length_parity,text,curves",
 )
 FIGURES = {
   "probes": ["probes.png", "probes_compute.png"],
@@ -169,6 +169,9 @@ FIGURES = {
   "teachers": [],
   "length_parity": ["length_parity.png"],
   "text": ["text.png"],
+  "curves": ["curves.png"],
+  "scaling": ["scaling.png"],
+  "sweep": ["sweep.png"],
 }
 
 
@@ -317,3 +320,94 @@ def test_smoke_studies(tmp_path):
   assert len(rows) == 3 and rows[0][0] == "digit" and rows[1][0].startswith("stack")
   ev = res["geometry"]["pca"]["digit"]["explained_variance_ratio"]
   assert len(ev) == 3 and 0.0 < sum(ev) <= 1.0 + 1e-6
+
+  rows = _table_rows(res["curves"]["md"], "workload")
+  assert len(rows) == 2 * len(b.curves.workloads)
+  for wl, per in res["curves"]["results"].items():
+    w = b.curves[wl]
+    for r in per.values():
+      c = r["curves"]
+      assert c["nll/steps"]["x"][-1] == w.smt_steps + w.dmt_steps  # the last eval ends the run
+      assert c["nll/steps"]["y"] == c["nll/tokens"]["y"] == c["nll/seqflops"]["y"]
+      assert r["nll"] == pytest.approx(c["nll/steps"]["y"][-1])
+    assert per["smt_dmt"]["nll_after_smt"] in per["smt_dmt"]["curves"]["nll/steps"]["y"]
+
+  from experiments.studies import scaling
+
+  rows = _table_rows(res["scaling"]["md"], "sweep")
+  assert len(rows) == 2 * len(scaling.variants(b.scaling))
+  pts = {(p["width"], p["memory_tokens"], p["depth"]): p for p in res["scaling"]["points"]}
+  base = (b.scaling.width, b.scaling.memory_tokens, b.scaling.depth)
+  deeper = (base[0], base[1], b.scaling.depths[-1])
+  assert pts[deeper]["rnn_params"] > pts[base]["rnn_params"]
+  for p in pts.values():  # every memory size reaches the worst final NLL, by the end at the latest
+    if p["width"] == base[0] and p["depth"] == base[2]:
+      for m in ("smt_dmt", "bptt"):
+        assert 0 < p[m]["flops_to_target"] <= p[m]["seq_flops"]
+
+  rows = _table_rows(res["sweep"]["md"], "c_dyn")
+  assert [(float(r[0]), float(r[1])) for r in rows] == [
+    (d, u) for d in b.sweep.c_dyn for u in b.sweep.c_unif
+  ]
+
+
+def test_flops_to_reach_is_the_first_crossing_linear_between_evals():
+  from experiments.studies import scaling
+
+  xs, ys = [10.0, 20.0, 30.0, 40.0], [3.0, 2.0, 1.0, 1.5]
+  assert scaling.flops_to_reach(xs, ys, 3.5) == 10.0  # already there at the first eval
+  assert scaling.flops_to_reach(xs, ys, 1.5) == pytest.approx(25.0)  # halfway from 2.0 to 1.0
+  assert scaling.flops_to_reach(xs, ys, 1.0) == 30.0
+  assert math.isnan(scaling.flops_to_reach(xs, ys, 0.5))
+
+
+def test_last_quarter_change_measures_the_end_of_the_curve():
+  from experiments.studies import curves
+
+  xs = [0, 100, 200, 300, 400, 500, 600, 700, 800]
+  ys = [5.0, 3.0, 2.0, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4]
+  assert curves.last_quarter_change(xs, ys, 0) == pytest.approx(1.4 - 1.5)  # from step 600
+  assert curves.last_quarter_change(xs, ys, 400) == pytest.approx(1.4 - 1.45)  # DMT's: from 700
+
+
+def test_budget_overrides_merge_and_name_the_bad_field():
+  from experiments.studies import budgets
+
+  b = budgets.get_config("cpu")
+  c = budgets.apply_overrides(
+    b, ["length_parity.tasks=('copy',)", "length_parity.future={'copy': 0.25}", "text.smt_steps=9"]
+  )
+  assert c.length_parity.tasks == ("copy",) and c.text.smt_steps == 9
+  assert c.length_parity.future.copy == 0.25 and c.length_parity.future.stack == 16  # merged
+  assert b.length_parity.tasks != ("copy",)  # the budget itself is left alone
+  for bad, match in (
+    ("length_parity.nosuch=1", "no field 'length_parity.nosuch'"),
+    ("nosuch.seeds=(0,)", "no field 'nosuch'"),
+    ("length_parity.seeds=zero", "not a Python literal"),
+    ("length_parity.seeds='0'", "is a tuple"),
+    ("length_parity.seeds", "expected field=value"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      budgets.apply_overrides(b, [bad])
+
+
+def test_studies_cli_refuses_a_bad_override_in_one_line(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.studies",
+      "--study=text",
+      "--budget=smoke",
+      "--set=text.nosuch=1",
+      f"--out={tmp_path}",
+      f"--runs={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 1
+  assert out.stderr.strip() == "error: --set: the budget has no field 'text.nosuch'."
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written

@@ -12,8 +12,10 @@ Commands:
   python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~2 h
   python -m experiments.studies --study=probes --budget=cpu --out=docs     # one study
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
+  python -m experiments.studies --study=length_parity --set="length_parity.tasks=('copy',)" \
+    --out=/tmp/copy_only                                                 # a budget field changed
 Studies: probes, steps, gradients, drift, length, geometry, updaters, samples, teachers,
-length_parity, text (see docs/results.md).
+length_parity, curves, scaling, sweep, text (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
 
