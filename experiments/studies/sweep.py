@@ -87,9 +87,19 @@ def plot(ctx, cells, s) -> str:
     im = ax.imshow(
       np.log10(grid) if drift else grid, origin="lower", cmap="magma_r" if drift else "viridis"
     )
+    shade = im.norm(np.log10(grid) if drift else grid)  # 0..1 along the colour map
     for i in range(grid.shape[0]):
       for j in range(grid.shape[1]):
-        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        dark = shade[i, j] > 0.5 if drift else shade[i, j] < 0.5
+        ax.text(
+          j,
+          i,
+          f"{grid[i, j]:.2f}",
+          ha="center",
+          va="center",
+          fontsize=7,
+          color="w" if dark else "k",
+        )
     ax.set_xticks(range(len(s.c_unif)), [f"{v:g}" for v in s.c_unif])
     ax.set_yticks(range(len(s.c_dyn)), [f"{v:g}" for v in s.c_dyn])
     ax.set_xlabel("c_unif")
