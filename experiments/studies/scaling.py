@@ -150,7 +150,7 @@ def run(ctx) -> dict:
 def plot(ctx, points, memory, base, targets) -> str:
   """Final NLL vs RNN params (width, depth); NLL vs SeqFLOPs per memory size; flops to target."""
   plt = common.pyplot()
-  fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
+  fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
   for m in METHODS:
     for ax, key, label in ((axes[0], "width", "width"), (axes[1], "depth", "RNN depth")):
       fixed = [k for k in ("width", "memory_tokens", "depth") if k != key]
@@ -167,8 +167,7 @@ def plot(ctx, points, memory, base, targets) -> str:
       )
       for p in pts:
         ax.annotate(f"{p[key]}", (p["rnn_params"], p[m]["nll"]), fontsize=7)
-      ax.set_xscale("log")
-      ax.set_xlabel(f"RNN parameters ({label} sweep)")
+      ax.set_xlabel(f"RNN parameters ({label} sweep; points labelled by {label})")
   axes[0].set_ylabel("final held-out NLL")
   axes[0].legend(fontsize=7)
   cmap = plt.get_cmap("viridis")
@@ -202,4 +201,5 @@ def plot(ctx, points, memory, base, targets) -> str:
   for ax in axes:
     ax.grid(alpha=0.3)
   fig.suptitle("Scaling: width and depth (Fig. 8); memory size vs compute at fixed loss (Fig. 9)")
+  fig.tight_layout()
   return common.save_figure(ctx, fig, "scaling.png")
