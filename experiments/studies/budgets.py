@@ -253,8 +253,8 @@ def apply_overrides(budget: ml_collections.ConfigDict, overrides) -> ml_collecti
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise ValueError(f"--set: the budget has no field {key!r}.")
     old = node[leaf]
-    if isinstance(old, dict | ml_collections.ConfigDict) and isinstance(value, dict):
-      value = dict(old, **value) if isinstance(old, dict) else dict(old.to_dict(), **value)
+    if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):  # merge, not replace
+      value = dict(old.to_dict(), **value)  # (a ConfigDict holds its dict fields as ConfigDicts)
     try:
       node[leaf] = value
     except TypeError:
