@@ -316,8 +316,13 @@ def test_smoke_studies(tmp_path):
 
   assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
   assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}
+  for m in ("smt_dmt", "bptt"):  # samples and geometry read the curves study's digits runs
+    assert res["samples"]["results"][m]["rnn_nll"] == res["curves"]["results"]["digits"][m]["nll"]
   rows = _table_rows(res["geometry"]["md"], "trajectory")
   assert len(rows) == 3 and rows[0][0] == "digit" and rows[1][0].startswith("stack")
+  assert rows[2][0].startswith(f"stack, T={b.curves.stack.length},")  # the curves' stack run
+  acc = res["curves"]["results"]["stack"]["smt_dmt"]["acc"]
+  assert float(rows[2][-1]) == pytest.approx(acc, abs=5e-4)
   ev = res["geometry"]["pca"]["digit"]["explained_variance_ratio"]
   assert len(ev) == 3 and 0.0 < sum(ev) <= 1.0 + 1e-6
 

@@ -76,7 +76,7 @@ def probe_config(
 
 
 def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections.ConfigDict:
-  """The pixels (8x8 digits) config at the study budget: SMT+DMT steps == BPTT steps."""
+  """The pixels (8x8 digits) model and batch of the study budget; the caller sets the steps."""
   from experiments.configs import pixels
 
   d = ctx.budget.digits
@@ -85,7 +85,6 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
   c.seed = seed
   c.phases = phases
   _small_model(c, d.width, d.num_memory_tokens, c.model.num_heads if smoke else 4, d.depth)
-  c.smt.steps, c.dmt.steps, c.bptt.steps = d.smt_steps, d.dmt_steps, d.smt_steps + d.dmt_steps
   c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = d.batch_size
   c.samples.num = d.num_samples
   c.samples.at_eval = False  # the studies draw their own samples, at the end

@@ -17,6 +17,7 @@ from experiments import plot as plot_lib
 from experiments.studies import common, length_parity, probes
 
 AXES = ("steps", "tokens", "seqflops")
+METHODS = (("smt_dmt", "smt,dmt"), ("bptt", "bptt"))  # (run-name suffix, phases)
 
 
 def configs(ctx, workload: str, phases: str):
@@ -30,6 +31,15 @@ def configs(ctx, workload: str, phases: str):
   c.eval.every_steps = w.eval_every
   c.log_every_steps = max(1, min(50, w.eval_every))
   return c
+
+
+def ensure(ctx, workload: str, method: str) -> tuple[dict, object]:
+  """(record, config) of one curve run, `curves/<workload>_<method>`, trained unless cached.
+
+  The samples and geometry studies read the digits (and stack) runs from here too.
+  """
+  cfg = configs(ctx, workload, dict(METHODS)[method])
+  return common.ensure_run(ctx, f"curves/{workload}_{method}", cfg), cfg
 
 
 def metrics(workload: str) -> dict[str, str]:
@@ -53,9 +63,8 @@ def run(ctx) -> dict:
   for workload in ctx.budget.curves.workloads:
     w = ctx.budget.curves[workload]
     res[workload] = {}
-    for method, phases in (("smt_dmt", "smt,dmt"), ("bptt", "bptt")):
-      cfg = configs(ctx, workload, phases)
-      rec = common.ensure_run(ctx, f"curves/{workload}_{method}", cfg)
+    for method, _ in METHODS:
+      rec, _ = ensure(ctx, workload, method)
       curves = {
         (name, x): plot_lib.load_curve(rec["workdir"], metric=key, x=x)
         for name, key in metrics(workload).items()

@@ -1,8 +1,9 @@
 """Study 5: memory geometry, a 2-D PCA of the RNN's memory trajectory (SPEC 9.8).
 
 Trajectories of the SMT->DMT RNN read from its own initial memory (no teacher): over a held-out
-8x8 digit (BOS then 64 pixels; the digits run of the samples study) and over held-out stack-probe
-episodes, from the probe study's run (seed 0) and from the largest budget of the steps study. The
+8x8 digit (BOS then 64 pixels; the curves study's digits run, as in the samples study) and over
+held-out stack-probe episodes, from the probe study's run (seed 0) and from the curves study's
+long-budget stack run (the length study's config at a longer T and 1500 steps). The
 PCA basis is fitted on the RNN states of many held-out sequences; the teacher's memories of the same
 sequence are projected into the same basis.
 """
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.studies import common, probes, steps
+from experiments.studies import common, curves, probes
 from smt_jax import analysis, inference, objectives
 
 
@@ -72,14 +73,10 @@ def run(ctx) -> dict:
     ("digit", exp, cfg, params, x_dig, rec["summary"]["dmt"]["eval/rnn_acc"]),
     (f"{g.probe_task}, T={g.probe_length}, {_steps(pcfg)} steps", *_probe(prec, pcfg, g)),
   ]
-  # The same probe family after the largest budget of the steps study (a better-trained RNN).
-  srec, scfg = steps.ensure_budget_run(ctx, max(ctx.budget.steps.totals), "smt_dmt")
-  seqs.append(
-    (
-      f"{ctx.budget.steps.task}, T={ctx.budget.steps.length}, {_steps(scfg)} steps",
-      *_probe(srec, scfg, g),
-    )
-  )
+  # The same probe family after the curves study's long budget (a better-trained RNN).
+  w = ctx.budget.curves.stack
+  srec, scfg = curves.ensure(ctx, "stack", "smt_dmt")
+  seqs.append((f"{w.task}, T={w.length}, {_steps(scfg)} steps", *_probe(srec, scfg, g)))
 
   out, rows = {}, []
   for name, e, c, p_, x, acc in seqs:
