@@ -128,6 +128,26 @@ def test_pca_and_participation_ratio():
     analysis.pca(line, 4)
 
 
+def test_geometry_turns_and_depth_correlation():
+  from experiments.studies import geometry
+
+  t = np.linspace(0.0, 1.0, 200)
+  r = 1.0 + 0.3 * np.sin(7 * t)  # 2.5 turns one way, 1 the other; any radius
+  xy = np.stack([r * np.cos(5 * np.pi * t), r * np.sin(5 * np.pi * t)], -1)
+  back = np.stack([np.cos(-2 * np.pi * t), np.sin(-2 * np.pi * t)], -1)
+  np.testing.assert_allclose(geometry.turns(np.stack([xy, back])), [2.5, -1.0], atol=1e-9)
+
+  x = np.array([[3, 5, 0, 2, 0, 0], [1, 0, 4, 4, 4, 0]])  # 0 pops, else pushes
+  depth = np.array([[1, 2, 1, 2, 1, 0], [1, 0, 1, 2, 3, 2]])
+  np.testing.assert_array_equal(geometry.stack_depth(x), depth)
+  rng = np.random.default_rng(0)
+  pcs = np.stack([2.0 * depth + 1.0, -depth, rng.normal(size=depth.shape)], -1)
+  c = geometry.depth_correlations(pcs, x)
+  np.testing.assert_allclose(c[:2], [1.0, -1.0], atol=1e-12)
+  expected = np.corrcoef(pcs[..., 2].ravel(), depth.ravel())[0, 1]
+  assert c[2] == pytest.approx(expected) and abs(c[2]) < 0.9
+
+
 def test_count_flops_and_seq_flops():
   f = analysis.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
   assert f == 2 * 4 * 8 * 16

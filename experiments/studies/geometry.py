@@ -48,6 +48,18 @@ def stack_depth(x: np.ndarray) -> np.ndarray:
   return np.cumsum(np.where(x == 0, -1, 1), axis=-1)
 
 
+def turns(xy: np.ndarray) -> np.ndarray:
+  """Signed turns of 2-D trajectories [..., L, 2] around the origin (the PCA mean): [...]."""
+  angle = np.unwrap(np.arctan2(xy[..., 1], xy[..., 0]), axis=-1)
+  return (angle[..., -1] - angle[..., 0]) / (2 * np.pi)
+
+
+def depth_correlations(pcs: np.ndarray, x: np.ndarray) -> list[float]:
+  """Pearson correlation of each principal coordinate [N, L, k] with the stack depth of x [N, L]."""
+  depth = stack_depth(x).reshape(-1)
+  return [float(np.corrcoef(pcs[..., i].reshape(-1), depth)[0, 1]) for i in range(pcs.shape[-1])]
+
+
 def _steps(cfg) -> str:
   return "+".join(str(cfg[p].steps) for p in cfg.phases.split(","))
 
@@ -82,18 +94,26 @@ def run(ctx) -> dict:
   for name, e, c, p_, x, acc in seqs:
     s, m = trajectories(e, c, p_, x)
     p = analysis.pca(s.reshape(-1, s.shape[-1]), 3)
-    proj = lambda a: (a - p["mean"]) @ p["components"].T
+    pcs = (s - p["mean"]) @ p["components"].T  # [N, L, 3]
+    tpcs = (m - p["mean"]) @ p["components"].T
+    is_digit = name == "digit"
     out[name] = {
       "x": x[0],
-      "rnn": proj(s[0])[:, :2],
-      "teacher": proj(m[0])[:, :2],
-      "others": proj(s[1:]).reshape(s.shape[0] - 1, s.shape[1], -1)[:, :, :2],
+      "rnn": pcs[0, :, :2],
+      "teacher": tpcs[0, :, :2],
+      "others": pcs[1:, :, :2],
       "explained_variance_ratio": p["explained_variance_ratio"],
       "pr_rnn": analysis.participation_ratio(s.reshape(-1, s.shape[-1])),
       "pr_teacher": analysis.participation_ratio(m.reshape(-1, m.shape[-1])),
       "rnn_acc": acc,
+      # Over a digit: how many times the state circles the mean (one turn per pixel row?).
+      "turns_rnn": float(np.mean(np.abs(turns(pcs[..., :2])))),
+      "turns_teacher": float(np.mean(np.abs(turns(tpcs[..., :2])))),
+      # Over a stack episode: how linearly PC1..3 read out the stack depth.
+      "depth_corr": None if is_digit else depth_correlations(pcs, x),
     }
     ev = p["explained_variance_ratio"]
+    dc = out[name]["depth_corr"]
     rows.append(
       [
         name,
@@ -103,12 +123,17 @@ def run(ctx) -> dict:
         f"{out[name]['pr_rnn']:.1f}",
         f"{out[name]['pr_teacher']:.1f}",
         s.shape[-1],
+        f"{out[name]['turns_rnn']:.1f} / {out[name]['turns_teacher']:.1f}",
+        "-" if dc is None else ", ".join(f"{v:+.2f}" for v in dc),
         f"{acc:.3f}",
       ]
     )
   md = (
     "PCA of the SMT->DMT RNN's own memory states (flattened K x d). Participation ratio = "
-    "effective dimension (sum l)^2 / sum l^2 of the state covariance.\n\n"
+    "effective dimension (sum l)^2 / sum l^2 of the state covariance. Turns: how many times a "
+    "trajectory circles the mean in the PC1-PC2 plane (mean |winding| over sequences; the teacher's "
+    "memories in the same basis). Depth corr.: Pearson correlation of PC1, PC2, PC3 with the stack "
+    "depth after each token, over all sequences.\n\n"
   )
   md += common.markdown_table(
     [
@@ -119,6 +144,8 @@ def run(ctx) -> dict:
       "eff. dim (RNN)",
       "eff. dim (teacher)",
       "state size",
+      "turns (RNN / teacher)",
+      "depth corr. PC1, PC2, PC3",
       "RNN acc (held-out)",
     ],
     rows,
