@@ -131,9 +131,9 @@ def run(ctx) -> dict:
   md = (
     "PCA of the SMT->DMT RNN's own memory states (flattened K x d). Participation ratio = "
     "effective dimension (sum l)^2 / sum l^2 of the state covariance. Turns: how many times a "
-    "trajectory circles the mean in the PC1-PC2 plane (mean |winding| over sequences; the teacher's "
-    "memories in the same basis). Depth corr.: Pearson correlation of PC1, PC2, PC3 with the stack "
-    "depth after each token, over all sequences.\n\n"
+    "trajectory circles the mean in the PC1-PC2 plane (mean |winding| over sequences; the "
+    "teacher's memories in the same basis). Depth corr.: Pearson correlation of PC1, PC2, PC3 "
+    "with the stack depth after each token, over all sequences.\n\n"
   )
   md += common.markdown_table(
     [
