@@ -281,6 +281,12 @@ def test_smoke_studies(tmp_path):
     # SeqFLOPs: BPTT's serial path is the unrolled sequence, SMT's one transition.
     f = cell["unit_flops"]
     assert cell["methods"]["bptt"]["seq_flops"][0] > cell["length"] * f["update"]
+    # ... and each run's SeqFLOPs are what the runner counted along it (its metrics' x-axis).
+    for m in ("smt_dmt", "bptt"):
+      name = f"{cell['task']}_T{cell['length']}_s{cell['seeds'][0]}_{m}"
+      rows = (tmp_path / "runs0" / "probes" / name / "metrics.jsonl").read_text().splitlines()
+      counted = json.loads(rows[-1])["seqflops"]
+      assert cell["methods"][m]["seq_flops"][0] == pytest.approx(counted, rel=1e-6), (name, m)
 
   rows = _table_rows(res["steps"]["md"], "total steps")
   assert len(rows) == 2 * len(b.steps.totals)
@@ -337,7 +343,9 @@ def test_smoke_studies(tmp_path):
   assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
   assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}
   for m in ("smt_dmt", "bptt"):  # samples and geometry read the curves study's digits runs
-    assert res["samples"]["results"][m]["rnn_nll"] == res["curves"]["results"]["digits"][m]["nll"]
+    digits = res["curves"]["results"]["digits"][m]
+    assert res["samples"]["results"][m]["rnn_nll"] == digits["nll"]
+    assert res["samples"]["results"][m]["seq_flops"] == pytest.approx(digits["seq_flops"], rel=1e-6)
   rows = _table_rows(res["geometry"]["md"], "trajectory")
   assert len(rows) == 3 and rows[0][0] == "digit" and rows[1][0].startswith("stack")
   assert rows[2][0].startswith(f"stack, T={b.curves.stack.length},")  # the curves' stack run

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from smt_jax import experiment
+from smt_jax import config_checks, experiment
 
 RECORD = "study_record.json"
 
@@ -191,6 +191,19 @@ def same_settings(old: dict, new: dict) -> bool:
     elif a != b:
       return False
   return True
+
+
+def run_seq_flops(config) -> tuple[dict[str, float], dict[str, float]]:
+  """({phase: SeqFLOPs of the run's phase, steps x its per-step serial path}, the FLOPs of one
+  update / readout / encoding / decoding they rest on), as the runner's `seqflops` axis counts them
+  (`smt_jax.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation)."""
+  exp = config_checks.build_experiment(config)
+  flops = experiment.unit_flops(exp)
+  per_phase = {
+    p: experiment.seq_flops_per_step(exp, p, flops) * config[p].steps
+    for p in experiment.phase_names(config)
+  }
+  return per_phase, flops
 
 
 def phase_end_step(config, phase: str) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.studies import common, probes
-from smt_jax import config_checks, experiment
 
 METHODS = ("bptt", "smt", "smt_dmt", "teacher")
 STYLE = {"bptt": "-", "smt": ":", "smt_dmt": "-", "teacher": "--"}
@@ -58,17 +57,6 @@ def config(ctx, task: str, length: int, *, seed: int, phases: str):
   return c
 
 
-def run_seq_flops(cfg) -> tuple[float, dict[str, float]]:
-  """(SeqFLOPs of a whole run: the sum over its phases of steps x the per-step serial path, the
-  FLOPs of one update / readout / encoding / decoding it rests on)."""
-  exp = config_checks.build_experiment(cfg)
-  flops = experiment.unit_flops(exp)
-  total = sum(
-    experiment.seq_flops_per_step(exp, p, flops) * cfg[p].steps for p in experiment.phase_names(cfg)
-  )
-  return float(total), flops
-
-
 def run(ctx) -> dict:
   b = ctx.budget.length_parity
   cells, rows = [], []
@@ -84,7 +72,8 @@ def run(ctx) -> dict:
           cfg = config(ctx, task, length, seed=seed, phases=phases)
           recs[method] = common.ensure_run(ctx, run_name(task, length, seed, method), cfg)
           if method not in seq_flops:
-            seq_flops[method], unit_flops = run_seq_flops(cfg)
+            per_phase, unit_flops = common.run_seq_flops(cfg)
+            seq_flops[method] = float(sum(per_phase.values()))
           cost[method]["train_s"].append(float(sum(recs[method]["train_s"].values())))
           cost[method]["wall_s"].append(float(recs[method]["wall_s"]))
           if method == "smt_dmt":

@@ -9,11 +9,9 @@ time on this machine.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.studies import common
-from smt_jax import analysis
 
 METHODS = ("bptt", "smt", "smt_dmt", "teacher")
 LABELS = {"bptt": "BPTT", "smt": "SMT (before DMT)", "smt_dmt": "SMT->DMT", "teacher": "teacher"}
@@ -41,42 +39,6 @@ def ensure_pair(ctx, task: str, length: int, seed: int, kind: str = "transformer
   return out
 
 
-def unit_flops(config) -> dict[str, float]:
-  """FLOPs of one update / readout / encoder window / decoder call, for ONE sequence."""
-  exp, params = common.restore(config, "", step=0)
-  tfns, rfns = exp.fns
-  k, d = config.model.num_memory_tokens, config.model.width
-  m = jnp.zeros((1, k, d))
-  x = jnp.zeros((1,), jnp.int32)
-  return {
-    "update": analysis.count_flops(rfns.update, params["rnn"], m, x),
-    "readout": analysis.count_flops(rfns.readout, params["rnn"], m),
-    "encode": analysis.count_flops(
-      tfns.encode, params["teacher"], jnp.zeros((1, config.smt.context_length), jnp.int32)
-    ),
-    "decode": analysis.count_flops(
-      tfns.decode, params["teacher"], m, jnp.zeros((1, config.smt.future_length), jnp.int32)
-    ),
-  }
-
-
-def run_seq_flops(config, flops: dict[str, float]) -> dict[str, float]:
-  """SeqFLOPs of a whole run, per phase: steps x the per-step critical path."""
-  out = {}
-  for phase in [p.strip() for p in config.phases.split(",")]:
-    per_step = analysis.seq_flops_per_step(
-      phase,
-      rollout_length=config.dmt.rollout_length,
-      seq_len=config.data.seq_len if config.data.episodic else config.bptt.seq_len,
-      f_update=flops["update"],
-      f_readout=flops["readout"],
-      f_encode=flops["encode"],
-      f_decode=flops["decode"],
-    )
-    out[phase] = per_step * config[phase].steps
-  return out
-
-
 def run(ctx) -> dict:
   b = ctx.budget.probes
   results = {"cells": []}
@@ -85,13 +47,10 @@ def run(ctx) -> dict:
     for length in b.lengths:
       per = {m: {k: [] for k in KEYS[m]} for m in METHODS}
       unigram = []
-      flops = None
       for seed in b.seeds:
         pair = ensure_pair(ctx, task, length, seed)
         (rs, cs), (rb, cb) = pair["smt_dmt"], pair["bptt"]
-        if flops is None:
-          flops = unit_flops(cs)
-        sf_s, sf_b = run_seq_flops(cs, flops), run_seq_flops(cb, flops)
+        (sf_s, flops), (sf_b, _) = common.run_seq_flops(cs), common.run_seq_flops(cb)
         ss, sb = rs["summary"], rb["summary"]
         unigram.append(ss["baseline/unigram_nll"])
         vals = {

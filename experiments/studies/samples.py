@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.studies import common, curves, probes
+from experiments.studies import common, curves
 from smt_jax import inference
 
 
@@ -44,7 +44,7 @@ def run(ctx) -> dict:
     exp, params = common.restore(cfg, rec["workdir"], step=None)
     imgs[method] = generate(exp, params, d.num_samples, key, cfg.samples.temperature)
     temperature = cfg.samples.temperature
-    flops = probes.run_seq_flops(cfg, probes.unit_flops(cfg))
+    flops, _ = common.run_seq_flops(cfg)
     s = rec["summary"]
     final = s["dmt"] if method == "smt_dmt" else s["bptt"]
     res[method] = {

@@ -32,13 +32,12 @@ def ensure_budget_run(ctx, total: int, method: str):
 def run(ctx) -> dict:
   s = ctx.budget.steps
   p = ctx.budget.probes
-  flops, points = None, []
+  points = []
   for total in s.totals:
     for method in ("smt_dmt", "bptt"):
       rec, cfg = ensure_budget_run(ctx, total, method)
-      if flops is None:
-        flops = probes.unit_flops(cfg)
-      sf = sum(probes.run_seq_flops(cfg, flops).values())
+      per_phase, _ = common.run_seq_flops(cfg)
+      sf = sum(per_phase.values())
       summ = rec["summary"]
       final = summ["dmt"] if method == "smt_dmt" else summ["bptt"]
       point = {
