@@ -167,6 +167,7 @@ def plot(ctx, points, memory, base, targets) -> str:
       )
       for p in pts:
         ax.annotate(f"{p[key]}", (p["rnn_params"], p[m]["nll"]), fontsize=7)
+      ax.set_xscale("log")  # the width sweep spans 5x in parameters
       ax.set_xlabel(f"RNN parameters ({label} sweep; points labelled by {label})")
   axes[0].set_ylabel("final held-out NLL")
   axes[0].legend(fontsize=7)
