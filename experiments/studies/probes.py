@@ -182,7 +182,6 @@ def plot_compute(ctx, results) -> str:
         )
   for ax, label in zip(axes, ("SeqFLOPs per run (serial critical path)", "wall time per run (s)")):
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(label)
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
