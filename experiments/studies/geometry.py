@@ -72,31 +72,32 @@ def _probe(rec, cfg, g):
 
 
 def run(ctx) -> dict:
-  from experiments.studies import samples
-
   g = ctx.budget.geometry
-  rec, cfg = samples.ensure_digits(ctx)["smt_dmt"]
+  rec, cfg = curves.ensure(ctx, "digits", "smt_dmt")
   exp, params = common.restore(cfg, rec["workdir"], step=None)
   x_dig, imgs = digit_sequences(exp, g.num_sequences)
 
   pcfg = common.probe_config(ctx, g.probe_task, g.probe_length, seed=0, phases="smt,dmt")
   prec = common.ensure_run(ctx, probes.run_name(g.probe_task, g.probe_length, 0, "smt_dmt"), pcfg)
-  seqs = [
-    ("digit", exp, cfg, params, x_dig, rec["summary"]["dmt"]["eval/rnn_acc"]),
-    (f"{g.probe_task}, T={g.probe_length}, {_steps(pcfg)} steps", *_probe(prec, pcfg, g)),
+  seqs = [  # (name, task, experiment, config, params, held-out x, RNN accuracy)
+    ("digit", "digits", exp, cfg, params, x_dig, rec["summary"]["dmt"]["eval/rnn_acc"]),
+    (
+      f"{g.probe_task}, T={g.probe_length}, {_steps(pcfg)} steps",
+      g.probe_task,
+      *_probe(prec, pcfg, g),
+    ),
   ]
   # The same probe family after the curves study's long budget (a better-trained RNN).
   w = ctx.budget.curves.stack
   srec, scfg = curves.ensure(ctx, "stack", "smt_dmt")
-  seqs.append((f"{w.task}, T={w.length}, {_steps(scfg)} steps", *_probe(srec, scfg, g)))
+  seqs.append((f"{w.task}, T={w.length}, {_steps(scfg)} steps", w.task, *_probe(srec, scfg, g)))
 
   out, rows = {}, []
-  for name, e, c, p_, x, acc in seqs:
+  for name, task, e, c, p_, x, acc in seqs:
     s, m = trajectories(e, c, p_, x)
     p = analysis.pca(s.reshape(-1, s.shape[-1]), 3)
     pcs = (s - p["mean"]) @ p["components"].T  # [N, L, 3]
     tpcs = (m - p["mean"]) @ p["components"].T
-    is_digit = name == "digit"
     out[name] = {
       "x": x[0],
       "rnn": pcs[0, :, :2],
@@ -106,11 +107,11 @@ def run(ctx) -> dict:
       "pr_rnn": analysis.participation_ratio(s.reshape(-1, s.shape[-1])),
       "pr_teacher": analysis.participation_ratio(m.reshape(-1, m.shape[-1])),
       "rnn_acc": acc,
-      # Over a digit: how many times the state circles the mean (one turn per pixel row?).
+      # Over a digit: how many times the state circles the mean (8 would be one per pixel row).
       "turns_rnn": float(np.mean(np.abs(turns(pcs[..., :2])))),
       "turns_teacher": float(np.mean(np.abs(turns(tpcs[..., :2])))),
       # Over a stack episode: how linearly PC1..3 read out the stack depth.
-      "depth_corr": None if is_digit else depth_correlations(pcs, x),
+      "depth_corr": depth_correlations(pcs, x) if task == "stack" else None,
     }
     ev = p["explained_variance_ratio"]
     dc = out[name]["depth_corr"]
