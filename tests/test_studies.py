@@ -186,7 +186,7 @@ FIGURES = {
   "updaters": ["updaters.png"],
   "samples": ["samples.png"],
   "geometry": ["geometry.png"],
-  "teachers": [],
+  "teachers": ["teachers.png"],
   "length_parity": ["length_parity.png"],
   "text": ["text.png"],
   "curves": ["curves.png"],

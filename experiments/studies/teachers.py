@@ -55,6 +55,55 @@ def run(ctx) -> dict:
     f"accuracy (mean ± std over seeds {list(b.seeds)}); encoder depth {b.depth}.\n\n"
     + common.markdown_table(header, rows)
   )
-  results = common.write_outputs(ctx, "teachers", {"cells": cells}, markdown)
+  fig = plot(ctx, cells)
+  results = common.write_outputs(ctx, "teachers", {"cells": cells, "figures": [fig]}, markdown)
   results["markdown"] = markdown
   return results
+
+
+MEASURES = (("teacher", "teacher"), ("smt", "RNN after SMT"), ("smt_dmt", "RNN after SMT->DMT"))
+
+
+def plot(ctx, cells) -> str:
+  """Per (task, T): held-out accuracy by teacher kind (bars, mean ± std); SMT training time."""
+  plt = common.pyplot()
+  fig, (ax, tax) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [2.2, 1]})
+  width = 0.8 / (len(KINDS) * len(MEASURES))
+  shades = {"windowed": ("tab:gray", "tab:cyan", "tab:blue"), "causal": ("0.3", "teal", "navy")}
+  for i, cell in enumerate(cells):
+    for j, kind in enumerate(KINDS):
+      for k, (key, label) in enumerate(MEASURES):
+        v = cell["kinds"][kind][key]
+        ax.bar(
+          i + (j * len(MEASURES) + k - (len(KINDS) * len(MEASURES) - 1) / 2) * width,
+          np.mean(v),
+          width,
+          yerr=np.std(v, ddof=1) if len(v) > 1 else 0.0,
+          color=shades[kind][k],
+          hatch="" if kind == "windowed" else "//",
+          edgecolor="white",
+          label=f"{label} ({kind})" if i == 0 else None,
+        )
+  ax.set_xticks(range(len(cells)), [f"{c['task']}, T={c['length']}" for c in cells])
+  ax.set_ylabel("held-out accuracy")
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=7, ncol=2, loc="upper right")
+  ax.grid(axis="y", alpha=0.3)
+  for kind, marker in zip(KINDS, ("o", "s")):
+    for task in dict.fromkeys(c["task"] for c in cells):
+      pts = [c for c in cells if c["task"] == task]
+      tax.plot(
+        [c["length"] for c in pts],
+        [np.mean(c["kinds"][kind]["smt_train_s"]) for c in pts],
+        marker=marker,
+        label=f"{kind} ({task})",
+      )
+  tax.set_xscale("log", base=2)
+  tax.set_yscale("log")
+  tax.set_xlabel("sequence length T")
+  tax.set_ylabel("SMT training time (s, no compile)")
+  tax.legend(fontsize=7)
+  tax.grid(alpha=0.3)
+  fig.suptitle("Windowed vs one-pass causal teacher: label quality and SMT cost")
+  fig.tight_layout()
+  return common.save_figure(ctx, fig, "teachers.png")
