@@ -31,6 +31,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = arg
 
+  # Comment numbers are the sections of docs/results.md.
   # The probe model (teacher and RNN): small enough for a CPU, the same for every method.
   c.model = ml_collections.ConfigDict(
     dict(
@@ -41,7 +42,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1. Probes: BPTT vs SMT->DMT at two difficulty levels (sequence length T), seeds.
+  # 10. Probes: BPTT vs SMT->DMT at two difficulty levels (sequence length T), seeds.
   c.probes = ml_collections.ConfigDict()
   c.probes.tasks = (
     ("retrieval", "stack") if smoke else ("retrieval", "copy", "stack", "keys_values", "modular")
@@ -65,7 +66,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1b. Accuracy vs budget: one probe, several optimiser-step budgets (the probe budget reused).
+  # 10b. Accuracy vs budget: one probe, several optimiser-step budgets (the probe budget reused).
   c.steps = ml_collections.ConfigDict(
     dict(
       task="stack",
@@ -74,12 +75,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 2. Gradient flow: the retrieval probe at the longest length, seed 0 (reuses the probe runs).
+  # 8. Gradient flow: the retrieval probe at the longest length, seed 0 (reuses the probe runs).
   c.gradients = ml_collections.ConfigDict(
     dict(task="retrieval", length=c.probes.lengths[-1], num_sequences=4 if smoke else 32)
   )
 
-  # 3. Drift: along the sequence (reuses the probe run), and across SMT settings (SMT-only runs).
+  # 9. Drift: along the sequence (reuses the probe run), and across SMT settings (SMT-only runs).
   c.drift = ml_collections.ConfigDict(
     dict(task="stack", length=c.probes.lengths[-1], num_sequences=8 if smoke else 128)
   )
@@ -87,7 +88,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     () if smoke else ((0.01, 1e-3), (1.0, 1e-3), (0.1, 0.0), (0.1, 1e-2))
   )  # (c_dyn, c_unif); (0.1, 1e-3) is reused
 
-  # 4. Length generalisation: train at T (reuses the probe runs), evaluate at factor * T.
+  # 8. Length generalisation: train at T (reuses the probe runs), evaluate at factor * T.
   c.length = ml_collections.ConfigDict(
     dict(task="stack", length=c.probes.lengths[0], factors=(1, 2) if smoke else (1, 2, 4))
   )
@@ -108,7 +109,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     dict(probe_task="stack", probe_length=c.probes.lengths[-1], num_sequences=8 if smoke else 64)
   )
 
-  # 8. Label quality: the windowed teacher vs the one-pass causal teacher, SMT->DMT at the probe
+  # 6. Label quality: the windowed teacher vs the one-pass causal teacher, SMT->DMT at the probe
   # budget, with a two-layer encoder (at one layer, Tc = T, the two kinds compute the same).
   c.teachers = ml_collections.ConfigDict(
     dict(
@@ -119,7 +120,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1c. Length at parity (length_parity.py): the five probes at T = 32 .. 256, BPTT vs SMT->DMT
+  # 1. Length at parity (length_parity.py): the five probes at T = 32 .. 256, BPTT vs SMT->DMT
   # vs the teacher, 3 seeds, SMT + DMT steps == BPTT steps. The one-pass causal teacher (depth 2,
   # Tc = T, Tf per task) makes the long lengths affordable; SMT
   # trains min(T, decoder_tokens // Tf) transitions per batch (all of them while that is >= T,
@@ -153,7 +154,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 9. Bytes (language.py): SMT->DMT vs BPTT on the offline corpus, text.py's CPU model, equal
+  # 5. Bytes (language.py): SMT->DMT vs BPTT on the offline corpus, text.py's CPU model, equal
   # optimiser steps and batch, curves of held-out bits per byte (eval every eval_every_steps).
   c.text = ml_collections.ConfigDict(
     dict(
@@ -165,7 +166,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1d. Long budgets (curves.py): one probe (length_parity's config) and digits, SMT->DMT vs BPTT
+  # 2. Long budgets (curves.py): one probe (length_parity's config) and digits, SMT->DMT vs BPTT
   # at equal steps, held-out evals every eval_every steps, long enough for the curves to flatten.
   c.curves = ml_collections.ConfigDict(
     dict(
@@ -185,7 +186,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1e. Scaling (scaling.py, Fig. 8 / 9): width, RNN depth and memory tokens K around a base point,
+  # 3. Scaling (scaling.py, Fig. 8 / 9): width, RNN depth and memory tokens K around a base point,
   # one probe at length_parity's config, SMT->DMT vs BPTT at equal steps, evals every eval_every.
   c.scaling = ml_collections.ConfigDict(
     dict(
@@ -203,7 +204,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 1f. The c_dyn x c_unif grid (sweep.py, Fig. 16): SMT->DMT at length_parity's config.
+  # 4. The c_dyn x c_unif grid (sweep.py, Fig. 16): SMT->DMT at length_parity's config.
   c.sweep = ml_collections.ConfigDict(
     dict(
       task="stack",
@@ -214,7 +215,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 6. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
+  # 7. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
   c.updaters = ml_collections.ConfigDict(
     dict(
       task="stack",

@@ -1,4 +1,4 @@
-"""Study 3: drift of the RNN's memories from the teacher's (SPEC 9.6).
+"""Study: drift of the RNN's memories from the teacher's (SPEC 9.6).
 
 Along the sequence: on held-out episodes, the RNN's own rollout from its initial memory
 (`smt_jax.read`) against the teacher memories m_t = E(x[..t]), per time step, after SMT and after

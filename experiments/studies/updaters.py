@@ -1,4 +1,4 @@
-"""Study 6: updater kinds, transformer vs mlp vs gru on the same probe, SMT->DMT and BPTT.
+"""Study: updater kinds, transformer vs mlp vs gru on the same probe, SMT->DMT and BPTT.
 
 The paper reports that a GRU updater collapses under SMT. Here every kind gets the same teacher
 size, memory shape (K x d), batch and optimiser steps (SMT + DMT == BPTT), seed 0. Besides accuracy
