@@ -1,6 +1,6 @@
 """Reproduce the paper's findings at CPU scale: BPTT vs SMT vs SMT->DMT, with plots (SPEC 9).
 
-  python -m experiments.studies --study=all --budget=cpu --out=docs     # every study, ~2 h CPU
+  python -m experiments.studies --study=all --budget=cpu --out=docs     # every study, ~10 h CPU
   python -m experiments.studies --study=probes --budget=cpu --out=docs
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke --runs=/tmp/smoke_runs
 

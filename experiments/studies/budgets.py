@@ -1,15 +1,14 @@
 """Budgets of the studies that reproduce the paper's findings (`experiments.studies`, SPEC 9).
 
-Argument: `cpu` (default; on a shared 2-core CPU the pre-parity study set trained in about 55
-minutes, length_parity in 62 and text in 17 more; everything reruns in about a minute once its runs
-are cached) or `smoke` (tiny models, a few steps, one seed; what
-tests/test_studies.py runs).
+Argument: `cpu` (default; on a shared 2-core CPU every study together trained in about 10 hours of
+run time, length_parity 4.9 h and the curves 2 h of it; everything reruns in about a minute once its
+runs are cached) or `smoke` (tiny models, a few steps, one seed; what tests/test_studies.py runs).
 
 Every comparison gives each method the SAME number of optimiser steps:
   SMT steps + DMT steps == BPTT steps, with the same batch size, model width and RNN kind.
 
 Commands:
-  python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~2 h
+  python -m experiments.studies --study=all --budget=cpu --out=docs        # everything, ~10 h
   python -m experiments.studies --study=probes --budget=cpu --out=docs     # one study
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
   python -m experiments.studies --study=length_parity --set="length_parity.tasks=('copy',)" \
