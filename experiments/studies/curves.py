@@ -141,6 +141,9 @@ def plot(ctx, res) -> str:
         ax.plot(c["x"], c["y"], color=probes.COLORS[method], label=probes.LABELS[method], lw=1.2)
       if x == "seqflops":
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # every range here spans a decade
+      elif x == "tokens":
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
       ax.grid(alpha=0.3)
       if i == len(panels) - 1:
         ax.set_xlabel(plot_lib.X_LABELS[x])
@@ -150,4 +153,5 @@ def plot(ctx, res) -> str:
         ax.set_ylabel(f"{what}\nheld-out {'NLL' if name == 'nll' else 'accuracy'}")
   axes[0, 0].legend(fontsize=7)
   fig.suptitle("Long budgets: SMT->DMT vs BPTT at equal optimiser steps (RNN alone, held out)")
+  fig.tight_layout(rect=(0, 0, 1, 0.98))
   return common.save_figure(ctx, fig, "curves.png")
