@@ -130,6 +130,8 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
     return rec
   # A run of another config (or an older version of this one) in the same place: start over.
   overwrite = old_cfg is not None and old_cfg != new_cfg
+  if overwrite and os.path.exists(record_path):  # e.g. a --set budget in the default --runs
+    print(f"[study] {workdir} holds a finished run of another config: replacing it", flush=True)
   print(f"[study] training {name} ({config.phases}, {config.model.rnn_kind})", flush=True)
   t0 = time.time()
   out = io.StringIO()
