@@ -14,7 +14,7 @@ Studies (the table in registry.py; budgets in budgets.py):
   length     train at T, evaluate RNN and teacher at T, 2T, 4T (stack)
   length_parity  the length claim at the reference architecture: the five probes at
              T = 32 .. 256, BPTT vs SMT->DMT vs the teacher (one-pass causal, depth 2), 3 seeds
-  curves     long budgets for one probe and digits: SMT->DMT vs BPTT against steps, tokens and
+  curves     long budgets for two probes and digits: SMT->DMT vs BPTT against steps, tokens and
              SeqFLOPs, until the curves flatten
   scaling    width, RNN depth and memory size around a base point (Fig. 8); SeqFLOPs to a fixed
              loss per memory size (Fig. 9)

@@ -1,10 +1,10 @@
 """Study: long budgets, SMT->DMT vs BPTT against optimiser steps, tokens and SeqFLOPs (SPEC 9.3).
 
-The length study compares methods after one short budget (200 steps). Here one probe (the
-length study's config, at a longer budget) and the digits (pixels) model train long enough for
-their held-out curves to flatten: one SMT->DMT run and one BPTT run each, the same batch and the
-same optimiser steps (SMT + DMT == BPTT), evaluated every `eval_every` steps. The curves are the
-RNN's own held-out NLL (read from its initial memory, no teacher) and, for the probe, accuracy,
+The length study compares methods after one short budget (200 steps). Here probes (the length
+study's config, at a longer budget) and the digits (pixels) model train long enough for their
+held-out curves to flatten: one SMT->DMT run and one BPTT run each, the same batch and the same
+optimiser steps (SMT + DMT == BPTT), evaluated every `eval_every` steps. The curves are the
+RNN's own held-out NLL (read from its initial memory, no teacher) and, for a probe, accuracy,
 against the three x-axes the runner writes into every metrics row (`experiments.plot`).
 
 "Flat" is measured, not assumed: for each run, the change of its held-out NLL over the last
