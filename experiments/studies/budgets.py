@@ -168,23 +168,14 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # 2. Long budgets (curves.py): probes (length_parity's config) and digits, SMT->DMT vs BPTT
   # at equal steps, held-out evals every eval_every steps, long enough for the curves to flatten.
   # Retrieval: does anyone learn it at 7.5x the length study's budget (nobody does at 200 steps)?
+  long_probe = dict(  # both probes: 7.5x the length study's steps
+    smt_steps=2 if smoke else 1200, dmt_steps=2 if smoke else 300, eval_every=2 if smoke else 100
+  )
   c.curves = ml_collections.ConfigDict(
     dict(
       workloads=("stack", "digits") if smoke else ("stack", "retrieval", "digits"),
-      stack=dict(
-        task="stack",
-        length=8 if smoke else 64,
-        smt_steps=2 if smoke else 1200,
-        dmt_steps=2 if smoke else 300,
-        eval_every=2 if smoke else 100,
-      ),
-      retrieval=dict(
-        task="retrieval",
-        length=8 if smoke else 32,
-        smt_steps=2 if smoke else 1200,
-        dmt_steps=2 if smoke else 300,
-        eval_every=2 if smoke else 100,
-      ),
+      stack=dict(task="stack", length=8 if smoke else 64, **long_probe),
+      retrieval=dict(task="retrieval", length=8 if smoke else 32, **long_probe),
       digits=dict(
         smt_steps=2 if smoke else 1600,
         dmt_steps=2 if smoke else 400,

@@ -44,7 +44,7 @@ def run(ctx) -> dict:
     exp, params = common.restore(cfg, rec["workdir"], step=None)
     imgs[method] = generate(exp, params, d.num_samples, key, cfg.samples.temperature)
     temperature = cfg.samples.temperature
-    flops, _ = common.run_seq_flops(cfg)
+    per_phase, _ = common.run_seq_flops(cfg)
     s = rec["summary"]
     final = s["dmt"] if method == "smt_dmt" else s["bptt"]
     res[method] = {
@@ -53,7 +53,7 @@ def run(ctx) -> dict:
       "teacher_nll": final.get("eval/teacher_nll"),
       "wall_s": rec["wall_s"],
       "train_s": sum(rec["train_s"].values()),
-      "seq_flops": sum(flops.values()),
+      "seq_flops": sum(per_phase.values()),
       "steps": rec["steps"],
       "unigram_nll": s["baseline/unigram_nll"],
     }
