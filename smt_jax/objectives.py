@@ -299,10 +299,47 @@ def windows(x: jax.Array, ends: jax.Array, length: int) -> jax.Array:
 
 
 def shifted(v: jax.Array, start: jax.Array, length: int) -> jax.Array:
-  """v[:, s + j] for s in `start` [N] and j < length, -1 outside [0, T): int [B, N, length]."""
-  idx = start[:, None] + jnp.arange(length)
+  """v[:, s + j] for s in `start` and j < length, -1 outside [0, T): int [B, N, length].
+
+  `start` is int [N] (the same times for every row) or [B, N] (each row its own).
+  """
+  idx = start[..., None] + jnp.arange(length)
   ok = (idx >= 0) & (idx < v.shape[1])
-  return jnp.where(ok, v[:, jnp.clip(idx, 0, v.shape[1] - 1)], -1)
+  safe = jnp.clip(idx, 0, v.shape[1] - 1)
+  got = v[:, safe] if start.ndim == 1 else jax.vmap(lambda row, i: row[i])(v, safe)
+  return jnp.where(ok, got, -1)
+
+
+def scored_windows(y: jax.Array, times: jax.Array, length: int) -> jax.Array:
+  """How many targets each memory's future window y[t .. t+length-1] holds: int [B, G].
+
+  times: int [G], memory times in [-1, T-1]. A window with none contributes exactly zero to the
+  decoding loss (every term is masked), so its decoder pass can be skipped.
+  """
+  has = (y != -1).astype(jnp.int32)
+  before = jnp.pad(jnp.cumsum(has, axis=1), ((0, 0), (1, 0)))  # before[:, i] = #targets in y[:i]
+  t = y.shape[1]
+  return before[:, jnp.clip(times + length, 0, t)] - before[:, jnp.clip(times, 0, t)]
+
+
+def decoded_memories(
+  y: jax.Array, times: jax.Array, length: int, num: int, key: jax.Array | None
+) -> jax.Array:
+  """Which `num` of the memories at `times` [G] each sequence decodes: indices int [B, num].
+
+  Memories whose future window holds a target come first, in random order (`key`; None: in time
+  order), so when a sequence has at most `num` of them every one is decoded and the decoding loss
+  equals the full one exactly; otherwise it is the masked mean over a uniform random `num` of them.
+  """
+  scored = scored_windows(y, times, length) > 0
+  noise = (
+    jnp.zeros(scored.shape)
+    if key is None
+    else jax.random.uniform(key, scored.shape, minval=0.0, maxval=0.5)
+  )
+  # Scored windows rank in [1, 1.5), the others in [0, 0.5); ties (key None) go to earlier times.
+  rank = jnp.where(scored, 1.0, 0.0) + noise - 1e-6 * jnp.arange(times.shape[0])
+  return jax.lax.top_k(rank, num)[1]
 
 
 def encode_over_time(teacher: TeacherFns, params: Params, context: jax.Array) -> jax.Array:
@@ -379,6 +416,7 @@ def smt_loss(
   context_length: int,
   future_length: int,
   num_transitions: int = 1,
+  num_decoded: int = 0,
   c_dec: float = 1.0,
   c_dyn: float = 0.1,
   c_unif: float = 1e-3,
@@ -431,6 +469,12 @@ def smt_loss(
     teacher, rnn: the models as pure functions.
     context_length: Tc, the encoder's window. future_length: Tf, the decoder's horizon.
     num_transitions: 1 (t = Tc-1, the published recipe), T (all), or a random subset size.
+    num_decoded: 0 decodes every source memory (the published recipe). Else each sequence
+      decodes this many of its encoded memories (with every transition: all T+1 of them), those
+      whose future window holds a target first, picked at random (`key`): the decoder's work is
+      then num_decoded windows per sequence however many transitions the RNN trains, and windows
+      without a target (an exact zero in L_dec) cost nothing while scored ones remain. L_readout
+      then reads the decoded memories too (readout(m_t) predicts y[t]).
     stop_teacher_grad: if True, L_dyn and L_init do not train the teacher.
     constrain_time: optional function applied to every [B, N, ...] array over time positions
       (e.g. a sharding constraint putting N on a 'time' mesh axis).
@@ -447,7 +491,10 @@ def smt_loss(
     params, batch, rnn=rnn, teacher=teacher, context_length=context_length, caller="smt_loss"
   )
   seq_len = x.shape[1]
+  if num_decoded < 0:
+    raise ValueError(f"num_decoded must be >= 0 (0: every source memory), got {num_decoded}.")
   k_pos, k_unif = jax.random.split(key) if key is not None else (None, None)
+  k_dec = jax.random.fold_in(key, 2) if key is not None else None
   src = transition_positions(seq_len, num_transitions, context_length, k_pos)  # [N]
   n = src.shape[0]
   tp, rp = params["teacher"], params["rnn"]
@@ -456,18 +503,33 @@ def smt_loss(
   # Teacher labels: memories at t (sources) and t+1 (targets). With every transition, the two sets
   # overlap in all but one position, so encode t = -1 .. T-1 once and slice.
   if n == seq_len:
-    mem = teacher_memories(teacher, tp, x, jnp.arange(-1, seq_len), context_length, constrain)
+    mem_times = jnp.arange(-1, seq_len)
+    mem = teacher_memories(teacher, tp, x, mem_times, context_length, constrain)
     m_src, m_tgt = mem[:, :-1], mem[:, 1:]  # [B, N, K, d]
   else:
-    times = jnp.concatenate([src, src + 1])
-    mem = teacher_memories(teacher, tp, x, times, context_length, constrain)
+    mem_times = src
+    mem = teacher_memories(
+      teacher, tp, x, jnp.concatenate([src, src + 1]), context_length, constrain
+    )
     m_src, m_tgt = mem[:, :n], mem[:, n:]
   m_src, m_tgt = constrain(m_src), constrain(m_tgt)
 
-  # Decoding loss: every source memory predicts its Tf future targets.
-  y_future = constrain(shifted(y, src, future_length))  # [B, N, Tf]
-  x_future = constrain(shifted(x, src + 1, future_length))
-  logits = jax.vmap(teacher.decode, in_axes=(None, 1, 1), out_axes=1)(tp, m_src, x_future)
+  # Decoding loss: every source memory predicts its Tf future targets; or, with num_decoded, a
+  # random num_decoded of the memories (all T+1 with every transition) whose window is scored.
+  if num_decoded:
+    if num_decoded > mem_times.shape[0]:
+      raise ValueError(
+        f"num_decoded = {num_decoded} exceeds the {mem_times.shape[0]} memories encoded per "
+        f"sequence; set it <= {mem_times.shape[0]} (0: every source memory)."
+      )
+    pick = decoded_memories(y, mem_times, future_length, num_decoded, k_dec)  # [B, num_decoded]
+    dec_t = mem_times[pick]
+    m_dec = jnp.take_along_axis(mem if n == seq_len else m_src, pick[:, :, None, None], axis=1)
+  else:
+    dec_t, m_dec = src, m_src
+  y_future = constrain(shifted(y, dec_t, future_length))  # [B, N_dec, Tf]
+  x_future = constrain(shifted(x, dec_t + 1, future_length))
+  logits = jax.vmap(teacher.decode, in_axes=(None, 1, 1), out_axes=1)(tp, m_dec, x_future)
   l_dec = losses.decoding_loss(logits, y_future, gamma=gamma)
 
   # Dynamics loss: the RNN's one-step transitions, all in parallel over time.
@@ -490,11 +552,13 @@ def smt_loss(
   )
 
   # Readout on teacher memories m_{t+1}, predicting y[t+1] (skipped when off, as L_init: a zero
-  # weight would still cost its forward and backward passes).
+  # weight would still cost its forward and backward passes); with num_decoded, on the decoded
+  # memories m_t, predicting y[t] (the first target of their window).
   if c_readout:
-    y_next = constrain(shifted(y, src + 1, 1)[..., 0])  # [B, N]
+    r_mem, r_t = (m_dec, dec_t) if num_decoded else (m_tgt, src + 1)
+    y_next = constrain(shifted(y, r_t, 1)[..., 0])  # [B, N]
     r_logits = jax.vmap(rnn.readout, in_axes=(None, 1), out_axes=1)(
-      rp, jax.lax.stop_gradient(m_tgt)
+      rp, jax.lax.stop_gradient(r_mem)
     )
     r_ce, r_mask = losses.masked_cross_entropy(r_logits, y_next)
     l_readout = losses.masked_mean(r_ce, r_mask)
@@ -586,14 +650,15 @@ def dmt_loss(
   stop_carry_grad: bool = False,
   start: int | None = None,
   reference_labels: bool = False,
+  from_rnn_initial_memory: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
 
   The rollout starts at memory time t0 = `start` (default Tc-1, the stream recipe; -1 starts from
-  the initial memory E(empty), as for episodic tasks). Labels are the teacher's memories
+  the initial memory, as for episodic tasks). Labels are the teacher's memories
   m_enc(s) = m_{t0+s} = E(x[t0+s-Tc+1 .. t0+s]) (for t0 = Tc-1: E(x[s .. s+Tc-1])) every k steps.
-  The RNN starts from m_enc(0) and reads x[t0+1 ..] with `lax.scan`; its state after s inputs is
-  state_s.
+  The RNN starts from m_enc(0) (with `from_rnn_initial_memory`, from its own initial memory, where
+  its evaluation starts) and reads x[t0+1 ..] with `lax.scan`; its state after s inputs is state_s.
 
     L = c_dyn * mean_{s in S} MSE(state_s, m_enc(s))
         + c_readout * mean_{s in R} CE(readout(stop_gradient(state_s)), y[t0+s])
@@ -620,6 +685,9 @@ def dmt_loss(
     key: unused (the signature matches the other objectives).
     context_length: Tc. rollout_length: Td. label_every: k (must divide Td).
     start: t0, the memory time the rollout starts from (None: Tc - 1).
+    from_rnn_initial_memory: with start = -1, the rollout starts from the RNN's own initial
+      memory (`rnn.initial_memory`, trained here too) instead of the teacher's E(empty): where
+      the RNN alone starts when it is evaluated or sampled. The labels stay the teacher's.
 
   Returns:
     (loss, metrics) including drift ('drift_mse', 'drift_1mr2') of the rollout vs the labels.
@@ -633,6 +701,11 @@ def dmt_loss(
   t0 = context_length - 1 if start is None else start
   if t0 < -1:
     raise ValueError(f"start must be >= -1 (the empty context), got {start}.")
+  if from_rnn_initial_memory and t0 != -1:
+    raise ValueError(
+      f"from_rnn_initial_memory starts the rollout before any input (start = -1), got start = "
+      f"{t0}: a memory mid-sequence is the teacher's."
+    )
   x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
   _check_params(params, ("teacher", "rnn"), "dmt_loss")
   check_batch_against_models(
@@ -646,24 +719,27 @@ def dmt_loss(
   trained = label_steps[1:]  # the labels of states the RNN wrote (s > 0)
   labels = teacher_memories(teacher, tp, x, label_steps + t0, context_length)  # [B, S, K, d]
   inputs = x[:, t0 + 1 : t0 + 1 + rollout_length]
+  if from_rnn_initial_memory:
+    m_init = rnn.initial_memory(rp).astype(labels.dtype)
+    first = jnp.broadcast_to(m_init, labels[:, :1].shape)  # state_0, [B, 1, K, d]
+  else:
+    first = labels[:, :1]
   if stop_carry_grad:
     # With the carry cut before every update, the gradient reaches only the updates whose outputs
     # are labelled: every other step would backpropagate zeros. So the rollout runs forward only
     # (no residuals, no backward scan), and the labelled updates are redone with gradients, all
     # at once (one vmap): the same loss and gradients, for a fraction of the work.
-    states = rollout(
-      jax.lax.stop_gradient(rp), labels[:, 0], inputs, update=rnn.update, remat=False
-    )
-    states = jax.lax.stop_gradient(jnp.concatenate([labels[:, :1], states], axis=1))  # s=0..Td
+    states = rollout(jax.lax.stop_gradient(rp), first[:, 0], inputs, update=rnn.update, remat=False)
+    states = jax.lax.stop_gradient(jnp.concatenate([first, states], axis=1))  # s = 0..Td
     predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
       rp, states[:, trained - 1], inputs[:, trained - 1]
     )  # [B, |trained|, K, d]
   else:
-    states = rollout(rp, labels[:, 0], inputs, update=rnn.update)
-    states = jnp.concatenate([labels[:, :1], states], axis=1)  # state_s for s = 0..Td
+    states = rollout(rp, first[:, 0], inputs, update=rnn.update)
+    states = jnp.concatenate([first, states], axis=1)  # state_s for s = 0..Td
     predicted = states[:, trained]
-  if reference_labels:  # s = 0 counts in the mean, with a zero error
-    predicted = jnp.concatenate([labels[:, :1], predicted], axis=1)
+  if reference_labels:  # s = 0 counts in the mean (a zero error from the teacher's m_0)
+    predicted = jnp.concatenate([first, predicted], axis=1)
     l_dyn = losses.dynamics_loss(predicted, labels)
   else:
     l_dyn = losses.dynamics_loss(predicted, labels[:, 1:])

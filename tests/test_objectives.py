@@ -337,8 +337,8 @@ def test_rollout_equals_a_python_loop_of_updates(tiny, kind):
     )
 
 
-@pytest.mark.parametrize("start", [None, -1])
-def test_dmt_loss_equals_a_python_loop(tiny, start):
+@pytest.mark.parametrize("start, from_rnn", [(None, False), (-1, False), (-1, True)])
+def test_dmt_loss_equals_a_python_loop(tiny, start, from_rnn):
   tc, td, k = 3, 4, 2
   tfns, tp = toy_teacher(tiny.vocab_size, tiny.num_memory_tokens, tiny.width, tc, seed=16)
   rfns, rp = tanh_rnn(tiny.vocab_size, tiny.num_memory_tokens, tiny.width, seed=1)
@@ -355,6 +355,7 @@ def test_dmt_loss_equals_a_python_loop(tiny, start):
       c_dyn=3.0,
       c_readout=0.5,
       start=start,
+      from_rnn_initial_memory=from_rnn,
     )
   )({"teacher": tp, "rnn": rp}, batch)
   t0 = tc - 1 if start is None else start
@@ -362,7 +363,10 @@ def test_dmt_loss_equals_a_python_loop(tiny, start):
   label = lambda s: np.asarray(
     encode(tp, jnp.asarray(left_padded_window(x, t0 + s, tc))), np.float64
   )
-  state, states = jnp.asarray(label(0), jnp.float32), [label(0)]
+  # From the RNN's own initial memory (where its evaluation starts), or the teacher's E(empty).
+  first = np.asarray(rfns.initial_memory(rp))[None].repeat(2, 0) if from_rnn else label(0)
+  assert not np.allclose(first, label(0)) or not from_rnn
+  state, states = jnp.asarray(first, jnp.float32), [np.asarray(first, np.float64)]
   for s in range(1, td + 1):
     state = rfns.update(rp, state, jnp.asarray(x[:, t0 + s]))
     states.append(np.asarray(state, np.float64))
@@ -379,6 +383,21 @@ def test_dmt_loss_equals_a_python_loop(tiny, start):
   lab = np.stack([label(s) for s in range(k, td + 1, k)], 1)
   ss_tot = np.sum((lab - lab.reshape(-1, *lab.shape[2:]).mean(0)) ** 2)
   np.testing.assert_allclose(metrics["drift_1mr2"], np.sum((pred - lab) ** 2) / ss_tot, rtol=1e-4)
+  if start == -1:  # the RNN's initial memory learns in DMT exactly when the rollout starts there
+    g = jax.grad(
+      lambda p: smt_jax.dmt_loss(
+        p,
+        batch,
+        teacher=tfns,
+        rnn=rfns,
+        context_length=tc,
+        rollout_length=td,
+        label_every=k,
+        start=-1,
+        from_rnn_initial_memory=from_rnn,
+      )[0]
+    )({"teacher": tp, "rnn": rp})
+    assert (float(jnp.abs(g["rnn"]["m0"]).sum()) > 0) == from_rnn
 
 
 @pytest.mark.parametrize("label_every, trained", [(4, {4}), (2, {2, 4})])
