@@ -171,6 +171,24 @@ def test_modular_targets(seq_len):
   assert len(slopes) > 1  # w is drawn per sequence
 
 
+def test_modular_difficulty_draws_the_authors_few_functions():
+  # difficulty 0.2 at modulus 17: w, b uniform in 0..2 (int(0.2 * 17) = 3), 9 functions.
+  source = make_source('modular', seq_len=40, modulus=17, difficulty=0.2)
+  batch = _batch(source, batch_size=64)
+  _check_common(source, batch)
+  w, b = np.meshgrid(np.arange(17), np.arange(17), indexing='ij')
+  seen = set()
+  for x, y in zip(batch['x'], batch['y']):
+    a = x[0::2]
+    fits = ((w[..., None] * a + b[..., None]) % 17 == y[0::2]).all(-1)
+    ws, bs = np.nonzero(fits)
+    assert fits.sum() == 1 and ws[0] < 3 and bs[0] < 3  # 17 is prime: one (w, b) fits
+    seen.add((int(ws[0]), int(bs[0])))
+  assert len(seen) > 5  # the functions vary per sequence
+  with pytest.raises(ValueError, match='difficulty must be in'):
+    make_source('modular', seq_len=10, modulus=5, difficulty=1.5)
+
+
 def test_parity_targets():
   source = make_source('parity', seq_len=50)
   batch = _batch(source)

@@ -154,11 +154,13 @@ def generate_keys_values(
 
 
 def generate_modular(
-  rng: np.random.Generator, *, seq_len: int, modulus: int
+  rng: np.random.Generator, *, seq_len: int, modulus: int, difficulty: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
   """In-context modular regression: pairs (a, (w*a + b) mod m) with w, b hidden per sequence.
 
-  w is uniform in 1..m-1, b in 0..m-1, each a uniform in 0..m-1.
+  difficulty 0: w is uniform in 1..m-1 and b in 0..m-1 (m (m-1) hidden functions). difficulty
+  f in (0, 1]: w and b are uniform in 0..n-1 with n = max(1, int(f m)), as in the authors' code
+  (n**2 functions: 9 at m = 17, f = 0.2; w = 0 gives a constant). Each a is uniform in 0..m-1.
     x = [a_0, f(a_0), a_1, f(a_1), ...][:T]
     y[2i] = f(a_i) (predicted after reading a_i), y[2i+1] = -1.
   For an odd T the last input is an a whose answer is only a target. Vocab m (a and f(a) share
@@ -168,8 +170,16 @@ def generate_modular(
   """
   seq_len = _check_seq_len('modular', seq_len, 2, 'one (a, f(a)) pair')
   modulus = check_int('modulus', modulus, minimum=2)
-  w = int(rng.integers(1, modulus))
-  b = int(rng.integers(0, modulus))
+  if not 0.0 <= difficulty <= 1.0:
+    raise ValueError(
+      f'difficulty must be in [0, 1] (0: every w in 1..m-1 and b), got {difficulty}.'
+    )
+  if difficulty:
+    n = max(1, int(difficulty * modulus))
+    w, b = (int(v) for v in rng.integers(0, n, size=2))
+  else:
+    w = int(rng.integers(1, modulus))
+    b = int(rng.integers(0, modulus))
   num_pairs = (seq_len + 1) // 2
   a = rng.integers(0, modulus, size=num_pairs)
   fa = (w * a + b) % modulus
@@ -299,11 +309,13 @@ class ModularSource(ProbeSource):
 
   name = 'modular'
 
-  def __init__(self, *, seq_len: int = 64, modulus: int = 17):
+  def __init__(self, *, seq_len: int = 64, modulus: int = 17, difficulty: float = 0.0):
     super().__init__(
-      generate_modular, vocab_size=modulus, train_kwargs=dict(seq_len=seq_len, modulus=modulus)
+      generate_modular,
+      vocab_size=modulus,
+      train_kwargs=dict(seq_len=seq_len, modulus=modulus, difficulty=difficulty),
     )
-    self.modulus = modulus
+    self.modulus, self.difficulty = modulus, difficulty
 
 
 class ParitySource(ProbeSource):
