@@ -214,6 +214,9 @@ def validate(config, *, check_paths: bool = True) -> None:
     _positive_int(c, f"{p}.steps")
     _positive_int(c, f"{p}.batch_size")
     _number_in(c, f"{p}.lr", 0.0, math.inf, lo_open=True)
+    schedule = c[p].get("schedule", experiment.DEFAULT_SCHEDULE[p])
+    if schedule not in ("constant", "cosine"):
+      _fail(f"{p}.schedule", schedule, "use 'constant' or 'cosine' (after the linear warm-up).")
   if "smt" in phases or "dmt" in phases:
     _positive_int(c, "smt.context_length")
     _positive_int(c, "smt.future_length")
@@ -383,6 +386,14 @@ def _validate_smt(c) -> None:
       "smt.context_length",
       s.context_length,
       f"num_transitions=1 uses t = Tc-1 and input x[Tc], so Tc must be < T = {t}.",
+    )
+  encoded = t + 1 if s.num_transitions == t else s.num_transitions
+  nd = s.get("num_decoded", 0)
+  if not _is_int(nd) or not 0 <= nd <= encoded:
+    _fail(
+      "smt.num_decoded",
+      nd,
+      f"must be in [0, {encoded}] (the memories encoded per sequence; 0: every source memory).",
     )
   if s.uniformity_over not in ("tokens", "states"):
     _fail("smt.uniformity_over", s.uniformity_over, "use 'tokens' or 'states'.")
@@ -568,6 +579,9 @@ def _validate_mesh_shape(config, shape: dict[str, int], num_processes: int) -> N
     nt = c.smt.num_transitions
     if nt % t:
       _fail("smt.num_transitions", nt, f"must be divisible by mesh.time = {t}.")
+    nd = c.smt.get("num_decoded", 0)
+    if nd % t:
+      _fail("smt.num_decoded", nd, f"must be divisible by mesh.time = {t}.")
 
 
 def _round_up(v: int, *divisors: int) -> int:

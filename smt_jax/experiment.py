@@ -143,11 +143,15 @@ def build_models(config, vocab_size: int):
   return teacher, rnn
 
 
+# After the warm-up, the published schedules: constant for SMT and BPTT, cosine decay for DMT.
+DEFAULT_SCHEDULE = {"smt": "constant", "dmt": "cosine", "bptt": "constant"}
+
+
 def make_schedule(config, phase: str) -> optax.Schedule:
-  """Linear warm-up from 0, then constant (SMT, BPTT) or cosine decay (DMT)."""
+  """Linear warm-up from 0, then `<phase>.schedule`: constant, or cosine decay to 0."""
   pc = config[phase]
   warmup = max(1, int(round(config.optim.warmup_frac * pc.steps)))
-  if phase == "dmt":
+  if pc.get("schedule", DEFAULT_SCHEDULE[phase]) == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, max(pc.steps, warmup + 1))
   return optax.join_schedules(
     [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup]
@@ -181,6 +185,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       context_length=s.context_length,
       future_length=s.future_length,
       num_transitions=s.num_transitions,
+      num_decoded=s.get("num_decoded", 0),
       c_dec=s.c_dec,
       c_dyn=s.c_dyn,
       c_init=s.c_init,
@@ -206,6 +211,8 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       stop_carry_grad=d.stop_carry_grad,
       reference_labels=d.reference_labels,
       start=-1 if config.data.episodic else None,
+      # Episodes: DMT rolls out from where the RNN alone starts in evaluation and sampling.
+      from_rnn_initial_memory=bool(config.data.episodic and d.get("from_rnn_initial_memory", True)),
     )
   return functools.partial(
     objectives.bptt_loss, rnn=rfns, truncation=config.bptt.truncation or None

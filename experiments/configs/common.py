@@ -53,9 +53,13 @@ def base() -> ml_collections.ConfigDict:
   c.smt.steps = 150_000
   c.smt.batch_size = 128
   c.smt.lr = 3e-4
+  c.smt.schedule = "constant"  # after the warm-up: "constant" or "cosine" (decay to 0)
   c.smt.context_length = 256  # Tc
   c.smt.future_length = 64  # Tf; streams train on T = Tc + Tf
   c.smt.num_transitions = 1  # 1: t = Tc-1 (published); T: all; else a random subset
+  # Decoder work per sequence: 0 decodes every source memory (published); n decodes n memories,
+  # those whose future window holds a target first (windows without one are an exact zero).
+  c.smt.num_decoded = 0
   c.smt.c_dec = 1.0
   c.smt.c_dyn = 0.1
   c.smt.c_unif = 0.001
@@ -71,17 +75,22 @@ def base() -> ml_collections.ConfigDict:
   c.dmt.steps = 1_500
   c.dmt.batch_size = 32
   c.dmt.lr = 3e-5
+  c.dmt.schedule = "cosine"
   c.dmt.rollout_length = 256  # Td; streams train on T = Tc + Td + Tf
   c.dmt.label_every = 16  # k
   c.dmt.c_dyn = 10.0
   c.dmt.c_readout = 1.0
   c.dmt.stop_carry_grad = False  # gradients through the rollout (reference); True: imitation
   c.dmt.reference_labels = False  # True: labels s = 0, k, .., Td-k and Td readouts (reference)
+  # Episodes: the rollout starts from the RNN's own initial memory, where its evaluation and
+  # sampling start (False: the teacher's E(empty)). Streams start from the teacher's E(window).
+  c.dmt.from_rnn_initial_memory = True
 
   c.bptt = ml_collections.ConfigDict()
   c.bptt.steps = 150_000
   c.bptt.batch_size = 128
   c.bptt.lr = 3e-4
+  c.bptt.schedule = "constant"
   c.bptt.seq_len = 320  # streams only (episodic sources use data.seq_len)
   c.bptt.truncation = 0  # 0: full BPTT; k: cut the gradient every k steps
 
@@ -135,9 +144,13 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   starting from a zero memory, one transition per sequence, 64-wide heads.
   """
   c.model.head_dim = 64
+  c.model.teacher_kind = "windowed"
   c.model.rnn_initial_memory = "zeros"
   c.optim.decay_all = True
   c.smt.num_transitions = 1
+  c.smt.num_decoded = 0
+  c.smt.schedule, c.dmt.schedule, c.bptt.schedule = "constant", "cosine", "constant"
+  c.optim.warmup_frac = 0.01
   c.smt.c_dec, c.smt.c_dyn, c.smt.c_unif = 1.0, 0.1, 0.001
   c.smt.c_init = 0.0
   c.smt.c_readout = 0.0
@@ -149,6 +162,7 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   c.dmt.c_dyn, c.dmt.c_readout = 10.0, 1.0
   c.dmt.reference_labels = True
   c.dmt.stop_carry_grad = False
+  c.dmt.from_rnn_initial_memory = False  # the rollout starts from the teacher's memory
 
 
 def cpu_model(
@@ -176,7 +190,10 @@ def smoke(c: ml_collections.ConfigDict) -> None:
   c.checkpoint_every_steps = 3
   c.samples.num = 4
   if not c.data.episodic:  # streams: short windows
-    c.smt.context_length, c.smt.num_transitions = 16, 2
+    c.smt.context_length = 16
+    # Full supervision (a decoded subset) keeps every transition; else two of them.
+    c.smt.num_transitions = 16 + c.smt.future_length if c.smt.num_decoded else 2
+    c.smt.num_decoded = min(c.smt.num_decoded, 4)
     c.dmt.rollout_length, c.dmt.label_every = 8, 4
     c.bptt.seq_len = c.eval.seq_len = 24
     c.eval.prompt_length = 8
