@@ -130,6 +130,16 @@ CONFIG_ONLY = {
     {"smt.num_transitions": 1},
     ["config.smt.context_length = 16", "Tc must be < T"],
   ),
+  "num_decoded_within_the_encoded_memories": (
+    "synthetic:parity,smoke",
+    {"smt.num_decoded": 99},
+    ["config.smt.num_decoded = 99", "must be in [0, 17]"],
+  ),
+  "schedule_is_known": (
+    "pixels:smoke",
+    {"smt.schedule": "linear"},
+    ["config.smt.schedule", "'constant' or 'cosine'"],
+  ),
   # k divides the rollout
   "label_every_divides": (
     "pixels:smoke",
@@ -393,6 +403,10 @@ def test_a_config_saved_before_fsdp_min_size_and_profile_existed_still_builds():
   with c.unlocked():
     del c.mesh["fsdp_min_size"]
     del c["profile"]
+    for p in ("smt", "dmt", "bptt"):
+      del c[p]["schedule"]
+    del c.smt["num_decoded"]
+    del c.dmt["from_rnn_initial_memory"]
   exp = config_checks.build_experiment(c)
   assert jax.tree.leaves(exp.abstract_params)
 
@@ -401,6 +415,49 @@ def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})
     config_checks.validate(c)
+
+
+@pytest.mark.parametrize("task", ["retrieval", "copy", "stack", "keys_values", "modular"])
+@pytest.mark.parametrize("length", [32, 256])
+def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
+  from experiments.configs import synthetic
+
+  c = synthetic.get_config(f"{task},{length}")
+  config_checks.validate(c)
+  assert c.model.teacher_kind == "causal" and c.smt.num_transitions == length
+  assert 0 < c.smt.num_decoded <= length + 1
+  # The same T and batch in every phase: equal steps are equal training tokens.
+  assert c.bptt.steps == c.smt.steps + c.dmt.steps
+  assert len({c[p].batch_size for p in ("smt", "dmt", "bptt")}) == 1
+  assert c.dmt.steps == max(125, 500 * length // 64)  # DMT grows with the rollout
+  earlier = synthetic.get_config(f"{task},{length},earlier")
+  config_checks.validate(earlier)
+  assert earlier.model.teacher_kind == "windowed" and earlier.smt.num_decoded == 0
+  assert dict(c.data.options) == synthetic.TASK_OPTIONS[task]
+  assert dict(earlier.data.options) == synthetic.EARLIER_OPTIONS[task]
+  if task == "stack":
+    assert dict(c.data.options) == {"num_tokens": 4, "max_depth": 10}
+  with pytest.raises(ValueError, match="unknown flags"):
+    synthetic.get_config(f"{task},{length},eralier")
+
+
+def test_full_supervision_is_the_stream_default_and_the_paper_configs_keep_the_published_recipe():
+  from experiments.configs import pixels, text
+
+  for c in (pixels.get_config("digits"), text.get_config("small")):
+    config_checks.validate(c)
+    assert c.model.teacher_kind == "causal"
+    assert c.smt.num_transitions == c.smt.context_length + c.smt.future_length
+    assert c.smt.num_decoded == 8
+  for c in (
+    pixels.get_config("digits,earlier"),
+    text.get_config("small,earlier"),
+    pixels.get_config("mnist"),
+    pixels.get_config("digits,reference"),
+    text.get_config("tinystories"),
+  ):
+    assert c.model.teacher_kind == "windowed" and c.smt.num_decoded == 0
+    assert c.smt.schedule == "constant" and c.dmt.schedule == "cosine"
 
 
 # --------------------------------------------------------------------------- the workdir

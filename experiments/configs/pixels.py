@@ -45,10 +45,10 @@ from experiments.configs import common
 
 def get_config(arg: str = "digits"):
   arg, *flags = arg.split(",")
-  if set(flags) - {"reference", "smoke"}:
+  if set(flags) - {"reference", "smoke", "earlier"}:
     raise ValueError(
-      f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke'})}; the "
-      f"flags are 'reference' (e.g. pixels.py:digits,reference) and 'smoke'."
+      f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke', 'earlier'})}; the "
+      f"flags are 'reference' (e.g. pixels.py:digits,reference), 'earlier' and 'smoke'."
     )
   c = common.base()
   if arg in ("digits", "smoke"):
@@ -60,7 +60,14 @@ def get_config(arg: str = "digits"):
     c.smt.lr = 1e-3
     c.smt.context_length = 64  # about one image (65 tokens with its BOS)
     c.smt.future_length = 16
-    c.smt.num_transitions = 2
+    if "earlier" in flags:  # the recipe before full supervision (docs/results.md's studies)
+      c.smt.num_transitions = 2
+    else:  # every memory of a row from one causal-teacher pass; 8 of them decoded
+      c.model.teacher_kind = "causal"
+      c.smt.num_transitions = c.smt.context_length + c.smt.future_length
+      c.smt.num_decoded = 8
+      c.smt.schedule = c.bptt.schedule = "cosine"
+      c.optim.warmup_frac = 0.05
     c.dmt.steps = 300
     c.dmt.batch_size = 16
     c.dmt.lr = 3e-4

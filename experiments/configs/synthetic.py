@@ -1,28 +1,64 @@
 """Synthetic probes (SPEC section 8): retrieval, copy, stack, keys_values, modular, parity.
 
-Argument: `TASK[,T][,smoke]`, e.g. `synthetic.py:stack` or `synthetic.py:retrieval,256`. T is the
-sequence length (default 64). Every sequence is an independent episode: SMT trains every transition
-of it (num_transitions = T, context Tc = T so each memory sees the whole prefix), DMT rolls the RNN
-out from its initial memory over the whole episode, BPTT unrolls the whole episode. Task sizes are
-in `config.data.options` (e.g. --config.data.options.num_tokens=32).
+Argument: `TASK[,T][,earlier][,smoke]`, e.g. `synthetic.py:stack` or `synthetic.py:retrieval,256`.
+T is the sequence length (default 64). Every sequence is an independent episode.
+
+The task sizes are the authors' (`config.data.options`, e.g. --config.data.options.num_tokens=32):
+stack pushes 4 elements to a depth of at most 10, copy reproduces the string reversed, modular
+hides (w, b) among 9 functions (difficulty 0.2 at modulus 17).
+
+The recipe trains every memory of an episode from one teacher pass: the one-pass causal teacher
+(`model.teacher_kind=causal`) labels all T+1 memories; the RNN's transition term covers every one
+of them (num_transitions = T); the decoder reads `smt.num_decoded` = 8 memories per episode, those
+whose future window holds a target first (a window without one adds exactly zero to L_dec, so it
+is never decoded). Tc = T (each memory sees its whole prefix; set --config.smt.context_length
+lower to bound the teacher's attention window on a task whose dependencies are local), Tf = T/2
+for retrieval and copy (whose targets lie far from what they recall), 16 for the others. SMT and
+BPTT decay their learning rate (cosine) after a 5% warm-up. DMT rolls the RNN out from its own
+initial memory over the whole episode, as its evaluation does, for a number of steps that grows
+with T (500 at T = 64); BPTT unrolls the whole episode for as many steps as SMT and DMT together,
+on the same batch: both methods see the same training tokens.
+
+`earlier` gives the probe settings and recipe used before the authors' (the studies of
+docs/results.md that predate the fair race): stack 8 tokens and depth 4, copy forward, modular
+modulus 7 with every (w, b); the windowed teacher on every transition with Tf = 8, a constant
+learning rate, DMT from the teacher's E(empty) for 500 steps, BPTT 2000 steps.
 
 Commands:
   python -m experiments.run --config=experiments/configs/synthetic.py:retrieval
   python -m experiments.run --config=experiments/configs/synthetic.py:stack,256 \\
       --config.model.rnn_kind=gru
   python -m experiments.run --config=experiments/configs/synthetic.py:copy --config.phases=bptt
+  python -m experiments.run --config=experiments/configs/synthetic.py:stack,earlier
   python -m experiments.run --config=experiments/configs/synthetic.py:parity,smoke
 """
 
 from experiments.configs import common
 
-TASK_OPTIONS = {
+TASK_OPTIONS = {  # the authors' sizes
+  "retrieval": {"num_tokens": 16},
+  "copy": {"num_tokens": 8, "reverse": True},
+  "stack": {"num_tokens": 4, "max_depth": 10},
+  "keys_values": {"num_keys": 8, "num_values": 8},
+  "modular": {"modulus": 17, "difficulty": 0.2},
+  "parity": {},
+}
+EARLIER_OPTIONS = {  # `earlier`: the sizes used before the authors'
   "retrieval": {"num_tokens": 16},
   "copy": {"num_tokens": 8},
   "stack": {"num_tokens": 8, "max_depth": 4},
   "keys_values": {"num_keys": 8, "num_values": 8},
   "modular": {"modulus": 7},
   "parity": {},
+}
+# Tf: a fraction of T (float) or a horizon (int, capped at T).
+FUTURE = {
+  "retrieval": 0.5,
+  "copy": 0.5,
+  "stack": 16,
+  "keys_values": 16,
+  "modular": 16,
+  "parity": 16,
 }
 
 
@@ -31,7 +67,13 @@ def get_config(arg: str = "retrieval"):
   task = parts[0] if parts else "retrieval"
   if task not in TASK_OPTIONS:
     raise ValueError(f"synthetic.py: unknown task {task!r}; choose one of {sorted(TASK_OPTIONS)}.")
-  smoke = "smoke" in parts[1:]
+  flags = [p for p in parts[1:] if not p.isdigit()]
+  if set(flags) - {"earlier", "smoke"}:
+    raise ValueError(
+      f"synthetic.py: unknown flags {sorted(set(flags) - {'earlier', 'smoke'})}; the flags are "
+      f"'earlier' and 'smoke' (e.g. synthetic.py:stack,128,earlier)."
+    )
+  smoke, earlier = "smoke" in flags, "earlier" in flags
   lengths = [int(p) for p in parts[1:] if p.isdigit()]
   seq_len = lengths[0] if lengths else (16 if smoke else 64)
 
@@ -39,22 +81,29 @@ def get_config(arg: str = "retrieval"):
   c.data.name = task
   c.data.episodic = True
   c.data.seq_len = seq_len
-  c.data.options.update(TASK_OPTIONS[task])
+  c.data.options.update((EARLIER_OPTIONS if earlier else TASK_OPTIONS)[task])
   common.cpu_model(c)
-  c.smt.steps = 2_000
-  c.smt.batch_size = 32
-  c.smt.lr = 1e-3
-  c.smt.context_length = seq_len
-  c.smt.future_length = 8
-  c.smt.num_transitions = seq_len
-  c.dmt.steps = 500
-  c.dmt.batch_size = 32
+  c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = 32
+  c.smt.lr = c.bptt.lr = 1e-3
   c.dmt.lr = 3e-4
+  c.smt.context_length = seq_len
+  c.smt.num_transitions = seq_len
   c.dmt.rollout_length = seq_len
   c.dmt.label_every = 4
-  c.bptt.steps = 2_000
-  c.bptt.batch_size = 32
-  c.bptt.lr = 1e-3
+  if earlier:
+    c.smt.future_length = 8
+    c.smt.steps, c.dmt.steps, c.bptt.steps = 2_000, 500, 2_000
+    c.dmt.from_rnn_initial_memory = False
+  else:
+    c.model.teacher_kind = "causal"
+    f = FUTURE[task]
+    c.smt.future_length = max(1, int(seq_len * f)) if isinstance(f, float) else min(f, seq_len)
+    c.smt.num_decoded = min(8, seq_len + 1)
+    c.smt.schedule = c.bptt.schedule = "cosine"
+    c.optim.warmup_frac = 0.05
+    c.smt.steps = 2_000
+    c.dmt.steps = max(125, 500 * seq_len // 64)  # the rollout's drift grows with T
+    c.bptt.steps = c.smt.steps + c.dmt.steps  # the same tokens (same T and batch)
   c.eval.every_steps = 500
   c.eval.batch_size = 64
   c.eval.num_batches = 4
@@ -63,4 +112,5 @@ def get_config(arg: str = "retrieval"):
   c.checkpoint_every_steps = 500
   if smoke:
     common.smoke(c)
+    c.smt.num_decoded = min(c.smt.num_decoded, 4)
   return c
