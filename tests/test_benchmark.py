@@ -169,3 +169,25 @@ def test_sweeps(tmp_path):
   rows = r["sweep_devices"]["rows"]
   assert r["sweep_devices"]["axis"] == "data"
   assert [row["devices"] for row in rows] == [1, 2] and all(row["bptt_s"] > 0 for row in rows)
+
+
+def test_step_breakdown_times_every_part_of_the_full_supervision_step(tmp_path):
+  """`experiments.breakdown` on the smoke digits config (full supervision): every part is timed."""
+  out = tmp_path / "breakdown.json"
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.breakdown",
+      "--config=experiments/configs/pixels.py:smoke",
+      "--steps=1",
+      f"--out={out}",
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
+  result = json.loads(out.read_text())
+  parts = {"encoder", "decoder", "rnn update", "readout", "uniformity", "optimiser", "step"}
+  assert set(result) == parts
+  assert all(v > 0 for v in result.values())
