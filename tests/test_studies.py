@@ -174,7 +174,7 @@ def test_count_flops_and_seq_flops():
 # studies, and the digit studies.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GROUPS = (
-  "probes,steps,gradients,drift,length,updaters,scaling,sweep",
+  "probes,steps,gradients,drift,length,updaters,scaling,sweep,race",
   "samples,geometry,teachers,length_parity,text,curves",
 )
 FIGURES = {
@@ -192,6 +192,7 @@ FIGURES = {
   "curves": ["curves.png"],
   "scaling": ["scaling.png"],
   "sweep": ["sweep.png"],
+  "race": ["race.png"],
 }
 
 
@@ -287,6 +288,16 @@ def test_smoke_studies(tmp_path):
       rows = (tmp_path / "runs0" / "probes" / name / "metrics.jsonl").read_text().splitlines()
       counted = json.loads(rows[-1])["seqflops"]
       assert cell["methods"][m]["seq_flops"][0] == pytest.approx(counted, rel=1e-6), (name, m)
+
+  # The race: every method trains on the same tokens, and the runner counted those tokens and
+  # SeqFLOPs along each run (its metrics' x-axes).
+  for cell in res["race"]["cells"]:
+    assert {x["method"] for x in cell["runs"]} == {"smt_dmt", "bptt"}
+    assert len({x["tokens"] for x in cell["runs"]}) == 1, cell["runs"]
+    for x in cell["runs"]:
+      with open(os.path.join(x["workdir"], "metrics.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+      assert last["tokens"] == x["tokens"] and last["seqflops"] == pytest.approx(x["seqflops"])
 
   rows = _table_rows(res["steps"]["md"], "total steps")
   assert len(rows) == 2 * len(b.steps.totals)

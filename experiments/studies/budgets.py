@@ -213,6 +213,22 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
+  # 0. The fair race: the default recipes against BPTT at equal tokens, a small lr grid each.
+  c.race = ml_collections.ConfigDict(
+    dict(
+      workloads=("stack",) if smoke else ("digits", "stack"),
+      length=8 if smoke else 64,  # T of the probes
+      tokens=dict(digits=1_000_000, stack=320 if smoke else 1_000_000),
+      smt_share=0.75,  # of SMT->DMT's tokens, SMT's; DMT the rest
+      lrs=(1e-3,) if smoke else (3e-4, 1e-3, 3e-3),
+      # where the earlier recipe races too (on a probe its windowed teacher encodes T windows)
+      earlier=() if smoke else ("digits",),
+      dmt_lr_ratio=0.3,
+      seeds=(0,),
+      evals=2 if smoke else 5,
+    )
+  )
+
   # 7. Updater kinds on one probe, SMT->DMT and BPTT, seed 0.
   c.updaters = ml_collections.ConfigDict(
     dict(

@@ -21,6 +21,7 @@ from experiments.studies import (
   length,
   length_parity,
   probes,
+  race,
   samples,
   scaling,
   steps,
@@ -45,6 +46,7 @@ STUDIES = {
   "geometry": geometry.run,
   "teachers": teachers.run,
   "text": language.run,
+  "race": race.run,
 }
 
 

@@ -1,0 +1,221 @@
+"""Study: the fair race. SMT->DMT against BPTT at equal training tokens, each at its best lr.
+
+Every method trains on the same number of training tokens (batch x sequence length x steps,
+summed over its phases: the same data), with its own learning rate picked from a small grid
+(`race.lrs`; DMT at `race.dmt_lr_ratio` of SMT's), on the configs a user gets by default:
+  smt_dmt   today's default recipe (`pixels.py:digits`, `synthetic.py:TASK,T`): every memory of a
+            sequence trained from one causal-teacher pass, a few of them decoded;
+  earlier   the recipe before it (`...,earlier`: the windowed teacher, 2 transitions per row on
+            digits, every transition with Tf = 8 on the probes), at the middle lr, on the same
+            task sizes (the authors' probe settings), on the workloads in `race.earlier`;
+  bptt      the baseline, the same model and batch.
+SMT takes `race.smt_share` of a run's tokens and DMT the rest. Reported per run: the RNN's own
+held-out NLL (and accuracy on a probe) after each phase, the teacher's, the tokens, the SeqFLOPs
+(serial compute, `common.run_seq_flops`), and the train seconds on this machine (excluding compile
+and evaluation: total work, what a CPU user pays); the figure draws each method's best-lr run
+against tokens, SeqFLOPs and train seconds.
+"""
+
+from __future__ import annotations
+
+from experiments.studies import common
+
+METHODS = ("smt_dmt", "earlier", "bptt")
+LABELS = {"smt_dmt": "SMT->DMT", "earlier": "SMT->DMT, earlier recipe", "bptt": "BPTT"}
+COLORS = {"smt_dmt": "tab:blue", "earlier": "tab:gray", "bptt": "tab:red"}
+
+
+def run_name(workload: str, method: str, lr: float, seed: int) -> str:
+  return f"race/{workload}_{method}_lr{lr:g}_s{seed}"
+
+
+def config(ctx, workload: str, method: str, lr: float, seed: int):
+  """The config of one race run: the workload's default (or earlier) recipe at the token budget."""
+  from experiments.configs import pixels, synthetic
+  from smt_jax import experiment
+
+  r = ctx.budget.race
+  flags = (",earlier" if method == "earlier" else "") + (
+    ",smoke" if ctx.budget.name == "smoke" else ""
+  )
+  if workload == "digits":
+    c = pixels.get_config("digits" + flags)
+  else:
+    c = synthetic.get_config(f"{workload},{r.length}{flags}")
+    c.data.options = dict(synthetic.TASK_OPTIONS[workload])  # the authors' task for every method
+  c.seed = seed
+  c.phases = "bptt" if method == "bptt" else "smt,dmt"
+  tokens = r.tokens[workload]
+  per_step = {p: c[p].batch_size * experiment.phase_seq_len(c, p) for p in ("smt", "dmt", "bptt")}
+  if method == "bptt":
+    c.bptt.steps = max(1, round(tokens / per_step["bptt"]))
+    c.bptt.lr = lr
+    total = c.bptt.steps
+  else:
+    c.smt.steps = max(1, round(r.smt_share * tokens / per_step["smt"]))
+    c.dmt.steps = max(1, round((1 - r.smt_share) * tokens / per_step["dmt"]))
+    c.smt.lr, c.dmt.lr = lr, lr * r.dmt_lr_ratio
+    total = c.smt.steps + c.dmt.steps
+  c.eval.every_steps = max(1, total // r.evals)
+  c.checkpoint_every_steps = 0
+  c.keep_checkpoints = 2
+  c.samples.at_eval = False
+  c.log_every_steps = max(1, min(25, total // 8))
+  return c
+
+
+def tokens_of(cfg) -> int:
+  from smt_jax import experiment
+
+  return int(
+    sum(
+      cfg[p].steps * cfg[p].batch_size * experiment.phase_seq_len(cfg, p)
+      for p in experiment.phase_names(cfg)
+    )
+  )
+
+
+def curve(workdir: str, key: str) -> dict[str, list[float]]:
+  """Held-out `key` against tokens, SeqFLOPs and train seconds (the logged step rates summed)."""
+  from smt_jax import metrics_io
+
+  out = {"tokens": [], "seqflops": [], "train_s": [], "value": []}
+  seconds, last = 0.0, {}
+  for row in metrics_io.read_metrics(workdir):
+    phase = row.get("phase")
+    if row.get("steps_per_s"):
+      seconds += (row["phase_step"] - last.get(phase, 0)) / row["steps_per_s"]
+      last[phase] = row["phase_step"]
+    if key in row and "tokens" in row:
+      out["tokens"].append(row["tokens"])
+      out["seqflops"].append(row["seqflops"])
+      out["train_s"].append(seconds)
+      out["value"].append(row[key])
+  return out
+
+
+def run(ctx) -> dict:
+  r = ctx.budget.race
+  cells, rows = [], []
+  for workload in r.workloads:
+    probe = workload != "digits"
+    runs = []
+    methods = [m for m in METHODS if m != "earlier" or workload in r.earlier]
+    for method in methods:
+      lrs = [r.lrs[len(r.lrs) // 2]] if method == "earlier" else list(r.lrs)
+      for lr in lrs:
+        for seed in r.seeds:
+          cfg = config(ctx, workload, method, lr, seed)
+          rec = common.ensure_run(ctx, run_name(workload, method, lr, seed), cfg)
+          s = rec["summary"]
+          last = s["bptt" if method == "bptt" else "dmt"]
+          run = dict(
+            method=method,
+            lr=lr,
+            seed=seed,
+            workdir=rec["workdir"],
+            nll=float(last["eval/rnn_nll"]),
+            acc=float(last["eval/rnn_acc"]) if probe else None,
+            tokens=tokens_of(cfg),
+            seqflops=float(sum(common.run_seq_flops(cfg)[0].values())),
+            train_s=float(sum(rec["train_s"].values())),
+            steps={p: int(cfg[p].steps) for p in rec["steps"]},
+            unigram_nll=float(s["baseline/unigram_nll"]),
+          )
+          if method != "bptt":
+            run["smt_nll"] = float(s["smt"]["eval/rnn_nll"])
+            run["teacher_nll"] = float(last["eval/teacher_nll"])
+            if probe:
+              run["teacher_acc"] = float(last["eval/teacher_acc"])
+          runs.append(run)
+    best = {}
+    for method in methods:
+      mine = [x for x in runs if x["method"] == method]
+      by_lr = {}
+      for x in mine:
+        by_lr.setdefault(x["lr"], []).append(x["nll"])
+      best[method] = min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+    cells.append(dict(workload=workload, runs=runs, best_lr=best))
+    for x in runs:
+      star = " *" if x["lr"] == best[x["method"]] else ""
+      rows.append(
+        [
+          workload,
+          LABELS[x["method"]],
+          f"{x['lr']:g}{star}",
+          "+".join(str(v) for v in x["steps"].values()),
+          f"{x['tokens']:.3g}",
+          f"{x['nll']:.3f}",
+          f"{x['acc']:.3f}" if probe else "-",
+          f"{x['smt_nll']:.3f}" if "smt_nll" in x else "-",
+          f"{x['teacher_nll']:.3f}" if "teacher_nll" in x else "-",
+          f"{x['teacher_acc']:.3f}" if "teacher_acc" in x else "-",
+          f"{x['seqflops']:.3g}",
+          f"{x['train_s']:.0f}",
+          f"{x['unigram_nll']:.3f}",
+        ]
+      )
+  md = (
+    f"Budget `{ctx.budget.name}`: equal training tokens per workload ({dict(r.tokens)}), SMT "
+    f"{r.smt_share:.0%} of SMT->DMT's; lrs {list(r.lrs)} (DMT at {r.dmt_lr_ratio:g} x SMT's; the "
+    f"earlier recipe at the middle one only); seeds {list(r.seeds)}; * the best lr of a method "
+    f"(lowest final RNN NLL). NLL and accuracy: the RNN alone, from its own initial memory, held "
+    f"out; after SMT: before DMT. Train s: this machine's seconds of training (no compile, no "
+    f"evaluation).\n\n"
+  )
+  md += common.markdown_table(
+    [
+      "workload",
+      "method",
+      "lr",
+      "steps",
+      "tokens",
+      "RNN NLL",
+      "RNN acc",
+      "RNN NLL after SMT",
+      "teacher NLL",
+      "teacher acc",
+      "SeqFLOPs",
+      "train s",
+      "unigram NLL",
+    ],
+    rows,
+  )
+  results = {"cells": cells, "markdown": md, "figures": [plot(ctx, cells)]}
+  return common.write_outputs(ctx, "race", results, md)
+
+
+def plot(ctx, cells) -> str:
+  """Each method's best-lr held-out RNN NLL against tokens, SeqFLOPs and train seconds."""
+  plt = common.pyplot()
+  axes_x = (("tokens", "training tokens"), ("seqflops", "SeqFLOPs"), ("train_s", "train seconds"))
+  fig, axes = plt.subplots(len(cells), 3, figsize=(10, 3.0 * len(cells)), squeeze=False)
+  for i, cell in enumerate(cells):
+    for method in cell["best_lr"]:
+      for x in cell["runs"]:
+        if x["method"] != method or x["lr"] != cell["best_lr"][method] or x["seed"] != 0:
+          continue
+        c = curve(x["workdir"], "eval/rnn_nll")
+        for j, (key, label) in enumerate(axes_x):
+          ax = axes[i, j]
+          ax.plot(
+            c[key],
+            c["value"],
+            marker="o",
+            ms=3,
+            color=COLORS[method],
+            label=f"{LABELS[method]} (lr {x['lr']:g})",
+          )
+          if "teacher_nll" in x and method == "smt_dmt":
+            ax.axhline(x["teacher_nll"], color=COLORS[method], ls="--", lw=0.8)
+          ax.set_xlabel(label)
+          ax.set_xscale("log" if key == "seqflops" else "linear")
+          ax.grid(alpha=0.3)
+    unigram = cell["runs"][0]["unigram_nll"]
+    for ax in axes[i]:
+      ax.axhline(unigram, color="k", ls=":", lw=0.7)
+    axes[i, 0].set_ylabel(f"{cell['workload']}: held-out RNN NLL")
+  axes[0, -1].legend(fontsize=7, loc="best")
+  fig.suptitle("The fair race: best lr per method, equal tokens (dashed: SMT's teacher)", y=1.0)
+  fig.tight_layout()
+  return common.save_figure(ctx, fig, "race.png")
