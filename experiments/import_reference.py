@@ -97,6 +97,10 @@ def load_config(spec: str):
 
 def load_checkpoint(path: str) -> dict:
   """train_smt.py's checkpoint.pt as {'cfg', 'teacher', 'rnn', 'itr'} with numpy state dicts."""
+  if not os.path.isfile(path):  # first: a wrong path is the likelier mistake, torch or not
+    raise CheckpointImportError(
+      f"--checkpoint={path}: no such file (train_smt.py writes <save_dir>/checkpoint.pt)."
+    )
   try:
     import torch
   except ImportError:
@@ -104,10 +108,6 @@ def load_checkpoint(path: str) -> dict:
       "reading a PyTorch checkpoint needs torch: pip install -e \".[reference]\" "
       "(torch is not a dependency of smt-jax otherwise)."
     ) from None
-  if not os.path.isfile(path):
-    raise CheckpointImportError(
-      f"--checkpoint={path}: no such file (train_smt.py writes <save_dir>/checkpoint.pt)."
-    )
   module = types.SimpleNamespace(
     Unpickler=_Unpickler, load=pickle.load, __name__="smt_jax_reference_pickle"
   )

@@ -134,6 +134,7 @@ def test_unsupported_checkpoints_fail_with_one_line(tmp_path):
 
 def test_without_torch_the_error_says_how_to_install_it(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+  (tmp_path / "checkpoint.pt").write_bytes(b"")
   with pytest.raises(import_reference.CheckpointImportError, match=r"\[reference\]"):
     import_reference.load_checkpoint(str(tmp_path / "checkpoint.pt"))
 
