@@ -441,17 +441,17 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
     synthetic.get_config(f"{task},{length},eralier")
 
 
-def test_full_supervision_is_the_stream_default_and_the_paper_configs_keep_the_published_recipe():
+def test_full_supervision_on_streams_is_a_flag_and_the_paper_configs_keep_the_published_recipe():
   from experiments.configs import pixels, text
 
-  for c in (pixels.get_config("digits"), text.get_config("small")):
+  for c in (pixels.get_config("digits,full"), text.get_config("small,full")):
     config_checks.validate(c)
     assert c.model.teacher_kind == "causal"
     assert c.smt.num_transitions == c.smt.context_length + c.smt.future_length
     assert c.smt.num_decoded == 8
   for c in (
-    pixels.get_config("digits,earlier"),
-    text.get_config("small,earlier"),
+    pixels.get_config("digits"),
+    text.get_config("small"),
     pixels.get_config("mnist"),
     pixels.get_config("digits,reference"),
     text.get_config("tinystories"),

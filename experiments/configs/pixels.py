@@ -22,6 +22,11 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     bounds how many of each are read; the last 10% of those evaluate. As mnist.
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
+  digits,full       full supervision: every memory of a row trained from one causal-teacher pass,
+                    8 of them decoded (README, "Full supervision"), with cosine decay. Its step
+                    costs 4x the default's on a CPU (docs/benchmarks.md). The race of
+                    docs/results.md (section 0) found lr 3e-3 best at 1M tokens
+                    (--config.smt.lr=3e-3 --config.dmt.lr=9e-4).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.bos`) so the RNN alone can start one.
 
@@ -45,10 +50,10 @@ from experiments.configs import common
 
 def get_config(arg: str = "digits"):
   arg, *flags = arg.split(",")
-  if set(flags) - {"reference", "smoke", "earlier"}:
+  if set(flags) - {"reference", "smoke", "full"}:
     raise ValueError(
-      f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke', 'earlier'})}; the "
-      f"flags are 'reference' (e.g. pixels.py:digits,reference), 'earlier' and 'smoke'."
+      f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke', 'full'})}; the "
+      f"flags are 'reference' (e.g. pixels.py:digits,reference), 'full' and 'smoke'."
     )
   c = common.base()
   if arg in ("digits", "smoke"):
@@ -60,7 +65,7 @@ def get_config(arg: str = "digits"):
     c.smt.lr = 1e-3
     c.smt.context_length = 64  # about one image (65 tokens with its BOS)
     c.smt.future_length = 16
-    if "earlier" in flags:  # the recipe before full supervision (docs/results.md's studies)
+    if "full" not in flags:  # 2 transitions per row: a step 4x cheaper than full's on a CPU
       c.smt.num_transitions = 2
     else:  # every memory of a row from one causal-teacher pass; 8 of them decoded
       c.model.teacher_kind = "causal"

@@ -221,8 +221,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       tokens=dict(digits=1_000_000, stack=320 if smoke else 1_000_000),
       smt_share=0.75,  # of SMT->DMT's tokens, SMT's; DMT the rest
       lrs=(1e-3,) if smoke else (3e-4, 1e-3, 3e-3),
-      # where the earlier recipe races too (on a probe its windowed teacher encodes T windows)
+      # where the earlier recipe races too (on a probe its windowed teacher encodes T windows),
+      # and at which lrs
       earlier=() if smoke else ("digits",),
+      earlier_lrs=(1e-3,) if smoke else (1e-3, 3e-3),
       dmt_lr_ratio=0.3,
       seeds=(0,),
       evals=2 if smoke else 5,

@@ -82,7 +82,7 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
 
   d = ctx.budget.digits
   smoke = ctx.budget.name == "smoke"
-  c = pixels.get_config("digits,earlier,smoke" if smoke else "digits,earlier")
+  c = pixels.get_config("smoke" if smoke else "digits")
   c.seed = seed
   c.phases = phases
   _small_model(c, d.width, d.num_memory_tokens, c.model.num_heads if smoke else 4, d.depth)

@@ -22,8 +22,7 @@ def config(ctx, *, phases: str, seed: int = 0):
   from experiments.configs import text
 
   b = ctx.budget.text
-  # The recipe this study was measured with (docs/results.md), not today's default.
-  c = text.get_config("smoke,earlier" if ctx.budget.name == "smoke" else "small,earlier")
+  c = text.get_config("smoke" if ctx.budget.name == "smoke" else "small")
   c.seed = seed
   c.phases = phases
   c.smt.steps, c.dmt.steps, c.bptt.steps = b.smt_steps, b.dmt_steps, b.smt_steps + b.dmt_steps
