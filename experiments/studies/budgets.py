@@ -13,7 +13,7 @@ Commands:
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
   python -m experiments.studies --study=length_parity --set="length_parity.tasks=('copy',)" \
     --out=/tmp/copy_only                                                 # a budget field changed
-Studies: probes, steps, gradients, drift, length, geometry, updaters, samples, teachers,
+Studies: race, probes, steps, gradients, drift, length, geometry, updaters, samples, teachers,
 length_parity, curves, scaling, sweep, text (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
