@@ -103,8 +103,9 @@ def parts(config) -> dict[str, tuple]:
       (rp, m_src),
     ),
   }
-  if s.c_readout:
-    out["readout"] = (_projected(lambda rp: over_time(rfns.readout, (None, 1))(rp, m_tgt)), (rp,))
+  if s.c_readout:  # as smt_loss: the decoded memories with num_decoded, else every target memory
+    m_read = m_dec if nd else m_tgt
+    out["readout"] = (_projected(lambda rp: over_time(rfns.readout, (None, 1))(rp, m_read)), (rp,))
   if s.c_unif:
     unif = lambda m: losses.uniformity_loss(m, key=key, max_samples=s.uniformity_max_samples)  # noqa: E731
     out["uniformity"] = (jax.jit(jax.grad(unif)), (m_src,))

@@ -24,7 +24,7 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
   digits,full       full supervision: every memory of a row trained from one causal-teacher pass,
                     8 of them decoded (README, "Full supervision"), with cosine decay. Its step
-                    costs 4x the default's on a CPU (docs/benchmarks.md). The race of
+                    costs 3.2x the default's on a CPU (docs/benchmarks.md). The race of
                     docs/results.md (section 0) found lr 3e-3 best at 1M tokens
                     (--config.smt.lr=3e-3 --config.dmt.lr=9e-4).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
@@ -65,7 +65,7 @@ def get_config(arg: str = "digits"):
     c.smt.lr = 1e-3
     c.smt.context_length = 64  # about one image (65 tokens with its BOS)
     c.smt.future_length = 16
-    if "full" not in flags:  # 2 transitions per row: a step 4x cheaper than full's on a CPU
+    if "full" not in flags:  # 2 transitions per row: a step 3.2x cheaper than full's on a CPU
       c.smt.num_transitions = 2
     else:  # every memory of a row from one causal-teacher pass; 8 of them decoded
       c.model.teacher_kind = "causal"
