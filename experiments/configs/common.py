@@ -165,6 +165,16 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   c.dmt.from_rnn_initial_memory = False  # the rollout starts from the teacher's memory
 
 
+def full_supervision(c: ml_collections.ConfigDict, seq_len: int) -> None:
+  """Every memory of a row of `seq_len` tokens trained from one causal-teacher pass, 8 of them
+  decoded (those with a target in their window first), cosine decay after a 5% warm-up."""
+  c.model.teacher_kind = "causal"
+  c.smt.num_transitions = seq_len
+  c.smt.num_decoded = min(8, seq_len + 1)
+  c.smt.schedule = c.bptt.schedule = "cosine"
+  c.optim.warmup_frac = 0.05
+
+
 def cpu_model(
   c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4, depth: int = 2
 ) -> None:

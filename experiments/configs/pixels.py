@@ -67,12 +67,8 @@ def get_config(arg: str = "digits"):
     c.smt.future_length = 16
     if "full" not in flags:  # 2 transitions per row: a step 3.2x cheaper than full's on a CPU
       c.smt.num_transitions = 2
-    else:  # every memory of a row from one causal-teacher pass; 8 of them decoded
-      c.model.teacher_kind = "causal"
-      c.smt.num_transitions = c.smt.context_length + c.smt.future_length
-      c.smt.num_decoded = 8
-      c.smt.schedule = c.bptt.schedule = "cosine"
-      c.optim.warmup_frac = 0.05
+    else:
+      common.full_supervision(c, c.smt.context_length + c.smt.future_length)
     c.dmt.steps = 300
     c.dmt.batch_size = 16
     c.dmt.lr = 3e-4

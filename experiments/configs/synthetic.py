@@ -95,12 +95,9 @@ def get_config(arg: str = "retrieval"):
     c.smt.steps, c.dmt.steps, c.bptt.steps = 2_000, 500, 2_000
     c.dmt.from_rnn_initial_memory = False
   else:
-    c.model.teacher_kind = "causal"
+    common.full_supervision(c, seq_len)
     f = FUTURE[task]
     c.smt.future_length = max(1, int(seq_len * f)) if isinstance(f, float) else min(f, seq_len)
-    c.smt.num_decoded = min(8, seq_len + 1)
-    c.smt.schedule = c.bptt.schedule = "cosine"
-    c.optim.warmup_frac = 0.05
     c.smt.steps = 2_000
     c.dmt.steps = max(125, 500 * seq_len // 64)  # the rollout's drift grows with T
     c.bptt.steps = c.smt.steps + c.dmt.steps  # the same tokens (same T and batch)
