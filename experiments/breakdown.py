@@ -77,7 +77,7 @@ def parts(config) -> dict[str, tuple]:
   m_src, m_tgt = (mem[:, :-1], mem[:, 1:]) if n == seq_len else (mem[:, :n], mem[:, n:])
   nd = s.get("num_decoded", 0)
   if nd:
-    cand = times[: seq_len + 1] if n == seq_len else src
+    cand = times if n == seq_len else src  # the memories smt_loss picks from
     pick = objectives.decoded_memories(y, cand, s.future_length, nd, key)
     dec_t = cand[pick]
     m_dec = jnp.take_along_axis(mem if n == seq_len else m_src, pick[:, :, None, None], axis=1)

@@ -113,7 +113,7 @@ def run(ctx) -> dict:
           rec = common.ensure_run(ctx, run_name(workload, method, lr, seed), cfg)
           s = rec["summary"]
           last = s["bptt" if method == "bptt" else "dmt"]
-          run = dict(
+          result = dict(
             method=method,
             lr=lr,
             seed=seed,
@@ -127,11 +127,11 @@ def run(ctx) -> dict:
             unigram_nll=float(s["baseline/unigram_nll"]),
           )
           if method != "bptt":
-            run["smt_nll"] = float(s["smt"]["eval/rnn_nll"])
-            run["teacher_nll"] = float(last["eval/teacher_nll"])
+            result["smt_nll"] = float(s["smt"]["eval/rnn_nll"])
+            result["teacher_nll"] = float(last["eval/teacher_nll"])
             if probe:
-              run["teacher_acc"] = float(last["eval/teacher_acc"])
-          runs.append(run)
+              result["teacher_acc"] = float(last["eval/teacher_acc"])
+          runs.append(result)
     best = {}
     for method in methods:
       mine = [x for x in runs if x["method"] == method]
