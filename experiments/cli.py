@@ -38,6 +38,26 @@ def resolve_config(value: str) -> str:
   )
 
 
+def cpu_devices(config, env, cores: int) -> int | None:
+  """How many CPU devices a run gets when nobody said: one per core, data-parallel, as many as
+  divide every batch (XLA on CPU runs much of a step on one core). None where the user chose
+  (XLA_FLAGS' device count, JAX_NUM_CPU_DEVICES, a mesh in the config) or the job has several
+  processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those."""
+  from smt_jax import multihost  # no JAX backend is started by importing it
+
+  if (
+    "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
+    or env.get("JAX_NUM_CPU_DEVICES")
+    or multihost.wants_distributed(env)
+    or (config.mesh.data, config.mesh.fsdp, config.mesh.time) != (-1, 1, 1)
+  ):
+    return None
+  batches = [config[p].batch_size for p in config.phases.split(",") if p] + [
+    config.eval.batch_size
+  ]
+  return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))
+
+
 class FlagsError(ValueError):
   """A command line that cannot run; the message is the one line to print."""
 
@@ -55,6 +75,23 @@ def _override_error(argv: list[str], message: str) -> str:
       section = ".".join(["config", *parts[: parts.index(key)]])
       return f"{name}: {section} has no field {key!r}. {fix}"
   return f"no config field {key!r}. {fix}"
+
+
+_EXPECTED = (  # (what the parser says, the type it wanted, an example of it)
+  ("invalid literal for int()", "an integer", "1000, not 1e3 or 1000.0"),
+  ("could not convert string to float", "a number", "3e-4"),
+  ("Non-boolean argument", "True or False", "False"),
+)
+
+
+def _type_hint(message: str) -> str:
+  """A config override of the wrong type, said with the type the field holds."""
+  flag, _, why = message.partition(": ")
+  for said, kind, example in _EXPECTED:
+    if flag.startswith("--config.") and said in why:
+      field, _, value = flag[len("--config.") :].partition("=")
+      return f"{flag}: {field} holds {kind}; got {value!r} (e.g. {example})."
+  return message
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -79,7 +116,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise FlagsError(f"{required[1]} is required (see --helpshort).") from None
       if "Did you mean" in msg and "--config." in msg:
         raise FlagsError(_override_error(argv, msg)) from None
-      raise FlagsError(lines[0].removeprefix("flag ")) from None
+      raise FlagsError(_type_hint(lines[0].removeprefix("flag "))) from None
     except (AttributeError, KeyError) as e:  # an override of a field the config does not have
       raise FlagsError(_override_error(argv, str(e))) from None
   except FlagsError as e:

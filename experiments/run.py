@@ -62,6 +62,13 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
   if FLAGS.peer_timeout_s <= 0:
     sys.exit(f"error: --peer_timeout_s={FLAGS.peer_timeout_s}: must be > 0 seconds (e.g. 60).")
+  n = cli.cpu_devices(FLAGS.config, os.environ, len(os.sched_getaffinity(0)))
+  if n:  # before JAX starts its CPU backend
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    if n > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
+      print(f"devices: {n} CPU devices, one per core, data-parallel (--config.mesh.data=1: one)")
   from smt_jax import multihost
 
   clean = (None, 0, 130, 143)  # finished, or stopped at a checkpoint (SIGINT, SIGTERM)
@@ -75,9 +82,7 @@ def _train():
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)
   try:
-    summary = train.train_and_evaluate(
-      FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork
-    )
+    train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork)
   except train.Preempted as e:  # the checkpoint is saved; rerun the command to resume
     sys.exit(e.exit_code)  # 143 (SIGTERM) or 130 (SIGINT), as for a process the signal ended
   except (
@@ -87,13 +92,7 @@ def _train():
     train.NonFiniteError,
   ) as e:  # the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")
-  for k in sorted(summary):
-    if not isinstance(summary[k], dict):
-      print(f"{k}: {summary[k]}")
-  for phase in ("smt", "dmt", "bptt"):
-    if isinstance(summary.get(phase), dict):
-      print(phase, {k: round(v, 4) for k, v in summary[phase].items()})
-  print(f"Results in {workdir}")
+  # The run has printed its verdict; every number is in {workdir}/summary.json.
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from smt_jax.losses import (
   masked_mean,
   uniformity_loss,
 )
-from smt_jax.models import RNN_KINDS, Teacher, make_rnn, rnn_fns, teacher_fns
+from smt_jax.models import RNN_KINDS, CausalTeacher, Teacher, make_rnn, rnn_fns, teacher_fns
 from smt_jax.objectives import (
   MemorySpec,
   RNNFns,
@@ -33,6 +33,7 @@ from smt_jax.optim import adamw_per_model
 __version__ = "0.1.0"
 
 __all__ = [
+  "CausalTeacher",
   "MemorySpec",
   "RNNFns",
   "Teacher",

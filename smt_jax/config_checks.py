@@ -166,6 +166,8 @@ def validate(config, *, check_paths: bool = True) -> None:
     v = get_field(c, f)
     if not _is_int(v) or v < 0:
       _fail(f, v, "a period is a number of steps >= 0 (0: never).")
+  if not _is_int(c.eval.get("first_step", 0)) or c.eval.get("first_step", 0) < 0:
+    _fail("eval.first_step", c.eval.first_step, "a number of steps >= 0 (0: no early eval).")
   if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
   _validate_heads(c)

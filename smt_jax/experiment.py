@@ -480,6 +480,29 @@ def unit_flops(exp: Experiment) -> dict[str, float]:
   }
 
 
+def work_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float:
+  """All the FLOPs of one training step of `phase` (every row; a backward pass counted as twice
+  its forward), from `unit_flops`: a model of the matmul work, for comparing phases' costs
+  (the runner's ETA), not a count.
+    bptt: 3 T (f_update + f_readout)
+    dmt:  (Td / k + 1) f_encode (the frozen teacher's labels) + 3 Td (f_update + f_readout)
+    smt:  3 (W f_encode + N f_update + D (f_decode + f_readout)), with W = 1 window for the
+          one-pass teacher, N + 1 for the windowed one; N transitions, D decoded memories"""
+  c = exp.config
+  fu, fr, fe, fd = (flops[k] for k in ("update", "readout", "encode", "decode"))
+  if phase == "bptt":
+    per_row = 3.0 * phase_seq_len(c, phase) * (fu + fr)
+  elif phase == "dmt":
+    td = c.dmt.rollout_length
+    per_row = (td // c.dmt.label_every + 1) * fe + 3.0 * td * (fu + fr)
+  else:
+    n = c.smt.num_transitions
+    windows = 1 if c.model.teacher_kind == "causal" else n + 1
+    decoded = c.smt.num_decoded or n + 1
+    per_row = 3.0 * (windows * fe + n * fu + decoded * (fd + fr))
+  return c[phase].batch_size * per_row
+
+
 def seq_flops_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float:
   """SeqFLOPs of one training step of `phase`: FLOPs on its serial critical path, for one
   sequence (`analysis.seq_flops_per_step`; `flops` from `unit_flops`)."""

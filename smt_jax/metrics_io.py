@@ -257,15 +257,45 @@ def read_metrics(workdir: str) -> list[dict]:
   return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def read_summary(workdir: str) -> dict:
-  path = storage.join(workdir, "summary.json")
-  return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+# What summary.json's less obvious entries mean; written into it as "about".
+SUMMARY_ABOUT = {
+  "<phase>": "held-out metrics after that phase (smt, dmt, bptt); NLLs in nats per target token",
+  "eval/rnn_nll": "the RNN alone, teacher-forced from its own learned initial memory",
+  "eval/rnn_prompted_nll": "the RNN started from the teacher's memory of the first "
+  "eval.prompt_length tokens",
+  "eval/teacher_nll": "the teacher decoder's next-target prediction from its memory m_t, every t",
+  "eval/teacher_full_nll": "the same where the teacher's window is full (t >= Tc - 1)",
+  "eval/teacher_decoding_nll": "the reference's evaluation: the decoder's Tf-step loss from "
+  "E(x[0 .. Tc-1])",
+  "eval/drift_mse, eval/drift_1mr2": "the RNN's own states against the teacher's memories "
+  "along the sequence: mean squared error and 1 - R^2 (0: on the teacher's track, 1: no "
+  "better than the memories' mean, above 1: worse than that)",
+  "baseline/unigram_nll": "the eval targets' own entropy: what a model without memory scores",
+  "<phase>/compile_s": "seconds to compile and run the phase's first step",
+  "<phase>/skipped_steps": "non-finite steps skipped (nan_policy='skip')",
+  "wall_time_s": "the run's wall-clock seconds, restarts added up",
+}
 
 
 def write_summary(workdir: str, summary: dict) -> None:
-  storage.write_text(
-    storage.join(workdir, "summary.json"), json.dumps(summary, indent=2, sort_keys=True)
-  )
+  """summary.json: the results first (each phase's metrics, the baseline), then the rest."""
+  summary = {k: v for k, v in summary.items() if k != "about"}
+  first = [k for k in ("smt", "dmt", "bptt") if k in summary]
+  first += sorted(k for k in summary if k.startswith("baseline/"))
+  ordered = {k: summary[k] for k in first}
+  ordered.update((k, summary[k]) for k in sorted(summary) if k not in ordered)
+  ordered["about"] = SUMMARY_ABOUT
+  storage.write_text(storage.join(workdir, "summary.json"), json.dumps(ordered, indent=2))
+
+
+def read_summary(workdir: str) -> dict:
+  """summary.json's entries ("about" left out)."""
+  path = storage.join(workdir, "summary.json")
+  if not storage.exists(path):
+    return {}
+  summary = json.loads(storage.read_text(path))
+  summary.pop("about", None)
+  return summary
 
 
 class _StoreRecordWriter:

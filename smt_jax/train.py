@@ -36,6 +36,7 @@ from absl import logging
 from smt_jax import (
   checkpoints,
   config_checks,
+  console,
   evaluation,
   experiment,
   metrics_io,
@@ -102,6 +103,8 @@ class _Run:
   hooks: Hooks
   with_teacher: bool  # a teacher is trained (and evaluated)
   tracer: profiling.StepTrace  # config.profile's jax.profiler trace
+  console: console.Console  # what the run says on stdout
+  unigram_nll: float  # the baseline every eval line is read against
   # Per phase, (training tokens, SeqFLOPs) of one step: the x-axes runs are compared on.
   # SeqFLOPs count the serial critical path of one sequence (batch rows run in parallel; the
   # tokens axis counts them), as in `analysis.seq_flops_per_step`.
@@ -218,6 +221,8 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
         num_steps=config.profile.num_steps,
         say=say,
       ),
+      console=console.Console(exp, say, flops),
+      unigram_nll=evaluation.unigram_nll(exp),
       per_step=tuple(
         (p.tokens_per_step, experiment.seq_flops_per_step(exp, p.name, flops)) for p in phases
       ),
@@ -260,8 +265,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
     run.mngr.wait_until_finished()
     summary.update(
       evaluation.with_bits(
-        {"baseline/unigram_nll": evaluation.unigram_nll(run.exp)},
-        evaluation.bits_name(run.exp.source),
+        {"baseline/unigram_nll": run.unigram_nll}, evaluation.bits_name(run.exp.source)
       )
     )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
@@ -273,6 +277,7 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
     with multihost.on_this_host(run.exp.mesh):
       samples.write_samples(run.exp, params, run.workdir, summary)
     metrics_io.write_summary(run.workdir, summary)
+  run.console.verdict(summary, run.workdir, summary["wall_time_s"])
   return summary
 
 
@@ -311,10 +316,11 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
 
   if pos.phase_step == 0:
     run.writer.write_text("phase", f"{name} starts at step {phase.offset}", phase.offset)
+  if pos.phase_step < phase.steps:
+    run.console.compiling(name, pos.phase_step)
   t_compile = time.time()
   t_last, steps_since = None, 0  # the rate is measured from the end of the first (compiled) step
-  t_first, first_done = None, 0  # for the ETA: wall time per step since then, evals included
-  train_s, train_steps = 0.0, 0  # measured training time and steps, for the summary's throughput
+  train_s, train_steps = 0.0, 0  # measured training time and steps (evals excluded): throughput
   pending = None  # (step, metrics) of the step before: checked one step late to keep dispatch async
   for step in range(pos.phase_step, phase.steps):
     gstep = phase.offset + step
@@ -329,8 +335,8 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
     if t_last is None:  # first step: compile + run
       jax.block_until_ready(metrics["loss"])
       out[f"{name}/compile_s"] = time.time() - t_compile
+      run.console.compiled(name, out[f"{name}/compile_s"])
       t_last, steps_since = time.time(), 0
-      t_first, first_done = t_last, step + 1
     done = step + 1
     if itstime(done, c.log_every_steps, phase.steps, last=True):
       row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
@@ -342,15 +348,15 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
         train_s, train_steps = train_s + dt, train_steps + steps_since
         row.update(steps_per_s=rate, tokens_per_s=rate * phase.tokens_per_step)
         msg += f"  {rate:.2f} steps/s  {rate * phase.tokens_per_step:,.0f} tokens/s"
-      if done > first_done and done < phase.steps:
-        per_step = (time.time() - t_first) / (done - first_done)
-        msg += f"  eta {format_duration(per_step * (phase.steps - done))} ({name})"
+        run.console.timed(name, train_s / train_steps)
+      if done < phase.steps or phase.index + 1 < len(run.exp.phases):
+        msg += f"  {run.console.eta(name, done)}".rstrip()
       if pos.skipped:
         msg += f"  ({pos.skipped} non-finite steps skipped)"
       t_last, steps_since = time.time(), 0
       run.writer.write(phase.offset + done, name, done, row, **run.progress(phase, done))
       say(msg)
-    if itstime(done, c.eval.every_steps, phase.steps, last=False):
+    if done < phase.steps and done in run.console.evals[name]:
       _evaluate(run, phase, done, state["params"])
       t_last, steps_since = time.time(), 0  # eval time is not training throughput
     # Periodic checkpoints inside the phase; its last step is covered by the boundary checkpoint
@@ -376,6 +382,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
 
 def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
   """Held-out metrics after `done` steps of `phase`, written with their samples; returns them."""
+  t0 = time.time()
   metrics = evaluation.held_out(run.exp, params, with_teacher=run.with_teacher)
   step = phase.offset + done
   run.writer.write(step, phase.name, done, metrics, **run.progress(phase, done))
@@ -389,6 +396,7 @@ def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
           run.writer.write_image(tag, value, step)
         else:
           run.writer.write_text(tag, value, step)
+  run.console.evaluated(phase.name, done, metrics, time.time() - t0, run.unigram_nll)
   return metrics
 
 
@@ -409,16 +417,6 @@ def _write_hparams(
   visit("", config)
   writer.write_hparams(flat, [*HPARAMS_METRICS, bits_tag])
   writer.write_text("config", "    " + config.to_json(indent=2).replace("\n", "\n    "), 0)
-
-
-def format_duration(seconds: float) -> str:
-  """'42s', '3m05s', '2h07m'."""
-  s = int(round(seconds))
-  if s < 60:
-    return f"{s}s"
-  if s < 3600:
-    return f"{s // 60}m{s % 60:02d}s"
-  return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _check_finite(c, phase: str, step: int, metrics) -> int:

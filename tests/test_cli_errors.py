@@ -22,6 +22,7 @@ def _env(tmp_path):
   return dict(
     os.environ,
     JAX_PLATFORMS="cpu",
+    JAX_NUM_CPU_DEVICES="1",  # one device whatever the cores (tests/test_cpu_devices.py: more)
     PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
     JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -98,6 +99,11 @@ def test_each_mistake_is_one_line(tmp_path):
       f"workdir {locked} is in use by a running job (pid 4242); wait for it to finish or stop "
       f"it, or use another --workdir.",
     ),
+    "override of the wrong type": (
+      [*run, "--config.smt.steps=1e3"],
+      "--config.smt.steps=1e3: smt.steps holds an integer; got '1e3' (e.g. 1000, not 1e3 or "
+      "1000.0).",
+    ),
     "run: no --config": (["experiments.run"], "--config is required (see --helpshort)."),
     "workdir in an unknown store": (
       [*run, "--workdir=nosuch://bucket/run"],
@@ -157,8 +163,11 @@ def test_ctrl_c_while_compiling_saves_and_exits_130(tmp_path):
   assert "Traceback" not in err and "Error" not in err, err
   assert out.splitlines() == [
     f"workdir: {wd}",
+    "bptt: compiling its train step...",
+    out.splitlines()[2],  # compiled (its time varies)
     "SIGINT: saved a checkpoint at bptt step 1; exiting. Rerun the same command to resume.",
   ]
+  assert out.splitlines()[2].startswith("bptt: compiled and ran its first step in ")
   assert os.listdir(wd / "checkpoints") == ["1"]
 
 

@@ -96,6 +96,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 2_000
+  c.eval.first_step = 0  # one more eval after this many steps of each phase (0: none)
   c.eval.batch_size = 64
   c.eval.num_batches = 4
   c.eval.seq_len = 512  # streams only
