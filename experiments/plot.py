@@ -13,6 +13,9 @@ x-axes:
   seqflops  FLOPs on the serial critical path of training so far, per sequence
             (`smt_jax.analysis.seq_flops_per_step`: BPTT's grows with T, SMT's does not);
             drawn on a log axis unless --nologx
+  seconds   training seconds so far on the run's machine (each logged step interval at its
+            logged steps/s; compiles and evals left out)
+A dashed line marks the unigram baseline (from the first run's summary.json) for an NLL metric.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from absl import app, flags
 
 from experiments import cli
 
-X_KEYS = {"steps": "step", "tokens": "tokens", "seqflops": "seqflops"}
+X_KEYS = {"steps": "step", "tokens": "tokens", "seqflops": "seqflops", "seconds": "seconds"}
 X_LABELS = {
   "steps": "global step",
   "tokens": "training tokens seen",
   "seqflops": "SeqFLOPs (serial critical path, per sequence)",
+  "seconds": "training seconds (wall-clock, this machine)",
 }
 
 FLAGS = flags.FLAGS
@@ -66,6 +70,8 @@ def load_curve(workdir: str, *, metric: str, x: str) -> dict:
     raise PlotError(f"{workdir}: no metrics.jsonl; it has not logged yet (or is not a workdir).")
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
+  if x == "seconds":
+    rows = _with_seconds(rows)
   by_step = {r["step"]: r for r in rows if metric in r}
   if not by_step:
     have = sorted({k for r in rows for k in r if "/" in k})
@@ -91,6 +97,31 @@ def load_curve(workdir: str, *, metric: str, x: str) -> dict:
     "phases": seen,
     "phase_starts": starts,
   }
+
+
+def _with_seconds(rows: list[dict]) -> list[dict]:
+  """The rows with 'seconds': training time up to their step, each logged interval of steps at
+  the steps/s logged at its end (an interval without a rate, after a compile or a restart, is
+  counted at the next one's)."""
+  out, seconds, last = [], 0.0, 0
+  for r in sorted(rows, key=lambda r: r["step"]):
+    if r.get("steps_per_s"):
+      seconds += (r["step"] - last) / r["steps_per_s"]
+      last = r["step"]
+    out.append(dict(r, seconds=seconds))
+  return out
+
+
+def baseline(workdir: str, metric: str) -> float | None:
+  """The unigram baseline in `metric`'s unit (nats or bits) from the run's summary.json."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path) or not metric.startswith("eval/"):
+    return None
+  key = "baseline/unigram_nll" if metric.endswith("_nll") else None
+  if "_bits_per_" in metric:
+    key = "baseline/unigram_bits_per_" + metric.split("_bits_per_", 1)[1]
+  with open(path) as f:
+    return json.load(f).get(key) if key else None
 
 
 def plot_runs(
@@ -123,6 +154,10 @@ def plot_runs(
   for ax, name in zip(axes[0], axes_x):
     curves = [load_curve(w, metric=metric, x=name) for w in workdirs]
     _draw(ax, curves, metric=metric, x=name, labels=labels, logx=logx)
+    base = baseline(workdirs[0], metric)
+    if base is not None:
+      ax.axhline(base, color="gray", ls="--", lw=1.0, label="unigram baseline")
+      ax.legend(fontsize=8)
   fig.suptitle(title or metric, fontsize=10)
   fig.tight_layout()
   if out:

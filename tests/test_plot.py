@@ -74,13 +74,37 @@ def test_plotted_data_are_the_rows(runs, tmp_path, x, smt_dmt_x, bptt_x, dmt_sta
   assert img.shape[0] > 300 and img[..., :3].std() > 0.05  # a picture, not a blank file
 
 
+def test_seconds_axis_and_the_baseline(tmp_path):
+  run = _run(
+    tmp_path / "r",
+    [
+      _row(2, "smt", 0, 0.0, loss=3.0),  # after the compile: no rate, counted with the next
+      _row(4, "smt", 0, 0.0, loss=2.0, steps_per_s=2.0),  # 4 steps at 2/s: 2 s
+      _row(4, "smt", 0, 0.0, **{"eval/rnn_nll": 2.0, "eval/rnn_bits_per_dim": 2.9}),
+      _row(6, "dmt", 0, 0.0, loss=1.0, steps_per_s=0.5),  # + 2 steps at 0.5/s: 6 s
+      _row(6, "dmt", 0, 0.0, **{"eval/rnn_nll": 1.5, "eval/rnn_bits_per_dim": 2.2}),
+    ],
+  )
+  with open(os.path.join(run, "summary.json"), "w") as f:
+    json.dump({"baseline/unigram_nll": 2.5, "baseline/unigram_bits_per_dim": 3.6}, f)
+  for metric, base in (("eval/rnn_nll", 2.5), ("eval/rnn_bits_per_dim", 3.6)):
+    ax = plot.plot_runs([run], metric=metric, x="seconds").axes[0]
+    curve, _marker, baseline = ax.get_lines()
+    np.testing.assert_array_equal(curve.get_xdata(), [2.0, 6.0])
+    assert list(baseline.get_ydata()) == [base, base]
+    assert baseline.get_label() == "unigram baseline"
+  assert plot.baseline(run, "eval/rnn_acc") is None
+
+
 def test_one_panel_per_x_axis(runs):
   fig = plot.plot_runs(list(runs), metric="eval/rnn_nll", x=["steps", "seqflops"])
   steps, seqflops = fig.axes
   np.testing.assert_array_equal(steps.get_lines()[1].get_xdata(), [2, 4])
   np.testing.assert_array_equal(seqflops.get_lines()[1].get_xdata(), [2000, 4000])
   assert (steps.get_xscale(), seqflops.get_xscale()) == ("linear", "log")
-  with pytest.raises(plot.PlotError, match="--x=flops: use one of steps, tokens, seqflops"):
+  with pytest.raises(
+    plot.PlotError, match="--x=flops: use one of steps, tokens, seqflops, seconds"
+  ):
     plot.plot_runs(list(runs), metric="eval/rnn_nll", x=["steps", "flops"])
 
 

@@ -79,6 +79,7 @@ def get_config(arg: str = "digits"):
     c.bptt.lr = 1e-3
     c.bptt.seq_len = 128
     c.eval.every_steps = 500
+    c.eval.first_step = 50  # the first numbers within the first minute
     c.eval.batch_size = 32
     c.eval.num_batches = 4
     c.eval.seq_len = 130  # two whole images
