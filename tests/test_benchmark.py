@@ -51,6 +51,7 @@ PER_OBJECTIVE = {
   "dtype",
   "loss",
 }
+pytestmark = pytest.mark.xdist_group("benchmark")  # one worker: the module fixture runs once
 
 
 def _run(tmp_path, *args) -> dict:

@@ -31,6 +31,7 @@ import run_helpers
 ROOT = run_helpers.ROOT
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6 steps, DMT 4; checkpoints every 3
 TIMEOUT_S = 600
+pytestmark = pytest.mark.xdist_group("kill_resume")  # one worker: the module fixture runs once
 
 
 @pytest.fixture(scope="module")

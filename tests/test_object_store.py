@@ -29,6 +29,7 @@ from smt_jax import checkpoints, storage
 
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6, DMT 4; checkpoints every 3
 BUCKET = "smt-test"
+pytestmark = pytest.mark.xdist_group("object_store")  # one worker: the module fixture runs once
 
 
 @pytest.fixture(scope="module")

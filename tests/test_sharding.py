@@ -221,6 +221,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("sharding")  # one worker: the module fixture runs once
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

@@ -202,6 +202,9 @@ def _run_smoke(tmp_path) -> dict:
     os.environ,
     XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
     JAX_PLATFORMS="cpu",
+    # Every program into the shared cache: runs of one study rebuild the same steps (new jits).
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
   procs = []
   for i, studies in enumerate(GROUPS):
