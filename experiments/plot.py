@@ -100,16 +100,23 @@ def load_curve(workdir: str, *, metric: str, x: str) -> dict:
 
 
 def _with_seconds(rows: list[dict]) -> list[dict]:
-  """The rows with 'seconds': training time up to their step, each logged interval of steps at
-  the steps/s logged at its end (an interval without a rate, after a compile or a restart, is
-  counted at the next one's)."""
-  out, seconds, last = [], 0.0, 0
-  for r in sorted(rows, key=lambda r: r["step"]):
-    if r.get("steps_per_s"):
-      seconds += (r["step"] - last) / r["steps_per_s"]
-      last = r["step"]
-    out.append(dict(r, seconds=seconds))
-  return out
+  """The rows with 'seconds': training time up to their step. Each step is counted at the
+  steps/s logged at the end of its interval (an eval between two logs falls inside one), steps
+  after the last logged rate at that rate; an interval without a rate (a run that never logged
+  one) counts nothing."""
+  rows = sorted(rows, key=lambda r: r["step"])
+  logged = [(r["step"], r["steps_per_s"]) for r in rows if r.get("steps_per_s")]
+
+  def seconds(step: int) -> float:
+    total, last = 0.0, 0
+    for end, rate in logged:
+      total += (min(step, end) - last) / rate
+      if step <= end:
+        return total
+      last = end
+    return total + ((step - last) / logged[-1][1] if logged else 0.0)
+
+  return [dict(r, seconds=seconds(r["step"])) for r in rows]
 
 
 def baseline(workdir: str, metric: str) -> float | None:

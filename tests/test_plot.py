@@ -81,8 +81,10 @@ def test_seconds_axis_and_the_baseline(tmp_path):
       _row(2, "smt", 0, 0.0, loss=3.0),  # after the compile: no rate, counted with the next
       _row(4, "smt", 0, 0.0, loss=2.0, steps_per_s=2.0),  # 4 steps at 2/s: 2 s
       _row(4, "smt", 0, 0.0, **{"eval/rnn_nll": 2.0, "eval/rnn_bits_per_dim": 2.9}),
+      _row(5, "dmt", 0, 0.0, **{"eval/rnn_nll": 1.75, "eval/rnn_bits_per_dim": 2.5}),  # 4 s
       _row(6, "dmt", 0, 0.0, loss=1.0, steps_per_s=0.5),  # + 2 steps at 0.5/s: 6 s
       _row(6, "dmt", 0, 0.0, **{"eval/rnn_nll": 1.5, "eval/rnn_bits_per_dim": 2.2}),
+      _row(8, "dmt", 0, 0.0, **{"eval/rnn_nll": 1.4, "eval/rnn_bits_per_dim": 2.0}),  # 10 s
     ],
   )
   with open(os.path.join(run, "summary.json"), "w") as f:
@@ -90,7 +92,7 @@ def test_seconds_axis_and_the_baseline(tmp_path):
   for metric, base in (("eval/rnn_nll", 2.5), ("eval/rnn_bits_per_dim", 3.6)):
     ax = plot.plot_runs([run], metric=metric, x="seconds").axes[0]
     curve, _marker, baseline = ax.get_lines()
-    np.testing.assert_array_equal(curve.get_xdata(), [2.0, 6.0])
+    np.testing.assert_array_equal(curve.get_xdata(), [2.0, 4.0, 6.0, 10.0])
     assert list(baseline.get_ydata()) == [base, base]
     assert baseline.get_label() == "unigram baseline"
   assert plot.baseline(run, "eval/rnn_acc") is None
