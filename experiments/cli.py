@@ -56,6 +56,17 @@ def cpu_devices(config, env, cores: int) -> int | None:
   return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))
 
 
+def use_cpu_cores(config) -> None:
+  """Gives JAX's CPU backend `cpu_devices` devices (before it starts) and says so."""
+  n = cpu_devices(config, os.environ, len(os.sched_getaffinity(0)))
+  if n:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    if n > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
+      print(f"devices: {n} CPU devices, one per core, data-parallel (--config.mesh.data=1: one)")
+
+
 class FlagsError(ValueError):
   """A command line that cannot run; the message is the one line to print."""
 

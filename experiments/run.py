@@ -62,13 +62,7 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)
   if FLAGS.peer_timeout_s <= 0:
     sys.exit(f"error: --peer_timeout_s={FLAGS.peer_timeout_s}: must be > 0 seconds (e.g. 60).")
-  n = cli.cpu_devices(FLAGS.config, os.environ, len(os.sched_getaffinity(0)))
-  if n:  # before JAX starts its CPU backend
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", n)
-    if n > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
-      print(f"devices: {n} CPU devices, one per core, data-parallel (--config.mesh.data=1: one)")
+  cli.use_cpu_cores(FLAGS.config)  # before JAX starts its CPU backend
   from smt_jax import multihost
 
   clean = (None, 0, 130, 143)  # finished, or stopped at a checkpoint (SIGINT, SIGTERM)

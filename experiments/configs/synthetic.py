@@ -19,6 +19,9 @@ initial memory over the whole episode, as its evaluation does, for a number of s
 with T (500 at T = 64); BPTT unrolls the whole episode for as many steps as SMT and DMT together,
 on the same batch: both methods see the same training tokens.
 
+`showcase` (experiments.compare's default, `synthetic.py:retrieval,32,showcase`) trains SMT 1200 + DMT
+300 steps against BPTT 1500 (docs/results.md section 2's budget), evaluating every 100 steps.
+
 `earlier` gives the probe settings and recipe used before the authors' (the studies of
 docs/results.md that predate the fair race): stack 8 tokens and depth 4, copy forward, modular
 modulus 7 with every (w, b); the windowed teacher on every transition with Tf = 8, a constant
@@ -68,10 +71,10 @@ def get_config(arg: str = "retrieval"):
   if task not in TASK_OPTIONS:
     raise ValueError(f"synthetic.py: unknown task {task!r}; choose one of {sorted(TASK_OPTIONS)}.")
   flags = [p for p in parts[1:] if not p.isdigit()]
-  if set(flags) - {"earlier", "smoke"}:
+  if set(flags) - {"earlier", "smoke", "showcase"}:
     raise ValueError(
-      f"synthetic.py: unknown flags {sorted(set(flags) - {'earlier', 'smoke'})}; the flags are "
-      f"'earlier' and 'smoke' (e.g. synthetic.py:stack,128,earlier)."
+      f"synthetic.py: unknown flags {sorted(set(flags) - {'earlier', 'smoke', 'showcase'})}; the "
+      f"flags are 'earlier', 'showcase' and 'smoke' (e.g. synthetic.py:stack,128,earlier)."
     )
   smoke, earlier = "smoke" in flags, "earlier" in flags
   lengths = [int(p) for p in parts[1:] if p.isdigit()]
@@ -102,6 +105,11 @@ def get_config(arg: str = "retrieval"):
     c.dmt.steps = max(125, 500 * seq_len // 64)  # the rollout's drift grows with T
     c.bptt.steps = c.smt.steps + c.dmt.steps  # the same tokens (same T and batch)
   c.eval.every_steps = 500
+  if "showcase" in flags:  # experiments.compare's default (docs/results.md, section 2's budget)
+    c.smt.steps, c.dmt.steps = 1_200, 300
+    c.bptt.steps = c.smt.steps + c.dmt.steps
+    c.eval.every_steps = 100
+    c.eval.first_step = 50
   c.eval.batch_size = 64
   c.eval.num_batches = 4
   c.eval.prompt_length = 0
