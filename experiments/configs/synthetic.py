@@ -19,8 +19,8 @@ initial memory over the whole episode, as its evaluation does, for a number of s
 with T (500 at T = 64); BPTT unrolls the whole episode for as many steps as SMT and DMT together,
 on the same batch: both methods see the same training tokens.
 
-`showcase` (experiments.compare's default, `synthetic.py:retrieval,32,showcase`) trains SMT 1200 + DMT
-300 steps against BPTT 1500 (docs/results.md section 2's budget), evaluating every 100 steps.
+`showcase` (experiments.compare's default, `synthetic.py:retrieval,32,showcase`) trains SMT 1200 +
+DMT 300 steps against BPTT 1500 (docs/results.md section 2's budget), evaluating every 100 steps.
 
 `earlier` gives the probe settings and recipe used before the authors' (the studies of
 docs/results.md that predate the fair race): stack 8 tokens and depth 4, copy forward, modular
