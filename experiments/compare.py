@@ -22,11 +22,9 @@ from ml_collections import config_flags
 
 from experiments import cli
 
+DEFAULT_CONFIG = "experiments/configs/synthetic.py:retrieval,32,showcase"
 config_flags.DEFINE_config_file(
-  "config",
-  "experiments/configs/synthetic.py:retrieval,32,showcase",
-  "Path to a config file (and :arg).",
-  lock_config=True,
+  "config", None, f"Path to a config file (and :arg); default {DEFAULT_CONFIG}.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Where the two runs go (default runs/compare_<config>).")
 flags.DEFINE_string("metric", None, "The plotted metric (default eval/rnn_acc or eval/rnn_nll).")
@@ -120,5 +118,13 @@ def main(argv):
   print(f"wrote {out}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """cli.parse_flags, with the default config named on the command line (so that overrides of it
+  are checked there, in one line, like any other's)."""
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  return cli.parse_flags(argv)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=parse_flags)
