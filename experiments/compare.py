@@ -23,13 +23,19 @@ from ml_collections import config_flags
 from experiments import cli
 
 DEFAULT_CONFIG = "experiments/configs/synthetic.py:retrieval,32,showcase"
-config_flags.DEFINE_config_file(
-  "config", None, f"Path to a config file (and :arg); default {DEFAULT_CONFIG}.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Where the two runs go (default runs/compare_<config>).")
-flags.DEFINE_string("metric", None, "The plotted metric (default eval/rnn_acc or eval/rnn_nll).")
-flags.DEFINE_string("out", None, "The picture (default <workdir>/compare.png).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing the module
+  (tests, other tools) does not collide with their flags of the same names (--config, --out)."""
+  config_flags.DEFINE_config_file(
+    "config", None, f"Path to a config file (and :arg); default {DEFAULT_CONFIG}.", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Where the two runs go (default runs/compare_<config>).")
+  flags.DEFINE_string("metric", None, "The plotted metric (default eval/rnn_acc or eval/rnn_nll).")
+  flags.DEFINE_string("out", None, "The picture (default <workdir>/compare.png).")
+
 
 LABELS = {"smt_dmt": "SMT->DMT", "bptt": "BPTT"}
 
@@ -127,4 +133,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)
