@@ -40,16 +40,6 @@ def define_flags() -> None:
 LABELS = {"smt_dmt": "SMT->DMT", "bptt": "BPTT"}
 
 
-def tokens(config) -> int:
-  """Training tokens over every phase of `config`: steps x batch x sequence length."""
-  from smt_jax import experiment
-
-  return sum(
-    config[p].steps * config[p].batch_size * experiment.phase_seq_len(config, p)
-    for p in experiment.phase_names(config)
-  )
-
-
 def configs(config) -> dict:
   """{'smt_dmt': the config's SMT and DMT phases, 'bptt': BPTT on the same tokens}."""
   from smt_jax import experiment
@@ -59,11 +49,12 @@ def configs(config) -> dict:
   bptt = config.copy_and_resolve_references()
   bptt.phases = "bptt"
   per_step = bptt.bptt.batch_size * experiment.phase_seq_len(bptt, "bptt")
-  bptt.bptt.steps = max(1, round(tokens(smt_dmt) / per_step))
+  bptt.bptt.steps = max(1, round(experiment.training_tokens(smt_dmt) / per_step))
   return {"smt_dmt": smt_dmt, "bptt": bptt}
 
 
 def _line(name: str, summary: dict, config, metric: str) -> str:
+  from smt_jax import experiment
   from smt_jax.console import format_duration
 
   last = summary.get("dmt") or summary.get("bptt") or {}
@@ -76,7 +67,8 @@ def _line(name: str, summary: dict, config, metric: str) -> str:
   teacher_part = f", its teacher {teacher[tkey]:.3f}" if tkey in teacher else ""
   return (
     f"{LABELS[name]:>8}: RNN alone {what} {last.get(key, float('nan')):.3f}{teacher_part}; "
-    f"{steps} steps, {tokens(config):.3g} tokens, {format_duration(summary.get('wall_time_s', 0))}"
+    f"{steps} steps, {experiment.training_tokens(config):.3g} tokens, "
+    f"{format_duration(summary.get('wall_time_s', 0))}"
   )
 
 
@@ -89,14 +81,15 @@ def main(argv):
 
   config = FLAGS.config
   cli.use_cpu_cores(config)
-  from smt_jax import checkpoints, config_checks, metrics_io, train
+  from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
 
   path, _, arg = FLAGS["config"].config_filename.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
   workdir = FLAGS.workdir or os.path.join("runs", f"compare_{stem}_{arg.replace(',', '_')}")
   metric = FLAGS.metric or ("eval/rnn_acc" if config.data.episodic else "eval/rnn_nll")
   runs = configs(config)
-  print(f"workdir: {workdir} (smt_dmt/ and bptt/, both on {tokens(runs['bptt']):.3g} tokens)")
+  tokens = experiment.training_tokens(runs["bptt"])
+  print(f"workdir: {workdir} (smt_dmt/ and bptt/, both on {tokens:.3g} tokens)")
   summaries = {}
   for name, c in runs.items():
     print(f"--- {LABELS[name]}", flush=True)
@@ -104,7 +97,12 @@ def main(argv):
       summaries[name] = train.train_and_evaluate(c, os.path.join(workdir, name))
     except train.Preempted as e:  # the checkpoint is saved; rerun the command to resume
       sys.exit(e.exit_code)
-    except (config_checks.ConfigError, checkpoints.WorkdirError, checkpoints.CheckpointError) as e:
+    except (
+      config_checks.ConfigError,
+      checkpoints.WorkdirError,
+      checkpoints.CheckpointError,
+      train.NonFiniteError,
+    ) as e:  # the message says what to fix, as experiments.run says it
       sys.exit(f"error: {e}")
   out = FLAGS.out or os.path.join(workdir, "compare.png")
   plot.plot_runs(
@@ -113,7 +111,7 @@ def main(argv):
     x=["tokens", "seconds"],
     out=out,
     labels=[LABELS[n] for n in runs],
-    title=f"{metric}: SMT->DMT and BPTT on the same {tokens(runs['bptt']):.3g} training tokens",
+    title=f"{metric}: SMT->DMT and BPTT on the same {tokens:.3g} training tokens",
   )
   base = metrics_io.read_summary(os.path.join(workdir, "smt_dmt")).get("baseline/unigram_nll")
   print("--- equal tokens, each method at its config's learning rate")

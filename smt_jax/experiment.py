@@ -71,6 +71,13 @@ def phase_seq_len(config, phase: str) -> int:
   return sum(get_field(config, f) for f in length_fields(config, phase))
 
 
+def training_tokens(config) -> int:
+  """Training tokens over every phase of `config`: steps x batch x sequence length, summed."""
+  return sum(
+    config[p].steps * config[p].batch_size * phase_seq_len(config, p) for p in phase_names(config)
+  )
+
+
 # ---------------------------------------------------------------------------------------------
 # Data.
 

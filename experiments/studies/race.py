@@ -68,17 +68,6 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
   return c
 
 
-def tokens_of(cfg) -> int:
-  from smt_jax import experiment
-
-  return int(
-    sum(
-      cfg[p].steps * cfg[p].batch_size * experiment.phase_seq_len(cfg, p)
-      for p in experiment.phase_names(cfg)
-    )
-  )
-
-
 def curve(workdir: str, key: str) -> dict[str, list[float]]:
   """Held-out `key` against tokens, SeqFLOPs and train seconds (the logged step rates summed)."""
   from smt_jax import metrics_io
@@ -99,6 +88,8 @@ def curve(workdir: str, key: str) -> dict[str, list[float]]:
 
 
 def run(ctx) -> dict:
+  from smt_jax import experiment
+
   r = ctx.budget.race
   cells, rows = [], []
   for workload in r.workloads:
@@ -120,7 +111,7 @@ def run(ctx) -> dict:
             workdir=rec["workdir"],
             nll=float(last["eval/rnn_nll"]),
             acc=float(last["eval/rnn_acc"]) if probe else None,
-            tokens=tokens_of(cfg),
+            tokens=experiment.training_tokens(cfg),
             seqflops=float(sum(common.run_seq_flops(cfg)[0].values())),
             train_s=float(sum(rec["train_s"].values())),
             steps={p: int(cfg[p].steps) for p in rec["steps"]},
