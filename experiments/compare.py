@@ -81,7 +81,7 @@ def main(argv):
 
   config = FLAGS.config
   cli.use_cpu_cores(config)
-  from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
+  from smt_jax import experiment, metrics_io, train
 
   path, _, arg = FLAGS["config"].config_filename.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
@@ -97,12 +97,7 @@ def main(argv):
       summaries[name] = train.train_and_evaluate(c, os.path.join(workdir, name))
     except train.Preempted as e:  # the checkpoint is saved; rerun the command to resume
       sys.exit(e.exit_code)
-    except (
-      config_checks.ConfigError,
-      checkpoints.WorkdirError,
-      checkpoints.CheckpointError,
-      train.NonFiniteError,
-    ) as e:  # the message says what to fix, as experiments.run says it
+    except train.USER_ERRORS as e:  # the message says what to fix; a traceback would bury it
       sys.exit(f"error: {e}")
   out = FLAGS.out or os.path.join(workdir, "compare.png")
   plot.plot_runs(

@@ -71,7 +71,7 @@ def _main(argv):
 
 
 def _train():
-  from smt_jax import checkpoints, config_checks, train  # after distributed init
+  from smt_jax import train  # after distributed init
 
   workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)
@@ -79,12 +79,7 @@ def _train():
     train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork)
   except train.Preempted as e:  # the checkpoint is saved; rerun the command to resume
     sys.exit(e.exit_code)  # 143 (SIGTERM) or 130 (SIGINT), as for a process the signal ended
-  except (
-    config_checks.ConfigError,
-    checkpoints.WorkdirError,
-    checkpoints.CheckpointError,
-    train.NonFiniteError,
-  ) as e:  # the message says what to fix; a traceback would bury it
+  except train.USER_ERRORS as e:  # the message says what to fix; a traceback would bury it
     sys.exit(f"error: {e}")
   # The run has printed its verdict; every number is in {workdir}/summary.json.
 

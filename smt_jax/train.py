@@ -54,6 +54,16 @@ class NonFiniteError(RuntimeError):
   """A loss or gradient became NaN/Inf and the config says to stop."""
 
 
+# What train_and_evaluate raises for a mistake the user can fix: the message says how (a command
+# line prints it as one line, without a traceback).
+USER_ERRORS = (
+  config_checks.ConfigError,
+  checkpoints.WorkdirError,
+  checkpoints.CheckpointError,
+  NonFiniteError,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Hooks:
   """Seams for tests and tools, passed in rather than patched; None keeps the default."""
