@@ -5,7 +5,8 @@
       --config.model.rnn_kind=gru
 
 Rerunning the same command resumes from the latest checkpoint in --workdir (default
-runs/<config name>_<arg>). On multi-host systems every process runs this same command.
+runs/<config name>_<arg>); rerunning it with a phase's steps raised (--config.dmt.steps=600)
+continues the run for longer. On multi-host systems every process runs this same command.
 
 Exit status: 0 when every phase finished; 143 (as for a process ended by SIGTERM) when SIGTERM
 arrived and a checkpoint of the current step was saved first, so that a scheduler restarts the

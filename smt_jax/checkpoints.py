@@ -92,8 +92,13 @@ def save(
   phase_step: int,
   phase: str | None = None,
   skipped_steps: int = 0,
+  opt_state_phase: int | None = None,
 ) -> None:
   """Saves (asynchronously) a checkpoint at global `step`, replacing one already there.
+
+  `opt_state` belongs to phase `phase_index` when `phase_step` > 0; otherwise (a phase boundary)
+  it is None, or the optimiser state of phase `opt_state_phase` (the run's last phase, kept at
+  its end so that a rerun with more steps continues it).
 
   The shell decides when to save, so orbax's own policy is bypassed (`force=True`): without it
   orbax silently skips any step not above its latest, e.g. after a fall-back past an unreadable one.
@@ -110,6 +115,8 @@ def save(
     "phase": phase,
     "skipped_steps": int(skipped_steps),
   }
+  if opt_state is not None and phase_step == 0:
+    meta["opt_state_phase"] = int(opt_state_phase)
   mngr.save(
     step,
     args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -141,8 +148,8 @@ def restore(
     params: the parameters' abstract target (ShapeDtypeStructs with shardings).
     opt_states: per phase, its optimiser state's abstract target (`Phase.abstract_state`).
 
-  Returns None when there is no checkpoint, else {'params', 'opt_state' (None at a phase start),
-  'phase_index', 'phase_step', 'skipped_steps', 'step'}.
+  Returns None when there is no checkpoint, else {'params', 'opt_state' (None at a phase start;
+  at the end of the run, the last phase's), 'phase_index', 'phase_step', 'skipped_steps', 'step'}.
   Falls back past unreadable checkpoints and says so; with `quarantine`, moves those aside once an
   older one has been restored. Raises CheckpointError when checkpoints exist but none is readable,
   or when one was written for a different list of phases or model.
@@ -191,8 +198,9 @@ def restore(
       )
     try:
       target = {"params": params}
-      if ps > 0:
-        target["opt_state"] = opt_states[pi]
+      opt_phase = pi if ps > 0 else meta.get("opt_state_phase")
+      if opt_phase is not None:
+        target["opt_state"] = opt_states[opt_phase]
       restored = read(mngr, step, target)
     except Exception as e:  # noqa: BLE001
       unreadable.append((step, _describe(e)))
@@ -305,7 +313,8 @@ def _barrier(name: str) -> None:
 
 
 def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
-  """Decides what to do with `workdir` without touching it: 'new', 'same', 'overwrite' or 'fork'.
+  """Decides what to do with `workdir` without touching it: 'new', 'same', 'extend' (the config
+  differs from the run's only in raised `<phase>.steps`: continue it), 'overwrite' or 'fork'.
 
   Raises WorkdirError (a ValueError) when the workdir holds a run of a different config (or
   checkpoints of an unknown one) and neither `overwrite` nor `fork` is given.
@@ -322,6 +331,8 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
     old = json.loads(storage.read_text(path))
     if _identity(old) == _identity(new):
       return "same"
+    if raised_steps(old, new) and not (overwrite or fork):
+      return "extend"
     what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
   elif has_checkpoints(workdir):
     what = f"checkpoints but no {CONFIG_FILE} (a run of an unknown config)"
@@ -346,12 +357,67 @@ def _identity(config_json: dict) -> dict:
   return {k: v for k, v in config_json.items() if k not in OBSERVER_SECTIONS}
 
 
+PHASES = ("smt", "dmt", "bptt")
+
+
+def raised_steps(old: dict, new: dict) -> dict[str, tuple[int, int]]:
+  """{phase: (old steps, new steps)} when the configs (as JSON dicts) differ only in raised
+  `<phase>.steps` of phases the new config runs; else {}."""
+  old, new = _identity(old), _identity(new)
+  runs = [p for p in new.get("phases", "").split(",") if p]
+  raised = {}
+  for p in PHASES:
+    a, b = (old.get(p) or {}).get("steps"), (new.get(p) or {}).get("steps")
+    if a != b and p in runs:
+      if not (isinstance(a, int) and isinstance(b, int) and b > a):
+        return {}
+      raised[p] = (a, b)
+      old = dict(old, **{p: dict(old.get(p) or {}, steps=b)})
+  return raised if raised and old == new else {}
+
+
+def continue_raised(restored: dict | None, raised: dict, phases: list[str]) -> list[str]:
+  """A rerun that raised `<phase>.steps` (`raised_steps`): continues the phase the run is in, or
+  its last phase when it had finished (`restored` is moved there, with that phase's optimiser
+  state). Refuses a phase the run is past: what followed started from its end. Returns the
+  lines to say."""
+  if not raised:
+    return []
+  at = restored["phase_index"] if restored else 0
+  finished = at == len(phases)
+  for name, (old, new) in raised.items():
+    i = phases.index(name)
+    if i < at and not (finished and i == at - 1):
+      where = "its end" if finished else f"{phases[at]} step {restored['phase_step']}"
+      raise WorkdirError(
+        f"{name}.steps raised {old} -> {new}, but the run is past {name} (at {where}): what "
+        f"followed started from {name}'s end. Raise the steps of the phase it is in (or of its "
+        f"last phase), or pass --fork to continue its checkpoints, --overwrite to start over."
+      )
+  said = ", ".join(f"{n}.steps {o} -> {m}" for n, (o, m) in raised.items())
+  lines = [
+    f"Continuing the run with {said} (config.json updated, the old one kept as "
+    f"config.<n>.json; learning-rate schedules follow the new lengths)."
+  ]
+  if finished and phases[-1] in raised:
+    restored.update(phase_index=at - 1, phase_step=raised[phases[-1]][0])
+    if restored["opt_state"] is None:  # an end checkpoint written before the end kept it
+      lines.append(f"{phases[-1]}: the run's end kept no optimiser state; it starts afresh.")
+  return lines
+
+
+def read_config(workdir: str) -> dict | None:
+  """The workdir's config.json as a dict (None when there is none)."""
+  path = storage.join(workdir, CONFIG_FILE)
+  return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
 def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main: bool) -> str:
   """Refuses a workdir that holds a run of a different config (unless overwrite or fork).
 
   overwrite: delete the old run and start over. fork: keep its checkpoints and continue them
-  under the new config (the old config is kept as config.<n>.json). Returns the action taken
-  (see `check_workdir`).
+  under the new config (the old config is kept as config.<n>.json, as when it only raised steps).
+  Returns the action taken (see `check_workdir`).
   """
   action = check_workdir(workdir, config, overwrite=overwrite, fork=fork)
   path = storage.join(workdir, CONFIG_FILE)
@@ -361,7 +427,7 @@ def claim_workdir(workdir: str, config, *, overwrite: bool, fork: bool, is_main:
         storage.rmtree(storage.join(workdir, name))
       for name in ("metrics.jsonl", "summary.json", CONFIG_FILE):
         storage.remove(storage.join(workdir, name))
-    elif action == "fork" and storage.exists(path):
+    elif action in ("fork", "extend") and storage.exists(path):
       n = 1
       while storage.exists(storage.join(workdir, f"config.{n}.json")):
         n += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -164,7 +165,12 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
   hooks = hooks or Hooks()
   is_main = jax.process_index() == 0
   config_checks.validate(config)
-  checkpoints.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
+  action = checkpoints.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
+  raised = {}
+  if action == "extend":
+    raised = checkpoints.raised_steps(
+      checkpoints.read_config(workdir), json.loads(config.to_json())
+    )
   with checkpoints.workdir_lock(workdir, is_main=is_main):
     exp = config_checks.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
@@ -183,8 +189,10 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
         quarantine=True,
         is_main=is_main,
       )
+      for line in checkpoints.continue_raised(restored, raised, exp.phases):
+        say(line)
       # The workdir becomes this config's only once its checkpoints are known to fit (a refused
-      # --fork leaves it as it was).
+      # --fork, or steps raised for a phase the run is past, leave it as it was).
       claim()
     except BaseException:
       mngr.close()
@@ -257,18 +265,21 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
         # After SMT's final eval (which scores the RNN's own readout): later phases, samples and
         # the boundary checkpoint use the readout with the teacher decoder's weights.
         pos.params = experiment.copy_decoder_to_readout(pos.params, c.model.rnn_kind)
-      # Phase boundary checkpoint: a restart continues with the next phase.
+      # Phase boundary checkpoint: a restart continues with the next phase. The run's end keeps
+      # its last phase's optimiser state: a rerun with more steps continues that phase.
+      nxt = phases[phase.index + 1].name if phase.index + 1 < len(phases) else None
+      opt_state = pos.opt_state if nxt is None else None
       pos.phase_index, pos.phase_step, pos.skipped, pos.opt_state = phase.index + 1, 0, 0, None
-      nxt = phases[pos.phase_index].name if pos.phase_index < len(phases) else None
       run.writer.flush()
       checkpoints.save(
         run.mngr,
         phase.offset + phase.steps,
         pos.params,
-        None,
+        opt_state,
         phase_index=pos.phase_index,
         phase_step=0,
         phase=nxt,
+        opt_state_phase=phase.index,
       )
       if run.watch.flag and nxt is not None:
         _exit_preempted(run, f"the start of {nxt}")

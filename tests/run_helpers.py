@@ -1,5 +1,6 @@
 """Helpers for the tests that run `python -m experiments.run` in subprocesses: one persistent
-compilation cache for all of them, several processes of one job, and what a finished run holds."""
+compilation cache for all of them, XLA's cheap CPU compile, several processes of one job, and what
+a finished run holds."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from smt_jax import checkpoints, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("steps_per_s", "tokens_per_s")
+# XLA's cheaper CPU compile: these runs are a few steps long, so the time goes into compiling
+# (a 2-process smoke job 42 s against 56 s); every run a test compares with another has them too.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def subprocess_env(tmp_path_factory, **extra) -> dict:
-  """The environment of the runs: this session's compilation cache (shared by xdist workers)."""
+  """The environment of the runs: this session's compilation cache (shared by xdist workers) and
+  XLA's cheap compile."""
   e = dict(os.environ)
   if not e.get("JAX_COMPILATION_CACHE_DIR"):
     base = tmp_path_factory.getbasetemp()
@@ -30,7 +35,7 @@ def subprocess_env(tmp_path_factory, **extra) -> dict:
   e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   e["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, e.get("PYTHONPATH")) if p)
-  e.pop("XLA_FLAGS", None)
+  e["XLA_FLAGS"] = FAST_COMPILE
   e.update(extra)
   return e
 
@@ -50,7 +55,8 @@ class Job:
     self.procs = []
     port = free_port()
     for i in range(processes):
-      e = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+      flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+      e = dict(env, XLA_FLAGS=flags.strip())
       if processes > 1:
         e.update(
           JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",

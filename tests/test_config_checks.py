@@ -525,3 +525,21 @@ def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
         pass
   with checkpoints.workdir_lock(str(tmp_path), is_main=True):  # released on exit
     pass
+
+
+def test_raised_steps_only_when_nothing_else_changed():
+  """A rerun continues its run when it only raised the steps of phases the run has."""
+  as_json = lambda c: json.loads(c.to_json())
+  old = as_json(_config("pixels:smoke", {}))
+  raised = lambda overrides: checkpoints.raised_steps(
+    old, as_json(_config("pixels:smoke", overrides))
+  )
+  assert raised({"dmt.steps": 9}) == {"dmt": (4, 9)}
+  assert raised({"smt.steps": 7, "dmt.steps": 9}) == {"smt": (6, 7), "dmt": (4, 9)}
+  assert raised({"wandb.project": "p", "dmt.steps": 9}) == {"dmt": (4, 9)}  # an observer
+  assert raised({}) == {}
+  assert raised({"dmt.steps": 3}) == {}  # lowered
+  assert raised({"smt.steps": 7, "dmt.steps": 3}) == {}
+  assert raised({"dmt.steps": 9, "dmt.lr": 1e-3}) == {}  # something else too
+  assert raised({"bptt.steps": 9}) == {}  # a phase the run does not have: a different config
+  assert raised({"dmt.steps": 9, "phases": "smt,dmt,bptt"}) == {}

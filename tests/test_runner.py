@@ -11,7 +11,7 @@ from conftest import read_tensorboard
 from tensorboardX.proto import plugin_hparams_pb2
 
 from experiments.configs import pixels, synthetic, text
-from smt_jax import config_checks, experiment, metrics_io, train
+from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
 
 
 def _rows(workdir):
@@ -194,3 +194,42 @@ def test_a_stream_trains_with_the_causal_teacher(tmp_path):
   summary = train.train_and_evaluate(c, str(tmp_path))
   _check_outputs(str(tmp_path), ["smt", "dmt"])
   assert np.isfinite(summary["dmt"]["eval/rnn_prompted_nll"])
+
+
+def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
+  """A finished run rerun with more DMT steps continues DMT from its end, with the optimiser
+  state the end kept: bit for bit the run that had those steps from the start (constant lr, no
+  warm-up, so that the schedule does not depend on the length). Raising SMT's steps once the run
+  is past SMT, or lowering any, is refused and leaves the workdir as it was."""
+  import run_helpers
+
+  def config(smt_steps=6, dmt_steps=4):
+    c = synthetic.get_config("parity,smoke")
+    c.dmt.schedule, c.optim.warmup_frac = "constant", 0.0
+    c.smt.steps, c.dmt.steps = smt_steps, dmt_steps
+    return c
+
+  wd, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+  train.train_and_evaluate(config(), wd)
+  capsys.readouterr()
+  train.train_and_evaluate(config(dmt_steps=8), wd)
+  out = capsys.readouterr().out
+  assert "Continuing the run with dmt.steps 4 -> 8" in out and "at dmt step 4." in out
+  assert "starts afresh" not in out
+  assert json.load(open(f"{wd}/config.1.json"))["dmt"]["steps"] == 4
+  assert json.load(open(f"{wd}/config.json"))["dmt"]["steps"] == 8
+  train.train_and_evaluate(config(dmt_steps=8), ref)
+  (sa, a, _), (sb, b, _) = run_helpers.restore(wd), run_helpers.restore(ref)
+  assert sa == sb == 14
+  la, lb = run_helpers.leaves(a), run_helpers.leaves(b)
+  assert la.keys() == lb.keys() and any("opt_state" in k for k in la)
+  for k in la:
+    np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+  assert run_helpers.rows(wd) == run_helpers.rows(ref)
+
+  saved = open(f"{wd}/config.json").read()
+  with pytest.raises(checkpoints.WorkdirError, match=r"smt.steps raised 6 -> 9, but the run is "):
+    train.train_and_evaluate(config(smt_steps=9, dmt_steps=8), wd)
+  with pytest.raises(checkpoints.WorkdirError, match=r"dmt.steps: 8 -> 6"):
+    train.train_and_evaluate(config(dmt_steps=6), wd)
+  assert open(f"{wd}/config.json").read() == saved and not os.path.exists(f"{wd}/config.2.json")
