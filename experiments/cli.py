@@ -21,7 +21,10 @@ _CONFIGS = os.path.join("experiments", "configs")
 def resolve_config(value: str) -> str:
   """The --config value with its file found: as given (from the working directory), else under
   the checkout's root or its experiments/ (the design card's `configs/pixels.py` is
-  experiments/configs/pixels.py). Raises FlagsError naming the configs when there is no file."""
+  experiments/configs/pixels.py); a run's workdir is its config.json (`configs/saved.py`).
+  Raises FlagsError naming the configs when there is no file."""
+  if os.path.isfile(os.path.join(value, "config.json")):  # a run's workdir: its own config
+    return f"{os.path.join(_CONFIGS, 'saved.py')}:{value}"
   path, sep, arg = value.partition(":")
   for candidate in (path, os.path.join(_ROOT, path), os.path.join(_ROOT, "experiments", path)):
     if os.path.isfile(candidate):
@@ -30,12 +33,26 @@ def resolve_config(value: str) -> str:
   names = [
     f
     for f in sorted(os.listdir(os.path.join(_ROOT, _CONFIGS)))
-    if f.endswith(".py") and "def get_config" in open(os.path.join(_ROOT, _CONFIGS, f)).read()
+    if f.endswith(".py")
+    and "def get_config" in open(os.path.join(_ROOT, _CONFIGS, f)).read()
+    and f != "saved.py"
   ]
   raise FlagsError(
-    f"--config={value}: no such config file; use one of {_CONFIGS}/{{{','.join(names)}}} "
-    f"(e.g. --config={_CONFIGS}/pixels.py)."
+    f"--config={value}: no such config file or run; use one of {_CONFIGS}/{{{','.join(names)}}} "
+    f"(e.g. --config={_CONFIGS}/pixels.py) or a run's workdir."
   )
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<file stem>_<arg>, e.g. runs/pixels_digits for experiments/configs/pixels.py; for
+  `--config=<workdir>` (configs/saved.py), that workdir."""
+  path, _, arg = config_arg.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if stem == "saved":  # a run's own config: that run's workdir
+    return arg
+  module = {"pixels": "digits", "synthetic": "retrieval", "text": "small"}
+  arg = arg or module.get(stem, "default")
+  return os.path.join("runs", f"{stem}_{arg.replace(',', '_')}")
 
 
 def cpu_devices(config, env, cores: int) -> int | None:

@@ -6,7 +6,8 @@
 
 Rerunning the same command resumes from the latest checkpoint in --workdir (default
 runs/<config name>_<arg>); rerunning it with a phase's steps raised (--config.dmt.steps=600)
-continues the run for longer. On multi-host systems every process runs this same command.
+continues the run for longer, and `--config=<workdir>` stands for that run's own config (no
+overrides to retype). On multi-host systems every process runs this same command.
 
 Exit status: 0 when every phase finished; 143 (as for a process ended by SIGTERM) when SIGTERM
 arrived and a checkpoint of the current step was saved first, so that a scheduler restarts the
@@ -16,7 +17,6 @@ typo in an override, a missing config file, a workdir that is a file, cannot be 
 another config's run or is in use) prints one line naming the fix, before anything compiles.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -38,15 +38,6 @@ flags.DEFINE_float(
 )
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
-
-
-def default_workdir(config_arg: str) -> str:
-  """runs/<file stem>_<arg>, e.g. runs/pixels_digits for experiments/configs/pixels.py."""
-  path, _, arg = config_arg.partition(":")
-  stem = os.path.splitext(os.path.basename(path))[0]
-  module = {"pixels": "digits", "synthetic": "retrieval", "text": "small"}
-  arg = arg or module.get(stem, "default")
-  return os.path.join("runs", f"{stem}_{arg.replace(',', '_')}")
 
 
 def main(argv):
@@ -74,7 +65,7 @@ def _main(argv):
 def _train():
   from smt_jax import train  # after distributed init
 
-  workdir = FLAGS.workdir or default_workdir(FLAGS["config"].config_filename)
+  workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)
   try:
     train.train_and_evaluate(FLAGS.config, workdir, overwrite=FLAGS.overwrite, fork=FLAGS.fork)

@@ -74,9 +74,9 @@ def test_each_mistake_is_one_line(tmp_path):
     ),
     "missing config file": (
       ["experiments.run", "--config=experiments/configs/pixel.py"],
-      "--config=experiments/configs/pixel.py: no such config file; use one of "
+      "--config=experiments/configs/pixel.py: no such config file or run; use one of "
       "experiments/configs/{bench.py,pixels.py,synthetic.py,text.py} "
-      "(e.g. --config=experiments/configs/pixels.py).",
+      "(e.g. --config=experiments/configs/pixels.py) or a run's workdir.",
     ),
     "bad config argument": (
       ["experiments.run", "--config=configs/pixels.py:digitz"],

@@ -197,7 +197,8 @@ def test_a_stream_trains_with_the_causal_teacher(tmp_path):
 
 
 def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
-  """A finished run rerun with more DMT steps continues DMT from its end, with the optimiser
+  """A finished run rerun with more DMT steps (its own config read back from the workdir, as
+  `--config=<workdir>` does) continues DMT from its end, with the optimiser
   state the end kept: bit for bit the run that had those steps from the start (constant lr, no
   warm-up, so that the schedule does not depend on the length). Raising SMT's steps once the run
   is past SMT, or lowering any, is refused and leaves the workdir as it was."""
@@ -212,7 +213,15 @@ def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
   wd, ref = str(tmp_path / "run"), str(tmp_path / "ref")
   train.train_and_evaluate(config(), wd)
   capsys.readouterr()
-  train.train_and_evaluate(config(dmt_steps=8), wd)
+  # `--config=<workdir>`: the run's own config, read back (no overrides retyped), raised.
+  from experiments import cli
+  from experiments.configs import saved
+
+  arg = cli.resolve_config(wd)
+  assert arg == f"experiments/configs/saved.py:{wd}" and cli.default_workdir(arg) == wd
+  again = saved.get_config(wd)
+  again.dmt.steps = 8
+  train.train_and_evaluate(again, wd)
   out = capsys.readouterr().out
   assert "Continuing the run with dmt.steps 4 -> 8" in out and "at dmt step 4." in out
   assert "starts afresh" not in out
