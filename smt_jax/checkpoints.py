@@ -58,6 +58,11 @@ class WorkdirBusyError(WorkdirError, RuntimeError):
   """Another live run holds the workdir's lock."""
 
 
+# The run's end keeps its last phase's optimiser state as an item of its own, beside the state
+# (parameters) that every reader restores: only a rerun that raises the steps reads it.
+END_OPT_STATE = "end_opt_state"
+
+
 def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's checkpoint manager. `read_only`: for readers of a run that may be live (samples,
   studies): nothing is created, deleted or cleaned up (a writer's unfinished save is left alone)."""
@@ -76,6 +81,7 @@ def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.Che
       item_handlers={
         "state": ocp.StandardCheckpointHandler(),  # named: metadata is readable
         "meta": ocp.JsonCheckpointHandler(),
+        END_OPT_STATE: ocp.StandardCheckpointHandler(),
       },
     )
   finally:
@@ -98,14 +104,16 @@ def save(
 
   `opt_state` belongs to phase `phase_index` when `phase_step` > 0; otherwise (a phase boundary)
   it is None, or the optimiser state of phase `opt_state_phase` (the run's last phase, kept at
-  its end so that a rerun with more steps continues it).
+  its end, in an item of its own, so that a rerun with more steps continues it).
 
   The shell decides when to save, so orbax's own policy is bypassed (`force=True`): without it
   orbax silently skips any step not above its latest, e.g. after a fall-back past an unreadable one.
   """
-  state = {"params": params}
-  if opt_state is not None:
+  state, items = {"params": params}, {}
+  if opt_state is not None and phase_step > 0:
     state["opt_state"] = opt_state
+  elif opt_state is not None:
+    items[END_OPT_STATE] = ocp.args.StandardSave(opt_state)
   if step in mngr.all_steps():  # e.g. the phase-boundary save at a step a preemption save used
     mngr.wait_until_finished()
     mngr.delete(step)
@@ -119,7 +127,9 @@ def save(
     meta["opt_state_phase"] = int(opt_state_phase)
   mngr.save(
     step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta), **items
+    ),
     force=True,
   )
 
@@ -198,10 +208,14 @@ def restore(
       )
     try:
       target = {"params": params}
-      opt_phase = pi if ps > 0 else meta.get("opt_state_phase")
-      if opt_phase is not None:
-        target["opt_state"] = opt_states[opt_phase]
+      if ps > 0:
+        target["opt_state"] = opt_states[pi]
       restored = read(mngr, step, target)
+      if ps == 0 and meta.get("opt_state_phase") is not None:  # the run's end
+        end = ocp.args.StandardRestore(opt_states[meta["opt_state_phase"]])
+        restored["opt_state"] = mngr.restore(step, args=ocp.args.Composite(**{END_OPT_STATE: end}))[
+          END_OPT_STATE
+        ]
     except Exception as e:  # noqa: BLE001
       unreadable.append((step, _describe(e)))
       _warn_unreadable(mngr, step, e)

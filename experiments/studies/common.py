@@ -86,6 +86,9 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
   c.seed = seed
   c.phases = phases
   _small_model(c, d.width, d.num_memory_tokens, c.model.num_heads if smoke else 4, d.depth)
+  # The recipe these studies' tables were measured with (the digits default before 2026-12-03).
+  c.model.head_dim = 64
+  c.smt.lr, c.smt.schedule, c.dmt.lr = 1e-3, "constant", 3e-4
   c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = d.batch_size
   c.samples.num = d.num_samples
   c.samples.at_eval = False  # the studies draw their own samples, at the end

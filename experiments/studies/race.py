@@ -5,9 +5,10 @@ summed over its phases: the same data), with its own learning rate picked from a
 (`race.lrs`; DMT at `race.dmt_lr_ratio` of SMT's), on the configs a user gets by default:
   smt_dmt   full supervision (`synthetic.py:TASK,T`, the probes' default; `pixels.py:digits,full`):
             every memory of a sequence trained from one causal-teacher pass, a few decoded;
-  earlier   the windowed teacher on few memories (`pixels.py:digits`, the digits default: 2
-            transitions per row; `synthetic.py:TASK,T,earlier`: every transition, Tf = 8, on the
-            authors' task sizes), at `race.earlier_lrs`, on the workloads in `race.earlier`;
+  earlier   the windowed teacher on few memories (`pixels.py:digits` as it was when measured: 2
+            transitions per row, 64-wide heads, constant lr; `synthetic.py:TASK,T,earlier`:
+            every transition, Tf = 8, on the authors' task sizes), at `race.earlier_lrs`, on
+            the workloads in `race.earlier`;
   bptt      the baseline, the same model and batch.
 SMT takes `race.smt_share` of a run's tokens and DMT the rest. Reported per run: the RNN's own
 held-out NLL (and accuracy on a probe) after each phase, the teacher's, the tokens, the SeqFLOPs
@@ -44,6 +45,9 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
   if workload == "digits":
     # BPTT takes the full-supervision config's schedule (cosine decay after a 5% warm-up).
     c = pixels.get_config("digits" + ("" if method == "earlier" else ",full") + smoke)
+    c.model.head_dim = 64  # the model the race was measured on (the default until 2026-12-03)
+    if method == "earlier":
+      c.smt.schedule = "constant"
   else:
     c = synthetic.get_config(f"{workload},{r.length}{flags}")
     c.data.options = dict(synthetic.TASK_OPTIONS[workload])  # the authors' task for every method
