@@ -339,10 +339,8 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
     storage.check_reachable(workdir)
   except storage.StorageError as e:
     raise WorkdirError(str(e)) from None
-  path = storage.join(workdir, CONFIG_FILE)
-  new = json.loads(config.to_json())
-  if storage.exists(path):
-    old = json.loads(storage.read_text(path))
+  new, old = json.loads(config.to_json()), read_config(workdir)
+  if old is not None:
     if _identity(old) == _identity(new):
       return "same"
     if raised_steps(old, new) and not (overwrite or fork):

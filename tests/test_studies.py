@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_helpers
 
 from smt_jax import analysis, objectives
 
@@ -172,7 +173,6 @@ def test_count_flops_and_seq_flops():
 # Compile time dominates a smoke run on CPU: cheaper LLVM settings cut it without changing results
 # beyond float rounding. The study set runs as two processes side by side (one per core): the probe
 # studies, and the digit studies.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 GROUPS = (
   "probes,steps,gradients,drift,length,updaters,scaling,sweep,race",
   "samples,geometry,teachers,length_parity,text,curves",
@@ -200,7 +200,7 @@ def _run_smoke(tmp_path) -> dict:
   """Runs every study at the smoke budget; returns {study: results json + its table as 'md'}."""
   env = dict(
     os.environ,
-    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
+    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + run_helpers.FAST_COMPILE).strip(),
     JAX_PLATFORMS="cpu",
     # Every program into the shared cache: runs of one study rebuild the same steps (new jits).
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
