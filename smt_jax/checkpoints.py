@@ -547,12 +547,15 @@ class Lease:
     self._thread: threading.Thread | None = None
 
   def _read(self) -> dict | None:
-    try:
-      return json.loads(storage.read_text(self.path))
-    except FileNotFoundError:
-      return None
-    except (ValueError, OSError):  # a torn or unreadable lease: nobody holds it validly
-      return None
+    """The lease; None when there is none; {} when it stays unreadable (torn by a dead writer)."""
+    for _ in range(3):
+      try:
+        return json.loads(storage.read_text(self.path))
+      except FileNotFoundError:
+        return None
+      except (ValueError, OSError):  # caught mid-rewrite (a store's put need not be atomic)
+        time.sleep(0.2)
+    return {}
 
   def _write(self) -> None:
     lease = {
@@ -602,7 +605,7 @@ class Lease:
         now = self._read()
         if now is None:
           break  # released
-        if (now.get("owner"), now.get("seq")) != (lease.get("owner"), lease.get("seq")):
+        if now and (now.get("owner"), now.get("seq")) != (lease.get("owner"), lease.get("seq")):
           raise self._busy(now)
       else:
         print(f"Taking over the stale lease of {self._holder(lease)}.", flush=True)
@@ -618,7 +621,7 @@ class Lease:
     while not self._stop.wait(self.ttl_s / 3):
       try:
         now = self._read()
-        if now is not None and now.get("owner") != self.owner:
+        if now and now.get("owner") != self.owner:
           print(
             f"ERROR: another run took over the lease of {self.workdir} ({self._holder(now)}); "
             f"two runs may now write into it. Stop one of them.",
