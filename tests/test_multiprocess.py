@@ -13,7 +13,8 @@ collectives), against 1 process x 4 devices, through `python -m experiments.run`
 
 Cost: a 2-process CPU job compiles every program on both processes (`multihost.initialize`
 turns JAX's persistent cache off there: see why in it), so each costs a full compile; the runs
-are shared between the tests (module fixtures, one xdist worker).
+are shared between the tests (module fixtures, one xdist worker). (b) and (d) add four such jobs
+(about three minutes on 2 cores), so they are `slow`: `pytest -m slow tests/test_multiprocess.py`.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def test_two_processes_equal_one(one, two):
   assert (two / "accuracy.md").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_both_then_rerun_is_bit_identical(base, env, one, two):
   """(b), and (c) from a 2-process checkpoint into 1 process."""
   job = _job(base, "sigterm", env, processes=2)
@@ -142,6 +144,7 @@ def test_one_process_checkpoint_resumes_in_two(base, env, one):
   _assert_same(one, resumed, exact=False)
 
 
+@pytest.mark.slow
 def test_parameters_sharded_across_processes_finish_with_samples(base, env):
   """(d): fsdp 4 spans both processes; samples are drawn from parameters gathered first."""
   extra = ("--config.mesh.fsdp=4", "--config.mesh.data=1", "--config.mesh.fsdp_min_size=0")

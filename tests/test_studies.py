@@ -171,12 +171,11 @@ def test_count_flops_and_seq_flops():
 # The smoke study, end to end.
 
 # Compile time dominates a smoke run on CPU: cheaper LLVM settings cut it without changing results
-# beyond float rounding. The study set runs as two processes side by side (one per core): the probe
-# studies, and the digit studies.
-GROUPS = (
-  "probes,steps,gradients,drift,length,updaters,scaling,sweep,race",
-  "samples,geometry,teachers,length_parity,text,curves",
-)
+# beyond float rounding. The suite runs the studies behind the race and the probes' tables (one
+# process); the others (new model shapes, so new compiles: the scaling sweep alone ~3 min) are
+# `slow`. `pytest -m slow tests/test_studies.py` runs them.
+CORE = "probes,steps,gradients,drift,length,updaters,sweep,race,length_parity,text"
+REST = ("scaling", "samples,geometry,teachers,curves")  # two processes, side by side
 FIGURES = {
   "probes": ["probes.png", "probes_compute.png"],
   "steps": ["steps.png"],
@@ -196,8 +195,9 @@ FIGURES = {
 }
 
 
-def _run_smoke(tmp_path) -> dict:
-  """Runs every study at the smoke budget; returns {study: results json + its table as 'md'}."""
+def _run_smoke(tmp_path, *groups: str) -> dict:
+  """Runs the studies at the smoke budget, a process per group side by side; returns {study:
+  results json + its table as 'md'}."""
   env = dict(
     os.environ,
     XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + run_helpers.FAST_COMPILE).strip(),
@@ -207,7 +207,7 @@ def _run_smoke(tmp_path) -> dict:
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
   procs = []
-  for i, studies in enumerate(GROUPS):
+  for i, studies in enumerate(groups):
     out, runs, log = tmp_path / f"docs{i}", tmp_path / f"runs{i}", tmp_path / f"log{i}.txt"
     with open(log, "w") as f:  # a file, not a pipe: neither process can block on a full pipe
       procs.append(
@@ -269,13 +269,13 @@ def _table_rows(md: str, first_header: str) -> list[list[str]]:
   return rows
 
 
-def test_smoke_studies(tmp_path):
-  """`experiments.studies --study=all --budget=smoke`: every figure and the expected tables."""
+def test_smoke_core_studies(tmp_path):
+  """`experiments.studies --study=<CORE> --budget=smoke`: their figures and expected tables."""
   from experiments.studies import budgets
 
   b = budgets.get_config("smoke")
-  res = _run_smoke(tmp_path)
-  assert set(res) == set(FIGURES)
+  res = _run_smoke(tmp_path, CORE)
+  assert set(res) == set(CORE.split(","))
 
   rows = _table_rows(res["probes"]["md"], "task")
   assert len(rows) == len(b.probes.tasks) * len(b.probes.lengths) * 4
@@ -321,11 +321,6 @@ def test_smoke_studies(tmp_path):
 
   assert [r[0] for r in _table_rows(res["updaters"]["md"], "updater")] == list(b.updaters.kinds)
 
-  rows = _table_rows(res["teachers"]["md"], "task")
-  cells = len(b.teachers.tasks) * len(b.teachers.lengths)
-  assert [r[2] for r in rows] == ["windowed", "causal"] * cells
-  assert all(0.0 <= float(r[3].split()[0]) <= 1.0 for r in rows)  # teacher accuracy
-
   lp = b.length_parity
   rows = _table_rows(res["length_parity"]["md"], "task")
   assert len(rows) == len(lp.tasks) * len(lp.lengths) * 4
@@ -353,6 +348,26 @@ def test_smoke_studies(tmp_path):
     assert c["steps"]["y"] == c["tokens"]["y"] == c["seqflops"]["y"]  # one eval, three x-axes
     assert all(v > u for u, v in zip(c["tokens"]["x"], c["tokens"]["x"][1:]))
     assert r["bits_per_byte"] == pytest.approx(c["steps"]["y"][-1])
+
+  rows = _table_rows(res["sweep"]["md"], "c_dyn")
+  assert [(float(r[0]), float(r[1])) for r in rows] == [
+    (d, u) for d in b.sweep.c_dyn for u in b.sweep.c_unif
+  ]
+
+
+@pytest.mark.slow
+def test_smoke_other_studies(tmp_path):
+  """`experiments.studies --study=<REST> --budget=smoke`: their figures and expected tables."""
+  from experiments.studies import budgets
+
+  b = budgets.get_config("smoke")
+  res = _run_smoke(tmp_path, *REST)
+  assert set(res) == set(",".join(REST).split(","))
+
+  rows = _table_rows(res["teachers"]["md"], "task")
+  cells = len(b.teachers.tasks) * len(b.teachers.lengths)
+  assert [r[2] for r in rows] == ["windowed", "causal"] * cells
+  assert all(0.0 <= float(r[3].split()[0]) <= 1.0 for r in rows)  # teacher accuracy
 
   assert [r[0] for r in _table_rows(res["samples"]["md"], "method")] == ["SMT->DMT", "BPTT"]
   assert set(res["samples"]["results"]) == {"smt_dmt", "bptt"}
@@ -391,11 +406,6 @@ def test_smoke_studies(tmp_path):
     if p["width"] == base[0] and p["depth"] == base[2]:
       for m in ("smt_dmt", "bptt"):
         assert 0 < p[m]["flops_to_target"] <= p[m]["seq_flops"]
-
-  rows = _table_rows(res["sweep"]["md"], "c_dyn")
-  assert [(float(r[0]), float(r[1])) for r in rows] == [
-    (d, u) for d in b.sweep.c_dyn for u in b.sweep.c_unif
-  ]
 
 
 def test_flops_to_reach_is_the_first_crossing_linear_between_evals():
