@@ -40,6 +40,31 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# The longest modules (measured with --durations), handed out first: xdist gives each worker the
+# next test as it frees up, so a 3-minute test collected last leaves one core idle at the end.
+LONGEST_FIRST = (
+  "test_studies.py::test_smoke_core_studies",
+  "test_studies.py",
+  "test_sharding.py",
+  "test_multiprocess.py",
+  "test_benchmark.py",
+  "test_kill_resume.py",
+  "test_cpu_devices.py",
+  "test_object_store.py",
+  "test_causal_teacher.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+
+  def rank(item):
+    here = f"{item.path.name}::{item.name}"
+    return next((i for i, n in enumerate(LONGEST_FIRST) if here.startswith(n)), len(LONGEST_FIRST))
+
+  items.sort(key=rank)  # stable: the same order in every worker
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiny:
   """Sizes of the tiny models, and builders that return (pure functions, parameters)."""

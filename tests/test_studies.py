@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import run_helpers
 
 from smt_jax import analysis, objectives
 
@@ -170,10 +169,10 @@ def test_count_flops_and_seq_flops():
 # -------------------------------------------------------------------------------------------------
 # The smoke study, end to end.
 
-# Compile time dominates a smoke run on CPU: cheaper LLVM settings cut it without changing results
-# beyond float rounding. The suite runs the studies behind the race and the probes' tables (one
-# process); the others (new model shapes, so new compiles: the scaling sweep alone ~3 min) are
-# `slow`. `pytest -m slow tests/test_studies.py` runs them.
+# Compile time dominates a smoke run on CPU (XLA's cheap settings come from conftest). The suite
+# runs the studies behind the race and the probes' tables (one process); the others (new model
+# shapes, so new compiles: the scaling sweep alone ~3 min) are `slow`:
+# `pytest -m slow tests/test_studies.py` runs them.
 CORE = "probes,steps,gradients,drift,length,updaters,sweep,race,length_parity,text"
 REST = ("scaling", "samples,geometry,teachers,curves")  # two processes, side by side
 FIGURES = {
@@ -200,7 +199,6 @@ def _run_smoke(tmp_path, *groups: str) -> dict:
   results json + its table as 'md'}."""
   env = dict(
     os.environ,
-    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + run_helpers.FAST_COMPILE).strip(),
     JAX_PLATFORMS="cpu",
     # Every program into the shared cache: runs of one study rebuild the same steps (new jits).
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
