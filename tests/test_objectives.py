@@ -95,11 +95,6 @@ def toy_teacher(vocab_size: int, k: int, d: int, context_length: int, seed: int 
   return objectives.TeacherFns(encode, decode), params
 
 
-# The heavy programs (grads of teacher + RNN) compile ~2x faster at XLA's backend optimisation
-# level 0, and they run for well under a second anyway.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def nonzero_rows(g: jax.Array) -> set[int]:
   return {int(i) for i in np.nonzero(np.any(np.asarray(g) != 0, axis=-1))[0]}
 
@@ -510,7 +505,7 @@ def test_smt_credit_path_does_not_vanish_with_length(tiny):
     y[:, -1] = rng.integers(0, v, 4)
     batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+    @jax.jit  # XLA's cheap compile: conftest
     def grads(params):
       g_bptt = jax.grad(lambda p: smt_jax.bptt_loss(p, batch, rnn=rfns)[0])(params)
       g_smt = jax.grad(
@@ -562,7 +557,7 @@ def test_every_updater_kind_trains_under_smt(tiny, kind):
   )
   opt = optax.adamw(3e-3, b1=0.9, b2=0.95, weight_decay=0.01)
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit  # XLA's cheap compile: conftest
   def train(params):
     def step(carry, _):
       p, s = carry
