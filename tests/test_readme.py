@@ -36,11 +36,13 @@ def test_readme_snippet_runs_and_its_gradient_trains():
     num_transitions=24,
   )[0]
   params = {"teacher": ns["teacher_params"], "rnn": ns["rnn_params"]}
-  step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.05 * g, p, jax.grad(f)(p)))
-  first = float(f(params))
+  value_and_step = jax.jit(
+    lambda p: (f(p), jax.tree.map(lambda a, g: a - 0.05 * g, p, jax.grad(f)(p)))
+  )
+  first, params = value_and_step(params)
   for _ in range(20):
-    params = step(params)
-  assert float(f(params)) < first
+    last, params = value_and_step(params)
+  assert float(last) < float(first)
 
 
 def test_the_contract_error_the_readme_quotes_is_what_smt_loss_says():
