@@ -36,9 +36,12 @@ def test_readme_snippet_runs_and_its_gradient_trains():
     num_transitions=24,
   )[0]
   params = {"teacher": ns["teacher_params"], "rnn": ns["rnn_params"]}
-  value_and_step = jax.jit(
-    lambda p: (f(p), jax.tree.map(lambda a, g: a - 0.05 * g, p, jax.grad(f)(p)))
-  )
+
+  @jax.jit
+  def value_and_step(p):
+    value, grads = jax.value_and_grad(f)(p)
+    return value, jax.tree.map(lambda a, g: a - 0.05 * g, p, grads)
+
   first, params = value_and_step(params)
   for _ in range(20):
     last, params = value_and_step(params)
