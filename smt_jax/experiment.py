@@ -408,12 +408,10 @@ def make_phase(
   name: str,
   *,
   wrap_loss: Callable | None = None,
-  compiler_options: dict | None = None,
 ) -> Phase:
   """Builds phase `name` of `exp` (nothing is compiled until its step first runs).
 
   wrap_loss: `loss_fn -> loss_fn`, applied before the step is built (a test seam).
-  compiler_options: XLA options for the step (e.g. faster, unoptimised code in tests).
   """
   c = exp.config
   index = exp.phases.index(name)
@@ -435,7 +433,6 @@ def make_phase(
     in_shardings=(state_sharding, exp.batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnums=0,
-    compiler_options=compiler_options,
   )
   return Phase(
     exp=exp,

@@ -24,11 +24,6 @@ from smt_jax.models import CausalTeacher, teacher_fns
 
 KINDS = tuple(sorted(smt_jax.RNN_KINDS))
 V, K, D, T = 7, 3, 16, 9
-# Unoptimised code generation: each program here runs once, so compile time is what counts.
-_fast_jit = functools.partial(
-  jax.jit,
-  compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
-)
 
 
 def _teacher(*, depth=2, window=0, seed=0):
@@ -171,10 +166,10 @@ def test_smt_loss_and_gradients_equal_a_loop_over_prefixes(tiny, num_transitions
   batch = {"x": _x(2, 3, 6), "y": _x(3, 3, 6)}
   key = jax.random.key(4)
   tc = 4  # < T: num_transitions = 1 trains t = Tc-1
-  (l1, m1), g1 = _fast_jit(jax.value_and_grad(_smt(fns, rfns, num_transitions, tc), has_aux=True))(
+  (l1, m1), g1 = jax.jit(jax.value_and_grad(_smt(fns, rfns, num_transitions, tc), has_aux=True))(
     params, batch, key
   )
-  (l2, m2), g2 = _fast_jit(jax.value_and_grad(_smt(loop, rfns, num_transitions, tc), has_aux=True))(
+  (l2, m2), g2 = jax.jit(jax.value_and_grad(_smt(loop, rfns, num_transitions, tc), has_aux=True))(
     params, batch, key
   )
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
@@ -197,10 +192,10 @@ def test_dmt_labels_equal_a_loop_over_prefixes(tiny):
   params = {"teacher": tstate, "rnn": rstate}
   batch = {"x": _x(5, 2, 8), "y": _x(6, 2, 8)}
   kw = dict(rnn=rfns, context_length=3, rollout_length=4, label_every=2)
-  (l1, m1), g1 = _fast_jit(
+  (l1, m1), g1 = jax.jit(
     jax.value_and_grad(lambda p: objectives.dmt_loss(p, batch, teacher=fns, **kw), has_aux=True)
   )(params)
-  (l2, m2), g2 = _fast_jit(
+  (l2, m2), g2 = jax.jit(
     jax.value_and_grad(lambda p: objectives.dmt_loss(p, batch, teacher=loop, **kw), has_aux=True)
   )(params)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)

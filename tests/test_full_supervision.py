@@ -20,10 +20,6 @@ from smt_jax import objectives
 from smt_jax.models import CausalTeacher, teacher_fns
 
 V, K, D, T, TF = 7, 2, 16, 10, 3
-_fast_jit = functools.partial(
-  jax.jit,
-  compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
-)
 
 
 def _sparse_batch(seed=0, batch=3):
@@ -128,7 +124,7 @@ def test_decoding_the_scored_windows_equals_decoding_every_memory(tiny):
   needed = int((_scored_numpy(batch["y"], np.arange(-1, T), TF) > 0).sum(1).max())
   assert needed < T + 1  # some windows are skipped: the test is not vacuous
   key = jax.random.key(5)
-  grad = lambda n: _fast_jit(jax.value_and_grad(_loss(fns, rfns, n), has_aux=True))  # noqa: E731
+  grad = lambda n: jax.jit(jax.value_and_grad(_loss(fns, rfns, n), has_aux=True))  # noqa: E731
   (l_all, m_all), g_all = grad(T + 1)(params, batch, key)
   (l_few, m_few), g_few = grad(needed)(params, batch, key)
   expected = _decoding_loss_by_loop(fns, params, batch)
@@ -140,7 +136,7 @@ def test_decoding_the_scored_windows_equals_decoding_every_memory(tiny):
   (_, m_less), _ = grad(needed - 1)(params, batch, key)
   assert not np.isclose(m_less["decoding_loss"], expected, rtol=1e-5)
   # L_readout reads the decoded memories: with all of them, readout(m_t) against y[t] for every t.
-  _, m_read = _fast_jit(_loss(fns, rfns, T + 1, c_readout=1.0))(params, batch, key)
+  _, m_read = jax.jit(_loss(fns, rfns, T + 1, c_readout=1.0))(params, batch, key)
   mem = fns.encode_all(params["teacher"], batch["x"])
   logp = np.asarray(
     jax.nn.log_softmax(jax.vmap(rfns.readout, (None, 1), 1)(params["rnn"], mem), -1)

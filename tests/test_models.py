@@ -3,8 +3,6 @@ update/readout contract, the Elman and LSTM equations, and transformer readout =
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,7 +98,7 @@ def test_decoder_is_causal_and_position_k_minus_1_reads_only_memory(tiny):
   assert np.max(np.abs(decode(tp, -m, jnp.asarray(xf))[:, 0] - base[:, 0])) > 1e-3
 
 
-@functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+@jax.jit
 def _fit_decoder(leak: jax.Array, steps: int = 120):
   """Trains a tiny decoder; returns its accuracy per future position on fresh data.
 

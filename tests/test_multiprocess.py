@@ -14,7 +14,7 @@ collectives), against 1 process x 4 devices, through `python -m experiments.run`
 Cost: a 2-process CPU job compiles every program on both processes (`multihost.initialize`
 turns JAX's persistent cache off there: see why in it), so each costs a full compile; the runs
 are shared between the tests (module fixtures, one xdist worker). (b) and (d) add four such jobs
-(about four minutes on 2 cores), so they are `slow`: `pytest -m slow tests/test_multiprocess.py`.
+(about two minutes on 2 cores), so they are `slow`: `pytest -m slow tests/test_multiprocess.py`.
 """
 
 from __future__ import annotations

@@ -35,8 +35,6 @@ RTOL, ATOL = 1e-5, 1e-6
 # Of the smoke model's 31 parameter arrays (9 to 12,288 elements), 12 have at least 256 elements:
 # the fsdp steps train with sharded and replicated parameters side by side.
 FSDP_MIN_SIZE = 256
-# Unoptimised LLVM code generation: these programs run twice, so compile time is what counts.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,7 +100,7 @@ def worker(outdir: str) -> dict:
 
   def one_step(exp, params, name, *, sharded: bool):
     c = exp.config
-    phase = experiment.make_phase(exp, name, compiler_options=FAST_COMPILE)
+    phase = experiment.make_phase(exp, name)
     if sharded:  # exactly as the runner does (on a copy: the step donates its input)
       state = phase.init_state(jax.tree.map(lambda a: a.copy(), params))
       batch = phase.batch(0)
@@ -115,9 +113,7 @@ def worker(outdir: str) -> dict:
         phase.source.batch(split="train", step=0, batch_size=phase.batch_size, seed=c.seed), dev
       )
       loss_fn = experiment.make_loss(c, name, exp.fns)
-      fn = jax.jit(
-        experiment.make_train_step(loss_fn, phase.optimizer), compiler_options=FAST_COMPILE
-      )
+      fn = jax.jit(experiment.make_train_step(loss_fn, phase.optimizer))
     time_constraints = (
       _jaxpr_time_constraints(loss_fn, state["params"], batch, key)
       if sharded and name == "smt"

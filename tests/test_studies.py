@@ -171,7 +171,7 @@ def test_count_flops_and_seq_flops():
 
 # Compile time dominates a smoke run on CPU (XLA's cheap settings come from conftest). The suite
 # runs the studies behind the race and the probes' tables (one process); the others (new model
-# shapes, so new compiles: the scaling sweep alone ~3 min) are `slow`:
+# shapes, so new compiles: 157 s against the core's 135 s in a cold suite) are `slow`:
 # `pytest -m slow tests/test_studies.py` runs them.
 CORE = "probes,steps,gradients,drift,length,updaters,sweep,race,length_parity,text"
 REST = ("scaling", "samples,geometry,teachers,curves")  # two processes, side by side
