@@ -97,14 +97,20 @@ def rope_tables(
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotary embedding on x [B, L, H, Dh] with tables [L, R]: dims j < R rotate in adjacent pairs
-  (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin); dims >= R pass through."""
-  rot = cos.shape[-1]
-  cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-  xr = x[..., :rot].astype(jnp.float32)
-  pairs = xr.reshape(*xr.shape[:-1], rot // 2, 2)
-  rotated_half = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xr.shape)
-  out = (xr * cos + rotated_half * sin).astype(x.dtype)
-  return jnp.concatenate([out, x[..., rot:]], axis=-1)
+  (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin); dims >= R pass through.
+
+  Computed as one elementwise expression over the whole head, x * C + swap(x) * S, with the tables
+  widened to Dh (C = 1, S = 0 past R) and swap(x)_2i = -x_2i+1, swap(x)_2i+1 = x_2i taken from
+  x shifted by one dim: the same values as rotating the first R dims and concatenating the rest,
+  without materialising the slices, the interleave and the concatenation (and their gradients).
+  """
+  rot, dh = cos.shape[-1], x.shape[-1]
+  width = lambda t, fill: jnp.pad(t, ((0, 0), (0, dh - rot)), constant_values=fill)
+  cos, sin = width(cos, 1.0)[None, :, None, :], width(sin, 0.0)[None, :, None, :]
+  x32 = x.astype(jnp.float32)
+  pairs = x32.reshape(*x.shape[:-1], dh // 2, 2)
+  swapped = (pairs[..., ::-1] * jnp.array([-1.0, 1.0], jnp.float32)).reshape(x.shape)
+  return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 def _dense(layer: nnx.Linear, x: jax.Array, columns: slice | None = None) -> jax.Array:
@@ -190,10 +196,18 @@ class Attention(nnx.Module):
       linear(inner, width, use_bias=False, dtype=dtype, rngs=rngs) if num_heads > 1 else None
     )
 
+  def project(self, x: jax.Array, which: int) -> jax.Array:
+    """x [..., D] -> the queries (which = 0), keys (1) or values (2), [..., H, Dh], before rotary.
+
+    Each its own product with its third of the fused kernel: one product split three ways costs a
+    concatenation of the three gradients in the backward pass (measured: docs/benchmarks.md)."""
+    inner = self.num_heads * self.head_dim
+    out = _dense(self.qkv, x, slice(which * inner, (which + 1) * inner))
+    return out.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
   def heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [..., D] -> q, k, v [..., H, Dh] (before rotary)."""
-    qkv = self.qkv(x).reshape(*x.shape[:-1], 3 * self.num_heads, self.head_dim)
-    return tuple(jnp.split(qkv, 3, axis=-2))
+    return self.project(x, 0), self.project(x, 1), self.project(x, 2)
 
   def merge_heads(self, out: jax.Array) -> jax.Array:
     """[..., H, Dh] -> [..., D]: the heads concatenated, then the output projection (if any)."""
@@ -220,19 +234,13 @@ class Attention(nnx.Module):
     Returns:
       [B, Q, D], Q the number of query rows.
     """
-    b, seq_len, _ = x.shape
-    h, dh = self.num_heads, self.head_dim
-    inner = h * dh
+    seq_len, dh = x.shape[1], self.head_dim
     cos, sin = rope if rope is not None else rope_tables(jnp.arange(seq_len), dh)
     if queries is None:
       q, k, v = self.heads(x)  # each [B, L, H, Dh]
       q_cos, q_sin = cos, sin
     else:
-      xq = x[:, queries]
-      q = _dense(self.qkv, xq, slice(0, inner)).reshape(b, xq.shape[1], h, dh)  # [B, Q, H, Dh]
-      k, v = jnp.split(
-        _dense(self.qkv, x, slice(inner, 3 * inner)).reshape(b, seq_len, 2 * h, dh), 2, axis=2
-      )
+      q, k, v = self.project(x[:, queries], 0), self.project(x, 1), self.project(x, 2)
       q_cos, q_sin = cos[queries], sin[queries]
       if mask is not None and mask.shape[-2] != 1:
         mask = mask[..., queries, :]
@@ -284,7 +292,8 @@ class Block(nnx.Module):
 
   def feed_forward(self, x: jax.Array) -> jax.Array:
     """x + FF(norm(x)), the block's second half."""
-    return x + self.fc2(jax.nn.gelu(self.fc1(self.mlp_norm(x)), approximate=False))
+    h = self.fc1(self.mlp_norm(x))
+    return x + self.fc2(0.5 * h * (1.0 + jax.lax.erf(h * (0.5**0.5))))
 
 
 class Transformer(nnx.Module):
