@@ -429,7 +429,7 @@ def make_phase(
   }
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(
-    make_train_step(loss_fn, optimizer),
+    sharding.traced_on(exp.mesh, make_train_step(loss_fn, optimizer)),
     in_shardings=(state_sharding, exp.batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnums=0,

@@ -615,19 +615,51 @@ def rollout(
   # prevent_cse=False: scan already keeps iterations apart, and the barrier would block fusion.
   update_step = jax.checkpoint(update, prevent_cse=False) if remat else update
 
-  def step(m, xs):
-    i, x_t = xs
-    if stop_gradient_every is not None:
-      # Cut before update i when i is a multiple of k; with k > 1 the first segment still reaches
-      # the initial memory (truncated BPTT trains it), with k == 1 nothing crosses a step.
-      cut = (i % stop_gradient_every == 0) & ((i > 0) | (stop_gradient_every == 1))
-      m = jnp.where(cut, jax.lax.stop_gradient(m), m)
-    m = update_step(params, m, x_t)
-    return m, m
+  def run(params, memory, inputs):
+    def step(m, xs):
+      i, x_t = xs
+      if stop_gradient_every is not None:
+        # Cut before update i when i is a multiple of k; with k > 1 the first segment still reaches
+        # the initial memory (truncated BPTT trains it), with k == 1 nothing crosses a step.
+        cut = (i % stop_gradient_every == 0) & ((i > 0) | (stop_gradient_every == 1))
+        m = jnp.where(cut, jax.lax.stop_gradient(m), m)
+      m = update_step(params, m, x_t)
+      return m, m
 
-  steps = jnp.arange(inputs.shape[1])
-  _, states = jax.lax.scan(step, memory, (steps, inputs.T), unroll=unroll)  # [L, B, K, d]
-  return jnp.swapaxes(states, 0, 1)
+    steps = jnp.arange(inputs.shape[1])
+    _, states = jax.lax.scan(step, memory, (steps, inputs.T), unroll=unroll)  # [L, B, K, d]
+    return jnp.swapaxes(states, 0, 1)
+
+  return _rows_apart(run, params, memory, inputs)
+
+
+def _rows_apart(run: Callable, params: Params, memory: jax.Array, inputs: jax.Array) -> jax.Array:
+  """run(params, memory, inputs) with each device's rows scanned on their own when the current
+  mesh (`jax.set_mesh`) splits the batch over several devices and B divides evenly.
+
+  Under plain `jit` the parameters' gradient of a scan is a replicated carry of the backward
+  scan, so XLA's partitioner all-reduces every iteration's contribution across the batch devices
+  (a collective per time step). Here the rows are `shard_map`ped over the batch axes and the
+  parameters made device-varying once, before the scan: each device sums its own rows' gradient
+  through the whole unroll and the one all-reduce happens at the end, as for any data-parallel
+  gradient. Same values; without such a mesh, `run` itself.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or memory.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+    return run(params, memory, inputs)
+
+  def local(params, memory, inputs):
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
+    return run(params, memory, inputs)
+
+  rows = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(
+    local,
+    in_specs=(jax.sharding.PartitionSpec(), rows, rows),
+    out_specs=rows,
+    axis_names=set(axes),
+  )(params, memory, inputs)
 
 
 def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Array:

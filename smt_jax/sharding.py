@@ -13,6 +13,7 @@ Everything goes through `jax.jit` with `NamedSharding`s on this mesh (today's fo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -122,3 +123,16 @@ def time_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array] | None:
     return jax.lax.with_sharding_constraint(a, spec)
 
   return constrain
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """fn, traced with `mesh` as the current mesh whoever calls it: library code that asks for it
+  (`jax.sharding.get_abstract_mesh()`, as `objectives.rollout` does) sees the mesh the jitted step
+  runs on, not whatever the caller happened to set."""
+
+  @functools.wraps(fn)
+  def on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return on_mesh
