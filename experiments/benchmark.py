@@ -78,6 +78,13 @@ flags.DEFINE_integer(
   "CPU only: split the host into this many XLA devices "
   "(e.g. one per core; the mesh's data axis takes them). 0: JAX's default.",
 )
+flags.DEFINE_integer(
+  "op_split",
+  0,
+  "After timing, trace this many more steps of each objective with jax.profiler and print where "
+  "their device time went: matmul, layout (copies, transposes, concatenations, pads), "
+  "elementwise, collectives, and the costliest HLO ops (`profiling.op_split`). 0: no trace.",
+)
 flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
 FLAGS = flags.FLAGS
 
@@ -194,12 +201,17 @@ class UniformTokens:
     return source
 
 
-def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
-  """Compiles and times one objective's train step on the config's mesh; returns its stats."""
+def time_objective(
+  config, phase: str, *, steps: int, warmup: int, vocab_size: int = 0, op_split: int = 0
+) -> dict:
+  """Compiles and times one objective's train step on the config's mesh; returns its stats (and,
+  with op_split > 0, `profiling.op_split` of that many more steps, traced)."""
+  import tempfile
+
   import jax
   import numpy as np
 
-  from smt_jax import config_checks, experiment
+  from smt_jax import config_checks, experiment, profiling
 
   config = config.copy_and_resolve_references()
   config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
@@ -245,6 +257,15 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
         t_last, c_last = t_now, c_now
       pending = metrics["loss"]
     loss = float(metrics["loss"])
+    split = None
+    if op_split:
+      with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        for i in range(op_split):
+          state, metrics = compiled(state, batches[i % 2], keys[i % 2])
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        split = profiling.op_split(trace_dir, steps=op_split, devices=exp.mesh.devices.size)
 
   median = float(np.median(times))
   device = jax.devices()[0]
@@ -271,6 +292,7 @@ def time_objective(config, phase: str, *, steps: int, warmup: int, vocab_size: i
     "peak_row": peak_row,
     "dtype": dtype,
     "loss": loss,
+    "op_split": split,
   }
   if phase == "smt":
     n = config.smt.num_transitions
@@ -292,9 +314,13 @@ def count_params(config, vocab_size: int = 0) -> dict:
   return {"n_params_teacher": count(teacher), "n_params_rnn": count(rnn)}
 
 
-def run_objectives(config, objectives, *, steps: int, warmup: int, vocab_size: int = 0) -> dict:
+def run_objectives(
+  config, objectives, *, steps: int, warmup: int, vocab_size: int = 0, op_split: int = 0
+) -> dict:
   out = {
-    p: time_objective(config, p, steps=steps, warmup=warmup, vocab_size=vocab_size)
+    p: time_objective(
+      config, p, steps=steps, warmup=warmup, vocab_size=vocab_size, op_split=op_split
+    )
     for p in objectives
   }
   out.update(count_params(config, vocab_size))
@@ -474,6 +500,23 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def format_op_split(results: dict) -> str:
+  """Per objective: ms per step per device by kind of op, then its costliest HLO ops."""
+  kinds = ("matmul", "layout", "elementwise", "collective")
+  lines = [f"{'objective':<10}" + "".join(f"{k + ' ms':>15}" for k in kinds)]
+  tops = []
+  for p in OBJECTIVES:
+    split = (results.get(p) or {}).get("op_split")
+    if not split:
+      continue
+    total = sum(split[k] for k in kinds)
+    lines.append(
+      f"{p:<10}" + "".join(f"{split[k]:>8.1f} ({100 * split[k] / total:>2.0f}%)" for k in kinds)
+    )
+    tops.append(f"{p} costliest ops: " + ", ".join(f"{n} {ms:.1f}" for n, ms in split["top"][:6]))
+  return "\n".join(lines + tops)
+
+
 def format_seq_sweep(s: dict) -> str:
   lines = [
     f"{'T':>5}{'BPTT s':>10}{'BPTT s/token':>14}{'depth':>7}{'SMT s':>10}"
@@ -562,10 +605,17 @@ def main(argv):
     flush=True,
   )
   results = run_objectives(
-    config, objectives, steps=FLAGS.steps, warmup=FLAGS.warmup, vocab_size=FLAGS.vocab_size
+    config,
+    objectives,
+    steps=FLAGS.steps,
+    warmup=FLAGS.warmup,
+    vocab_size=FLAGS.vocab_size,
+    op_split=FLAGS.op_split,
   )
   results["meta"] = meta
   print(format_table(results), flush=True)
+  if FLAGS.op_split:
+    print(format_op_split(results), flush=True)
   print(
     f"parameters: teacher {results['n_params_teacher']:,}, RNN {results['n_params_rnn']:,}",
     flush=True,

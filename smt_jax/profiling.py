@@ -12,6 +12,12 @@ on one host would otherwise write the same files), which TensorBoard lists as on
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -74,3 +80,50 @@ class StepTrace:
       jax.profiler.stop_trace()
       self.tracing, self.done = False, True
       self.say(f"profile: trace written to {self.log_dir} (tensorboard --logdir={self.log_dir})")
+
+
+# What an XLA CPU thunk's name says it does: its kind, from the HLO op (fusions are named after
+# the ops they fuse). Loops are left out: their own time is that of the thunks they run.
+OP_KINDS = (
+  ("matmul", re.compile(r"^(ynn_fusion|dot|onednn|xnn|custom-call|convolution)")),
+  ("collective", re.compile(r"^(all-reduce|all-gather|reduce-scatter|all-to-all|collective|Rend)")),
+  ("layout", re.compile(r"(transpose|copy|concatenate|pad|slice|gather|scatter|reverse)")),
+  ("loop", re.compile(r"^(while|conditional|call)(\.|$)")),
+)
+NOT_OPS = ("ThunkExecutor", "$", "PjitFunction", "CommonPjRt", "Wait", "end:", "ParseArguments")
+
+
+def op_kind(name: str) -> str:
+  """'matmul', 'collective', 'layout' (copies, transposes, concatenations, pads, slices),
+  'loop', or 'elementwise' (the rest: elementwise fusions, reductions) for a thunk's name."""
+  for kind, pattern in OP_KINDS:
+    if pattern.search(name):
+      return kind
+  return "elementwise"
+
+
+def op_split(log_dir: str, *, steps: int, devices: int = 1) -> dict:
+  """Where the traced steps' device time went, from the Perfetto trace `jax.profiler` wrote under
+  `log_dir` (traced with create_perfetto_trace=True): {kind: ms per step per device} for the kinds
+  of `op_kind` (loops left out), and 'top', the 12 costliest HLO ops (ms per step per device).
+
+  Thunk times are summed over the devices' threads, so with one device running several thunks at
+  once they can add up to more than the wall time; 'collective' includes the waiting for the
+  other devices at each collective.
+  """
+  (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS):
+      per_op[e["name"]] += e["dur"] / 1e3 / steps / devices  # us -> ms per step per device
+  split = collections.Counter()
+  for name, ms in per_op.items():
+    if op_kind(name) != "loop":
+      split[op_kind(name)] += ms
+  return {
+    **{k: split[k] for k in ("matmul", "layout", "elementwise", "collective")},
+    "top": [[name, ms] for name, ms in per_op.most_common(13) if op_kind(name) != "loop"][:12],
+  }

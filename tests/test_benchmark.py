@@ -84,7 +84,7 @@ def _run(tmp_path, *args) -> dict:
 def main_run(tmp_path_factory):
   # The reference's vocabulary, on uniform tokens (a stand-in for data not on the machine); the
   # sweeps below read the config's own data.
-  return _run(tmp_path_factory.mktemp("bench"), "--vocab_size=16")
+  return _run(tmp_path_factory.mktemp("bench"), "--vocab_size=16", "--op_split=2")
 
 
 def test_one_entry_per_objective_with_the_promised_fields(main_run):
@@ -96,6 +96,13 @@ def test_one_entry_per_objective_with_the_promised_fields(main_run):
     assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * r["seq_len"] / r["median_s"])
     assert r["mfu"] is None  # CPU: no peak to compare against
   assert main_run["meta"]["platform"] == "cpu" and main_run["meta"]["dtype"] == "float32"
+
+
+def test_op_split_reads_the_traced_steps(main_run):
+  for phase in ("smt", "dmt", "bptt"):
+    split = main_run[phase]["op_split"]
+    assert split["matmul"] > 0 and split["collective"] == 0, split  # one device: no collectives
+    assert split["top"] and all(ms > 0 for _, ms in split["top"]), split
 
 
 def test_parameter_counts_are_the_reference_formula(main_run):

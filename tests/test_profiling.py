@@ -91,3 +91,52 @@ def test_each_process_of_a_multi_process_job_traces_into_its_own_folder(monkeypa
   monkeypatch.setattr(profiling.jax, "process_index", lambda: 3)
   trace = profiling.StepTrace("gs://b/w/profile/", start_step=0, num_steps=1)
   assert trace.log_dir == "gs://b/w/profile/process_3"
+
+
+@pytest.mark.parametrize(
+  "name, kind",
+  [
+    ("ynn_fusion.197", "matmul"),
+    ("dot.98", "matmul"),
+    ("all-reduce.65", "collective"),
+    ("Rendezvous", "collective"),
+    ("transpose_copy_fusion.16", "layout"),
+    ("slice_concatenate_fusion", "layout"),
+    ("add_pad_fusion.3", "layout"),
+    ("negate_exponential_fusion.4", "elementwise"),
+    ("multiply_add_fusion", "elementwise"),
+    ("while.63", "loop"),
+  ],
+)
+def test_op_kind_reads_xla_thunk_names(name, kind):
+  assert profiling.op_kind(name) == kind
+
+
+def test_op_split_sums_each_kind_per_step_and_device(tmp_path):
+  ev = lambda name, dur: {"ph": "X", "name": name, "dur": dur, "ts": 0, "pid": 1, "tid": 1}
+  events = [
+    ev("ThunkExecutor::Execute", 1e6),  # the executor around the ops: not an op
+    ev("ynn_fusion.1", 3000),
+    ev("dot.2", 1000),
+    ev("transpose_copy_fusion", 2000),
+    ev("add_multiply_fusion", 500),
+    ev("all-reduce.3", 700),
+    ev("while.4", 9000),  # its body's thunks are counted themselves
+    {"ph": "i", "name": "ynn_fusion.1", "ts": 0},  # not a complete event
+  ]
+  run = tmp_path / "plugins" / "profile" / "run"
+  run.mkdir(parents=True)
+  with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  split = profiling.op_split(str(tmp_path), steps=2, devices=2)  # microseconds -> ms/step/device
+  assert split["matmul"] == pytest.approx(1.0)
+  assert split["layout"] == pytest.approx(0.5)
+  assert split["elementwise"] == pytest.approx(0.125)
+  assert split["collective"] == pytest.approx(0.175)
+  assert [n for n, _ in split["top"]] == [
+    "ynn_fusion.1",
+    "transpose_copy_fusion",
+    "dot.2",
+    "all-reduce.3",
+    "add_multiply_fusion",
+  ]
