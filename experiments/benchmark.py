@@ -21,8 +21,10 @@ Per objective the JSON holds `median_s` (per train step), `tokens_per_s` (B*T / 
 `cpu_s` (process CPU seconds per step, all threads: steadier than wall time on a shared machine),
 `flops` (matmul FLOPs of one step, counted on its jaxpr: backward, rematerialisation and every
 scan iteration included), `xla_flops` (XLA's `cost_analysis()`, which counts a while-loop body
-once, so it undercounts DMT and BPTT), `flops_per_s`, and on GPU `mfu` = flops_per_s over the
-peak of the dtype the run used (`PEAK_FLOPS`).
+once, so it undercounts DMT and BPTT, and on several devices counts one device's share),
+`flops_per_s`, on GPU `mfu` = flops_per_s over the peak of the dtype the run used (`PEAK_FLOPS`),
+and with `--op_split=N` `op_split`: N more steps traced with `jax.profiler`, their device time
+per step and device by kind of op (`profiling.op_split`).
 
 Sweeps (`--sweep`):
   seq_len  BPTT at T in --seq_lens, and SMT training every transition of an episode of length T
@@ -33,8 +35,9 @@ Sweeps (`--sweep`):
   devices  the same config on 1, 2, 4, 8 devices (`--device_counts`), one subprocess per count
            with XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU; the devices go to the
            mesh axis `--sweep_axis` (data, fsdp or time).
-`--host_devices=N` runs the main table on N CPU devices: one per core is the fastest split of a
-small model on a small CPU, as the devices run their shards concurrently.
+The main table runs, as the runner does, on one CPU device per core (data-parallel, as many as
+divide the batches) unless the user chose (`--host_devices=N`, XLA_FLAGS, JAX_NUM_CPU_DEVICES,
+config.mesh); the sweeps on one device unless `--host_devices` says otherwise.
 Wall-clock numbers on a shared machine are noisy: compare ratios measured in the same run.
 """
 
@@ -75,8 +78,9 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "host_devices",
   0,
-  "CPU only: split the host into this many XLA devices "
-  "(e.g. one per core; the mesh's data axis takes them). 0: JAX's default.",
+  "CPU only: split the host into this many XLA devices (the mesh's data axis takes them). 0: "
+  "as the runner, one per core dividing the batches for the main table (unless XLA_FLAGS, "
+  "JAX_NUM_CPU_DEVICES or config.mesh say otherwise), one for the sweeps.",
 )
 flags.DEFINE_integer(
   "op_split",
@@ -575,6 +579,10 @@ def main(argv):
       os.environ.get("XLA_FLAGS", "")
       + f" --xla_force_host_platform_device_count={FLAGS.host_devices}"
     )
+  elif not FLAGS.child and FLAGS.sweep is None:
+    from experiments import cli
+
+    cli.use_cpu_cores(config)  # as the runner: one CPU device per core unless the user chose
   if FLAGS.child:
     print(
       json.dumps(
