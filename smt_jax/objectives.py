@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import losses
+from smt_jax import losses, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -602,6 +602,9 @@ def rollout(
 
   Returns:
     states [B, L, K, d]: states[:, i] has read inputs[:, :i+1].
+
+  Under a mesh that splits the batch (`jax.set_mesh`), each device scans its own rows and the
+  parameters' gradient is all-reduced once, after the loop (`_rows_apart`).
   """
   if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
     raise ValueError(f"inputs must be int [B, L], got {inputs.dtype} {inputs.shape}.")
@@ -645,7 +648,7 @@ def _rows_apart(run: Callable, params: Params, memory: jax.Array, inputs: jax.Ar
   gradient. Same values; without such a mesh, `run` itself.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes or memory.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
     return run(params, memory, inputs)
 

@@ -23,7 +23,8 @@ at 1.6-1.8x on an idle machine.
 
 The table gives per phase the reference's and smt-jax's ms/step and the ratio ours/ref, each the
 median over rounds (the ratio is the median of the per-round ratios), against the targets
-SMT <= 0.5x, DMT <= 0.2x, BPTT <= 0.2x, and beside them each side's fastest step over all rounds
+SMT <= 0.7x, DMT <= 0.3x, BPTT <= 0.3x (an earlier, stricter set was 0.5x, 0.2x, 0.2x), and
+beside them each side's fastest step over all rounds
 and their ratio, which load disturbs least. --out writes every round's numbers as JSON.
 
 How the two step times are taken differs slightly: smt-jax dispatches step i+1 before waiting for
@@ -88,7 +89,7 @@ flags.DEFINE_integer("timeout_s", 1800, "Timeout of one benchmark subprocess.")
 FLAGS = flags.FLAGS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TARGETS = {"smt": 0.5, "dmt": 0.2, "bptt": 0.2}  # smt-jax step time / reference step time
+TARGETS = {"smt": 0.7, "dmt": 0.3, "bptt": 0.3}  # smt-jax step time / reference step time
 KEEP = (
   "median_s",
   "p25_s",
