@@ -3,6 +3,8 @@ update/readout contract, the Elman and LSTM equations, and transformer readout =
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,3 +312,37 @@ def test_dot_product_attention_equals_the_explicit_form(masked):
     np.testing.assert_allclose(a, b, atol=1e-5)
   with pytest.raises(ValueError, match="implementation"):
     layers.attend(q, k, v, mask, implementation="flash")
+
+
+def test_rotary_and_gelu_equal_their_textbook_forms():
+  """`rotate` (one elementwise expression over the head) against rotary written out pair by pair
+  with a loop, values and gradients; the feed-forward's GELU against 0.5 x (1 + erf(x / sqrt 2))
+  evaluated in float64."""
+  from smt_jax.models import layers
+
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))  # [B, L, H, Dh], rotated dims R = 4
+  cos, sin = layers.rope_tables(jnp.arange(5), 8)
+
+  def by_pairs(x):
+    out = [x[..., j] for j in range(8)]
+    for i in range(2):  # pairs (0, 1), (2, 3); dims 4..7 pass through
+      a, b = x[..., 2 * i], x[..., 2 * i + 1]
+      c, s = cos[None, :, None, 2 * i], sin[None, :, None, 2 * i]
+      out[2 * i], out[2 * i + 1] = a * c - b * s, b * c + a * s
+    return jnp.stack(out, axis=-1)
+
+  np.testing.assert_allclose(layers.rotate(x, cos, sin), by_pairs(x), rtol=1e-6, atol=1e-6)
+  w = jax.random.normal(jax.random.key(1), x.shape)
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+  np.testing.assert_allclose(
+    grad(lambda x: layers.rotate(x, cos, sin)), grad(by_pairs), rtol=1e-6, atol=1e-6
+  )
+
+  block = layers.Block(4, 1, 4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  block.mlp_norm = lambda h: h  # the feed-forward alone: x + fc2(gelu(fc1(x)))
+  h = jax.random.normal(jax.random.key(2), (3, 4)) * 3
+  k1, b1 = np.float64(block.fc1.kernel[...]), np.float64(block.fc1.bias[...])
+  k2, b2 = np.float64(block.fc2.kernel[...]), np.float64(block.fc2.bias[...])
+  z = np.float64(h) @ k1 + b1
+  gelu = 0.5 * z * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+  np.testing.assert_allclose(block.feed_forward(h), np.float64(h) + gelu @ k2 + b2, atol=2e-6)
