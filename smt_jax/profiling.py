@@ -125,5 +125,5 @@ def op_split(log_dir: str, *, steps: int, devices: int = 1) -> dict:
       split[op_kind(name)] += ms
   return {
     **{k: split[k] for k in ("matmul", "layout", "elementwise", "collective")},
-    "top": [[name, ms] for name, ms in per_op.most_common(13) if op_kind(name) != "loop"][:12],
+    "top": [[name, ms] for name, ms in per_op.most_common() if op_kind(name) != "loop"][:12],
   }

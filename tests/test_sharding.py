@@ -101,11 +101,9 @@ def _loop_collectives(hlo: str) -> int:
       comps[name] = []
     elif name is not None:
       comps[name].append(line)
-  seen, todo = (
-    set(),
-    [b for lines in comps.values() for b in re.findall(r"body=%?([\w.\-]+)", "\n".join(lines))],
-  )
-  count = 0
+  body = r"body=%?([\w.\-]+)"
+  todo = [b for lines in comps.values() for b in re.findall(body, "\n".join(lines))]
+  seen, count = set(), 0
   while todo:
     c = todo.pop()
     if c in seen or c not in comps:
