@@ -100,8 +100,8 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i+1 cos + x_2i sin); dims >= R pass through.
 
   Computed as one elementwise expression over the whole head, x * C + swap(x) * S, with the tables
-  widened to Dh (C = 1, S = 0 past R) and swap(x)_2i = -x_2i+1, swap(x)_2i+1 = x_2i taken from
-  x shifted by one dim: the same values as rotating the first R dims and concatenating the rest,
+  widened to Dh (C = 1, S = 0 past R) and swap(x)_2i = -x_2i+1, swap(x)_2i+1 = x_2i (each pair
+  reversed and signed): the same values as rotating the first R dims and concatenating the rest,
   without materialising the slices, the interleave and the concatenation (and their gradients).
   """
   rot, dh = cos.shape[-1], x.shape[-1]
