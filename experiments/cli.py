@@ -69,7 +69,9 @@ def cpu_devices(config, env, cores: int) -> int | None:
     or (config.mesh.data, config.mesh.fsdp, config.mesh.time) != (-1, 1, 1)
   ):
     return None
-  batches = [config[p].batch_size for p in config.phases.split(",") if p] + [config.eval.batch_size]
+  k = config.optim.get("grad_accum_steps", 1)  # a training batch splits into k micro-batches
+  batches = [config[p].batch_size // k for p in config.phases.split(",") if p]
+  batches.append(config.eval.batch_size)
   return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))
 
 

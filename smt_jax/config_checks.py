@@ -212,6 +212,9 @@ def validate(config, *, check_paths: bool = True) -> None:
       "the size (in elements) from which fsdp shards an array: an integer >= 0 (0: every array).",
     )
 
+  k = experiment.grad_accum_steps(c)
+  if not _is_int(k) or k < 1:
+    _fail("optim.grad_accum_steps", k, "micro-batches per optimiser step: an integer >= 1.")
   for p in phases:
     _positive_int(c, f"{p}.steps")
     _positive_int(c, f"{p}.batch_size")
@@ -565,14 +568,20 @@ def _validate_mesh_shape(config, shape: dict[str, int], num_processes: int) -> N
   phases = phase_names(c)
   b = shape["data"] * shape["fsdp"]
   n = num_processes
+  k = experiment.grad_accum_steps(c)
   for p in phases + ["eval"]:
-    bs = c[p].batch_size
-    if bs % b or bs % n:
+    bs, parts = c[p].batch_size, (1 if p == "eval" else k)
+    if bs % (b * parts) or bs % (n * parts):
+      each = (
+        f"split into optim.grad_accum_steps = {k} micro-batches, each divisible by "
+        if parts > 1
+        else "divisible by "
+      )
       _fail(
         f"{p}.batch_size",
         bs,
-        f"must be divisible by data x fsdp = {b} devices and by {n} processes "
-        f"(config.mesh = {shape}); e.g. {p}.batch_size={_round_up(bs, b, n)}.",
+        f"must be {each}data x fsdp = {b} devices and by {n} processes "
+        f"(config.mesh = {shape}); e.g. {p}.batch_size={_round_up(bs, b * parts, n * parts)}.",
       )
   t = shape["time"]
   if t > 1:

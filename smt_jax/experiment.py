@@ -226,15 +226,56 @@ def make_loss(config, phase: str, fns, constrain_time=None):
   )
 
 
-def make_train_step(loss_fn, optimizer):
+def grad_accum_steps(config) -> int:
+  """`optim.grad_accum_steps` (1 for configs saved before it existed)."""
+  return config.optim.get("grad_accum_steps", 1)
+
+
+def accumulated(loss_fn, accum_steps: int):
+  """loss_fn's value and gradient over a batch as `accum_steps` micro-batches, one at a time.
+
+  (params, batch, key) -> ((loss, metrics), grads), as `jax.value_and_grad(loss_fn, has_aux=True)`:
+  micro-batch j takes rows j, j + k, j + 2k, ... (k = accum_steps; so under data parallelism
+  every device keeps its own rows, B / k divisible by the devices), all with the step's key, and
+  a `lax.scan` over them keeps only one micro-batch's activations alive. Loss, metrics and
+  gradients are the micro-batches' means (`num_*` counts their sums): for a loss that is a mean
+  over rows with the same count of scored targets in each, the full batch's values. Terms over
+  the whole batch (SMT's uniformity, over every memory of the batch) see one micro-batch at a
+  time, as in the reference's accumulation.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn
+
+  def split(a):  # [B, ...] -> [k, B / k, ...], row i of the batch in micro-batch i % k
+    return jnp.moveaxis(a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:]), 1, 0)
+
+  def value_and_grad(params, batch, key):
+    def micro(total, rows):
+      out = grad_fn(params, rows, key)
+      return jax.tree.map(jnp.add, total, out), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, key))
+    total, _ = jax.lax.scan(micro, zero, jax.tree.map(split, batch))
+    (loss, metrics), grads = jax.tree.map(lambda a: a / accum_steps, total)
+    counts = {k: v * accum_steps for k, v in metrics.items() if k.startswith("num_")}
+    return (loss, {**metrics, **counts}), grads
+
+  return value_and_grad
+
+
+def make_train_step(loss_fn, optimizer, accum_steps: int = 1):
   """One optimiser step as a pure function: (state, batch, key) -> (state, metrics).
 
+  With accum_steps > 1 the gradient is accumulated over that many micro-batches of the batch
+  (`accumulated`) before the optimiser's clip and update, as the reference's `grad_accum_steps`.
   Non-finite loss, gradients or update never reach the parameters: the update is dropped and
   `finite` is reported, so the shell can stop (keeping the last good checkpoint) or count the skip.
   """
+  grad_fn = accumulated(loss_fn, accum_steps)
 
   def step(state, batch, key):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
+    (loss, metrics), grads = grad_fn(state["params"], batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -429,7 +470,7 @@ def make_phase(
   }
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(
-    sharding.traced_on(exp.mesh, make_train_step(loss_fn, optimizer)),
+    sharding.traced_on(exp.mesh, make_train_step(loss_fn, optimizer, grad_accum_steps(c))),
     in_shardings=(state_sharding, exp.batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnums=0,

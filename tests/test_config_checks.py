@@ -369,6 +369,18 @@ def test_batch_and_transitions_must_split_over_the_mesh():
   with pytest.raises(ConfigError, match="config.mesh.time = 2: .* no SMT phase"):
     config_checks.validate_with_mesh(c, _mesh(time=2))
   config_checks.validate_with_mesh(_config("pixels:smoke", {}), _mesh(data=4))
+  # Gradient accumulation: each micro-batch (batch_size / k rows) splits over the devices.
+  c = _config("pixels:smoke", {"optim.grad_accum_steps": 2})  # batches of 4
+  with pytest.raises(
+    ConfigError,
+    match=r"config.smt.batch_size = 4: must be split into optim.grad_accum_steps = 2 "
+    r"micro-batches, each divisible by data x fsdp = 4 .* e.g. smt.batch_size=8",
+  ):
+    config_checks.validate_with_mesh(c, _mesh(data=4))
+  config_checks.validate_with_mesh(c, _mesh(data=2))
+  for bad in (0, -2):
+    with pytest.raises(ConfigError, match=f"config.optim.grad_accum_steps = {bad}: micro-batches"):
+      config_checks.validate(_config("pixels:smoke", {"optim.grad_accum_steps": bad}))
 
 
 def test_validate_for_devices_checks_a_described_target_without_its_devices():
@@ -397,7 +409,7 @@ def test_validate_for_devices_checks_a_described_target_without_its_devices():
   assert config_checks.validate_for_devices(c, num_devices=16, num_processes=4)["data"] == 16
 
 
-def test_a_config_saved_before_fsdp_min_size_and_profile_existed_still_builds():
+def test_a_config_saved_before_newer_fields_existed_still_builds():
   # What experiments.sample and the studies read back from an older workdir's config.json.
   c = _config("pixels:smoke", {})
   with c.unlocked():
@@ -407,6 +419,7 @@ def test_a_config_saved_before_fsdp_min_size_and_profile_existed_still_builds():
       del c[p]["schedule"]
     del c.smt["num_decoded"]
     del c.dmt["from_rnn_initial_memory"]
+    del c.optim["grad_accum_steps"]
   exp = config_checks.build_experiment(c)
   assert jax.tree.leaves(exp.abstract_params)
 

@@ -30,6 +30,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 1, 4))  # (data, fsdp, time)
 PHASES = ("smt", "dmt", "bptt")
+ACCUM_PHASES = ("smt", "bptt")  # with optim.grad_accum_steps = 2 on the (8, 1, 1) mesh
 RNN_KIND = os.environ.get("SHARDING_TEST_RNN", "elman")
 RTOL, ATOL = 1e-5, 1e-6
 # Of the smoke model's 31 parameter arrays (9 to 12,288 elements), 12 have at least 256 elements:
@@ -124,10 +125,10 @@ def worker(outdir: str) -> dict:
   from smt_jax import checkpoints, config_checks, experiment
 
   assert jax.device_count() == 8, jax.devices()
-  out = {"devices": jax.device_count(), "steps": {}, "init_excess": {}}
+  out = {"devices": jax.device_count(), "steps": {}, "init_excess": {}, "accum": {}}
   key = jax.random.fold_in(jax.random.key(0), 0)
 
-  def one_step(exp, params, name, *, sharded: bool):
+  def one_step(exp, params, name, *, sharded: bool, inspect: bool = True):
     c = exp.config
     phase = experiment.make_phase(exp, name)
     if sharded:  # exactly as the runner does (on a copy: the step donates its input)
@@ -142,15 +143,17 @@ def worker(outdir: str) -> dict:
         phase.source.batch(split="train", step=0, batch_size=phase.batch_size, seed=c.seed), dev
       )
       loss_fn = experiment.make_loss(c, name, exp.fns)
-      fn = jax.jit(experiment.make_train_step(loss_fn, phase.optimizer))
+      fn = jax.jit(
+        experiment.make_train_step(loss_fn, phase.optimizer, experiment.grad_accum_steps(c))
+      )
     time_constraints = (
       _jaxpr_time_constraints(loss_fn, state["params"], batch, key)
-      if sharded and name == "smt"
+      if sharded and inspect and name == "smt"
       else 0
     )
     loop_collectives = (
       _loop_collectives(fn.lower(state, batch, key).compile().as_text())
-      if sharded and name != "smt"
+      if sharded and inspect and name != "smt"
       else 0
     )
     # Two steps of the same program: the first has learning rate 0 (the warm-up starts at 0), so it
@@ -202,6 +205,22 @@ def worker(outdir: str) -> dict:
         mngr.wait_until_finished()
         saved_host = jax.device_get(saved)
         saved_shards = [a.addressable_shards[0].data.shape for a in leaves]
+
+  # Gradient accumulation, data-parallel: each micro-batch keeps its rows on their devices.
+  c = _config((8, 1, 1))
+  for p in (*PHASES, "eval"):
+    c[p].batch_size = 16
+  c.optim.grad_accum_steps = 2
+  exp_a = config_checks.build_experiment(c)
+  params_a = exp_a.init_params()
+  for phase in ACCUM_PHASES:
+    ref_new, ref_metrics, *_ = one_step(exp_a, params_a, phase, sharded=False)
+    new, metrics, *_ = one_step(exp_a, params_a, phase, sharded=True, inspect=False)
+    out["accum"][phase] = {
+      "loss": float(metrics["loss"]),
+      "ref_loss": float(ref_metrics["loss"]),
+      "params_excess": _tree_excess(jax.device_get(new["params"]), ref_new["params"]),
+    }
 
   # The one-pass causal teacher on the time axis: its gathered memories are split across it.
   c = _config((2, 1, 4))
@@ -285,6 +304,13 @@ def test_sharded_train_step_equals_one_device(results, mesh, phase):
   assert r["metrics_excess"] <= 0, r
   assert r["params_excess"] <= 0, r
   assert r["opt_state_excess"] <= 0, r
+
+
+@pytest.mark.parametrize("phase", ACCUM_PHASES)
+def test_accumulated_step_sharded_equals_one_device(results, phase):
+  r = results["accum"][phase]
+  assert abs(r["loss"] - r["ref_loss"]) <= ATOL + RTOL * abs(r["ref_loss"]), r
+  assert r["params_excess"] <= 0, r
 
 
 @pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])

@@ -48,6 +48,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.decay_all = False  # True: decay biases and norm gains too (the reference's AdamW)
   c.optim.clip_norm = 1.0  # global-norm clip, per model
   c.optim.warmup_frac = 0.01
+  # Each optimiser step as k micro-batches of batch_size / k rows, run one after another and their
+  # gradients averaged before the clip (the reference's grad_accum_steps): a k-th of the memory.
+  c.optim.grad_accum_steps = 1
 
   c.smt = ml_collections.ConfigDict()
   c.smt.steps = 150_000
