@@ -241,7 +241,9 @@ def accumulated(loss_fn, accum_steps: int):
   gradients are the micro-batches' means (`num_*` counts their sums): for a loss that is a mean
   over rows with the same count of scored targets in each, the full batch's values. Terms over
   the whole batch (SMT's uniformity, over every memory of the batch) see one micro-batch at a
-  time, as in the reference's accumulation.
+  time, as in the reference's accumulation. Under data parallelism XLA all-reduces each
+  micro-batch's gradient as it is added (k all-reduces of the gradient per step, not one): the
+  saving is memory; on one accelerator nothing is communicated.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
