@@ -22,7 +22,8 @@ Per objective the JSON holds `median_s` (per train step), `tokens_per_s` (B*T / 
 `flops` (matmul FLOPs of one step, counted on its jaxpr: backward, rematerialisation and every
 scan iteration included), `xla_flops` (XLA's `cost_analysis()`, which counts a while-loop body
 once, so it undercounts DMT and BPTT, and on several devices counts one device's share),
-`flops_per_s`, on GPU `mfu` = flops_per_s over the peak of the dtype the run used (`PEAK_FLOPS`),
+`planned_bytes` (the memory XLA plans for the compiled step, per device), `flops_per_s`, on GPU
+`mfu` = flops_per_s over the peak of the dtype the run used (`PEAK_FLOPS`),
 and with `--op_split=N` `op_split`: N more steps traced with `jax.profiler`, their device time
 per step and device by kind of op (`profiling.op_split`).
 
@@ -52,44 +53,50 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file(
-  "config", "experiments/configs/bench.py", "Path to a config file (and :arg).", lock_config=False
-)
-flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
-flags.DEFINE_list("objectives", ["smt", "dmt", "bptt"], "Which train steps to time.")
-flags.DEFINE_integer("steps", 20, "Timed steps per objective (the median is reported).")
-flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-flags.DEFINE_enum("sweep", None, ["seq_len", "devices", "teacher"], "An optional scaling sweep.")
-flags.DEFINE_list("seq_lens", ["16", "32", "64", "128"], "Sequence lengths of --sweep=seq_len.")
-flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: the config's).")
-flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
-flags.DEFINE_enum(
-  "sweep_axis",
-  "data",
-  ["data", "fsdp", "time"],
-  "--sweep=devices: the mesh axis that takes the devices.",
-)
-flags.DEFINE_integer(
-  "vocab_size",
-  0,
-  "Vocabulary size (0: the config's dataset's; set it to "
-  "time a config whose data is not on this machine, e.g. 257 for mnist).",
-)
-flags.DEFINE_integer(
-  "host_devices",
-  0,
-  "CPU only: split the host into this many XLA devices (the mesh's data axis takes them). 0: "
-  "as the runner, one per core dividing the batches for the main table (unless XLA_FLAGS, "
-  "JAX_NUM_CPU_DEVICES or config.mesh say otherwise), one for the sweeps.",
-)
-flags.DEFINE_integer(
-  "op_split",
-  0,
-  "After timing, trace this many more steps of each objective with jax.profiler and print where "
-  "their device time went: matmul, layout (copies, transposes, concatenations, pads), "
-  "elementwise, collectives, and the costliest HLO ops (`profiling.op_split`). 0: no trace.",
-)
-flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program, so that importing the module
+  (tests, `experiments.device_check`) does not collide with their flags of the same names."""
+  config_flags.DEFINE_config_file(
+    "config", "experiments/configs/bench.py", "Path to a config file (and :arg).", lock_config=False
+  )
+  flags.DEFINE_string("out", None, "Write the results as JSON to this file.")
+  flags.DEFINE_list("objectives", ["smt", "dmt", "bptt"], "Which train steps to time.")
+  flags.DEFINE_integer("steps", 20, "Timed steps per objective (the median is reported).")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+  flags.DEFINE_enum("sweep", None, ["seq_len", "devices", "teacher"], "An optional scaling sweep.")
+  flags.DEFINE_list("seq_lens", ["16", "32", "64", "128"], "Sequence lengths of --sweep=seq_len.")
+  flags.DEFINE_integer("sweep_batch_size", 8, "Batch size of --sweep=seq_len (0: the config's).")
+  flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of --sweep=devices.")
+  flags.DEFINE_enum(
+    "sweep_axis",
+    "data",
+    ["data", "fsdp", "time"],
+    "--sweep=devices: the mesh axis that takes the devices.",
+  )
+  flags.DEFINE_integer(
+    "vocab_size",
+    0,
+    "Vocabulary size (0: the config's dataset's; set it to "
+    "time a config whose data is not on this machine, e.g. 257 for mnist).",
+  )
+  flags.DEFINE_integer(
+    "host_devices",
+    0,
+    "CPU only: split the host into this many XLA devices (the mesh's data axis takes them). 0: "
+    "as the runner, one per core dividing the batches for the main table (unless XLA_FLAGS, "
+    "JAX_NUM_CPU_DEVICES or config.mesh say otherwise), one for the sweeps.",
+  )
+  flags.DEFINE_integer(
+    "op_split",
+    0,
+    "After timing, trace this many more steps of each objective with jax.profiler and print where "
+    "their device time went: matmul, layout (copies, transposes, concatenations, pads), "
+    "elementwise, collectives, and the costliest HLO ops (`profiling.op_split`). 0: no trace.",
+  )
+  flags.DEFINE_bool("child", False, "Internal: a --sweep=devices subprocess (prints JSON).")
+
+
 FLAGS = flags.FLAGS
 
 OBJECTIVES = ("smt", "dmt", "bptt")
@@ -139,6 +146,20 @@ def xla_flops(compiled) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def planned_bytes(compiled) -> int | None:
+  """The memory XLA plans for a compiled program: arguments, outputs and temporaries, less the
+  outputs that reuse donated arguments."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if m is None:
+    return None
+  return int(
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
 
 
 def matmul_flops(jaxpr) -> float:
@@ -290,6 +311,7 @@ def time_objective(
     "steps": steps,
     "flops": flops,
     "xla_flops": xla_flops(compiled),
+    "planned_bytes": planned_bytes(compiled),
     "flops_per_s": flops / median if flops else None,
     "mfu": (flops / median / peak) if (flops and peak) else None,
     "peak_flops": peak,
@@ -678,4 +700,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -8,7 +8,14 @@ reference's at this size. SMT: Tc 64, Tf 32, one transition per sequence. DMT: T
 Td 32, Tf 32, k 4. BPTT: T 64. Data: the 8x8 digits stream without BOS (vocab 17, offline); the
 benchmark times uniform random tokens of that vocabulary, as step time does not depend on them.
 
+`bench.py:paper` is the paper's configuration at parity (`common.base()` with the reference
+recipe: width 256, 16 memory tokens, 8 heads of 64, encoder and RNN depth 8, decoder 4; SMT batch
+128 with Tc 256, Tf 64; DMT batch 32, Td 256, k 16; BPTT batch 128, T 320) in bfloat16, timed
+on 256-token vocabularies (the authors' MNIST): what `experiments.device_check` measures on an
+accelerator. `bench.py:paper,tiny` is its few-second CPU version (the tests').
+
 Commands:
+  python -m experiments.device_check --out=runs/device_check   # the paper config on a GPU/TPU
   python -m experiments.reference.compare_speed --rounds=3   # side by side with the reference
   python -m experiments.benchmark --config=experiments/configs/bench.py --out=bench.json
   python -m experiments.benchmark --config=experiments/configs/bench.py --sweep=seq_len
@@ -18,7 +25,13 @@ from experiments.configs import common
 
 
 def get_config(arg: str = ""):
-  del arg
+  arg, *flags = arg.split(",") if arg else [""]
+  if arg not in ("", "paper") or set(flags) - {"tiny"} or (flags and arg != "paper"):
+    raise ValueError(
+      f"bench.py: unknown argument {arg!r}; use bench.py, bench.py:paper or :paper,tiny."
+    )
+  if arg == "paper":
+    return paper("tiny" in flags)
   c = common.base()
   c.data.name = "digits"  # a real offline stream (crops of the phases' lengths); vocab 17
   c.data.episodic = False
@@ -37,4 +50,23 @@ def get_config(arg: str = ""):
   c.bptt.seq_len = 64
   c.eval.seq_len = 64
   c.eval.prompt_length = 0
+  return c
+
+
+def paper(tiny: bool = False):
+  """The paper's model and phases at parity, in bfloat16 (tiny: a few-second CPU version)."""
+  c = common.base()
+  common.reference_recipe(c)
+  c.data.options.bos = False
+  c.phases = "smt,dmt,bptt"
+  c.model.dtype = "bfloat16"
+  if tiny:
+    common.cpu_model(c, width=16, memory_tokens=2, depth=1)
+    c.model.head_dim = 8
+    for p in ("smt", "dmt", "bptt", "eval"):
+      c[p].batch_size = 4
+    c.smt.context_length, c.smt.future_length = 16, 8
+    c.dmt.rollout_length, c.dmt.label_every = 8, 4
+    c.bptt.seq_len = c.eval.seq_len = 24
+    c.eval.prompt_length = 8
   return c
