@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import jax
 
-from smt_jax import data, experiment, sharding
+from smt_jax import data, experiment, sharding, storage
 from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
 from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
 
@@ -332,6 +332,9 @@ def _validate_path(name: str, path: str, *, check_exists: bool = True) -> None:
     if name != "text":
       _fail("data.path", path, f"hf:// paths are for text; {name} needs {_PATH_DATASETS[name]}.")
     return  # fetched (or found in the hub's cache) when the source is built
+  if data.files.is_object_store(path):
+    _validate_object_store("data.path", path, check_exists=check_exists)
+    return  # staged when the source is built
   if not check_exists:
     return
   if not os.path.exists(path):
@@ -364,8 +367,21 @@ def _validate_eval_path(name: str, path: str, eval_path: str, *, check_exists: b
     if name != "text":
       _fail("data.eval_path", eval_path, "hf:// paths are for text; use a local folder.")
     return
+  if data.files.is_object_store(eval_path):
+    _validate_object_store("data.eval_path", eval_path, check_exists=check_exists)
+    return
   if check_exists and not os.path.exists(eval_path):
     _fail("data.eval_path", eval_path, f"does not exist; it must be {_EVAL_PATH_DATASETS[name]}.")
+
+
+def _validate_object_store(field: str, url: str, *, check_exists: bool) -> None:
+  """An object-store data URL: its store reachable from this install and, if checked, there."""
+  try:
+    storage.check_reachable(url, field=f"config.{field}")
+  except storage.StorageError as e:
+    raise ConfigError(str(e)) from None
+  if check_exists and not storage.exists(url):
+    _fail(field, url, "does not exist; point it at the data (a file or a folder of files).")
 
 
 def _validate_smt(c) -> None:

@@ -87,12 +87,15 @@ def make_source(config) -> data.Source:
   d = config.data
   kwargs = dict(d.options)
   accepted = inspect.signature(data.DATASETS[d.name]).parameters
+  # Object-store data (gs://...) is read from a local copy, staged once per host.
+  local = lambda p, field: data.files.stage(p, field=field) if data.files.is_object_store(p) else p
+  path = local(d.path, "data.path")
   if "path" in accepted:  # text and the sketch sources ("" = the source's default)
-    kwargs["path"] = d.path or None
-  elif "data_dir" in accepted and d.path:  # mnist ("" = tensorflow-datasets)
-    kwargs["data_dir"] = d.path
+    kwargs["path"] = path or None
+  elif "data_dir" in accepted and path:  # mnist ("" = tensorflow-datasets)
+    kwargs["data_dir"] = path
   if d.get("eval_path"):  # config_checks refuses it for sources without an eval_path
-    kwargs["eval_path"] = d.eval_path
+    kwargs["eval_path"] = local(d.eval_path, "data.eval_path")
   if config.data.episodic:
     kwargs["seq_len"] = config.data.seq_len
   return data.make_source(config.data.name, **kwargs)

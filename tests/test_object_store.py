@@ -182,3 +182,54 @@ def test_a_store_without_its_package_is_a_one_line_error():
   with pytest.raises(storage.StorageError, match=r"--workdir=nosuch://b/run: no filesystem"):
     storage.check_reachable("nosuch://b/run")
   storage.check_reachable("/tmp/run")  # local: nothing to check
+
+
+def _corpus(seed: int, n: int = 6_000) -> bytes:
+  rng = np.random.default_rng(seed)
+  words = ["the", "memory", "is", "a", "state", "of", "time", "and", "token", "runs"]
+  return " ".join(words[i] for i in rng.integers(0, len(words), n // 4)).encode()
+
+
+def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, monkeypatch):
+  from experiments.configs import text
+  from smt_jax import config_checks, data, experiment
+
+  monkeypatch.setenv("SMT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "train.txt").write_bytes(_corpus(0))
+  for i in range(2):
+    (tmp_path / "eval" / f"part{i}.txt").write_bytes(_corpus(1 + i))
+  bucket = f"gs://{BUCKET}/data"
+  storage.write_bytes(f"{bucket}/train.txt", _corpus(0))
+  for i in range(2):
+    storage.write_bytes(f"{bucket}/eval/part{i}.txt", _corpus(1 + i))
+
+  def source(path, eval_path):
+    c = text.get_config("smoke")
+    c.data.path, c.data.eval_path = path, eval_path
+    config_checks.validate(c)
+    return c, experiment.make_source(c)
+
+  c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
+  _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"))
+  for split in ("train", "eval"):
+    for step in range(3):
+      a, b = (s.batch(split=split, step=step, batch_size=4, seed=0) for s in (remote, local))
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {step} {k}")
+
+  # Staged once: the copy is reused while the object is unchanged, and replaced when it changes.
+  first = data.files.stage(f"{bucket}/train.txt")
+  assert first.startswith(str(tmp_path / "cache"))
+  stamp = os.stat(first).st_mtime_ns
+  assert data.files.stage(f"{bucket}/train.txt") == first and os.stat(first).st_mtime_ns == stamp
+  storage.write_bytes(f"{bucket}/train.txt", b"new text " * 100)
+  second = data.files.stage(f"{bucket}/train.txt")
+  assert second != first and open(second, "rb").read() == b"new text " * 100
+
+  c.data.path = f"gs://{BUCKET}/nothing-here.txt"
+  with pytest.raises(
+    config_checks.ConfigError,
+    match=f"config.data.path = 'gs://{BUCKET}/nothing-here.txt': does not",
+  ):
+    config_checks.validate(c)

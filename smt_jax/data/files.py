@@ -3,6 +3,10 @@
 - `resolve(path)`: a local path as is; `hf://datasets/<owner>/<name>[@<revision>]/<file>` is
   downloaded once through `huggingface_hub` (into its own cache, `HF_HUB_CACHE`) and its local
   path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
+- `stage(url)`: a file or folder on an object store (`gs://...`, `s3://...`: any store
+  `smt_jax.storage` reaches) copied once into the cache folder and its local path returned; the
+  copy is reused while every object keeps its size and modification time. Each host stages its
+  own copy (the sources then read the rows they need from the local file).
 - `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
   folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
   cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
@@ -20,10 +24,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+from smt_jax import storage
 
 HF_PREFIX = "hf://"
 # hf://datasets/<owner>/<name>[@<revision>]/<path in the repository>
@@ -74,6 +81,63 @@ def resolve(path: str, *, field: str = "data.path") -> str:
       f"({type(e).__name__}: {reason}); connect to the network once (the file is then cached "
       "in HF_HUB_CACHE), or download it and pass its local path."
     ) from None
+
+
+def is_object_store(path: str) -> bool:
+  """True for object-store URLs that `stage` copies (`gs://...`), not hf:// or local paths."""
+  return storage.is_remote(path) and not is_remote(path)
+
+
+def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -> str:
+  """A local copy of the object-store file or folder `url` (see the module docstring).
+
+  Raises:
+    ValueError: the store's package is missing, or `url` does not exist or holds no files, each
+      naming `field` and what to do.
+  """
+  try:
+    storage.check_reachable(url, field=field)
+  except storage.StorageError as e:
+    raise ValueError(str(e)) from None
+  src = storage.path(url)
+  if not src.exists():
+    raise ValueError(f"{field}={url}: does not exist; point it at the data.")
+  if src.is_dir():
+    entries, todo = [], [src]  # walked level by level (object stores refuse a recursive glob)
+    while todo:
+      for p in todo.pop().iterdir():
+        if p.name.startswith("."):
+          continue
+        (todo if p.is_dir() else entries).append(p)
+    entries.sort(key=os.fspath)
+    if not entries:
+      raise ValueError(f"{field}={url}: is a folder with no files in it; point it at the data.")
+  else:
+    entries = [src]
+  stamps = []
+  for p in entries:
+    st = p.stat()
+    stamps.append([os.fspath(p), st.length, st.mtime])
+  digest = hashlib.sha256(json.dumps([CACHE_VERSION, url, stamps]).encode()).hexdigest()[:20]
+  staged = os.path.join(cache_root(cache_dir), "staged", digest)
+  name = src.name or "data"
+  if not os.path.isdir(staged):
+    os.makedirs(os.path.dirname(staged), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(staged), prefix=".tmp-")
+    for p in entries:
+      rel = os.path.relpath(os.fspath(p), os.fspath(src)) if src.is_dir() else ""
+      dest = os.path.join(tmp, name, rel) if rel else os.path.join(tmp, name)
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      with p.open("rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(1 << 24):
+          fout.write(chunk)
+    try:
+      os.rename(tmp, staged)  # atomic; another process staging the same copy may win the race
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if not os.path.isdir(staged):
+        raise
+  return os.path.join(staged, name)
 
 
 def cache_root(cache_dir: str | None = None) -> str:
