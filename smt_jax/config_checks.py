@@ -375,12 +375,15 @@ def _validate_eval_path(name: str, path: str, eval_path: str, *, check_exists: b
 
 
 def _validate_object_store(field: str, url: str, *, check_exists: bool) -> None:
-  """An object-store data URL: its store reachable from this install and, if checked, there."""
+  """An object-store data URL, when it is read from here: its store reachable from this install
+  and the file or folder there (not checked for a launch: it names data the target reads)."""
+  if not check_exists:
+    return
   try:
     storage.check_reachable(url, field=f"config.{field}")
   except storage.StorageError as e:
     raise ConfigError(str(e)) from None
-  if check_exists and not storage.exists(url):
+  if not storage.exists(url):
     _fail(field, url, "does not exist; point it at the data (a file or a folder of files).")
 
 
