@@ -223,3 +223,40 @@ def test_every_rnn_kind_trains_with_the_causal_teacher(tiny, kind):
     params, state, loss = step(params, state)
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("length, window", [(9, 0), (9, 3), (21, 0), (21, 5), (40, 7)])
+def test_fused_attention_path_equals_the_einsum_path(length, window):
+  # model.attention="xla": the context through dot_product_attention's causal window, the
+  # registers in chunks of REGISTER_CHUNK memory times (here 1 to 5 chunks, the last padded);
+  # the explicit einsum form is the definition. Values and gradients, all memories and a few.
+  x = _x(length=length)
+  times = jnp.array([length - 1, 2, -1, 5, 2])
+  out = {}
+  for impl in ("explicit", "xla"):
+    t = CausalTeacher(
+      vocab_size=V,
+      num_memory_tokens=K,
+      width=D,
+      encoder_depth=2,
+      decoder_depth=1,
+      num_heads=2,
+      head_dim=8,
+      window=window,
+      attention=impl,
+      rngs=nnx.Rngs(0),
+    )
+    graphdef, p = nnx.split(t)
+    fns = teacher_fns(graphdef)
+    w = jax.random.normal(jax.random.key(2), (2, length + 1, K, D))
+    loss = lambda p, fns=fns, w=w: jnp.sum(fns.encode_all(p, x) * w)
+    out[impl] = (
+      jax.jit(fns.encode_all)(p, x),
+      jax.jit(fns.encode_at)(p, x, times),
+      jax.jit(jax.grad(loss))(p),
+    )
+  (a_all, a_some, a_grad), (b_all, b_some, b_grad) = out["explicit"], out["xla"]
+  np.testing.assert_allclose(b_all, a_all, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(b_some, a_some, atol=2e-6, rtol=0)
+  for ga, gb in zip(jax.tree.leaves(a_grad), jax.tree.leaves(b_grad)):
+    np.testing.assert_allclose(gb, ga, atol=2e-5, rtol=1e-5)

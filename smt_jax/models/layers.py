@@ -124,6 +124,18 @@ def _dense(layer: nnx.Linear, x: jax.Array, columns: slice | None = None) -> jax
   )
 
 
+def resolve_attention(implementation: str | None) -> str:
+  """`model.attention` as used here: "xla" or "explicit"; "auto" / None is "explicit" on CPU,
+  where it measured faster (docs/benchmarks.md), "xla" elsewhere."""
+  if implementation in (None, "auto"):
+    return "explicit" if jax.default_backend() == "cpu" else "xla"
+  if implementation not in ("explicit", "xla"):
+    raise ValueError(
+      f"attention implementation must be 'auto', 'xla' or 'explicit', got {implementation!r}."
+    )
+  return implementation
+
+
 def attend(
   q: jax.Array,
   k: jax.Array,
@@ -144,16 +156,11 @@ def attend(
   Returns:
     [B, Q, H, Dh].
   """
-  if implementation in (None, "auto"):
-    implementation = "explicit" if jax.default_backend() == "cpu" else "xla"
+  implementation = resolve_attention(implementation)
   scale = q.shape[-1] ** -0.5
   if implementation == "xla":
     return jax.nn.dot_product_attention(
       q, k, v, mask=None if mask is None else mask[:, None], scale=scale
-    )
-  if implementation not in ("explicit", "auto"):
-    raise ValueError(
-      f"attention implementation must be 'auto', 'xla' or 'explicit', got {implementation!r}."
     )
   scores = jnp.einsum(
     "bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32

@@ -157,6 +157,63 @@ def _attend_registers(q, k, v, k_ctx, v_ctx, ctx_mask):
   )
 
 
+# Memory times whose registers read the context together in the fused path (`_read_in_chunks`):
+# its logits are [B, H, REGISTER_CHUNK K, T + REGISTER_CHUNK K] at a time, never [G K, T].
+REGISTER_CHUNK = 8
+
+
+def _attend_context(q, k, v, window: int, implementation: str | None):
+  """The context tokens' causal self-attention (within the last `window` tokens; 0: all), q, k,
+  v [B, T, H, Dh]: through `jax.nn.dot_product_attention` with `is_causal` and
+  `local_window_size` (no mask array; cuDNN's fused kernel on GPUs) when the implementation is
+  "xla", else the explicit form with its [T, T] mask."""
+  if layers.resolve_attention(implementation) == "xla":
+    return jax.nn.dot_product_attention(
+      q,
+      k,
+      v,
+      scale=q.shape[-1] ** -0.5,
+      is_causal=True,
+      local_window_size=(window - 1, 0) if window else None,
+    )
+  pos = jnp.arange(q.shape[1])
+  mask = _near(pos[:, None], pos[None, :], window)[None]
+  return layers.attend(q, k, v, mask, implementation="explicit")
+
+
+def _read_in_chunks(q, k, v, k_ctx, v_ctx, ctx_mask):
+  """`_attend_registers`, REGISTER_CHUNK memory times at a time: each chunk's registers attend
+  to the context and to their own group through `jax.nn.dot_product_attention`, with the chunk's
+  [C K, T + C K] mask; each chunk is rematerialised in the backward pass, so neither pass holds
+  more than one chunk's logits. The same values and gradients as `_attend_registers`."""
+  b, g, kk, h, dh = q.shape
+  t, c = k_ctx.shape[1], min(REGISTER_CHUNK, g)
+  pad = -g % c
+  padded = lambda a: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+  chunks = lambda a: jnp.moveaxis(a.reshape(b, (g + pad) // c, c * kk, *a.shape[3:]), 1, 0)
+  masks = jnp.pad(ctx_mask, ((0, pad), (0, 0))).reshape((g + pad) // c, c, 1, t)
+  group = jnp.arange(c * kk) // kk
+  own_group = group[:, None] == group[None, :]  # [C K, C K]: registers of one memory time
+
+  @jax.checkpoint
+  def read(xs):
+    qc, kc, vc, mc = xs  # [B, C K, H, Dh] x 3, [C, 1, T]
+    to_ctx = jnp.broadcast_to(mc, (c, kk, t)).reshape(c * kk, t)
+    mask = jnp.concatenate([to_ctx, own_group], axis=1)  # [C K, T + C K]
+    return jax.nn.dot_product_attention(
+      qc,
+      jnp.concatenate([k_ctx, kc], axis=1),
+      jnp.concatenate([v_ctx, vc], axis=1),
+      mask=mask[None, None],
+      scale=dh**-0.5,
+    )
+
+  flat = lambda a: chunks(padded(a.reshape(b, g, kk, h, dh)))
+  out = jax.lax.map(read, (flat(q), flat(k), flat(v), masks))  # [G / C, B, C K, H, Dh]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, g + pad, kk, h, dh)
+  return out[:, :g]
+
+
 class CausalTeacher(Teacher):
   """A teacher whose encoder is causal, so that one pass labels every memory of a sequence.
 
@@ -213,24 +270,29 @@ class CausalTeacher(Teacher):
     cos_c, sin_c = layers.rope_tables(pos, dh)
     # The registers of time t sit at positions t+1 .. t+K and read the context as x[t] does.
     cos_r, sin_r = layers.rope_tables((times[:, None] + 1 + jnp.arange(k)).reshape(-1), dh)
-    ctx_mask = _near(pos[:, None], pos[None, :], self.window)[None]  # [1, T, T]
     reg_mask = _near(times[:, None], pos[None, :], self.window)  # [G, T]
 
     def rotate_registers(a):
       return layers.rotate(a.reshape(b, g * k, h, dh), cos_r, sin_r).reshape(b, g, k, h, dh)
 
     last = len(enc.blocks) - 1
+    # "xla" attention: the registers read the context a chunk of memory times at a time.
+    fused = (
+      _read_in_chunks
+      if layers.resolve_attention(enc.blocks[0].attn.implementation) == "xla"
+      else None
+    )
     for i, block in enumerate(enc.blocks):
       attn = block.attn
       q_c, k_c, v_c = attn.heads(block.attn_norm(ctx))  # [B, T, H, Dh]
       q_r, k_r, v_r = attn.heads(block.attn_norm(reg))  # [B, G, K, H, Dh]
       k_c = layers.rotate(k_c, cos_c, sin_c)
-      out = _attend_registers(rotate_registers(q_r), rotate_registers(k_r), v_r, k_c, v_c, reg_mask)
+      read = fused if fused else _attend_registers
+      out = read(rotate_registers(q_r), rotate_registers(k_r), v_r, k_c, v_c, reg_mask)
       reg = block.feed_forward(reg + attn.merge_heads(out))
       if i < last:  # the last block's context outputs would feed nothing
-        out = layers.attend(
-          layers.rotate(q_c, cos_c, sin_c), k_c, v_c, ctx_mask, implementation=attn.implementation
-        )
+        q_c = layers.rotate(q_c, cos_c, sin_c)
+        out = _attend_context(q_c, k_c, v_c, self.window, attn.implementation)
         ctx = block.feed_forward(ctx + attn.merge_heads(out))
     return layers.rms_normalize(enc.final_norm(reg))
 
