@@ -208,7 +208,7 @@ def _read_in_chunks(q, k, v, k_ctx, v_ctx, ctx_mask):
       scale=dh**-0.5,
     )
 
-  flat = lambda a: chunks(padded(a.reshape(b, g, kk, h, dh)))
+  flat = lambda a: chunks(padded(a))
   out = jax.lax.map(read, (flat(q), flat(k), flat(v), masks))  # [G / C, B, C K, H, Dh]
   out = jnp.moveaxis(out, 0, 1).reshape(b, g + pad, kk, h, dh)
   return out[:, :g]
@@ -277,17 +277,13 @@ class CausalTeacher(Teacher):
 
     last = len(enc.blocks) - 1
     # "xla" attention: the registers read the context a chunk of memory times at a time.
-    fused = (
-      _read_in_chunks
-      if layers.resolve_attention(enc.blocks[0].attn.implementation) == "xla"
-      else None
-    )
+    fused = layers.resolve_attention(enc.blocks[0].attn.implementation) == "xla"
+    read = _read_in_chunks if fused else _attend_registers
     for i, block in enumerate(enc.blocks):
       attn = block.attn
       q_c, k_c, v_c = attn.heads(block.attn_norm(ctx))  # [B, T, H, Dh]
       q_r, k_r, v_r = attn.heads(block.attn_norm(reg))  # [B, G, K, H, Dh]
       k_c = layers.rotate(k_c, cos_c, sin_c)
-      read = fused if fused else _attend_registers
       out = read(rotate_registers(q_r), rotate_registers(k_r), v_r, k_c, v_c, reg_mask)
       reg = block.feed_forward(reg + attn.merge_heads(out))
       if i < last:  # the last block's context outputs would feed nothing
