@@ -55,35 +55,39 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("runs", f"{stem}_{arg.replace(',', '_')}")
 
 
-def cpu_devices(config, env, cores: int) -> int | None:
+def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> int | None:
   """How many CPU devices a run gets when nobody said: one per core, data-parallel, as many as
   divide every batch (XLA on CPU runs much of a step on one core). None where the user chose
   (XLA_FLAGS' device count, JAX_NUM_CPU_DEVICES, a mesh in the config) or the job has several
-  processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those."""
+  processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those.
+  `batches`: the batch sizes to divide instead of the config's (config None: a set of runs, e.g.
+  the studies')."""
   from smt_jax import multihost  # no JAX backend is started by importing it
 
   if (
     "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
     or env.get("JAX_NUM_CPU_DEVICES")
     or multihost.wants_distributed(env)
-    or (config.mesh.data, config.mesh.fsdp, config.mesh.time) != (-1, 1, 1)
+    or (config is not None and (config.mesh.data, config.mesh.fsdp, config.mesh.time) != (-1, 1, 1))
   ):
     return None
-  k = config.optim.get("grad_accum_steps", 1)  # a training batch splits into k micro-batches
-  batches = [config[p].batch_size // k for p in config.phases.split(",") if p]
-  batches.append(config.eval.batch_size)
+  if batches is None:
+    k = config.optim.get("grad_accum_steps", 1)  # a training batch splits into k micro-batches
+    batches = [config[p].batch_size // k for p in config.phases.split(",") if p]
+    batches.append(config.eval.batch_size)
   return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))
 
 
-def use_cpu_cores(config) -> None:
+def use_cpu_cores(config, batches: list[int] | None = None) -> None:
   """Gives JAX's CPU backend `cpu_devices` devices (before it starts) and says so."""
-  n = cpu_devices(config, os.environ, len(os.sched_getaffinity(0)))
+  n = cpu_devices(config, os.environ, len(os.sched_getaffinity(0)), batches)
   if n:
     import jax
 
     jax.config.update("jax_num_cpu_devices", n)
     if n > 1 and jax.default_backend() == "cpu" and jax.process_index() == 0:
-      print(f"devices: {n} CPU devices, one per core, data-parallel (--config.mesh.data=1: one)")
+      how = "--config.mesh.data=1" if config is not None else "JAX_NUM_CPU_DEVICES=1"
+      print(f"devices: {n} CPU devices, one per core, data-parallel ({how}: one)")
 
 
 class FlagsError(ValueError):

@@ -1,7 +1,7 @@
 """Both cores by default: a CPU-only run that names no mesh gets one CPU device per core,
-data-parallel; its results equal one device's to float tolerance and its checkpoints restore on
-one device. Whatever the user set (XLA_FLAGS, JAX_NUM_CPU_DEVICES, a mesh, several processes)
-wins."""
+data-parallel (the studies too, as many as divide every batch of their budget); its results equal
+one device's to float tolerance and its checkpoints restore on one device. Whatever the user set
+(XLA_FLAGS, JAX_NUM_CPU_DEVICES, a mesh, several processes) wins."""
 
 import os
 import subprocess
@@ -25,6 +25,19 @@ def test_one_device_per_core_dividing_every_batch():
   c.eval.batch_size = 6
   assert cli.cpu_devices(c, {}, cores=8) == 2
   assert cli.cpu_devices(c, {}, cores=1) == 1
+
+
+def test_the_studies_take_a_device_per_core_dividing_every_budget_batch():
+  from experiments.studies import budgets
+
+  smoke = budgets.batch_sizes(budgets.get_config("smoke"))
+  assert set(smoke) == {4, 8}  # the probes' batches and eval batches, the analyses' sequences
+  assert cli.cpu_devices(None, {}, cores=2, batches=smoke) == 2
+  assert cli.cpu_devices(None, {}, cores=8, batches=smoke) == 4
+  assert cli.cpu_devices(None, {}, cores=2, batches=[4, 7]) == 1
+  assert cli.cpu_devices(None, {"JAX_NUM_CPU_DEVICES": "1"}, cores=2, batches=smoke) is None
+  b = budgets.apply_overrides(budgets.get_config("smoke"), ["probes.batch_size=6"])
+  assert 6 in budgets.batch_sizes(b)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
 from experiments.studies import budgets, registry
 
 flags.DEFINE_string(
@@ -68,9 +69,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   names = registry.resolve(FLAGS.study)
   try:
-    budgets.apply_overrides(budgets.get_config(FLAGS.budget), FLAGS.set)
+    budget = budgets.apply_overrides(budgets.get_config(FLAGS.budget), FLAGS.set)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  cli.use_cpu_cores(None, batches=budgets.batch_sizes(budget))  # as the runner, before JAX starts
   runs = FLAGS.runs or registry.default_runs(FLAGS.budget)
   if FLAGS.compile_cache != "none":
     registry.enable_compile_cache(FLAGS.compile_cache or os.path.join(runs, ".jax_cache"))

@@ -242,6 +242,25 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   return c
 
 
+def batch_sizes(budget) -> list[int]:
+  """Every batch size a budget names (its *batch_size and num_sequences fields, in lists too):
+  what the studies' CPU device count must divide."""
+  found = []
+
+  def visit(node, key=""):
+    if isinstance(node, (dict, ml_collections.ConfigDict)):
+      for k, v in node.items():
+        visit(v, k)
+    elif isinstance(node, (list, tuple)):
+      for v in node:
+        visit(v, key)
+    elif isinstance(node, int) and (key.endswith("batch_size") or key == "num_sequences"):
+      found.append(node)
+
+  visit(budget)
+  return found
+
+
 def apply_overrides(budget: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
   """`--set` values, 'field.path=python literal' each, applied to (a copy of) a budget.
 
