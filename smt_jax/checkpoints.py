@@ -211,7 +211,9 @@ def restore(
       if ps > 0:
         target["opt_state"] = opt_states[pi]
       restored = read(mngr, step, target)
-      if ps == 0 and meta.get("opt_state_phase") is not None:  # the run's end
+      # The run's end keeps its last phase's optimiser state, for that phase to continue (its
+      # steps raised); a phase this config appends after it (--fork) starts afresh.
+      if ps == 0 and meta.get("opt_state_phase") is not None and pi == len(phases):
         end = ocp.args.StandardRestore(opt_states[meta["opt_state_phase"]])
         restored["opt_state"] = mngr.restore(step, args=ocp.args.Composite(**{END_OPT_STATE: end}))[
           END_OPT_STATE

@@ -302,3 +302,18 @@ def test_objectives_reject_wrong_containers_and_batch_sizes():
     objectives.bptt_loss({"rnn": {}}, (x, x), rnn=None)
   with pytest.raises(ValueError, match=r"context must be int \[B, N, Tc\]"):
     objectives.encode_over_time(None, None, x)
+
+
+def test_a_finished_run_forked_with_a_phase_appended_trains_it_afresh(tmp_path):
+  # The end of a run keeps its last phase's optimiser state (so that raising its steps continues
+  # it); a fork that appends a phase starts that phase with its own, fresh optimiser state.
+  wd = str(tmp_path)
+  c = synthetic.get_config("parity,smoke")
+  c.model.rnn_kind = "elman"
+  c.phases = "smt"
+  first = train.train_and_evaluate(c, wd)
+  c.phases = "smt,dmt"
+  summary = train.train_and_evaluate(c, wd, fork=True)
+  assert summary["smt"] == first["smt"]  # SMT is not rerun
+  assert np.isfinite(summary["dmt"]["eval/rnn_nll"])
+  assert summary["dmt/skipped_steps"] == 0
