@@ -251,6 +251,40 @@ def validate(config, *, check_paths: bool = True) -> None:
       f"must be in [0, eval sequence length {t}); 0 turns prompted eval off.",
     )
   _validate_profile(c, phases)
+  _validate_warmup(c, phases, check_paths=check_paths)
+
+
+def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
+  """The length curriculum: episodes, shorter ones, within the first phase, and the short steps'
+  config valid too (its errors named as the warm-up's)."""
+  d = c.data
+  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
+  for f, v in (("data.warmup_steps", w), ("data.warmup_seq_len", t0)):
+    if not _is_int(v) or v < 0:
+      _fail(f, v, "an integer >= 0 (0: no length curriculum).")
+  if not w and not t0:
+    return
+  if not (w and t0):
+    _fail(
+      "data.warmup_steps" if t0 else "data.warmup_seq_len",
+      w if t0 else t0,
+      "set data.warmup_steps and data.warmup_seq_len together (both 0: no length curriculum).",
+    )
+  if not d.episodic:
+    _fail("data.warmup_seq_len", t0, f"{d.name} is a stream: the curriculum shortens episodes.")
+  if not 2 <= t0 < d.seq_len:
+    _fail("data.warmup_seq_len", t0, f"must be in [2, data.seq_len = {d.seq_len}).")
+  first = phases[0]
+  if w > c[first].steps:
+    _fail(
+      "data.warmup_steps",
+      w,
+      f"must be at most the first phase's steps ({first}.steps = {c[first].steps}).",
+    )
+  try:
+    validate(experiment.warmup_config(c), check_paths=check_paths)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (in the warm-up, on episodes of data.warmup_seq_len = {t0})") from None
 
 
 def _validate_optim(c) -> None:

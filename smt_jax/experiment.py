@@ -72,10 +72,38 @@ def phase_seq_len(config, phase: str) -> int:
 
 
 def training_tokens(config) -> int:
-  """Training tokens over every phase of `config`: steps x batch x sequence length, summed."""
-  return sum(
-    config[p].steps * config[p].batch_size * phase_seq_len(config, p) for p in phase_names(config)
-  )
+  """Training tokens over every phase of `config`: steps x batch x sequence length, summed (the
+  first phase's warm-up steps on their shorter episodes)."""
+  names = phase_names(config)
+  total = sum(config[p].steps * config[p].batch_size * phase_seq_len(config, p) for p in names)
+  w, t0 = warmup(config)
+  if w and names:
+    total -= w * config[names[0]].batch_size * (phase_seq_len(config, names[0]) - t0)
+  return total
+
+
+def warmup(config) -> tuple[int, int]:
+  """(data.warmup_steps, data.warmup_seq_len): (0, 0) when off (or in a config saved before)."""
+  d = config.data
+  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
+  return (w, t0) if w and t0 else (0, 0)
+
+
+def warmup_config(config):
+  """The config of the length curriculum's first steps (the first phase's): episodes of
+  data.warmup_seq_len, SMT's context, future and transitions scaled to them (Tc and the
+  transitions capped at T0, Tf in proportion, every transition kept when all were trained)."""
+  c = config.copy_and_resolve_references()
+  t, (_, t0) = c.data.seq_len, warmup(c)
+  s = c.smt
+  s.num_transitions = t0 if s.num_transitions == t else min(s.num_transitions, t0)
+  s.context_length = min(s.context_length, t0)
+  s.future_length = max(1, s.future_length * t0 // t)
+  s.num_decoded = min(s.get("num_decoded", 0), t0 + 1)
+  c.data.seq_len = t0
+  c.data.warmup_seq_len = c.data.warmup_steps = 0
+  c.phases = phase_names(c)[0]  # the phase the warm-up is in
+  return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,10 +455,18 @@ class Phase:
   loss_fn: Callable  # (params, batch, key) -> (loss, metrics), with the mesh's constraints
   abstract_state: dict  # {'params', 'opt_state'}: ShapeDtypeStructs with their shardings
   step: Callable  # jitted, sharded, donated: (state, batch, key) -> (state, metrics)
+  # The length curriculum (`warmup_config`): this phase on the shorter episodes, for its first
+  # warmup_steps steps.
+  warmup: Phase | None = None
+  warmup_steps: int = 0
 
   @property
   def tokens_per_step(self) -> int:
     return self.batch_size * self.source.seq_len
+
+  def at(self, step: int) -> Phase:
+    """The phase that trains step `step` of this one: its warm-up, or itself."""
+    return self.warmup if self.warmup is not None and step < self.warmup_steps else self
 
   def init_state(self, params, opt_state=None) -> dict:
     """{'params', 'opt_state'} in the step's layout; a fresh optimiser state (created sharded)
@@ -473,6 +509,13 @@ def make_phase(
       opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=fsdp_min_size(c))
     ),
   }
+  w, _ = warmup(c)
+  warm = None
+  if index == 0 and w:  # the curriculum's short episodes: the same state, its own step
+    short = warmup_config(c)
+    warm = make_phase(
+      dataclasses.replace(exp, config=short, source=make_source(short)), name, wrap_loss=wrap_loss
+    )
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(
     sharding.traced_on(exp.mesh, make_train_step(loss_fn, optimizer, grad_accum_steps(c))),
@@ -493,6 +536,8 @@ def make_phase(
     loss_fn=loss_fn,
     abstract_state=abstract_state,
     step=step,
+    warmup=warm,
+    warmup_steps=w if warm is not None else 0,
   )
 
 
@@ -551,6 +596,36 @@ def work_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float
     decoded = c.smt.num_decoded or n + 1
     per_row = 3.0 * (windows * fe + n * fu + decoded * (fd + fr))
   return c[phase].batch_size * per_row
+
+
+def step_costs(phases: list[Phase], flops: dict[str, float]) -> tuple:
+  """Per phase: (warm-up steps, (tokens, SeqFLOPs) of one of them, (tokens, SeqFLOPs) of one
+  other step). SeqFLOPs count the serial critical path of one sequence (batch rows run in
+  parallel; the tokens axis counts them), as in `analysis.seq_flops_per_step`."""
+
+  def cost(p: Phase, f) -> tuple[int, float]:
+    return p.tokens_per_step, seq_flops_per_step(p.exp, p.name, f)
+
+  return tuple(
+    (
+      p.warmup_steps,
+      cost(p.warmup, unit_flops(p.warmup.exp)) if p.warmup else (0, 0.0),
+      cost(p, flops),
+    )
+    for p in phases
+  )
+
+
+def progress(config, costs: tuple, index: int, done: int) -> dict:
+  """Tokens seen and SeqFLOPs spent after `done` steps of phase #index, over the whole run
+  (`costs`: `step_costs`)."""
+  tokens, seqflops = 0, 0.0
+  for i, (w, (t0, f0), (t, f)) in enumerate(costs[: index + 1]):
+    n = done if i == index else config[phase_names(config)[i]].steps
+    short = min(n, w)
+    tokens += short * t0 + (n - short) * t
+    seqflops += short * f0 + (n - short) * f
+  return {"tokens": tokens, "seqflops": seqflops}
 
 
 def seq_flops_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float:

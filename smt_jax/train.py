@@ -116,18 +116,12 @@ class _Run:
   tracer: profiling.StepTrace  # config.profile's jax.profiler trace
   console: console.Console  # what the run says on stdout
   unigram_nll: float  # the baseline every eval line is read against
-  # Per phase, (training tokens, SeqFLOPs) of one step: the x-axes runs are compared on.
-  # SeqFLOPs count the serial critical path of one sequence (batch rows run in parallel; the
-  # tokens axis counts them), as in `analysis.seq_flops_per_step`.
-  per_step: tuple[tuple[int, float], ...]
+  # Per phase, the cost of its steps (`experiment.step_costs`): the x-axes runs are compared on.
+  per_step: tuple
 
   def progress(self, phase: experiment.Phase, done: int) -> dict:
     """Tokens seen and SeqFLOPs spent after `done` steps of `phase`, over the whole run."""
-    tokens, flops = 0, 0.0
-    for i, (t, f) in enumerate(self.per_step[: phase.index + 1]):
-      n = done if i == phase.index else self.exp.config[self.exp.phases[i]].steps
-      tokens, flops = tokens + n * t, flops + n * f
-    return {"tokens": tokens, "seqflops": flops}
+    return experiment.progress(self.exp.config, self.per_step, phase.index, done)
 
 
 def train_and_evaluate(
@@ -241,9 +235,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       ),
       console=console.Console(exp, say, flops),
       unigram_nll=evaluation.unigram_nll(exp),
-      per_step=tuple(
-        (p.tokens_per_step, experiment.seq_flops_per_step(exp, p.name, flops)) for p in phases
-      ),
+      per_step=experiment.step_costs(phases, flops),
     )
     try:
       return _train(run, phases, pos, t_start)
@@ -346,8 +338,11 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   for step in range(pos.phase_step, phase.steps):
     gstep = phase.offset + step
     run.tracer.before(gstep)
-    batch = phase.batch(gstep, transform=run.hooks.train_batch)
-    state, metrics = phase.step(state, batch, jax.random.fold_in(base_key, gstep))
+    if phase.warmup is not None and step == phase.warmup_steps:
+      say(f"{name}: episodes of {phase.source.seq_len} tokens from step {step} (compiling)")
+    now = phase.at(step)  # the length curriculum's short episodes first
+    batch = now.batch(gstep, transform=run.hooks.train_batch)
+    state, metrics = now.step(state, batch, jax.random.fold_in(base_key, gstep))
     run.tracer.after(gstep, (state, metrics))
     if pending is not None:
       pos.skipped += _check_finite(c, name, *pending)

@@ -248,3 +248,60 @@ def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
   with pytest.raises(checkpoints.WorkdirError, match=r"dmt.steps: 8 -> 6"):
     train.train_and_evaluate(config(dmt_steps=6), wd)
   assert open(f"{wd}/config.json").read() == saved and not os.path.exists(f"{wd}/config.2.json")
+
+
+@pytest.mark.parametrize("phases", ["smt,dmt", "bptt"])
+def test_a_length_curriculum_trains_the_first_steps_on_shorter_episodes(tmp_path, capsys, phases):
+  # data.warmup_*: the first steps (of SMT, or of BPTT: the same data) on episodes of 8 tokens.
+  c = synthetic.get_config("retrieval,16,smoke")
+  c.phases = phases
+  c.data.warmup_seq_len, c.data.warmup_steps = 8, 3
+  lengths = []
+
+  def train_batch(step, rows):
+    lengths.append((step, rows["x"].shape[1]))
+    return rows
+
+  summary = train.train_and_evaluate(c, str(tmp_path), hooks=train.Hooks(train_batch=train_batch))
+  first = phases.split(",")[0]
+  assert lengths[:4] == [(0, 8), (1, 8), (2, 8), (3, 16)], lengths
+  assert all(t == 16 for _, t in lengths[4:])
+  assert f"{first}: episodes of 16 tokens from step 3 (compiling)" in capsys.readouterr().out
+  assert np.isfinite(summary[first]["eval/rnn_nll"])
+  # Tokens count each step at its own length, and the run's total is training_tokens'.
+  rows = {r["step"]: r for r in _rows(str(tmp_path)) if "loss" in r and r["phase"] == first}
+  b = c[first].batch_size
+  assert rows[2]["tokens"] == 2 * b * 8 and rows[4]["tokens"] == 3 * b * 8 + b * 16
+  last = max(r["tokens"] for r in _rows(str(tmp_path)))
+  assert last == experiment.training_tokens(c)
+  assert experiment.training_tokens(c) < experiment.training_tokens(
+    synthetic.get_config("retrieval,16,smoke")
+  )
+
+
+def test_the_short_episodes_config_scales_smt_lengths():
+  c = synthetic.get_config("retrieval,128")
+  c.data.warmup_seq_len, c.data.warmup_steps = 32, 500
+  s = experiment.warmup_config(c)
+  assert (s.data.seq_len, s.smt.context_length, s.smt.future_length) == (32, 32, 16)
+  assert (s.smt.num_transitions, s.smt.num_decoded, s.data.warmup_steps) == (32, 8, 0)
+  config_checks.validate(c)
+  for field, value, message in [
+    ("data.warmup_seq_len", 128, "must be in [2, data.seq_len = 128)"),
+    ("data.warmup_steps", 10**6, "must be at most the first phase's steps (smt.steps"),
+  ]:
+    bad = c.copy_and_resolve_references()
+    section, name = field.split(".")
+    bad[section][name] = value
+    with pytest.raises(
+      config_checks.ConfigError, match=re.escape(f"config.{field} = {value}: {message}")
+    ):
+      config_checks.validate(bad)
+  stream = pixels.get_config("smoke")
+  stream.data.warmup_seq_len, stream.data.warmup_steps = 8, 2
+  with pytest.raises(config_checks.ConfigError, match="is a stream: the curriculum shortens"):
+    config_checks.validate(stream)
+  half = c.copy_and_resolve_references()
+  half.data.warmup_steps = 0
+  with pytest.raises(config_checks.ConfigError, match="set data.warmup_steps and data.warmup_seq"):
+    config_checks.validate(half)

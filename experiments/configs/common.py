@@ -16,6 +16,11 @@ def base() -> ml_collections.ConfigDict:
   c.data.name = "digits"  # a key of smt_jax.data.DATASETS
   c.data.episodic = False  # True: independent sequences of data.seq_len (the probes)
   c.data.seq_len = 0  # episodic sources only: the episode length T
+  # Episodes: a length curriculum. The first warmup_steps global steps (within the first phase,
+  # whichever it is: SMT and BPTT see the same data) train on episodes of warmup_seq_len tokens,
+  # the phase's lengths scaled to them (`experiment.warmup_config`); 0: off.
+  c.data.warmup_seq_len = 0
+  c.data.warmup_steps = 0
   # text: a file, folder or hf:// path ("" = the built-in corpus); mnist: a folder of IDX files
   # ("" = tensorflow-datasets); image_folder: a folder of images; quickdraw: .npy file(s).
   c.data.path = ""

@@ -19,6 +19,12 @@ initial memory over the whole episode, as its evaluation does, for a number of s
 with T (500 at T = 64); BPTT unrolls the whole episode for as many steps as SMT and DMT together,
 on the same batch: both methods see the same training tokens.
 
+Retrieval longer than 32 tokens trains with a length curriculum (`data.warmup_seq_len` = 32 for
+the first `data.warmup_steps` = 500 steps, SMT's lengths scaled to them; BPTT's first 500 steps
+see the same short episodes), heads of 16 and learning rate 2e-3, SMT 1000 steps: from scratch at
+T = 128 the teacher stayed at chance for 1200 steps, while on 32-token episodes it finds the needle
+within 500 and keeps it at T = 128 (docs/results.md, section 0b).
+
 `showcase` (experiments.compare's default, `synthetic.py:retrieval,32,showcase`) trains SMT 500 +
 DMT 125 steps against BPTT 625, SMT and BPTT at learning rate 2e-3, with heads of 16 (SMT's step
 about twice as fast on a CPU as with the default 64), evaluating every 100 steps: the whole command
@@ -39,6 +45,8 @@ Commands:
 """
 
 from experiments.configs import common
+
+RETRIEVAL_WARMUP = 32  # the episode length of retrieval's length curriculum
 
 TASK_OPTIONS = {  # the authors' sizes
   "retrieval": {"num_tokens": 16},
@@ -105,6 +113,12 @@ def get_config(arg: str = "retrieval"):
     c.smt.future_length = max(1, int(seq_len * f)) if isinstance(f, float) else min(f, seq_len)
     c.smt.steps = 2_000
     c.dmt.steps = max(125, 500 * seq_len // 64)  # the rollout's drift grows with T
+    if task == "retrieval" and seq_len > RETRIEVAL_WARMUP:
+      # A length curriculum: the teacher finds the needle among 32 keys, then keeps it at T.
+      c.data.warmup_seq_len, c.data.warmup_steps = RETRIEVAL_WARMUP, 500
+      c.model.head_dim = 16
+      c.smt.lr = c.bptt.lr = 2e-3
+      c.smt.steps = 1_000
     c.bptt.steps = c.smt.steps + c.dmt.steps  # the same tokens (same T and batch)
   c.eval.every_steps = 500
   if "showcase" in flags:  # experiments.compare's default: under 5 minutes on 2 cores
@@ -122,4 +136,6 @@ def get_config(arg: str = "retrieval"):
   if smoke:
     common.smoke(c)
     c.smt.num_decoded = min(c.smt.num_decoded, 4)
+    if c.data.warmup_steps:
+      c.data.warmup_seq_len, c.data.warmup_steps = min(8, seq_len // 2), 2
   return c
