@@ -362,8 +362,8 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
       if steps_since and dt > 0:  # not measurable when this is the first step after a (re)start
         rate = steps_since / dt
         train_s, train_steps = train_s + dt, train_steps + steps_since
-        row.update(steps_per_s=rate, tokens_per_s=rate * phase.tokens_per_step)
-        msg += f"  {rate:.2f} steps/s  {rate * phase.tokens_per_step:,.0f} tokens/s"
+        row.update(steps_per_s=rate, tokens_per_s=rate * now.tokens_per_step)
+        msg += f"  {rate:.2f} steps/s  {rate * now.tokens_per_step:,.0f} tokens/s"
         run.console.timed(name, train_s / train_steps)
       if done < phase.steps or phase.index + 1 < len(run.exp.phases):
         msg += f"  {run.console.eta(name, done)}".rstrip()
@@ -390,7 +390,8 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   final = _evaluate(run, phase, phase.steps, pos.params)
   if train_steps:  # this process's measured part of the phase (a resumed run: since the restart)
     out[f"{name}/steps_per_s"] = train_steps / train_s
-    out[f"{name}/tokens_per_s"] = train_steps / train_s * phase.tokens_per_step
+    tokens = run.progress(phase, phase.steps)["tokens"] - run.progress(phase, 0)["tokens"]
+    out[f"{name}/tokens_per_s"] = train_steps / train_s * tokens / phase.steps  # the mean step
   out[name] = final
   out[f"{name}/skipped_steps"] = pos.skipped
   return out
