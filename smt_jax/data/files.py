@@ -124,19 +124,22 @@ def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -
   if not os.path.isdir(staged):
     os.makedirs(os.path.dirname(staged), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(staged), prefix=".tmp-")
-    for p in entries:
-      rel = os.path.relpath(os.fspath(p), os.fspath(src)) if src.is_dir() else ""
-      dest = os.path.join(tmp, name, rel) if rel else os.path.join(tmp, name)
-      os.makedirs(os.path.dirname(dest), exist_ok=True)
-      with p.open("rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(1 << 24):
-          fout.write(chunk)
     try:
+      for p in entries:
+        rel = os.path.relpath(os.fspath(p), os.fspath(src)) if src.is_dir() else ""
+        dest = os.path.join(tmp, name, rel) if rel else os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with p.open("rb") as fin, open(dest, "wb") as fout:
+          while chunk := fin.read(1 << 24):
+            fout.write(chunk)
       os.rename(tmp, staged)  # atomic; another process staging the same copy may win the race
     except OSError:
       shutil.rmtree(tmp, ignore_errors=True)
       if not os.path.isdir(staged):
         raise
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)  # a partial copy is never left behind
+      raise
   return os.path.join(staged, name)
 
 
