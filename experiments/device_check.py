@@ -13,9 +13,10 @@ first, then steps in steady state):
 For each: step time, compile time, matmul FLOPs (counted on the step's jaxpr) and MFU against the
 device's peak (`benchmark.PEAK_FLOPS`), the memory XLA plans for the compiled step (arguments,
 outputs and temporaries, `memory_analysis()`), the device's peak memory in use so far (where the
-backend reports it), and (`--fit`, SMT by default) the largest batch that fits: the step compiled
-at the config's batch and at twice it, the memory fitted as fixed + per row, solved for 90% of
-the device's memory (on a CPU, of the machine's RAM): an estimate from XLA's plan, not a run.
+backend reports it; a step that does not fit is reported as such, with its plan), and (`--fit`,
+SMT by default) the largest batch that fits: the step compiled at the config's batch and at twice
+it, the memory fitted as fixed + per row, solved for 90% of the device's memory (on a CPU, of the
+machine's RAM): an estimate from XLA's plan, not a run.
 Writes `<out>/device_check.json` and `<out>/device_check.md` (the table).
 """
 
@@ -131,7 +132,14 @@ def run(config, objectives, *, steps: int, warmup: int, vocab_size: int, fit=())
   for name in objectives:
     c, phase = objective_config(config, name)
     t0 = time.perf_counter()
-    r = benchmark.time_objective(c, phase, steps=steps, warmup=warmup, vocab_size=vocab_size)
+    try:
+      r = benchmark.time_objective(c, phase, steps=steps, warmup=warmup, vocab_size=vocab_size)
+    except jax.errors.JaxRuntimeError as e:  # does not fit: say so, and still plan its memory
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      b = c[phase].batch_size
+      r = {"error": str(e).splitlines()[0], "batch_size": b, "seq_len": None}
+      r["planned_bytes"] = benchmark.planned_bytes(compiled_step(c, phase, b, vocab_size))
     r["peak_bytes_so_far"] = device_memory()["peak"]
     if name in fit:
       r.update(largest_batch(c, phase, vocab_size, mem["limit"], r["planned_bytes"]))
@@ -151,6 +159,11 @@ def format_row(name: str, r: dict) -> str:
   gb = lambda v: "-" if v is None else f"{v / 2**30:.2f}"
   mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
   fits = "-" if r.get("largest_batch") is None else f"{r['largest_batch']:,}"
+  if "error" in r:
+    return (
+      f"| {name} | {r['batch_size']} | - | out of memory | - | - | - | "
+      f"{gb(r.get('planned_bytes'))} | {gb(r.get('peak_bytes_so_far'))} | {fits} |"
+    )
   return (
     f"| {name} | {r['batch_size']} | {r['seq_len']} | {1e3 * r['median_s']:.1f} | "
     f"{r['compile_s']:.1f} | {r['flops'] / 1e9:.3g} | {mfu} | {gb(r.get('planned_bytes'))} | "

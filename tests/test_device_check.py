@@ -51,3 +51,19 @@ def test_the_table_has_a_row_per_objective(results, tmp_path):
 def test_smt_full_is_the_fair_race_recipe():
   c, phase = device_check.objective_config(bench.paper(tiny=True), "smt_full")
   assert phase == "smt" and c.model.teacher_kind == "causal" and c.smt.num_decoded == 8
+
+
+def test_a_step_that_does_not_fit_is_reported_with_its_plan(monkeypatch):
+  import jax
+
+  from experiments import benchmark
+
+  def out_of_memory(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 27213105600 bytes."
+    )
+
+  monkeypatch.setattr(benchmark, "time_objective", out_of_memory)
+  r = device_check.run(bench.paper(tiny=True), ["bptt"], steps=1, warmup=0, vocab_size=256)
+  assert r["bptt"]["error"].startswith("RESOURCE_EXHAUSTED") and r["bptt"]["planned_bytes"] > 0
+  assert "| bptt | 4 | - | out of memory |" in device_check.markdown(r)

@@ -200,6 +200,9 @@ def _run_smoke(tmp_path, *groups: str) -> dict:
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
+    # One CPU device: the two test workers already take both cores (the studies' default of one
+    # device per core is tested in test_cpu_devices.py).
+    JAX_NUM_CPU_DEVICES="1",
     # Every program into the shared cache: runs of one study rebuild the same steps (new jits).
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
