@@ -26,7 +26,7 @@ KINDS = tuple(sorted(smt_jax.RNN_KINDS))
 V, K, D, T = 7, 3, 16, 9
 
 
-def _teacher(*, depth=2, window=0, seed=0):
+def _teacher(*, depth=2, window=0, seed=0, attention=None):
   t = CausalTeacher(
     vocab_size=V,
     num_memory_tokens=K,
@@ -36,6 +36,7 @@ def _teacher(*, depth=2, window=0, seed=0):
     num_heads=2,
     head_dim=8,
     window=window,
+    attention=attention,
     rngs=nnx.Rngs(seed),
   )
   graphdef, state = nnx.split(t)
@@ -234,19 +235,7 @@ def test_fused_attention_path_equals_the_einsum_path(length, window):
   times = jnp.array([length - 1, 2, -1, 5, 2])
   out = {}
   for impl in ("explicit", "xla"):
-    t = CausalTeacher(
-      vocab_size=V,
-      num_memory_tokens=K,
-      width=D,
-      encoder_depth=2,
-      decoder_depth=1,
-      num_heads=2,
-      head_dim=8,
-      window=window,
-      attention=impl,
-      rngs=nnx.Rngs(0),
-    )
-    graphdef, p = nnx.split(t)
+    _, graphdef, p = _teacher(window=window, attention=impl)
     fns = teacher_fns(graphdef)
     w = jax.random.normal(jax.random.key(2), (2, length + 1, K, D))
     loss = lambda p, fns=fns, w=w: jnp.sum(fns.encode_all(p, x) * w)
