@@ -62,7 +62,7 @@ def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> in
   processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those.
   `batches`: the batch sizes to divide instead of the config's (config None: a set of runs, e.g.
   the studies')."""
-  from smt_jax import multihost  # no JAX backend is started by importing it
+  from smt_jax import experiment, multihost  # no JAX backend is started by importing them
 
   if (
     "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
@@ -72,7 +72,7 @@ def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> in
   ):
     return None
   if batches is None:
-    k = config.optim.get("grad_accum_steps", 1)  # a training batch splits into k micro-batches
+    k = experiment.grad_accum_steps(config)  # a training batch splits into k micro-batches
     batches = [config[p].batch_size // k for p in config.phases.split(",") if p]
     batches.append(config.eval.batch_size)
   return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))

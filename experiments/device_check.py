@@ -108,7 +108,7 @@ def largest_batch(config, phase: str, vocab_size: int, limit: int, planned: int 
     return {"largest_batch": None, "bytes_per_row": None, "fixed_bytes": None}
   per_row = (m1 - m0) / b
   fixed = m0 - per_row * b
-  step = jax.device_count() * config.optim.get("grad_accum_steps", 1)  # what a batch divides by
+  step = jax.device_count() * experiment.grad_accum_steps(config)  # what a batch divides by
   fits = int((FILL * limit - fixed) // per_row) // step * step
   return {"largest_batch": max(fits, 0), "bytes_per_row": per_row, "fixed_bytes": fixed}
 

@@ -4,9 +4,10 @@ one markdown table."""
 
 import json
 
+import jax
 import pytest
 
-from experiments import device_check
+from experiments import benchmark, device_check
 from experiments.configs import bench
 
 
@@ -54,10 +55,6 @@ def test_smt_full_is_the_fair_race_recipe():
 
 
 def test_a_step_that_does_not_fit_is_reported_with_its_plan(monkeypatch):
-  import jax
-
-  from experiments import benchmark
-
   def out_of_memory(*args, **kwargs):
     raise jax.errors.JaxRuntimeError(
       "RESOURCE_EXHAUSTED: Out of memory allocating 27213105600 bytes."
