@@ -216,14 +216,24 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # 0. The fair race: the default recipes against BPTT at equal tokens, a small lr grid each.
   c.race = ml_collections.ConfigDict(
     dict(
-      workloads=("stack",) if smoke else ("digits", "stack"),
-      length=8 if smoke else 64,  # T of the probes
-      tokens=dict(digits=1_000_000, stack=320 if smoke else 1_000_000),
+      workloads=("stack",) if smoke else ("digits", "stack", "stack32", "text"),
+      length=8 if smoke else 64,  # T of a probe named without one ('stack'; 'stack32': 32)
+      tokens=dict(
+        digits=1_000_000, stack=320 if smoke else 1_000_000, stack32=1_000_000, text=1_000_000
+      ),
       smt_share=0.75,  # of SMT->DMT's tokens, SMT's; DMT the rest
-      lrs=(1e-3,) if smoke else (3e-4, 1e-3, 3e-3),
-      # where the earlier recipe races too (on a probe its windowed teacher encodes T windows),
-      # and at which lrs
-      earlier=() if smoke else ("digits",),
+      # each workload's lr grid (1e-2 where 3e-3 was a method's best)
+      lrs=dict(stack=(1e-3,))
+      if smoke
+      else dict(
+        digits=(3e-4, 1e-3, 3e-3, 1e-2),
+        stack=(3e-4, 1e-3, 3e-3, 1e-2),
+        stack32=(1e-3, 3e-3, 1e-2),
+        text=(1e-3, 3e-3, 1e-2),
+      ),
+      # where the earlier recipe races too (on a probe its windowed teacher encodes T windows;
+      # on text it is the default), and at which lrs
+      earlier=() if smoke else ("digits", "text"),
       earlier_lrs=(1e-3,) if smoke else (1e-3, 3e-3),
       dmt_lr_ratio=0.3,
       seeds=(0,),

@@ -2,7 +2,8 @@
 
 Every method trains on the same number of training tokens (batch x sequence length x steps,
 summed over its phases: the same data), with its own learning rate picked from a small grid
-(`race.lrs`; DMT at `race.dmt_lr_ratio` of SMT's), on the configs a user gets by default:
+(`race.lrs`, per workload; DMT at `race.dmt_lr_ratio` of SMT's), on the configs a user gets by
+default:
   smt_dmt   full supervision (`synthetic.py:TASK,T`, the probes' default; `pixels.py:digits,full`):
             every memory of a sequence trained from one causal-teacher pass, a few decoded;
   earlier   the windowed teacher on few memories (`pixels.py:digits` as it was when measured: 2
@@ -10,6 +11,9 @@ summed over its phases: the same data), with its own learning rate picked from a
             every transition, Tf = 8, on the authors' task sizes), at `race.earlier_lrs`, on
             the workloads in `race.earlier`;
   bptt      the baseline, the same model and batch.
+Workloads: `digits`, `text` (bytes of the offline corpus: `text.py:small,full`, earlier
+`text.py:small`, the default) and the probes, at `race.length` (`stack`) or at a length of their
+own (`stack32`).
 SMT takes `race.smt_share` of a run's tokens and DMT the rest. Reported per run: the RNN's own
 held-out NLL (and accuracy on a probe) after each phase, the teacher's, the tokens, the SeqFLOPs
 (serial compute, `common.run_seq_flops`), and the train seconds on this machine (excluding compile
@@ -34,9 +38,17 @@ def run_name(workload: str, method: str, lr: float, seed: int) -> str:
   return f"race/{workload}_{method}_lr{lr:g}_s{seed}"
 
 
+def probe_length(ctx, workload: str) -> tuple[str, int] | None:
+  """(task, T) of a probe workload ('stack': race.length; 'stack32': 32); None for a stream."""
+  if workload in ("digits", "text"):
+    return None
+  task = workload.rstrip("0123456789")
+  return task, int(workload[len(task) :] or ctx.budget.race.length)
+
+
 def config(ctx, workload: str, method: str, lr: float, seed: int):
   """The config of one race run: the workload's default (or earlier) recipe at the token budget."""
-  from experiments.configs import pixels, synthetic
+  from experiments.configs import pixels, synthetic, text
   from smt_jax import experiment
 
   r = ctx.budget.race
@@ -48,9 +60,14 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
     c.model.head_dim = 64  # the model the race was measured on (the default until 2026-12-03)
     if method == "earlier":
       c.smt.schedule = "constant"
+  elif workload == "text":  # the default is the earlier recipe (2 transitions, constant lr)
+    c = text.get_config(
+      ("small" if smoke == "" else "smoke") + ("" if method == "earlier" else ",full")
+    )
   else:
-    c = synthetic.get_config(f"{workload},{r.length}{flags}")
-    c.data.options = dict(synthetic.TASK_OPTIONS[workload])  # the authors' task for every method
+    task, length = probe_length(ctx, workload)
+    c = synthetic.get_config(f"{task},{length}{flags}")
+    c.data.options = dict(synthetic.TASK_OPTIONS[task])  # the authors' task for every method
   c.seed = seed
   c.phases = "bptt" if method == "bptt" else "smt,dmt"
   tokens = r.tokens[workload]
@@ -97,11 +114,11 @@ def run(ctx) -> dict:
   r = ctx.budget.race
   cells, rows = [], []
   for workload in r.workloads:
-    probe = workload != "digits"
+    probe = probe_length(ctx, workload) is not None
     runs = []
     methods = [m for m in METHODS if m != "earlier" or workload in r.earlier]
     for method in methods:
-      lrs = list(r.earlier_lrs if method == "earlier" else r.lrs)
+      lrs = list(r.earlier_lrs if method == "earlier" else r.lrs[workload])
       for lr in lrs:
         for seed in r.seeds:
           cfg = config(ctx, workload, method, lr, seed)
@@ -156,7 +173,7 @@ def run(ctx) -> dict:
       )
   md = (
     f"Budget `{ctx.budget.name}`: equal training tokens per workload ({dict(r.tokens)}), SMT "
-    f"{r.smt_share:.0%} of SMT->DMT's; lrs {list(r.lrs)} (DMT at {r.dmt_lr_ratio:g} x SMT's; the "
+    f"{r.smt_share:.0%} of SMT->DMT's; lrs {dict(r.lrs)} (DMT at {r.dmt_lr_ratio:g} x SMT's; the "
     f"earlier recipe at {list(r.earlier_lrs)}); seeds {list(r.seeds)}; * the best lr of a method "
     f"(lowest final RNN NLL). NLL and accuracy: the RNN alone, from its own initial memory, held "
     f"out; after SMT: before DMT. Train s: this machine's seconds of training (no compile, no "
