@@ -29,6 +29,7 @@ from smt_jax.objectives import (
   smt_loss,
 )
 from smt_jax.optim import adamw_per_model
+from smt_jax.parallel import parallel_rollout
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
   "make_rnn",
   "masked_cross_entropy",
   "masked_mean",
+  "parallel_rollout",
   "prompt_memory",
   "read",
   "rnn_fns",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import jax
 
-from smt_jax import data, experiment, sharding, storage
+from smt_jax import data, experiment, parallel, sharding, storage
 from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
 from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
 
@@ -531,6 +531,24 @@ def _validate_dmt(c) -> None:
     )
   for f in ("c_dyn", "c_readout"):
     _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
+  if d.get("rollout", "sequential") not in ("sequential", "parallel"):
+    _fail("dmt.rollout", d.rollout, "use 'sequential' (lax.scan) or 'parallel' (quasi-DEER).")
+  if d.get("rollout", "sequential") == "parallel":
+    if d.parallel_jacobian not in parallel.JACOBIANS:
+      _fail(
+        "dmt.parallel_jacobian",
+        d.parallel_jacobian,
+        "use 'diag' (quasi-DEER: the Jacobian's diagonal) or 'none' (Picard iterations).",
+      )
+    _number_in(c, "dmt.parallel_damping", 0.0, math.inf, why="the diagonal is divided by 1 + it")
+    _number_in(
+      c,
+      "dmt.parallel_tol",
+      0.0,
+      1.0,
+      lo_open=True,
+      why="the iterations' relative change to stop at",
+    )
   if d.reference_labels and d.rollout_length < 2 * d.label_every:
     _fail(
       "dmt.label_every",

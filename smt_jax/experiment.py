@@ -251,6 +251,12 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       start=-1 if config.data.episodic else None,
       # Episodes: DMT rolls out from where the RNN alone starts in evaluation and sampling.
       from_rnn_initial_memory=bool(config.data.episodic and d.get("from_rnn_initial_memory", True)),
+      rollout_solver=d.get("rollout", "sequential"),
+      parallel_options=dict(
+        jacobian=d.get("parallel_jacobian", "diag"),
+        damping=d.get("parallel_damping", 0.0),
+        tol=d.get("parallel_tol", 1e-5),
+      ),
     )
   return functools.partial(
     objectives.bptt_loss, rnn=rfns, truncation=config.bptt.truncation or None

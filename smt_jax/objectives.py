@@ -13,6 +13,7 @@ readout(m_t) predicts y[t].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import losses, sharding
+from smt_jax import losses, parallel, sharding
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -686,6 +687,8 @@ def dmt_loss(
   start: int | None = None,
   reference_labels: bool = False,
   from_rnn_initial_memory: bool = False,
+  rollout_solver: str = "sequential",
+  parallel_options: dict | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DAgger Memory Training: the RNN imitates the frozen teacher along its own rollout.
 
@@ -723,6 +726,10 @@ def dmt_loss(
     from_rnn_initial_memory: with start = -1, the rollout starts from the RNN's own initial
       memory (`rnn.initial_memory`, trained here too) instead of the teacher's E(empty): where
       the RNN alone starts when it is evaluated or sampled. The labels stay the teacher's.
+    rollout_solver: 'sequential' (`lax.scan`) or 'parallel': the rollout, and with gradients
+      through it their adjoint, solved by quasi-Newton iterations in parallel over time
+      (`smt_jax.parallel_rollout`; `parallel_options`: its jacobian, damping, tol, max_iters).
+      The same loss and gradients to the tolerance; its metrics add 'rollout_iters'.
 
   Returns:
     (loss, metrics) including drift ('drift_mse', 'drift_1mr2') of the rollout vs the labels.
@@ -741,6 +748,8 @@ def dmt_loss(
       f"from_rnn_initial_memory starts the rollout before any input (start = -1), got start = "
       f"{t0}: a memory mid-sequence is the teacher's."
     )
+  if rollout_solver not in ("sequential", "parallel"):
+    raise ValueError(f"rollout_solver must be 'sequential' or 'parallel', got {rollout_solver!r}.")
   x, y = _check_batch(batch, t0 + 1 + rollout_length, "dmt_loss (start + 1 + Td)")
   _check_params(params, ("teacher", "rnn"), "dmt_loss")
   check_batch_against_models(
@@ -759,18 +768,29 @@ def dmt_loss(
     first = jnp.broadcast_to(m_init, labels[:, :1].shape)  # state_0, [B, 1, K, d]
   else:
     first = labels[:, :1]
+  metrics = {}
+  if rollout_solver == "parallel":
+    options = dict(parallel_options or {})
+
+    def run_rollout(p, memory, **unused):
+      states, info = parallel.parallel_rollout(p, memory, inputs, update=rnn.update, **options)
+      metrics["rollout_iters"] = info.iterations.astype(jnp.float32)
+      return states
+
+  else:
+    run_rollout = functools.partial(rollout, inputs=inputs, update=rnn.update)
   if stop_carry_grad:
     # With the carry cut before every update, the gradient reaches only the updates whose outputs
     # are labelled: every other step would backpropagate zeros. So the rollout runs forward only
     # (no residuals, no backward scan), and the labelled updates are redone with gradients, all
     # at once (one vmap): the same loss and gradients, for a fraction of the work.
-    states = rollout(jax.lax.stop_gradient(rp), first[:, 0], inputs, update=rnn.update, remat=False)
+    states = run_rollout(jax.lax.stop_gradient(rp), jax.lax.stop_gradient(first[:, 0]), remat=False)
     states = jax.lax.stop_gradient(jnp.concatenate([first, states], axis=1))  # s = 0..Td
     predicted = jax.vmap(rnn.update, in_axes=(None, 1, 1), out_axes=1)(
       rp, states[:, trained - 1], inputs[:, trained - 1]
     )  # [B, |trained|, K, d]
   else:
-    states = rollout(rp, first[:, 0], inputs, update=rnn.update)
+    states = run_rollout(rp, first[:, 0])
     states = jnp.concatenate([first, states], axis=1)  # state_s for s = 0..Td
     predicted = states[:, trained]
   if reference_labels:  # s = 0 counts in the mean (a zero error from the teacher's m_0)
@@ -790,6 +810,7 @@ def dmt_loss(
     "readout_loss": l_readout,
     "drift_mse": d["mse"],
     "drift_1mr2": d["one_minus_r2"],
+    **metrics,
   }
 
 

@@ -93,6 +93,13 @@ def base() -> ml_collections.ConfigDict:
   # Episodes: the rollout starts from the RNN's own initial memory, where its evaluation and
   # sampling start (False: the teacher's E(empty)). Streams start from the teacher's E(window).
   c.dmt.from_rnn_initial_memory = True
+  # 'parallel': the rollout (and its adjoint) by quasi-Newton iterations in parallel over time
+  # (`smt_jax.parallel_rollout`): the same loss and gradients to parallel_tol, in at most Td
+  # iterations; jacobian 'diag' (quasi-DEER) or 'none' (Picard); damping shrinks the diagonal.
+  c.dmt.rollout = "sequential"
+  c.dmt.parallel_jacobian = "diag"
+  c.dmt.parallel_damping = 0.0
+  c.dmt.parallel_tol = 1e-5
 
   c.bptt = ml_collections.ConfigDict()
   c.bptt.steps = 150_000
