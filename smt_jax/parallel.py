@@ -21,7 +21,9 @@ sequential rollout. A good A makes far fewer enough when f is contractive along 
 `damping` (lambda >= 0) shrinks A to A / (1 + lambda): where f expands (|diagonal| > 1) the
 products of A along the scan otherwise blow up. It is the trust-region effect of ELK's
 Levenberg-Marquardt step (Gonzalez et al. 2024) in its simplest form, a scaled diagonal, not ELK's
-Kalman smoother, and it keeps the L-iteration guarantee above.
+Kalman smoother, and it keeps the L-iteration guarantee above. The diagonal is clipped to [-1, 1]
+so that its products along the scan cannot overflow (at initialisation they do, and an inf breaks
+the guarantee); the fixed point does not depend on A, only how fast it is reached.
 
 Gradients (`parallel_rollout` is a `jax.custom_vjp`): the adjoint of the converged rollout,
 lambda_i = g_i + J_{i+1}^T lambda_{i+1}, is a linear recurrence backwards in time, solved by the
@@ -162,6 +164,39 @@ def solve_rollout(
   return _iterate(step, guess, tol=tol, max_iters=max_iters)
 
 
+def solve_adjoint(
+  params,
+  memory: jax.Array,
+  inputs: jax.Array,
+  states: jax.Array,
+  g: jax.Array,
+  *,
+  update: Callable,
+  jacobian: str = "diag",
+  damping: float = 0.0,
+  tol: float = 1e-6,
+  max_iters: int | None = None,
+) -> tuple[jax.Array, SolveInfo]:
+  """The rollout's adjoint lambda [B, L, K, d] (the loss's total gradient w.r.t. each state) from
+  its direct gradient g, by the same iterations run backwards in time, and how the solve ended:
+
+    lambda_i = g_i + J_{i+1}^T lambda_{i+1},  J_{i+1} = d f(s_i, x_{i+1}) / d s_i.
+  """
+  cap = inputs.shape[1] if max_iters is None else max_iters
+  prev = _shift(memory, states)
+  f = _flat_update(update, params, inputs)
+  _, vjp_state = jax.vjp(f, prev)  # vjp_state(v)[:, j] = J_j^T v_j: J_j reads prev[:, j]
+  a = _diagonal(jacobian, f, prev, damping)  # diag(J^T) = diag(J)
+  later = lambda v: jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)  # noqa: E731
+  a_next = later(a)  # the last state feeds no update
+
+  def step(lam):
+    back = later(vjp_state(lam)[0])
+    return linear_recurrence(a_next, g + back - a_next * later(lam), jnp.zeros_like(memory), True)
+
+  return _iterate(step, g, tol=tol, max_iters=cap)
+
+
 def parallel_rollout(
   params,
   memory: jax.Array,
@@ -191,29 +226,11 @@ def parallel_rollout(
 
   def bwd(res, cotangents):
     params, memory, states = res
-    g = cotangents[0]  # the info has no gradient
+    lam, _ = solve_adjoint(params, memory, inputs, states, cotangents[0], update=update, **opts)
     prev = _shift(memory, states)
-    f_params = lambda p: _flat_update(update, p, inputs)(prev)  # noqa: E731
-    f = _flat_update(update, params, inputs)
-    # lambda_i = g_i + J_{i+1}^T lambda_{i+1}: J_{i+1} = df(s_i, x_{i+1})/ds_i, the update that
-    # reads state i (position i + 1 of `prev`); the last state feeds no update.
-    _, vjp_state = jax.vjp(f, prev)
-    a = _diagonal(jacobian, f, prev, damping)
-    a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-
-    def adjoint_step(lam):
-      (back,) = vjp_state(lam)  # back[:, j] = J_j^T lam_j, the cotangent of prev[:, j]
-      back_next = jnp.concatenate([back[:, 1:], jnp.zeros_like(back[:, :1])], axis=1)
-      lam_next = jnp.concatenate([lam[:, 1:], jnp.zeros_like(lam[:, :1])], axis=1)
-      return linear_recurrence(
-        a_next, g + back_next - a_next * lam_next, jnp.zeros_like(memory), reverse=True
-      )
-
-    lam, _ = _iterate(adjoint_step, g, tol=tol, max_iters=cap)
-    _, vjp_params = jax.vjp(f_params, params)
-    (d_params,) = vjp_params(lam)
-    (back,) = vjp_state(lam)
-    return d_params, back[:, 0]
+    _, vjp_params = jax.vjp(lambda p: _flat_update(update, p, inputs)(prev), params)
+    _, vjp_state = jax.vjp(_flat_update(update, params, inputs), prev)
+    return vjp_params(lam)[0], vjp_state(lam)[0][:, 0]
 
   run.defvjp(fwd, bwd)
   return run(params, memory)

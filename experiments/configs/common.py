@@ -96,6 +96,8 @@ def base() -> ml_collections.ConfigDict:
   # 'parallel': the rollout (and its adjoint) by quasi-Newton iterations in parallel over time
   # (`smt_jax.parallel_rollout`): the same loss and gradients to parallel_tol, in at most Td
   # iterations; jacobian 'diag' (quasi-DEER) or 'none' (Picard); damping shrinks the diagonal.
+  # The runner's seqflops axis still counts the sequential rollout (the parallel one's depends on
+  # the iterations: `python -m experiments.rollout_check`).
   c.dmt.rollout = "sequential"
   c.dmt.parallel_jacobian = "diag"
   c.dmt.parallel_damping = 0.0

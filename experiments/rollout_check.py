@@ -1,0 +1,207 @@
+"""Does the parallel rollout pay? Iterations, serial FLOPs and wall time against `lax.scan`'s.
+
+For each run (--workdirs) at each checkpoint (--steps; default: the initial parameters, the end of
+SMT and the end of DMT), the RNN rolls out for Td = --lengths steps from its own initial memory
+over held-out tokens (a stream's eval split; episodes are laid end to end past their length),
+and the table gives, per Td and Jacobian approximation:
+  fwd iters   iterations of `smt_jax.parallel.solve_rollout` to --tol (at most Td)
+  bwd iters   iterations of the adjoint (`solve_adjoint`) for a DMT-like gradient (labels every
+              dmt.label_every states)
+  max error   the parallel states against the sequential rollout
+  SeqFLOPs    sequential / parallel serial FLOPs of DMT's rollout with its backward: sequential
+              3 Td f_update; parallel, per forward iteration f_update (+ 2 f_update for the
+              diagonal's JVPs, all at once), per adjoint iteration 2 f_update, then 4 f_update
+              (the parameters' VJP, the diagonal), and 3 n log2(Td) per scan (n = K d)
+and, per checkpoint, the largest Lyapunov exponent along the rollout (mean log growth of a tangent
+per step: below 0 the rollout forgets perturbations, which is when few iterations suffice), and
+the wall time of the DMT loss's value and gradient both ways at the config's own Td, alternated.
+
+  python -m experiments.rollout_check --workdirs=runs/pixels_digits --out=docs/rollout_check
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from experiments.studies import common
+from smt_jax import experiment, objectives, parallel
+
+flags.DEFINE_list("workdirs", [], "Runs to read (their config.json and checkpoints).")
+flags.DEFINE_list("steps", [], "Checkpoint steps (default: 0, the end of smt, the end of dmt).")
+flags.DEFINE_list("lengths", ["32", "64", "128", "256", "512"], "Rollout lengths Td.")
+flags.DEFINE_list("jacobians", list(parallel.JACOBIANS), "Jacobian approximations.")
+flags.DEFINE_integer("rows", 2, "Rows rolled out (and in the timed DMT batch).")
+flags.DEFINE_integer(
+  "diag_max_length", 128, "Longest Td for jacobian=diag (K d JVPs per state: slow on a CPU)."
+)
+flags.DEFINE_float("tol", 1e-5, "The iterations' relative change to stop at.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats of each DMT loss (alternated).")
+flags.DEFINE_string("out", "", "Folder for rollout_check.json and .md ('' = print only).")
+FLAGS = flags.FLAGS
+
+
+def tokens(exp, rows: int, length: int) -> jax.Array:
+  """Held-out tokens [rows, length]: a stream's, or eval episodes laid end to end."""
+  if not exp.config.data.episodic:
+    return common.eval_batch(exp, seq_len=length, batch_size=rows)["x"].astype(jnp.int32)
+  seq = experiment.phase_seq_len(exp.config, "eval")
+  parts = [
+    np.asarray(common.eval_batch(exp, batch_size=rows, step=i)["x"])
+    for i in range(-(-length // seq))
+  ]
+  return jnp.asarray(np.concatenate(parts, axis=1)[:, :length], jnp.int32)
+
+
+def lyapunov(update, p, m0, x) -> float:
+  """The largest Lyapunov exponent along the rollout: mean log growth per step of a tangent."""
+  v0 = jax.random.normal(jax.random.key(0), m0.shape)
+  v0 = v0 / jnp.linalg.norm(v0.reshape(v0.shape[0], -1), axis=1)[:, None, None]
+
+  def step(carry, x_t):
+    m, v = carry
+    m, v = jax.jvp(lambda m: update(p, m, x_t), (m,), (v,))
+    norm = jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=1)
+    return (m, v / norm[:, None, None]), jnp.log(norm)
+
+  _, logs = jax.lax.scan(step, (m0, v0), x.T)
+  return float(jnp.mean(logs[x.shape[1] // 4 :]))  # past a transient
+
+
+def seq_flops(fu: float, n: int, td: int, fwd: int, bwd: int, jacobian: str) -> tuple[float, float]:
+  scan = 3.0 * n * math.log2(td)
+  per_fwd = fu * (3.0 if jacobian == "diag" else 1.0) + scan
+  return 3.0 * td * fu, fwd * per_fwd + bwd * (2.0 * fu + scan) + 4.0 * fu
+
+
+def check(workdir: str, steps: list[int]) -> dict:
+  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+  if not steps:
+    steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
+  lengths = [int(v) for v in FLAGS.lengths]
+  rows_out, lyap, timing = [], {}, {}
+  for step in steps:
+    exp, params = common.restore(cfg, workdir, step)
+    _, rnn = exp.fns
+    p = params["rnn"]
+    fu = experiment.unit_flops(exp)["update"]
+    n = cfg.model.num_memory_tokens * cfg.model.width
+    x_all = tokens(exp, FLAGS.rows, max(lengths))
+    m0 = jnp.broadcast_to(rnn.initial_memory(p), (FLAGS.rows, *rnn.initial_memory(p).shape))
+    lyap[step] = lyapunov(rnn.update, p, m0, x_all)
+    for td in lengths:
+      x = x_all[:, :td]
+      want = jax.jit(lambda p, m, x: objectives.rollout(p, m, x, update=rnn.update))(p, m0, x)
+      k = cfg.dmt.label_every
+      g = jax.random.normal(jax.random.key(1), want.shape)
+      g = g * (jnp.arange(1, td + 1) % k == 0)[None, :, None, None]
+      for jac in FLAGS.jacobians:
+        if jac == "diag" and td > FLAGS.diag_max_length:
+          continue
+        kw = dict(update=rnn.update, jacobian=jac, tol=FLAGS.tol)
+        states, info = jax.jit(lambda p, m, x, kw=kw: parallel.solve_rollout(p, m, x, **kw))(
+          p, m0, x
+        )
+        _, binfo = jax.jit(
+          lambda p, m, x, s, g, kw=kw: parallel.solve_adjoint(p, m, x, s, g, **kw)
+        )(p, m0, x, states, g)
+        fwd, bwd = int(info.iterations), int(binfo.iterations)
+        seq, par = seq_flops(fu, n, td, fwd, bwd, jac)
+        rows_out.append(
+          dict(
+            step=step,
+            td=td,
+            jacobian=jac,
+            fwd_iters=fwd,
+            bwd_iters=bwd,
+            max_error=float(jnp.max(jnp.abs(states - want))),
+            seqflops_ratio=seq / par,
+          )
+        )
+        print(json.dumps(rows_out[-1]), flush=True)
+    timing[step] = time_dmt(cfg, exp, params)
+  return dict(workdir=workdir, kind=cfg.model.rnn_kind, rows=rows_out, lyapunov=lyap, dmt=timing)
+
+
+def time_dmt(cfg, exp, params) -> dict:
+  """The DMT loss's value and gradient at the config's own Td on --rows held-out rows, sequential
+  and parallel (each Jacobian): the loss difference and seconds per call, alternated."""
+  batch = common.eval_batch(exp, source=exp.source_at("dmt"), batch_size=FLAGS.rows)
+  out, fns = {}, {}
+  td = int(cfg.dmt.rollout_length)
+  jacobians = [j for j in FLAGS.jacobians if j != "diag" or td <= FLAGS.diag_max_length]
+  for solver in ["sequential"] + [f"parallel_{j}" for j in jacobians]:
+    c = ml_collections.ConfigDict(cfg.to_dict())
+    c.dmt.rollout = solver.split("_")[0]
+    c.dmt.parallel_jacobian = solver.split("_")[-1]
+    c.dmt.parallel_tol = FLAGS.tol
+    loss = experiment.make_loss(c, "dmt", exp.fns)
+    fns[solver] = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, metrics), _ = jax.block_until_ready(fns[solver](params, batch, None))
+    out[solver] = dict(loss=float(value), iters=float(metrics.get("rollout_iters", 0)), s=[])
+  for _ in range(FLAGS.repeats):
+    for solver, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, batch, None))
+      out[solver]["s"].append(time.perf_counter() - t0)
+  for v in out.values():
+    v["s"] = float(np.median(v["s"]))
+    v["loss_difference"] = abs(v["loss"] - out["sequential"]["loss"])
+  return dict(td=td, **out)
+
+
+def markdown(results: list[dict]) -> str:
+  lines = [
+    "| run (RNN) | checkpoint | Lyapunov exp. | Td | jacobian | fwd iters | bwd iters | max error "
+    "| SeqFLOPs seq/par |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for row in r["rows"]:
+      lines.append(
+        f"| {os.path.basename(r['workdir'])} ({r['kind']}) | {row['step']} | "
+        f"{r['lyapunov'][row['step']]:+.3f} | {row['td']} | {row['jacobian']} | {row['fwd_iters']} "
+        f"| {row['bwd_iters']} | {row['max_error']:.1e} | {row['seqflops_ratio']:.2f} |"
+      )
+  lines += [
+    "",
+    "| run | checkpoint | Td | rollout | DMT loss | - sequential's | iters | s per call |",
+  ]
+  lines.append("|---|---|---|---|---|---|---|---|")
+  for r in results:
+    for step, t in r["dmt"].items():
+      for solver, v in t.items():
+        if solver == "td":
+          continue
+        lines.append(
+          f"| {os.path.basename(r['workdir'])} | {step} | {t['td']} | {solver} | {v['loss']:.5f} "
+          f"| {v['loss_difference']:.1e} | {v['iters']:.0f} | {v['s']:.3f} |"
+        )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdirs:
+    raise app.UsageError("--workdirs: give at least one run, e.g. --workdirs=runs/pixels_digits.")
+  results = [check(w, [int(s) for s in FLAGS.steps]) for w in FLAGS.workdirs]
+  md = markdown(results)
+  print(md)
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "rollout_check.json"), "w") as f:
+      json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(FLAGS.out, "rollout_check.md"), "w") as f:
+      f.write(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
