@@ -35,17 +35,22 @@ from absl import app, flags
 from experiments.studies import common
 from smt_jax import experiment, objectives, parallel
 
-flags.DEFINE_list("workdirs", [], "Runs to read (their config.json and checkpoints).")
-flags.DEFINE_list("steps", [], "Checkpoint steps (default: 0, the end of smt, the end of dmt).")
-flags.DEFINE_list("lengths", ["32", "64", "128", "256", "512"], "Rollout lengths Td.")
-flags.DEFINE_list("jacobians", list(parallel.JACOBIANS), "Jacobian approximations.")
-flags.DEFINE_integer("rows", 2, "Rows rolled out (and in the timed DMT batch).")
-flags.DEFINE_integer(
-  "diag_max_length", 128, "Longest Td for jacobian=diag (K d JVPs per state: slow on a CPU)."
-)
-flags.DEFINE_float("tol", 1e-5, "The iterations' relative change to stop at.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats of each DMT loss (alternated).")
-flags.DEFINE_string("out", "", "Folder for rollout_check.json and .md ('' = print only).")
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a program (tests import the module)."""
+  flags.DEFINE_list("workdirs", [], "Runs to read (their config.json and checkpoints).")
+  flags.DEFINE_list("steps", [], "Checkpoint steps (default: 0, the end of smt, the end of dmt).")
+  flags.DEFINE_list("lengths", ["32", "64", "128", "256", "512"], "Rollout lengths Td.")
+  flags.DEFINE_list("jacobians", list(parallel.JACOBIANS), "Jacobian approximations.")
+  flags.DEFINE_integer("rows", 2, "Rows rolled out (and in the timed DMT batch).")
+  flags.DEFINE_integer(
+    "diag_max_length", 128, "Longest Td for jacobian=diag (K d JVPs per state: slow on a CPU)."
+  )
+  flags.DEFINE_float("tol", 1e-5, "The iterations' relative change to stop at.")
+  flags.DEFINE_integer("repeats", 3, "Timed repeats of each DMT loss (alternated).")
+  flags.DEFINE_string("out", "", "Folder for rollout_check.json and .md ('' = print only).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -82,11 +87,24 @@ def seq_flops(fu: float, n: int, td: int, fwd: int, bwd: int, jacobian: str) -> 
   return 3.0 * td * fu, fwd * per_fwd + bwd * (2.0 * fu + scan) + 4.0 * fu
 
 
-def check(workdir: str, steps: list[int]) -> dict:
+def check(
+  workdir: str,
+  steps: list[int],
+  *,
+  lengths: list[int],
+  jacobians: list[str],
+  rows: int,
+  tol: float,
+  repeats: int,
+  diag_max_length: int,
+) -> dict:
+  """The measures of the module docstring for one run: {'rows': per (step, Td, jacobian),
+  'lyapunov': per step, 'dmt': the DMT loss both ways per step}."""
   cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
   if not steps:
     steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
-  lengths = [int(v) for v in FLAGS.lengths]
+  opts = dict(jacobians=jacobians, rows=rows, tol=tol, repeats=repeats)
+  opts["diag_max_length"] = diag_max_length
   rows_out, lyap, timing = [], {}, {}
   for step in steps:
     exp, params = common.restore(cfg, workdir, step)
@@ -94,8 +112,8 @@ def check(workdir: str, steps: list[int]) -> dict:
     p = params["rnn"]
     fu = experiment.unit_flops(exp)["update"]
     n = cfg.model.num_memory_tokens * cfg.model.width
-    x_all = tokens(exp, FLAGS.rows, max(lengths))
-    m0 = jnp.broadcast_to(rnn.initial_memory(p), (FLAGS.rows, *rnn.initial_memory(p).shape))
+    x_all = tokens(exp, rows, max(lengths))
+    m0 = jnp.broadcast_to(rnn.initial_memory(p), (rows, *rnn.initial_memory(p).shape))
     lyap[step] = lyapunov(rnn.update, p, m0, x_all)
     for td in lengths:
       x = x_all[:, :td]
@@ -103,10 +121,10 @@ def check(workdir: str, steps: list[int]) -> dict:
       k = cfg.dmt.label_every
       g = jax.random.normal(jax.random.key(1), want.shape)
       g = g * (jnp.arange(1, td + 1) % k == 0)[None, :, None, None]
-      for jac in FLAGS.jacobians:
-        if jac == "diag" and td > FLAGS.diag_max_length:
+      for jac in jacobians:
+        if jac == "diag" and td > diag_max_length:
           continue
-        kw = dict(update=rnn.update, jacobian=jac, tol=FLAGS.tol)
+        kw = dict(update=rnn.update, jacobian=jac, tol=tol)
         states, info = jax.jit(lambda p, m, x, kw=kw: parallel.solve_rollout(p, m, x, **kw))(
           p, m0, x
         )
@@ -127,27 +145,27 @@ def check(workdir: str, steps: list[int]) -> dict:
           )
         )
         print(json.dumps(rows_out[-1]), flush=True)
-    timing[step] = time_dmt(cfg, exp, params)
+    timing[step] = time_dmt(cfg, exp, params, **opts)
   return dict(workdir=workdir, kind=cfg.model.rnn_kind, rows=rows_out, lyapunov=lyap, dmt=timing)
 
 
-def time_dmt(cfg, exp, params) -> dict:
+def time_dmt(cfg, exp, params, *, jacobians, rows, tol, repeats, diag_max_length) -> dict:
   """The DMT loss's value and gradient at the config's own Td on --rows held-out rows, sequential
   and parallel (each Jacobian): the loss difference and seconds per call, alternated."""
-  batch = common.eval_batch(exp, source=exp.source_at("dmt"), batch_size=FLAGS.rows)
+  batch = common.eval_batch(exp, source=exp.source_at("dmt"), batch_size=rows)
   out, fns = {}, {}
   td = int(cfg.dmt.rollout_length)
-  jacobians = [j for j in FLAGS.jacobians if j != "diag" or td <= FLAGS.diag_max_length]
+  jacobians = [j for j in jacobians if j != "diag" or td <= diag_max_length]
   for solver in ["sequential"] + [f"parallel_{j}" for j in jacobians]:
     c = ml_collections.ConfigDict(cfg.to_dict())
     c.dmt.rollout = solver.split("_")[0]
     c.dmt.parallel_jacobian = solver.split("_")[-1]
-    c.dmt.parallel_tol = FLAGS.tol
+    c.dmt.parallel_tol = tol
     loss = experiment.make_loss(c, "dmt", exp.fns)
     fns[solver] = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (value, metrics), _ = jax.block_until_ready(fns[solver](params, batch, None))
     out[solver] = dict(loss=float(value), iters=float(metrics.get("rollout_iters", 0)), s=[])
-  for _ in range(FLAGS.repeats):
+  for _ in range(repeats):
     for solver, fn in fns.items():
       t0 = time.perf_counter()
       jax.block_until_ready(fn(params, batch, None))
@@ -192,7 +210,15 @@ def main(argv):
   del argv
   if not FLAGS.workdirs:
     raise app.UsageError("--workdirs: give at least one run, e.g. --workdirs=runs/pixels_digits.")
-  results = [check(w, [int(s) for s in FLAGS.steps]) for w in FLAGS.workdirs]
+  opts = dict(
+    lengths=[int(v) for v in FLAGS.lengths],
+    jacobians=FLAGS.jacobians,
+    rows=FLAGS.rows,
+    tol=FLAGS.tol,
+    repeats=FLAGS.repeats,
+    diag_max_length=FLAGS.diag_max_length,
+  )
+  results = [check(w, [int(s) for s in FLAGS.steps], **opts) for w in FLAGS.workdirs]
   md = markdown(results)
   print(md)
   if FLAGS.out:
@@ -204,4 +230,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

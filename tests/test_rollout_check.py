@@ -1,0 +1,48 @@
+"""`python -m experiments.rollout_check` on a smoke run: the parallel rollout against `lax.scan`'s
+at every checkpoint (iterations within Td, states and DMT loss equal), with a Lyapunov exponent."""
+
+import math
+
+import pytest
+
+from experiments import rollout_check
+from experiments.configs import pixels
+from smt_jax import train
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("rollout_check"))
+  train.train_and_evaluate(pixels.get_config("smoke"), workdir)
+  return rollout_check.check(
+    workdir,
+    [],
+    lengths=[4, 8],
+    jacobians=["diag", "none"],
+    rows=2,
+    tol=1e-6,
+    repeats=1,
+    diag_max_length=8,
+  )
+
+
+def test_every_checkpoint_every_length_and_jacobian(checked):
+  # The initial parameters, the end of SMT (6 steps) and of DMT (4 more).
+  assert sorted(checked["lyapunov"]) == [0, 6, 10]
+  assert all(math.isfinite(v) for v in checked["lyapunov"].values())
+  rows = checked["rows"]
+  assert {(r["step"], r["td"], r["jacobian"]) for r in rows} == {
+    (s, td, j) for s in (0, 6, 10) for td in (4, 8) for j in ("diag", "none")
+  }
+  for r in rows:
+    assert 1 <= r["fwd_iters"] <= r["td"] and 1 <= r["bwd_iters"] <= r["td"], r
+    assert r["max_error"] < 1e-4 and r["seqflops_ratio"] > 0, r
+
+
+def test_the_dmt_loss_is_the_same_both_ways(checked):
+  for step, t in checked["dmt"].items():
+    assert set(t) == {"td", "sequential", "parallel_diag", "parallel_none"}, step
+    for solver in ("parallel_diag", "parallel_none"):
+      assert t[solver]["loss_difference"] < 1e-4 * abs(t["sequential"]["loss"]), (step, solver)
+      assert 1 <= t[solver]["iters"] <= t["td"] and t[solver]["s"] > 0
+  assert "| rollout |" in rollout_check.markdown([checked])
