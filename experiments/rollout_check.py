@@ -48,6 +48,9 @@ def define_flags() -> None:
   )
   flags.DEFINE_float("tol", 1e-5, "The iterations' relative change to stop at.")
   flags.DEFINE_integer("repeats", 3, "Timed repeats of each DMT loss (alternated).")
+  flags.DEFINE_integer(
+    "dmt_length", 0, "Td of the DMT loss check (0: the run's dmt.rollout_length)."
+  )
   flags.DEFINE_string("out", "", "Folder for rollout_check.json and .md ('' = print only).")
 
 
@@ -97,10 +100,13 @@ def check(
   tol: float,
   repeats: int,
   diag_max_length: int,
+  dmt_length: int = 0,
 ) -> dict:
   """The measures of the module docstring for one run: {'rows': per (step, Td, jacobian),
   'lyapunov': per step, 'dmt': the DMT loss both ways per step}."""
   cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+  if dmt_length:
+    cfg.dmt.rollout_length = dmt_length
   if not steps:
     steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
   opts = dict(jacobians=jacobians, rows=rows, tol=tol, repeats=repeats)
@@ -217,6 +223,7 @@ def main(argv):
     tol=FLAGS.tol,
     repeats=FLAGS.repeats,
     diag_max_length=FLAGS.diag_max_length,
+    dmt_length=FLAGS.dmt_length,
   )
   results = [check(w, [int(s) for s in FLAGS.steps], **opts) for w in FLAGS.workdirs]
   md = markdown(results)

@@ -532,13 +532,13 @@ def _validate_dmt(c) -> None:
   for f in ("c_dyn", "c_readout"):
     _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
   if d.get("rollout", "sequential") not in ("sequential", "parallel"):
-    _fail("dmt.rollout", d.rollout, "use 'sequential' (lax.scan) or 'parallel' (quasi-DEER).")
+    _fail("dmt.rollout", d.rollout, "use 'sequential' (lax.scan) or 'parallel' (fixed-point).")
   if d.get("rollout", "sequential") == "parallel":
     if d.parallel_jacobian not in parallel.JACOBIANS:
       _fail(
         "dmt.parallel_jacobian",
         d.parallel_jacobian,
-        "use 'diag' (quasi-DEER: the Jacobian's diagonal) or 'none' (Picard iterations).",
+        "use 'none' (Picard iterations) or 'diag' (quasi-DEER: the Jacobian's diagonal).",
       )
     _number_in(c, "dmt.parallel_damping", 0.0, math.inf, why="the diagonal is divided by 1 + it")
     _number_in(

@@ -253,7 +253,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       from_rnn_initial_memory=bool(config.data.episodic and d.get("from_rnn_initial_memory", True)),
       rollout_solver=d.get("rollout", "sequential"),
       parallel_options=dict(
-        jacobian=d.get("parallel_jacobian", "diag"),
+        jacobian=d.get("parallel_jacobian", "none"),
         damping=d.get("parallel_damping", 0.0),
         tol=d.get("parallel_tol", 1e-5),
       ),

@@ -17,7 +17,9 @@ sequential rollout. A good A makes far fewer enough when f is contractive along 
 `jacobian`:
   'diag'  the exact diagonal of the Jacobian (quasi-DEER): one JVP per state coordinate,
           independent of each other (parallel work, K*d times f's FLOPs in total);
-  'none'  A = 0: Picard / Jacobi iterations (each iteration one application of f).
+  'none'  A = 0: Picard / Jacobi iterations (each iteration one application of f); the default:
+          on the SMT-trained RNNs measured (docs/benchmarks.md) 'diag' saved few iterations, each
+          3x the serial FLOPs.
 `damping` (lambda >= 0) shrinks A to A / (1 + lambda): where f expands (|diagonal| > 1) the
 products of A along the scan otherwise blow up. It is the trust-region effect of ELK's
 Levenberg-Marquardt step (Gonzalez et al. 2024) in its simplest form, a scaled diagonal, not ELK's
@@ -138,7 +140,7 @@ def solve_rollout(
   inputs: jax.Array,
   *,
   update: Callable,
-  jacobian: str = "diag",
+  jacobian: str = "none",
   damping: float = 0.0,
   tol: float = 1e-6,
   max_iters: int | None = None,
@@ -172,7 +174,7 @@ def solve_adjoint(
   g: jax.Array,
   *,
   update: Callable,
-  jacobian: str = "diag",
+  jacobian: str = "none",
   damping: float = 0.0,
   tol: float = 1e-6,
   max_iters: int | None = None,
@@ -203,7 +205,7 @@ def parallel_rollout(
   inputs: jax.Array,
   *,
   update: Callable,
-  jacobian: str = "diag",
+  jacobian: str = "none",
   damping: float = 0.0,
   tol: float = 1e-6,
   max_iters: int | None = None,

@@ -180,7 +180,7 @@ def test_config_names_the_rollout_solver():
   config_checks.validate(c)
   for field, value, message in (
     ("rollout", "fast", "config.dmt.rollout = 'fast': use 'sequential'"),
-    ("parallel_jacobian", "full", "config.dmt.parallel_jacobian = 'full': use 'diag'"),
+    ("parallel_jacobian", "full", "config.dmt.parallel_jacobian = 'full': use 'none'"),
     ("parallel_tol", 0.0, "config.dmt.parallel_tol = 0.0: must be a number in (0.0, 1.0)"),
   ):
     bad = synthetic.get_config("stack,smoke")

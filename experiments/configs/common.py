@@ -95,11 +95,12 @@ def base() -> ml_collections.ConfigDict:
   c.dmt.from_rnn_initial_memory = True
   # 'parallel': the rollout (and its adjoint) by quasi-Newton iterations in parallel over time
   # (`smt_jax.parallel_rollout`): the same loss and gradients to parallel_tol, in at most Td
-  # iterations; jacobian 'diag' (quasi-DEER) or 'none' (Picard); damping shrinks the diagonal.
+  # iterations; jacobian 'none' (Picard: measured the better on the trained RNNs here,
+  # docs/benchmarks.md) or 'diag' (quasi-DEER, K d JVPs per state); damping shrinks the diagonal.
   # The runner's seqflops axis still counts the sequential rollout (the parallel one's depends on
   # the iterations: `python -m experiments.rollout_check`).
   c.dmt.rollout = "sequential"
-  c.dmt.parallel_jacobian = "diag"
+  c.dmt.parallel_jacobian = "none"
   c.dmt.parallel_damping = 0.0
   c.dmt.parallel_tol = 1e-5
 
