@@ -85,6 +85,7 @@ def lyapunov(update, p, m0, x) -> float:
 
 
 def seq_flops(fu: float, n: int, td: int, fwd: int, bwd: int, jacobian: str) -> tuple[float, float]:
+  """(sequential, parallel) serial FLOPs of DMT's rollout with its backward, per row."""
   scan = 3.0 * n * math.log2(td)
   per_fwd = fu * (3.0 if jacobian == "diag" else 1.0) + scan
   return 3.0 * td * fu, fwd * per_fwd + bwd * (2.0 * fu + scan) + 4.0 * fu
@@ -109,8 +110,9 @@ def check(
     cfg.dmt.rollout_length = dmt_length
   if not steps:
     steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
-  opts = dict(jacobians=jacobians, rows=rows, tol=tol, repeats=repeats)
-  opts["diag_max_length"] = diag_max_length
+  opts = dict(
+    jacobians=jacobians, rows=rows, tol=tol, repeats=repeats, diag_max_length=diag_max_length
+  )
   rows_out, lyap, timing = [], {}, {}
   for step in steps:
     exp, params = common.restore(cfg, workdir, step)
