@@ -21,6 +21,7 @@ the wall time of the DMT loss's value and gradient both ways at the config's own
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -110,35 +111,41 @@ def check(
     cfg.dmt.rollout_length = dmt_length
   if not steps:
     steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
-  opts = dict(
-    jacobians=jacobians, rows=rows, tol=tol, repeats=repeats, diag_max_length=diag_max_length
-  )
-  rows_out, lyap, timing = [], {}, {}
+  rows_out, lyap, timing, exp = [], {}, {}, None
   for step in steps:
-    exp, params = common.restore(cfg, workdir, step)
-    _, rnn = exp.fns
+    restored, params = common.restore(cfg, workdir, step)
+    if exp is None:  # one experiment, so each function below compiles once per shape
+      exp = restored
+      _, rnn = exp.fns
+      fu = experiment.unit_flops(exp)["update"]
+      sequential = jax.jit(lambda p, m, x: objectives.rollout(p, m, x, update=rnn.update))
+      solve, adjoint = (
+        jax.jit(functools.partial(f, update=rnn.update, tol=tol), static_argnames="jacobian")
+        for f in (parallel.solve_rollout, parallel.solve_adjoint)
+      )
+      dmt = dmt_losses(
+        cfg,
+        exp,
+        [j for j in jacobians if j != "diag" or cfg.dmt.rollout_length <= diag_max_length],
+        tol,
+      )
+      dmt_batch = common.eval_batch(exp, source=exp.source_at("dmt"), batch_size=rows)
     p = params["rnn"]
-    fu = experiment.unit_flops(exp)["update"]
     n = cfg.model.num_memory_tokens * cfg.model.width
     x_all = tokens(exp, rows, max(lengths))
     m0 = jnp.broadcast_to(rnn.initial_memory(p), (rows, *rnn.initial_memory(p).shape))
     lyap[step] = lyapunov(rnn.update, p, m0, x_all)
     for td in lengths:
       x = x_all[:, :td]
-      want = jax.jit(lambda p, m, x: objectives.rollout(p, m, x, update=rnn.update))(p, m0, x)
+      want = sequential(p, m0, x)
       k = cfg.dmt.label_every
       g = jax.random.normal(jax.random.key(1), want.shape)
       g = g * (jnp.arange(1, td + 1) % k == 0)[None, :, None, None]
       for jac in jacobians:
         if jac == "diag" and td > diag_max_length:
           continue
-        kw = dict(update=rnn.update, jacobian=jac, tol=tol)
-        states, info = jax.jit(lambda p, m, x, kw=kw: parallel.solve_rollout(p, m, x, **kw))(
-          p, m0, x
-        )
-        _, binfo = jax.jit(
-          lambda p, m, x, s, g, kw=kw: parallel.solve_adjoint(p, m, x, s, g, **kw)
-        )(p, m0, x, states, g)
+        states, info = solve(p, m0, x, jacobian=jac)
+        _, binfo = adjoint(p, m0, x, states, g, jacobian=jac)
         fwd, bwd = int(info.iterations), int(binfo.iterations)
         seq, par = seq_flops(fu, n, td, fwd, bwd, jac)
         rows_out.append(
@@ -153,25 +160,29 @@ def check(
           )
         )
         print(json.dumps(rows_out[-1]), flush=True)
-    timing[step] = time_dmt(cfg, exp, params, **opts)
+    timing[step] = time_dmt(dmt, params, dmt_batch, repeats)
+    timing[step]["td"] = int(cfg.dmt.rollout_length)
   return dict(workdir=workdir, kind=cfg.model.rnn_kind, rows=rows_out, lyapunov=lyap, dmt=timing)
 
 
-def time_dmt(cfg, exp, params, *, jacobians, rows, tol, repeats, diag_max_length) -> dict:
-  """The DMT loss's value and gradient at the config's own Td on --rows held-out rows, sequential
-  and parallel (each Jacobian): the loss difference and seconds per call, alternated."""
-  batch = common.eval_batch(exp, source=exp.source_at("dmt"), batch_size=rows)
-  out, fns = {}, {}
-  td = int(cfg.dmt.rollout_length)
-  jacobians = [j for j in jacobians if j != "diag" or td <= diag_max_length]
+def dmt_losses(cfg, exp, jacobians, tol) -> dict:
+  """The DMT loss's value and gradient, jitted: sequential, and parallel with each Jacobian."""
+  fns = {}
   for solver in ["sequential"] + [f"parallel_{j}" for j in jacobians]:
     c = ml_collections.ConfigDict(cfg.to_dict())
     c.dmt.rollout = solver.split("_")[0]
     c.dmt.parallel_jacobian = solver.split("_")[-1]
     c.dmt.parallel_tol = tol
-    loss = experiment.make_loss(c, "dmt", exp.fns)
-    fns[solver] = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (value, metrics), _ = jax.block_until_ready(fns[solver](params, batch, None))
+    fns[solver] = jax.jit(jax.value_and_grad(experiment.make_loss(c, "dmt", exp.fns), has_aux=True))
+  return fns
+
+
+def time_dmt(fns, params, batch, repeats) -> dict:
+  """Each DMT loss at the run's Td on held-out rows: its value, the difference to the sequential
+  one, its rollout's iterations and its seconds per call (alternated, median)."""
+  out = {}
+  for solver, fn in fns.items():
+    (value, metrics), _ = jax.block_until_ready(fn(params, batch, None))
     out[solver] = dict(loss=float(value), iters=float(metrics.get("rollout_iters", 0)), s=[])
   for _ in range(repeats):
     for solver, fn in fns.items():
@@ -181,7 +192,7 @@ def time_dmt(cfg, exp, params, *, jacobians, rows, tol, repeats, diag_max_length
   for v in out.values():
     v["s"] = float(np.median(v["s"]))
     v["loss_difference"] = abs(v["loss"] - out["sequential"]["loss"])
-  return dict(td=td, **out)
+  return out
 
 
 def markdown(results: list[dict]) -> str:
