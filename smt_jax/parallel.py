@@ -229,10 +229,10 @@ def parallel_rollout(
   def bwd(res, cotangents):
     params, memory, states = res
     lam, _ = solve_adjoint(params, memory, inputs, states, cotangents[0], update=update, **opts)
-    prev = _shift(memory, states)
-    _, vjp_params = jax.vjp(lambda p: _flat_update(update, p, inputs)(prev), params)
-    _, vjp_state = jax.vjp(_flat_update(update, params, inputs), prev)
-    return vjp_params(lam)[0], vjp_state(lam)[0][:, 0]
+    f = lambda p, prev: _flat_update(update, p, inputs)(prev)  # noqa: E731
+    _, vjp = jax.vjp(f, params, _shift(memory, states))
+    d_params, d_prev = vjp(lam)  # d_prev[:, 0]: the initial memory's
+    return d_params, d_prev[:, 0]
 
   run.defvjp(fwd, bwd)
   return run(params, memory)
