@@ -607,13 +607,7 @@ def rollout(
   Under a mesh that splits the batch (`jax.set_mesh`), each device scans its own rows and the
   parameters' gradient is all-reduced once, after the loop (`_rows_apart`).
   """
-  if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
-    raise ValueError(f"inputs must be int [B, L], got {inputs.dtype} {inputs.shape}.")
-  if memory.ndim < 2 or memory.shape[0] != inputs.shape[0]:
-    raise ValueError(
-      f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]} "
-      f"(no broadcasting), got {memory.shape}."
-    )
+  parallel.check_rollout_inputs(memory, inputs)
   if stop_gradient_every is not None:
     _positive(stop_gradient_every=stop_gradient_every)
   # prevent_cse=False: scan already keeps iterations apart, and the barrier would block fusion.

@@ -238,14 +238,19 @@ def parallel_rollout(
   return run(params, memory)
 
 
-def _check(memory, inputs, jacobian, damping, tol) -> None:
+def check_rollout_inputs(memory: jax.Array, inputs: jax.Array) -> None:
+  """A rollout's inputs are int [B, L] and its memory [B, K, d] with the same B (one line each)."""
   if inputs.ndim != 2 or not jnp.issubdtype(inputs.dtype, jnp.integer):
     raise ValueError(f"inputs must be int [B, L], got {inputs.dtype} {inputs.shape}.")
   if memory.ndim < 2 or memory.shape[0] != inputs.shape[0]:
     raise ValueError(
-      f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]}, got "
-      f"{memory.shape}."
+      f"memory must be [B, K, d] with the inputs' batch size B = {inputs.shape[0]} "
+      f"(no broadcasting), got {memory.shape}."
     )
+
+
+def _check(memory, inputs, jacobian, damping, tol) -> None:
+  check_rollout_inputs(memory, inputs)
   if jacobian not in JACOBIANS:
     raise ValueError(f"jacobian must be one of {JACOBIANS}, got {jacobian!r}.")
   if damping < 0 or not tol > 0:

@@ -39,6 +39,12 @@ def test_every_checkpoint_every_length_and_jacobian(checked):
     assert r["max_error"] < 1e-4 and r["seqflops_ratio"] > 0, r
 
 
+def test_serial_flops_follow_the_documented_formula():
+  # f_update 1, K d = 4, Td = 8 (scans of 3 x 4 x log2 8 = 36), 2 forward and 3 adjoint iterations.
+  assert rollout_check.seq_flops(1.0, 4, 8, 2, 3, "none") == (24.0, 2 * 37 + 3 * 38 + 4)
+  assert rollout_check.seq_flops(1.0, 4, 8, 2, 3, "diag") == (24.0, 2 * 39 + 3 * 38 + 4)
+
+
 def test_the_dmt_loss_is_the_same_both_ways(checked):
   for step, t in checked["dmt"].items():
     assert set(t) == {"td", "sequential", "parallel_diag", "parallel_none"}, step
