@@ -1,6 +1,6 @@
 """Analysis of trained SMT / BPTT models, as pure functions of arrays and model functions.
 
-What the paper measures besides accuracy (SPEC section 9), written so any JAX project can call it:
+What the paper measures besides accuracy (docs/method.md 9), written so any JAX project can call it:
   - gradient flow: the norm of the loss gradient w.r.t. each memory m_t, along a BPTT unroll
     (`rollout_state_gradient_norms`) and inside the time-parallel SMT loss
     (`smt_memory_gradient_norms`);

@@ -33,8 +33,8 @@ from smt_jax.models import TEACHER_KINDS, head_width, make_rnn, rnn_fns, teacher
 
 PHASES = ("smt", "dmt", "bptt")
 
-# On a token stream, the config fields whose sum is each phase's sequence length T (SPEC 5);
-# an episodic source has one length for every phase, data.seq_len.
+# On a token stream, the config fields whose sum is each phase's sequence length T
+# (docs/method.md 5); an episodic source has one length for every phase, data.seq_len.
 _LENGTH_FIELDS = {
   "smt": ("smt.context_length", "smt.future_length"),
   "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
@@ -328,7 +328,8 @@ def make_train_step(loss_fn, optimizer, accum_steps: int = 1):
 
 
 def copy_decoder_to_readout(params, rnn_kind: str):
-  """End of SMT: the transformer RNN's readout takes the teacher decoder's weights (SPEC 4)."""
+  """End of SMT: the transformer RNN's readout takes the teacher decoder's weights
+  (docs/method.md 4)."""
   if rnn_kind != "transformer":
     return params
   dec, readout = params["teacher"]["decoder"], params["rnn"]["decoder"]

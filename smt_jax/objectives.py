@@ -4,8 +4,8 @@ Each returns `(loss, metrics)` and works under `jax.jit`, `jax.grad`, `jax.vmap`
 models enter as plain functions of their parameters (`TeacherFns`, `RNNFns`), so any RNN cell
 written in any JAX library can be trained: nothing here imports Flax.
 
-Time indexing (SPEC sections 2-5). A batch holds x, y int [B, T]; y[t] is predicted after reading
-x[0..t]; y == -1 means no target. The teacher's memory at time t is m_t = E(x[t-Tc+1 .. t])
+Time indexing (docs/method.md sections 2-5). A batch holds x, y int [B, T]; y[t] is predicted after
+reading x[0..t]; y == -1 means no target. The teacher's memory at time t is m_t = E(x[t-Tc+1 .. t])
 (left-padded with -1; t = -1 is the empty context, giving the initial memory). m_t's decoder
 predicts y[t .. t+Tf-1] from x[t+1 .. t+Tf]. An RNN transition is (m_t, x[t+1]) -> m_{t+1};
 readout(m_t) predicts y[t].
@@ -447,7 +447,7 @@ def smt_loss(
   All teacher memories come from one `vmap` of the encoder over time positions and all RNN
   transitions from one `vmap` of `update`: no unrolling, an O(1) gradient path between any tokens.
 
-  Where to start (the published defaults, SPEC section 6, and what the configs use):
+  Where to start (the published defaults, docs/method.md section 6, and what the configs use):
     num_transitions  1 on long streams (text, pixels: the paper's main runs, T = Tc + Tf, the
                      cheapest step); T on short episodic tasks (the probes: every memory of a
                      sequence trained, from the initial memory on, which an RNN that must start
@@ -703,7 +703,7 @@ def dmt_loss(
   rollout, as the reference's code does (its `detach_rnn=True`); it measured better on digits
   (docs/parity.md). True applies stop_gradient to the carried state before every update, so each
   label trains only the last update (on-policy imitation, no backpropagation through time, as
-  SPEC section 5 describes DMT; cheaper). The teacher gets no gradient.
+  docs/method.md section 5 describes DMT; cheaper). The teacher gets no gradient.
 
   Where to start: c_dyn 10, c_readout 1, Td 256, k 16, AdamW lr 3e-5 with warm-up then cosine
   decay, batch 32 (published, after 150k SMT steps; the small CPU configs use 3e-4 after a

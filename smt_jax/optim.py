@@ -9,8 +9,8 @@ Why not one `optax.adamw` over the whole tree:
     teacher's gradient in DMT, but AdamW's decoupled weight decay adds -lr * wd * p to every
     update whatever the gradient, so the "frozen" teacher would shrink by a factor (1 - lr * wd)
     per step (and its Adam moments would still be carried). `optax.set_to_zero()` on it instead.
-  - Clipping is by global norm per model (SPEC section 6): the teacher's gradient, large early in
-    SMT, must not scale down the RNN's step.
+  - Clipping is by global norm per model (docs/method.md 6): the teacher's gradient, large early
+    in SMT, must not scale down the RNN's step.
 """
 
 from __future__ import annotations

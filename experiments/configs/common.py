@@ -1,4 +1,5 @@
-"""Defaults shared by every experiment config (SPEC section 6's published values where they apply).
+"""Defaults shared by every experiment config (the published values where they apply:
+docs/method.md section 6).
 
 Each config file starts from `base()` and overrides what its experiment needs. Periods are named
 with their units (`*_every_steps`); a period of 0 means never.

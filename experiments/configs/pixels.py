@@ -1,4 +1,4 @@
-"""Pixel-sequence modelling: images as raster-scan token streams (SPEC section 8).
+"""Pixel-sequence modelling: images as raster-scan token streams (docs/method.md section 8).
 
 Arguments (`--config=experiments/configs/pixels.py:ARG`):
   digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
@@ -6,7 +6,7 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     2026-12-04; the RNN alone at 1.495 nats/pixel), no network.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
                     --config.data.path), streamed as the authors do (vocab 256, no BOS); the
-                    paper's model and schedules (SPEC section 6) and the reference recipe
+                    paper's model and schedules (docs/method.md section 6) and the reference recipe
                     (`common.reference_recipe`): the authors' published run.
   sketch            a folder of PNG/JPEG line drawings in --config.data.path (the paper's
                     sketches: the Sketchy database, https://sketchy.eye.gatech.edu; unpack its

@@ -1,4 +1,4 @@
-"""Synthetic probes (SPEC section 8): retrieval, copy, stack, keys_values, modular, parity.
+"""Synthetic probes (docs/method.md 8): retrieval, copy, stack, keys_values, modular, parity.
 
 Argument: `TASK[,T][,earlier][,smoke]`, e.g. `synthetic.py:stack` or `synthetic.py:retrieval,256`.
 T is the sequence length (default 64). Every sequence is an independent episode.

@@ -6,7 +6,7 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
                    about 0.5 MB of English and code), so it runs offline on a fresh machine in a
                    few minutes. A smoke-scale corpus: the RNN learns words and punctuation, not
                    stories. Any local file or folder works through --config.data.path.
-  tinystories      the paper's model and schedules (SPEC section 6) on TinyStories as the authors
+  tinystories      the paper's model and schedules (docs/method.md 6) on TinyStories as the authors
                    use it: the official train and validation files, ASCII only (bytes >= 128
                    dropped, as their loader does), fetched once from the Hugging Face hub (needs
                    `pip install huggingface_hub` and network the first time; then cached). With

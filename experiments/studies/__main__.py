@@ -1,4 +1,5 @@
-"""Reproduce the paper's findings at CPU scale: BPTT vs SMT vs SMT->DMT, with plots (SPEC 9).
+"""Reproduce the paper's findings at CPU scale: BPTT vs SMT vs SMT->DMT, with plots
+(docs/method.md section 9).
 
   python -m experiments.studies --study=all --budget=cpu --out=docs     # every study, ~10 h CPU
   python -m experiments.studies --study=probes --budget=cpu --out=docs

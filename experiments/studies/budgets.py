@@ -1,4 +1,5 @@
-"""Budgets of the studies that reproduce the paper's findings (`experiments.studies`, SPEC 9).
+"""Budgets of the studies that reproduce the paper's findings (`experiments.studies`,
+docs/method.md section 9).
 
 Argument: `cpu` (default; on a shared 2-core CPU every study together trained in about 10 hours of
 run time, length_parity 4.9 h and the curves 2 h of it; everything reruns in about a minute once its

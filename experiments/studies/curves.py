@@ -1,4 +1,5 @@
-"""Study: long budgets, SMT->DMT vs BPTT against optimiser steps, tokens and SeqFLOPs (SPEC 9.3).
+"""Study: long budgets, SMT->DMT vs BPTT against optimiser steps, tokens and SeqFLOPs
+(docs/method.md 9.3).
 
 The length study compares methods after one short budget (200 steps). Here probes (the length
 study's config, at a longer budget) and the digits (pixels) model train long enough for their

@@ -1,4 +1,4 @@
-"""Study: drift of the RNN's memories from the teacher's (SPEC 9.6).
+"""Study: drift of the RNN's memories from the teacher's (docs/method.md 9.6).
 
 Along the sequence: on held-out episodes, the RNN's own rollout from its initial memory
 (`smt_jax.read`) against the teacher memories m_t = E(x[..t]), per time step, after SMT and after
@@ -21,7 +21,7 @@ import numpy as np
 from experiments.studies import common, probes
 from smt_jax import analysis, inference, objectives
 
-DEFAULT = (0.1, 1e-3)  # (c_dyn, c_unif) of the probe runs (SPEC 5 defaults)
+DEFAULT = (0.1, 1e-3)  # (c_dyn, c_unif) of the probe runs (docs/method.md 5.1's defaults)
 
 
 @functools.partial(jax.jit, static_argnames=("rnn", "teacher", "context_length"))

@@ -1,4 +1,4 @@
-"""Study: memory geometry, a 2-D PCA of the RNN's memory trajectory (SPEC 9.8).
+"""Study: memory geometry, a 2-D PCA of the RNN's memory trajectory (docs/method.md 9.8).
 
 Trajectories of the SMT->DMT RNN read from its own initial memory (no teacher): over a held-out
 8x8 digit (BOS then 64 pixels; the curves study's digits run, as in the samples study) and over

@@ -1,4 +1,4 @@
-"""Study: gradient flow, ||dL/dm_t|| against distance from the loss (SPEC 9.5).
+"""Study: gradient flow, ||dL/dm_t|| against distance from the loss (docs/method.md 9.5).
 
 On the retrieval probe (the only target is the needle, asked for at the last step T-1), for held-out
 sequences:

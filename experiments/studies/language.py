@@ -1,4 +1,5 @@
-"""Study: bytes, SMT->DMT vs BPTT (the paper's language-modelling data-efficiency claim, SPEC 9.3).
+"""Study: bytes, SMT->DMT vs BPTT (the paper's language-modelling data-efficiency claim,
+docs/method.md 9.3).
 
 The offline corpus (`experiments/configs/text.py:small` with no data path: the help pages every
 Python ships, `pydoc_data.topics`), V = 256. One SMT->DMT run and one BPTT run of the same RNN,

@@ -1,4 +1,4 @@
-"""Study: length generalisation (SPEC 9.7).
+"""Study: length generalisation (docs/method.md 9.7).
 
 The probe study's runs on a state-tracking probe (stack), trained on episodes of length T, are
 evaluated on held-out episodes of length T, 2T and 4T: the RNN after SMT->DMT and after BPTT (both

@@ -1,9 +1,9 @@
 """Study: the paper's central claim at the reference architecture, BPTT vs SMT->DMT vs teacher in T.
 
-The claim (SPEC 9.1): BPTT degrades as the sequence length T grows, SMT->DMT does not. For every
-probe, T and seed: one SMT->DMT run and one BPTT run of the same transformer RNN, with the same
-batch and the same optimiser steps (SMT + DMT == BPTT), at the parity architecture (64-wide heads,
-shared teacher embedding, the reference's init). The teacher is what the task needs:
+The claim (docs/method.md 9.1): BPTT degrades as the sequence length T grows, SMT->DMT does not. For
+every probe, T and seed: one SMT->DMT run and one BPTT run of the same transformer RNN, with the
+same batch and the same optimiser steps (SMT + DMT == BPTT), at the parity architecture (64-wide
+heads, shared teacher embedding, the reference's init). The teacher is what the task needs:
   - an encoder of `teacher_depth` >= 2 layers, context Tc = T (every memory sees its whole prefix);
   - the one-pass causal teacher (`model.teacher_kind`), which encodes every memory of a sequence
     in one pass, so T = 256 is affordable (the windowed teacher would encode T windows of T tokens);

@@ -1,4 +1,4 @@
-"""Study: BPTT vs SMT->DMT vs the teacher on the five synthetic probes (SPEC 9.1, 9.3).
+"""Study: BPTT vs SMT->DMT vs the teacher on the five synthetic probes (docs/method.md 9.1, 9.3).
 
 For every task, sequence length T and seed: one SMT->DMT run and one BPTT run of the same
 transformer RNN, with the same batch and the same number of optimiser steps (SMT + DMT == BPTT).

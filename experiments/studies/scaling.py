@@ -1,8 +1,8 @@
 """Study: scaling with model width / depth (paper Fig. 8) and memory size vs compute (Fig. 9).
 
-SPEC 9.4: loss improves with model width and depth; a smaller memory costs more compute for a
-given loss. One probe (the length study's config at one T, a longer budget, held-out evals every
-`eval_every` steps), SMT->DMT and BPTT at equal optimiser steps, for:
+docs/method.md 9.4: loss improves with model width and depth; a smaller memory costs more
+compute for a given loss. One probe (the length study's config at one T, a longer budget,
+held-out evals every `eval_every` steps), SMT->DMT and BPTT at equal optimiser steps, for:
   - widths: the model width d (teacher and RNN) at K memory tokens and RNN depth 1;
   - depths: the RNN's update depth at the base width (the teacher keeps its encoder depth);
   - memory tokens: K at the base width, so the memory holds K x d numbers.

@@ -1,4 +1,4 @@
-"""Study: accuracy against training budget, sequential compute and wall time (SPEC 9.3).
+"""Study: accuracy against training budget, sequential compute and wall time (docs/method.md 9.3).
 
 One probe (stack, the shorter length, seed 0), BPTT and SMT->DMT at several optimiser-step budgets
 (SMT : DMT split as in the probe study; BPTT gets SMT + DMT steps). The budget of the probe study is

@@ -1,10 +1,10 @@
 """Study: the c_dyn x c_unif grid (paper Fig. 16), SMT->DMT on one probe.
 
-SMT's loss is c_dec L_dec + c_dyn L_dyn + c_unif L_unif (SPEC 5; defaults 1, 0.1, 0.001). Every
-cell of the grid is one SMT->DMT run of the length study's config (same teacher, batch and steps;
-the default cell is the length study's own run), seeds as the budget says. Reported per cell:
-held-out accuracy and NLL of the RNN after SMT and after SMT->DMT, the teacher's, and the drift of
-the RNN's rollout from the teacher's memories (1 - R^2) after SMT and after DMT.
+SMT's loss is c_dec L_dec + c_dyn L_dyn + c_unif L_unif (docs/method.md 5.1; defaults 1, 0.1,
+0.001). Every cell of the grid is one SMT->DMT run of the length study's config (same teacher, batch
+and steps; the default cell is the length study's own run), seeds as the budget says. Reported per
+cell: held-out accuracy and NLL of the RNN after SMT and after SMT->DMT, the teacher's, and the
+drift of the RNN's rollout from the teacher's memories (1 - R^2) after SMT and after DMT.
 """
 
 from __future__ import annotations

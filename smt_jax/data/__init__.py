@@ -1,4 +1,4 @@
-"""Data sources for SMT (SPEC 8): synthetic probes and real token streams, in pure numpy.
+"""Data sources for SMT (docs/method.md 8): synthetic probes and real token streams, in numpy.
 
 Every source implements `Source.batch(split=, step=, batch_size=, seed=, process_index=,
 process_count=) -> {'x': int32 [B/P, T], 'y': int32 [B/P, T]}` (y == -1: no target), a pure

@@ -1,4 +1,4 @@
-"""Pixel streams (SPEC 8): images as raster-scan intensity tokens, concatenated into one stream.
+"""Pixel streams (docs/method.md 8): images as raster-scan intensity tokens in one stream.
 
 With `bos=True` (the default) each image becomes [BOS, p_0, ..., p_{H*W-1}] with BOS = levels
 (one past the largest intensity), so vocab = levels + 1 and BOS recurs every H*W + 1 tokens.

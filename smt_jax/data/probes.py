@@ -1,4 +1,4 @@
-"""Synthetic probes (SPEC 8), generated on the fly from a seeded generator.
+"""Synthetic probes (docs/method.md section 8), generated on the fly from a seeded generator.
 
 Each probe is a `generate_<name>(rng, **kwargs) -> (x, y)` for ONE sequence (x, y: int32 [T],
 y == -1 where there is no target) plus a `Source` wrapping it. The generators check their

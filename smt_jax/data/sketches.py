@@ -1,4 +1,4 @@
-"""Sketches as pixel streams (SPEC 8; the paper's second image domain).
+"""Sketches as pixel streams (docs/method.md section 8; the paper's second image domain).
 
 - `image_folder`: every PNG/JPEG under a folder (e.g. the Sketchy database's sketches), turned
   grayscale, padded to a square with the background, resized by area averaging (so thin strokes

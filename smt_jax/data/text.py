@@ -1,4 +1,4 @@
-"""Byte-level text (SPEC 8): next-byte prediction (vocab 256).
+"""Byte-level text (docs/method.md section 8): next-byte prediction (vocab 256).
 
 Where the text comes from (`path`, and optionally `eval_path`):
 - `path=None`: the English text every Python ships, the standard library's `pydoc_data.topics`
