@@ -48,10 +48,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
+import jax
+import ml_collections
+import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
+
+from experiments import cli
+from smt_jax import analysis, config_checks, data, experiment, profiling
 
 
 def define_flags() -> None:
@@ -126,26 +134,12 @@ def peak_flops(device_kind: str, dtype: str) -> tuple[str | None, float | None]:
   return row, PEAK_FLOPS[row]["bfloat16" if dtype in ("bfloat16", "float16") else "float32"]
 
 
-def seq_depth(config, phase: str, seq_len: int) -> int:
-  """RNN updates on the sequential critical path of one train step."""
-  if phase == "smt":
-    return 1  # every transition is regressed in parallel (vmap): one update deep
-  if phase == "dmt":
-    return config.dmt.rollout_length  # a lax.scan of Td updates
-  return seq_len  # BPTT unrolls the whole sequence
-
-
-def xla_flops(compiled) -> float | None:
-  """XLA's own FLOP count of a compiled program (it counts a while-loop body once)."""
+def xla_count(compiled) -> float | None:
+  """XLA's FLOP count of a compiled step (`analysis.count_flops`); None without a cost analysis."""
   try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return analysis.count_flops(compiled)
+  except ValueError:
     return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
 
 
 def planned_bytes(compiled) -> int | None:
@@ -162,37 +156,8 @@ def planned_bytes(compiled) -> int | None:
   )
 
 
-def matmul_flops(jaxpr) -> float:
-  """FLOPs of every dot_general in a (closed) jaxpr: 2 * output size * contracted size.
-
-  Sub-jaxprs (jit, remat, custom rules, scan bodies) are walked; a scan body counts once per
-  iteration, a cond its costliest branch. Rematerialised recomputation is counted (it runs).
-  """
-  import numpy as np
-  from jax.extend import core as jcore
-
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
-      continue
-    subs = []
-    for v in eqn.params.values():
-      for x in v if isinstance(v, (list, tuple)) else [v]:
-        if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr)):
-          subs.append(matmul_flops(x))
-    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-    total += times * (max(subs, default=0.0) if eqn.primitive.name == "cond" else sum(subs))
-  return total
-
-
 def random_batch(rng, batch_size: int, seq_len: int, vocab_size: int):
   """Uniform tokens; y is the next token (the last one has no target)."""
-  import numpy as np
-
   x = rng.integers(0, vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
   y = x[:, 1:].copy()
   y[:, -1] = -1
@@ -207,10 +172,6 @@ class UniformTokens:
     self.vocab_size = vocab_size
 
   def __call__(self, config):
-    import numpy as np
-
-    from smt_jax import data, experiment
-
     n = (
       4
       * max(experiment.phase_seq_len(config, p) for p in (*experiment.phase_names(config), "eval"))
@@ -231,13 +192,6 @@ def time_objective(
 ) -> dict:
   """Compiles and times one objective's train step on the config's mesh; returns its stats (and,
   with op_split > 0, `profiling.op_split` of that many more steps, traced)."""
-  import tempfile
-
-  import jax
-  import numpy as np
-
-  from smt_jax import config_checks, experiment, profiling
-
   config = config.copy_and_resolve_references()
   config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
   exp = config_checks.build_experiment(
@@ -261,7 +215,7 @@ def time_objective(
     t0 = time.perf_counter()
     compiled = p.step.lower(state, batches[0], keys[0]).compile()
     compile_s = time.perf_counter() - t0
-    flops = matmul_flops(jax.make_jaxpr(p.step)(state, batches[0], keys[0]))
+    flops = analysis.count_flops(p.step, state, batches[0], keys[0], counter="matmul")
 
     for i in range(warmup):
       state, metrics = compiled(state, batches[i % 2], keys[i % 2])
@@ -305,12 +259,14 @@ def time_objective(
     "cpu_s": float(np.median(cpu_times)),
     "tokens_per_s": batch_size * seq_len / median,
     "compile_s": compile_s,
-    "seq_depth": seq_depth(config, phase, seq_len),
+    "seq_depth": analysis.serial_updates(
+      phase, seq_len=seq_len, rollout_length=config.dmt.rollout_length
+    ),
     "seq_len": seq_len,
     "batch_size": batch_size,
     "steps": steps,
     "flops": flops,
-    "xla_flops": xla_flops(compiled),
+    "xla_flops": xla_count(compiled),
     "planned_bytes": planned_bytes(compiled),
     "flops_per_s": flops / median if flops else None,
     "mfu": (flops / median / peak) if (flops and peak) else None,
@@ -329,11 +285,6 @@ def time_objective(
 
 def count_params(config, vocab_size: int = 0) -> dict:
   """{'n_params_teacher': .., 'n_params_rnn': ..} of the config's models (shapes only)."""
-  import jax
-  from flax import nnx
-
-  from smt_jax import experiment
-
   vocab_size = vocab_size or experiment.make_source(config).vocab_size
   teacher, rnn = nnx.eval_shape(lambda: experiment.build_models(config, vocab_size))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
@@ -356,10 +307,6 @@ def run_objectives(
 def every_transition(config, t: int, context_length: int, batch_size: int, vocab_size: int = 0):
   """`config` training SMT on every transition of episodes of length `t` (copy-probe tokens of
   the config's vocabulary), with Tc = `context_length` and Tf capped at T."""
-  import ml_collections
-
-  from smt_jax import experiment
-
   c = config.copy_and_resolve_references()
   vocab = vocab_size or experiment.make_source(c).vocab_size
   c.phases = "smt"
@@ -471,8 +418,6 @@ def sweep_devices(
   """One subprocess per device count, on fake CPU devices (their number is fixed before JAX
   starts). On the time axis SMT trains a multiple of max(counts) transitions, at most 8 per
   device count step, so that every count divides them."""
-  from smt_jax import experiment
-
   rows = []
   for n in counts:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -602,8 +547,6 @@ def main(argv):
       + f" --xla_force_host_platform_device_count={FLAGS.host_devices}"
     )
   elif not FLAGS.child and FLAGS.sweep is None:
-    from experiments import cli
-
     cli.use_cpu_cores(config)  # as the runner: one CPU device per core unless the user chose
   if FLAGS.child:
     print(
@@ -614,8 +557,6 @@ def main(argv):
       )
     )
     return
-
-  import jax
 
   device = jax.devices()[0]
   meta = {

@@ -8,8 +8,9 @@ What the paper measures besides accuracy (docs/method.md 9), written so any JAX 
     RNN's own rollout or for one-step predictions from teacher memories (`one_step_predictions`);
   - geometry: PCA of memory trajectories (`pca`) and their effective dimension
     (`participation_ratio`, a collapse diagnostic);
-  - sequential compute: FLOPs of one model application (`count_flops`) and the FLOPs on the serial
-    critical path of one training step of each method (`seq_flops_per_step`).
+  - sequential compute: FLOPs of a function (`count_flops`, XLA's count or the matmuls), the
+    updates on the serial critical path of one training step of each method (`serial_updates`)
+    and its FLOPs (`seq_flops_per_step`).
 
 Nothing here reads a config or touches files; models enter as `TeacherFns` / `RNNFns`.
 """
@@ -21,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from smt_jax.objectives import Params, RNNFns, TeacherFns
 
@@ -229,12 +231,71 @@ def participation_ratio(x) -> float:
 # Sequential compute.
 
 
-def count_flops(fn: Callable, *args) -> float:
-  """FLOPs XLA counts for one call of `fn(*args)` (HLO cost analysis of the lowered function)."""
-  cost = jax.jit(fn).lower(*args).cost_analysis()
+COUNTERS = ("xla", "matmul")
+
+
+def count_flops(fn, *args, counter: str = "xla") -> float:
+  """FLOPs of one call of `fn(*args)`: the one FLOP counter of the project.
+
+  counter="xla": what XLA's HLO cost analysis counts (every op, elementwise included) for
+    `jax.jit(fn).lower(*args)`; `fn` may also be a lowered or compiled function (no args), e.g.
+    a train step as compiled, sharded. XLA counts a while loop's body once, so a `lax.scan` of n
+    steps is undercounted n-fold, and on several devices it counts one device's share.
+  counter="matmul": every `dot_general` of the traced jaxpr (2 x output size x contracted size),
+    sub-jaxprs walked (jit, remat, custom rules), a scan body once per iteration, a cond's
+    costliest branch, rematerialised recomputation included (it runs): the matmul work of a
+    step, loops and all.
+
+  Raises:
+    ValueError: an unknown counter, or a backend whose XLA gives no cost analysis.
+  """
+  if counter == "matmul":
+    return _matmul_flops(jax.make_jaxpr(fn)(*args))
+  if counter != "xla":
+    raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}.")
+  stage = fn if isinstance(fn, (jax.stages.Lowered, jax.stages.Compiled)) else None
+  try:
+    cost = (stage or jax.jit(fn).lower(*args)).cost_analysis()
+  except NotImplementedError:
+    cost = None
   if isinstance(cost, (list, tuple)):  # older JAX returned one dict per computation
-    cost = cost[0]
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    raise ValueError(
+      "count_flops: this backend's XLA gives no cost analysis; use counter='matmul'."
+    )
   return float(cost["flops"])
+
+
+def _matmul_flops(jaxpr) -> float:
+  """`count_flops(counter="matmul")` of a (closed) jaxpr."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+      continue
+    subs = [
+      _matmul_flops(x)
+      for v in eqn.params.values()
+      for x in (v if isinstance(v, (list, tuple)) else [v])
+      if isinstance(x, (jcore.ClosedJaxpr, jcore.Jaxpr))
+    ]
+    times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    total += times * (max(subs, default=0.0) if eqn.primitive.name == "cond" else sum(subs))
+  return float(total)
+
+
+def serial_updates(method: str, *, seq_len: int, rollout_length: int = 0) -> int:
+  """RNN updates on the serial critical path of one training step (the sequential depth):
+  BPTT unrolls the whole sequence (T), DMT rolls out Td, SMT regresses every transition in
+  parallel (1). `seq_flops_per_step` weighs them in FLOPs."""
+  depth = {"bptt": seq_len, "dmt": rollout_length, "smt": 1}
+  if method not in depth:
+    raise ValueError(f"method must be 'bptt', 'smt' or 'dmt', got {method!r}.")
+  return depth[method]
 
 
 def seq_flops_per_step(
@@ -274,20 +335,20 @@ def seq_flops_per_step(
     carry_grad: DMT's gradients flow through the rollout (`dmt_loss(stop_carry_grad=False)`).
     truncation: BPTT's truncation length k (0: full BPTT).
   """
+  n = serial_updates(method, seq_len=seq_len, rollout_length=rollout_length)
   if method == "bptt":
     if 0 < truncation < seq_len:
-      return seq_len * f_update + f_readout + 2.0 * (truncation * f_update + f_readout)
-    return 3.0 * (seq_len * f_update + f_readout)
-  if method == "smt":
+      return n * f_update + f_readout + 2.0 * (truncation * f_update + f_readout)
+    return 3.0 * (n * f_update + f_readout)
+  if method == "smt":  # n = 1: the updates run beside the decoder and the readout
     return 3.0 * (f_encode + max(f_update, f_decode, f_readout))
-  if method == "dmt":
-    if carry_grad:
-      return f_encode + 3.0 * (rollout_length * f_update + f_readout)
-    return f_encode + rollout_length * f_update + f_readout + 2.0 * (f_update + f_readout)
-  raise ValueError(f"method must be 'bptt', 'smt' or 'dmt', got {method!r}.")
+  if carry_grad:
+    return f_encode + 3.0 * (n * f_update + f_readout)
+  return f_encode + n * f_update + f_readout + 2.0 * (f_update + f_readout)
 
 
 __all__ = [
+  "COUNTERS",
   "count_flops",
   "drift_along_time",
   "one_step_predictions",
@@ -296,6 +357,7 @@ __all__ = [
   "perturbable_teacher",
   "rollout_state_gradient_norms",
   "seq_flops_per_step",
+  "serial_updates",
   "smt_memory_gradient_norms",
   "window_fill",
 ]

@@ -134,25 +134,6 @@ def test_flops_count_every_scan_iteration(main_run):
   assert 0.5 < main_run["smt"]["flops"] / main_run["smt"]["xla_flops"] <= 1.0
 
 
-def test_matmul_flops_of_a_scan_by_hand():
-  import jax
-  import jax.numpy as jnp
-
-  from experiments.benchmark import matmul_flops
-
-  def f(x, w):  # 5 iterations of [4, 8] @ [8, 16] and [4, 16] @ [16, 8]
-    def body(c, _):
-      return jnp.tanh(c @ w) @ w.T, None
-
-    return jax.lax.scan(body, x, None, length=5)[0].sum()
-
-  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
-  forward = 5 * 2 * (2 * 4 * 8 * 16)
-  assert matmul_flops(jax.make_jaxpr(f)(x, w)) == forward
-  # Gradient in x and w: the forward, and two matmuls (input and weight) per forward matmul.
-  assert matmul_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 3 * forward
-
-
 def test_peak_table_names_the_dtype():
   from experiments.benchmark import PEAK_FLOPS, peak_flops
 

@@ -151,6 +151,10 @@ def test_geometry_turns_and_depth_correlation():
 def test_count_flops_and_seq_flops():
   f = analysis.count_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 16)))
   assert f == 2 * 4 * 8 * 16
+  compiled = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 16))).compile()
+  assert analysis.count_flops(compiled) == f
+  with pytest.raises(ValueError, match="counter"):
+    analysis.count_flops(lambda a: a, jnp.ones(2), counter="hlo")
   kw = dict(f_update=10.0, f_readout=2.0, f_encode=100.0, f_decode=50.0, rollout_length=8)
   bptt = [analysis.seq_flops_per_step("bptt", seq_len=t, **kw) for t in (16, 32)]
   smt = [analysis.seq_flops_per_step("smt", seq_len=t, **kw) for t in (16, 32)]
@@ -164,6 +168,24 @@ def test_count_flops_and_seq_flops():
   assert analysis.seq_flops_per_step("bptt", seq_len=32, truncation=32, **kw) == bptt[1]
   with pytest.raises(ValueError, match="method"):
     analysis.seq_flops_per_step("tbptt", seq_len=4, **kw)
+  depth = lambda m: analysis.serial_updates(m, seq_len=32, rollout_length=8)
+  assert (depth("smt"), depth("dmt"), depth("bptt")) == (1, 8, 32)
+
+
+def test_matmul_flops_of_a_scan_by_hand():
+  def f(x, w):  # 5 iterations of [4, 8] @ [8, 16] and [4, 16] @ [16, 8]
+    def body(c, _):
+      return jnp.tanh(c @ w) @ w.T, None
+
+    return jax.lax.scan(body, x, None, length=5)[0].sum()
+
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+  forward = 5 * 2 * (2 * 4 * 8 * 16)
+  assert analysis.count_flops(f, x, w, counter="matmul") == forward
+  # Gradient in x and w: the forward, and two matmuls (input and weight) per forward matmul.
+  assert analysis.count_flops(jax.grad(f, argnums=(0, 1)), x, w, counter="matmul") == 3 * forward
+  # XLA's count runs the loop body once.
+  assert analysis.count_flops(f, x, w) < forward
 
 
 # -------------------------------------------------------------------------------------------------
