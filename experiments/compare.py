@@ -20,7 +20,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import cli
+from experiments import cli, plot
+from smt_jax import experiment, metrics_io, train
+from smt_jax.console import format_duration
 
 DEFAULT_CONFIG = "experiments/configs/synthetic.py:retrieval,32,showcase"
 FLAGS = flags.FLAGS
@@ -42,8 +44,6 @@ LABELS = {"smt_dmt": "SMT->DMT", "bptt": "BPTT"}
 
 def configs(config) -> dict:
   """{'smt_dmt': the config's SMT and DMT phases, 'bptt': BPTT on the same tokens}."""
-  from smt_jax import experiment
-
   smt_dmt = config.copy_and_resolve_references()
   smt_dmt.phases = "smt,dmt"
   bptt = config.copy_and_resolve_references()
@@ -54,9 +54,6 @@ def configs(config) -> dict:
 
 
 def _line(name: str, summary: dict, config, metric: str) -> str:
-  from smt_jax import experiment
-  from smt_jax.console import format_duration
-
   last = summary.get("dmt") or summary.get("bptt") or {}
   teacher = summary.get("smt", {})
   acc = metric.endswith("_acc")
@@ -74,15 +71,11 @@ def _line(name: str, summary: dict, config, metric: str) -> str:
 
 def main(argv):
   del argv
-  from experiments import plot
-
   if not FLAGS["verbosity"].present:  # library INFO chatter (orbax) off unless asked with -v
     logging.set_verbosity(logging.WARNING)
 
   config = FLAGS.config
   cli.use_cpu_cores(config)
-  from smt_jax import experiment, metrics_io, train
-
   path, _, arg = FLAGS["config"].config_filename.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
   workdir = FLAGS.workdir or os.path.join("runs", f"compare_{stem}_{arg.replace(',', '_')}")

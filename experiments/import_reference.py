@@ -23,8 +23,13 @@ import pickle
 import sys
 import types
 
+import jax
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
+
+from experiments.configs import common
+from smt_jax import checkpoints, config_checks, reference
 
 FLAGS = flags.FLAGS
 
@@ -139,8 +144,6 @@ def _get(obj, name: str):
 
 def reference_config(base, cfg, itr: int):
   """`base` with the model, SMT and optimiser settings of a train_smt.py cfg (SMT done at itr)."""
-  from experiments.configs import common
-
   t, r = _get(cfg, "teacher"), _get(cfg, "rnn")
   for what, v, want in (
     ("teacher.mem_rms_norm", getattr(t, "mem_rms_norm", True), True),
@@ -195,11 +198,6 @@ def reference_config(base, cfg, itr: int):
 
 def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False) -> str:
   """Writes the workdir for a loaded checkpoint (see `load_checkpoint`); returns its config.py."""
-  import jax
-  from flax import nnx
-
-  from smt_jax import checkpoints, config_checks, reference
-
   config = reference_config(base, ckpt["cfg"], ckpt["itr"])
   exp = config_checks.build_experiment(config)  # validates the config and the data first
   m = config.model
@@ -247,8 +245,6 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from smt_jax import checkpoints, config_checks
-
   try:
     ckpt = load_checkpoint(FLAGS.checkpoint)
     base = FLAGS.config

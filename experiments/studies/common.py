@@ -21,7 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from smt_jax import config_checks, experiment
+from experiments.configs import pixels, synthetic
+from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
 
 RECORD = "study_record.json"
 
@@ -54,8 +55,6 @@ def probe_config(
   **smt_overrides,
 ) -> ml_collections.ConfigDict:
   """The synthetic probe config at the study budget: SMT+DMT steps == BPTT steps."""
-  from experiments.configs import synthetic
-
   b = ctx.budget
   # The recipe these studies were measured with (docs/results.md), not today's default.
   c = synthetic.get_config(f"{task},{length},earlier")
@@ -78,8 +77,6 @@ def probe_config(
 
 def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections.ConfigDict:
   """The pixels (8x8 digits) model and batch of the study budget; the caller sets the steps."""
-  from experiments.configs import pixels
-
   d = ctx.budget.digits
   smoke = ctx.budget.name == "smoke"
   c = pixels.get_config("smoke" if smoke else "digits")
@@ -121,8 +118,6 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   Returns the run record: {'name', 'workdir', 'summary', 'wall_s', 'train_s': {phase: seconds of
   training excluding compile}, 'compile_s': {phase: s}, 'steps': {phase: n}, 'reused': bool}.
   """
-  from smt_jax import checkpoints, metrics_io, train
-
   workdir = ctx.workdir(name)
   record_path = os.path.join(workdir, RECORD)
   cfg_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
@@ -220,8 +215,6 @@ def phase_end_step(config, phase: str) -> int:
 
 def restore(config, workdir: str, step: int | None = None):
   """(exp, params) of a run: its parameters at checkpoint `step` (None: the latest; 0: the init)."""
-  from smt_jax import checkpoints, config_checks
-
   exp = config_checks.build_experiment(config)
   if step == 0:
     return exp, exp.init_params()
@@ -307,7 +300,5 @@ def save_figure(ctx: Context, fig, name: str) -> str:
   os.makedirs(ctx.out, exist_ok=True)
   path = os.path.join(ctx.out, name)
   fig.savefig(path, dpi=110, bbox_inches="tight")
-  import matplotlib.pyplot as plt
-
-  plt.close(fig)
+  pyplot().close(fig)
   return path

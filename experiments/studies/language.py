@@ -12,6 +12,7 @@ SeqFLOPs, the x-axes the runner writes into every metrics row (`experiments.plot
 from __future__ import annotations
 
 from experiments import plot as plot_lib
+from experiments.configs import text
 from experiments.studies import common, probes
 
 METRIC = "eval/rnn_bits_per_byte"
@@ -20,8 +21,6 @@ AXES = ("steps", "tokens", "seqflops")
 
 def config(ctx, *, phases: str, seed: int = 0):
   """text.py's CPU model at the study budget: SMT + DMT steps == BPTT steps, one batch size."""
-  from experiments.configs import text
-
   b = ctx.budget.text
   c = text.get_config("smoke" if ctx.budget.name == "smoke" else "small")
   c.seed = seed

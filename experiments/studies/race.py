@@ -23,7 +23,9 @@ against tokens, SeqFLOPs and train seconds.
 
 from __future__ import annotations
 
+from experiments.configs import pixels, synthetic, text
 from experiments.studies import common
+from smt_jax import experiment, metrics_io
 
 METHODS = ("smt_dmt", "earlier", "bptt")
 LABELS = {
@@ -48,9 +50,6 @@ def probe_length(ctx, workload: str) -> tuple[str, int] | None:
 
 def config(ctx, workload: str, method: str, lr: float, seed: int):
   """The config of one race run: the workload's default (or earlier) recipe at the token budget."""
-  from experiments.configs import pixels, synthetic, text
-  from smt_jax import experiment
-
   r = ctx.budget.race
   smoke = ",smoke" if ctx.budget.name == "smoke" else ""
   flags = (",earlier" if method == "earlier" else "") + smoke
@@ -91,8 +90,6 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
 
 def curve(workdir: str, key: str) -> dict[str, list[float]]:
   """Held-out `key` against tokens, SeqFLOPs and train seconds (the logged step rates summed)."""
-  from smt_jax import metrics_io
-
   out = {"tokens": [], "seqflops": [], "train_s": [], "value": []}
   seconds, last = 0.0, {}
   for row in metrics_io.read_metrics(workdir):
@@ -109,8 +106,6 @@ def curve(workdir: str, key: str) -> dict[str, list[float]]:
 
 
 def run(ctx) -> dict:
-  from smt_jax import experiment
-
   r = ctx.budget.race
   cells, rows = [], []
   for workload in r.workloads:

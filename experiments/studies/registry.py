@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import time
 
+import jax
+
 from experiments.studies import (
   budgets,
   common,
@@ -66,8 +68,6 @@ def resolve(study: str) -> list[str]:
 
 def enable_compile_cache(path: str) -> None:
   """Same HLO (e.g. a config's seeds) compiles once: XLA's persistent cache, also across reruns."""
-  import jax
-
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
