@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from absl import app, flags
 
 from experiments.studies import common
 from smt_jax import experiment, objectives, parallel
+from smt_jax.models import layers
 
 
 def define_flags() -> None:
@@ -70,19 +72,37 @@ def tokens(exp, rows: int, length: int) -> jax.Array:
   return jnp.asarray(np.concatenate(parts, axis=1)[:, :length], jnp.int32)
 
 
-def lyapunov(update, p, m0, x) -> float:
-  """The largest Lyapunov exponent along the rollout: mean log growth per step of a tangent."""
+def lyapunov(update, p, m0, x) -> dict:
+  """The largest Lyapunov exponent along the rollout (mean log growth per step of a tangent, past
+  a transient), split into its two factors: the update before the memory's RMS normalisation
+  (`pre_norm`) and the normalisation itself (`norm`: its tangential scale 1 / rms(h) and the
+  radial direction it removes), with `rms_h`, the mean rms of the pre-normalised memory h.
+
+  The pre-normalised update is the RNN's own with `layers.rms_normalize`, its last op (for every
+  kind), traced as the identity; the normalisation is then applied here, so `exponent` is the
+  update's own.
+  """
   v0 = jax.random.normal(jax.random.key(0), m0.shape)
   v0 = v0 / jnp.linalg.norm(v0.reshape(v0.shape[0], -1), axis=1)[:, None, None]
+  row_norm = lambda v: jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=1)
 
   def step(carry, x_t):
     m, v = carry
-    m, v = jax.jvp(lambda m: update(p, m, x_t), (m,), (v,))
-    norm = jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=1)
-    return (m, v / norm[:, None, None]), jnp.log(norm)
+    h, u = jax.jvp(lambda m: update(p, m, x_t), (m,), (v,))
+    m, w = jax.jvp(normalize, (h,), (u,))
+    rms = jnp.mean(jnp.sqrt(jnp.mean(jnp.square(h), axis=-1)))  # per memory token
+    return (m, w / row_norm(w)[:, None, None]), (jnp.log(row_norm(u)), jnp.log(row_norm(w)), rms)
 
-  _, logs = jax.lax.scan(step, (m0, v0), x.T)
-  return float(jnp.mean(logs[x.shape[1] // 4 :]))  # past a transient
+  normalize = layers.rms_normalize
+  with mock.patch.object(layers, "rms_normalize", lambda h: h):
+    _, (pre, full, rms) = jax.lax.scan(step, (m0, v0), x.T)
+  past = slice(x.shape[1] // 4, None)  # past a transient
+  return dict(
+    exponent=float(jnp.mean(full[past])),
+    pre_norm=float(jnp.mean(pre[past])),
+    norm=float(jnp.mean(full[past] - pre[past])),
+    rms_h=float(jnp.mean(rms[past])),
+  )
 
 
 def seq_flops(fu: float, n: int, td: int, fwd: int, bwd: int, jacobian: str) -> tuple[float, float]:
@@ -205,8 +225,20 @@ def markdown(results: list[dict]) -> str:
     for row in r["rows"]:
       lines.append(
         f"| {os.path.basename(r['workdir'])} ({r['kind']}) | {row['step']} | "
-        f"{r['lyapunov'][row['step']]:+.3f} | {row['td']} | {row['jacobian']} | {row['fwd_iters']} "
-        f"| {row['bwd_iters']} | {row['max_error']:.1e} | {row['seqflops_ratio']:.2f} |"
+        f"{r['lyapunov'][row['step']]['exponent']:+.3f} | {row['td']} | {row['jacobian']} "
+        f"| {row['fwd_iters']} | {row['bwd_iters']} | {row['max_error']:.1e} "
+        f"| {row['seqflops_ratio']:.2f} |"
+      )
+  lines += [
+    "",
+    "| run | checkpoint | Lyapunov exp. | = update before the norm | + the RMS norm | rms(h) |",
+    "|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    for step, v in r["lyapunov"].items():
+      lines.append(
+        f"| {os.path.basename(r['workdir'])} | {step} | {v['exponent']:+.3f} "
+        f"| {v['pre_norm']:+.3f} | {v['norm']:+.3f} | {v['rms_h']:.3f} |"
       )
   lines += [
     "",

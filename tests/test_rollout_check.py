@@ -3,11 +3,15 @@ at every checkpoint (iterations within Td, states and DMT loss equal), with a Ly
 
 import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import rollout_check
 from experiments.configs import pixels
 from smt_jax import train
+from smt_jax.models import layers
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def checked(tmp_path_factory):
 def test_every_checkpoint_every_length_and_jacobian(checked):
   # The initial parameters, the end of SMT (6 steps) and of DMT (4 more).
   assert sorted(checked["lyapunov"]) == [0, 6, 10]
-  assert all(math.isfinite(v) for v in checked["lyapunov"].values())
+  assert all(math.isfinite(x) for v in checked["lyapunov"].values() for x in v.values())
   rows = checked["rows"]
   assert {(r["step"], r["td"], r["jacobian"]) for r in rows} == {
     (s, td, j) for s in (0, 6, 10) for td in (4, 8) for j in ("diag", "none")
@@ -37,6 +41,32 @@ def test_every_checkpoint_every_length_and_jacobian(checked):
   for r in rows:
     assert 1 <= r["fwd_iters"] <= r["td"] and 1 <= r["bwd_iters"] <= r["td"], r
     assert r["max_error"] < 1e-4 and r["seqflops_ratio"] > 0, r
+
+
+def test_lyapunov_splits_into_the_update_and_its_rms_norm():
+  # m' = rms_normalize(tanh(m W + x)): Jacobians by jacfwd, tangents carried in a Python loop.
+  k, d, steps = 2, 3, 12
+  w = jax.random.normal(jax.random.key(0), (d, d)) * 1.5
+  update = lambda w, m, x: layers.rms_normalize(jnp.tanh(m @ w + x[:, None, None]))
+  m = layers.rms_normalize(jax.random.normal(jax.random.key(1), (1, k, d)))
+  x = jax.random.normal(jax.random.key(2), (1, steps))
+  got = rollout_check.lyapunov(update, w, m, x)
+  v = jax.random.normal(jax.random.key(0), m.shape)
+  v = v / jnp.linalg.norm(v)
+  pre, full = [], []
+  for t in range(steps):
+    h = jnp.tanh(m @ w + x[:, t, None, None])
+    u = jax.jvp(lambda m: jnp.tanh(m @ w + x[:, t, None, None]), (m,), (v,))[1]
+    j = jax.jacfwd(lambda h: layers.rms_normalize(h))(h).reshape(k * d, k * d)
+    nxt = (j @ u.reshape(-1)).reshape(m.shape)
+    pre.append(np.log(np.linalg.norm(u)))
+    full.append(np.log(np.linalg.norm(nxt)))
+    m, v = layers.rms_normalize(h), nxt / np.linalg.norm(nxt)
+  past = slice(steps // 4, None)
+  assert got["exponent"] == pytest.approx(np.mean(full[past]), abs=1e-5)
+  assert got["pre_norm"] == pytest.approx(np.mean(pre[past]), abs=1e-5)
+  assert got["norm"] == pytest.approx(np.mean(full[past]) - np.mean(pre[past]), abs=1e-5)
+  assert abs(got["norm"]) > 1e-2  # the norm does change the growth here
 
 
 def test_serial_flops_follow_the_documented_formula():
