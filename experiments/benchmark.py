@@ -59,7 +59,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments import cli
-from smt_jax import analysis, config_checks, data, experiment, profiling
+from smt_jax import analysis, data
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import experiment, profiling
 
 
 def define_flags() -> None:
@@ -194,7 +196,7 @@ def time_objective(
   with op_split > 0, `profiling.op_split` of that many more steps, traced)."""
   config = config.copy_and_resolve_references()
   config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
-  exp = config_checks.build_experiment(
+  exp = config_lib.build_experiment(
     config, make_source=UniformTokens(vocab_size) if vocab_size else None
   )
   p = experiment.make_phase(exp, phase)  # the runner's own train step

@@ -26,7 +26,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from smt_jax import config_checks, experiment, losses, objectives
+from smt_jax import losses, objectives
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import experiment
 
 config_flags.DEFINE_config_file(
   "config", "experiments/configs/pixels.py", "Path to a config file (and :arg).", lock_config=False
@@ -59,7 +61,7 @@ def _projected(fn):
 
 def parts(config) -> dict[str, tuple]:
   """{part: (jitted fn, args)} for the SMT step of `config`, and 'step' for the whole."""
-  exp = config_checks.build_experiment(config)
+  exp = config_lib.build_experiment(config)
   phase = experiment.make_phase(exp, "smt")
   s = config.smt
   tfns, rfns = exp.fns

@@ -62,7 +62,7 @@ def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> in
   processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those.
   `batches`: the batch sizes to divide instead of the config's (config None: a set of runs, e.g.
   the studies')."""
-  from smt_jax import experiment, multihost  # no JAX backend is started by importing them
+  from smt_jax.runner import experiment, multihost  # no JAX backend starts on importing them
 
   if (
     "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")

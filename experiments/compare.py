@@ -21,8 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, plot
-from smt_jax import experiment, metrics_io, train
-from smt_jax.console import format_duration
+from smt_jax.runner import experiment, metrics_io, train
+from smt_jax.runner.console import format_duration
 
 DEFAULT_CONFIG = "experiments/configs/synthetic.py:retrieval,32,showcase"
 FLAGS = flags.FLAGS

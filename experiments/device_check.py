@@ -33,7 +33,8 @@ from ml_collections import config_flags
 
 from experiments import benchmark, cli
 from experiments.configs import common
-from smt_jax import config_checks, experiment  # importing them starts no JAX backend
+from smt_jax.runner import config as config_lib  # importing them starts no JAX backend
+from smt_jax.runner import experiment
 
 
 def define_flags() -> None:
@@ -88,7 +89,7 @@ def compiled_step(config, phase: str, batch_size: int, vocab_size: int):
   c = config.copy_and_resolve_references()
   c[phase].batch_size = batch_size
   c.phases = "smt,dmt" if phase == "dmt" else phase
-  exp = config_checks.build_experiment(c, make_source=benchmark.UniformTokens(vocab_size))
+  exp = config_lib.build_experiment(c, make_source=benchmark.UniformTokens(vocab_size))
   p = experiment.make_phase(exp, phase)
   rows = benchmark.random_batch(np.random.default_rng(0), 1, p.source.seq_len, vocab_size)
   batch = {

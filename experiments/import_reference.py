@@ -29,7 +29,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments.configs import common
-from smt_jax import checkpoints, config_checks, reference
+from smt_jax import reference
+from smt_jax.runner import checkpoints
+from smt_jax.runner import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -199,7 +201,7 @@ def reference_config(base, cfg, itr: int):
 def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False) -> str:
   """Writes the workdir for a loaded checkpoint (see `load_checkpoint`); returns its config.py."""
   config = reference_config(base, ckpt["cfg"], ckpt["itr"])
-  exp = config_checks.build_experiment(config)  # validates the config and the data first
+  exp = config_lib.build_experiment(config)  # validates the config and the data first
   m = config.model
   if exp.source.vocab_size != ckpt["cfg"].teacher.vocab_size:
     raise CheckpointImportError(
@@ -259,7 +261,7 @@ def main(argv):
     path = import_checkpoint(
       ckpt, base.copy_and_resolve_references(), FLAGS.workdir, overwrite=FLAGS.overwrite
     )
-  except (CheckpointImportError, config_checks.ConfigError, checkpoints.WorkdirError) as e:
+  except (CheckpointImportError, config_lib.ConfigError, checkpoints.WorkdirError) as e:
     sys.exit(f"error: {e}")
   print(
     f"Imported SMT step {ckpt['itr']} into {FLAGS.workdir}. Continue with DMT:\n"

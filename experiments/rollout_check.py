@@ -35,8 +35,9 @@ import numpy as np
 from absl import app, flags
 
 from experiments.studies import common
-from smt_jax import experiment, objectives, parallel
+from smt_jax import objectives, parallel
 from smt_jax.models import layers
+from smt_jax.runner import experiment
 
 
 def define_flags() -> None:

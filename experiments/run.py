@@ -55,7 +55,7 @@ def _main(argv):
   if FLAGS.peer_timeout_s <= 0:
     sys.exit(f"error: --peer_timeout_s={FLAGS.peer_timeout_s}: must be > 0 seconds (e.g. 60).")
   cli.use_cpu_cores(FLAGS.config)  # before JAX starts its CPU backend
-  from smt_jax import multihost
+  from smt_jax.runner import multihost
 
   clean = (None, 0, 130, 143)  # finished, or stopped at a checkpoint (SIGINT, SIGTERM)
   with multihost.job(peer_timeout_s=FLAGS.peer_timeout_s, clean_exits=clean):
@@ -63,7 +63,7 @@ def _main(argv):
 
 
 def _train():
-  from smt_jax import train  # after distributed init
+  from smt_jax.runner import train  # after distributed init
 
   workdir = FLAGS.workdir or cli.default_workdir(FLAGS["config"].config_filename)
   print(f"workdir: {workdir}", flush=True)

@@ -30,7 +30,7 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from smt_jax import multihost
+  from smt_jax.runner import multihost
 
   with multihost.job(peer_timeout_s=FLAGS.peer_timeout_s):
     _sample()
@@ -39,15 +39,9 @@ def main(argv):
 def _sample():
   import jax
 
-  from smt_jax import (
-    checkpoints,
-    config_checks,
-    experiment,
-    metrics_io,
-    multihost,
-    samples,
-    storage,
-  )
+  from smt_jax import storage
+  from smt_jax.runner import checkpoints, experiment, metrics_io, multihost, samples
+  from smt_jax.runner import config as config_lib
 
   workdir = FLAGS.workdir
   config_path = storage.join(workdir, checkpoints.CONFIG_FILE)
@@ -76,8 +70,8 @@ def _sample():
   if FLAGS.seed is not None:
     config.seed = FLAGS.seed
   try:
-    exp = config_checks.build_experiment(config)
-  except config_checks.ConfigError as e:
+    exp = config_lib.build_experiment(config)
+  except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)
   try:

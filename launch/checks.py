@@ -3,7 +3,7 @@
 A pod or cluster job that names a field the config lacks, or a batch size its devices cannot
 split, would otherwise fail after the slice is created, the code copied and installed. This
 parses the arguments exactly as `experiments.run` does (ml_collections' `config_flags`, the
-config locked) and runs `smt_jax.config_checks.validate_for_devices` with the target's device
+config locked) and runs `smt_jax.runner.config.validate_for_devices` with the target's device
 and process counts, so such a launch fails here, in a second, naming the field and the fix.
 
   python -m launch.checks --num-devices=16 --num-processes=16 \\
@@ -117,13 +117,13 @@ def check_run_args(args: Sequence[str], *, num_devices: int, num_processes: int)
   """Raises LaunchCheckError unless `experiments.run ARGS` passes the config checks on a target
   of `num_devices` devices over `num_processes` processes; returns the mesh shape it gets."""
   config = parse_run_args(args)
-  from smt_jax import config_checks
+  from smt_jax.runner import config as config_lib
 
   try:
-    return config_checks.validate_for_devices(
+    return config_lib.validate_for_devices(
       config, num_devices=num_devices, num_processes=num_processes
     )
-  except config_checks.ConfigError as e:
+  except config_lib.ConfigError as e:
     raise LaunchCheckError(str(e)) from None
 
 

@@ -543,7 +543,7 @@ def check_config(args: argparse.Namespace) -> str:
   """What experiments.run will train, checked here against the slice before anything starts.
 
   The config and its overrides go through experiments.run's own flag parsing and
-  `config_checks.validate_for_devices` with the slice's device and host counts, so a field that
+  `config_lib.validate_for_devices` with the slice's device and host counts, so a field that
   does not exist or a batch size the slice cannot split fails now, not after create, copy and
   install. Raises ValueError (one line); returns a line saying what was checked.
   """

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 
-from smt_jax import checkpoints, storage
+from smt_jax import storage
+from smt_jax.runner import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("steps_per_s", "tokens_per_s")

@@ -172,7 +172,7 @@ def test_ctrl_c_while_compiling_saves_and_exits_130(tmp_path):
 
 
 def test_sigint_sets_the_flag_and_never_raises():
-  from smt_jax.preemption import Preempted, SigtermWatch
+  from smt_jax.runner.preemption import Preempted, SigtermWatch
 
   before = signal.getsignal(signal.SIGINT)
   watch = SigtermWatch()
@@ -188,7 +188,7 @@ def test_sigint_sets_the_flag_and_never_raises():
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
   code = (
     "import os, signal, time\n"
-    "from smt_jax.preemption import SigtermWatch\n"
+    "from smt_jax.runner.preemption import SigtermWatch\n"
     "w = SigtermWatch()\n"
     "with w.installed():\n"
     "  os.kill(os.getpid(), signal.SIGINT)\n"

@@ -11,7 +11,7 @@ import run_helpers
 
 from experiments import compare
 from experiments.configs import pixels, synthetic
-from smt_jax import experiment
+from smt_jax.runner import experiment
 
 
 def test_bptt_gets_the_tokens_of_smt_and_dmt():

@@ -1,6 +1,6 @@
 """Bad configs fail before anything is loaded or compiled, naming the field, the value and the fix.
 
-Every rule of `smt_jax.config_checks` has a case here, run through `train.train_and_evaluate` (the
+Every rule of `smt_jax.runner.config` has a case here, run through `train.train_and_evaluate` (the
 real entry point) with a guard that fails the test if data is loaded (for the rules that need no
 data) or if JAX traces or compiles anything. Fast: nothing here trains.
 """
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import pixels, synthetic, text
-from smt_jax import checkpoints, config_checks, data, train
-from smt_jax.config_checks import ConfigError
+from smt_jax import data
+from smt_jax.runner import checkpoints, train
+from smt_jax.runner import config as config_lib
+from smt_jax.runner.config import ConfigError
 
 
 @contextlib.contextmanager
@@ -356,19 +358,19 @@ def test_batch_and_transitions_must_split_over_the_mesh():
     match=r"config.smt.batch_size = 6: must be divisible by data x "
     r"fsdp = 4 .* e.g. smt.batch_size=8",
   ):
-    config_checks.validate_with_mesh(c, _mesh(data=2, fsdp=2))
+    config_lib.validate_with_mesh(c, _mesh(data=2, fsdp=2))
   c = _config("pixels:smoke", {"eval.batch_size": 2, "phases": "smt"})
   with pytest.raises(ConfigError, match="config.eval.batch_size = 2"):
-    config_checks.validate_with_mesh(c, _mesh(data=4))
+    config_lib.validate_with_mesh(c, _mesh(data=4))
   c = _config("pixels:smoke", {"smt.num_transitions": 3, "phases": "smt"})
   with pytest.raises(
     ConfigError, match="config.smt.num_transitions = 3: must be divisible by mesh.time = 2"
   ):
-    config_checks.validate_with_mesh(c, _mesh(time=2))
+    config_lib.validate_with_mesh(c, _mesh(time=2))
   c = _config("synthetic:parity,smoke", {"phases": "bptt"})
   with pytest.raises(ConfigError, match="config.mesh.time = 2: .* no SMT phase"):
-    config_checks.validate_with_mesh(c, _mesh(time=2))
-  config_checks.validate_with_mesh(_config("pixels:smoke", {}), _mesh(data=4))
+    config_lib.validate_with_mesh(c, _mesh(time=2))
+  config_lib.validate_with_mesh(_config("pixels:smoke", {}), _mesh(data=4))
   # Gradient accumulation: each micro-batch (batch_size / k rows) splits over the devices.
   c = _config("pixels:smoke", {"optim.grad_accum_steps": 2})  # batches of 4
   with pytest.raises(
@@ -376,37 +378,37 @@ def test_batch_and_transitions_must_split_over_the_mesh():
     match=r"config.smt.batch_size = 4: must be split into optim.grad_accum_steps = 2 "
     r"micro-batches, each divisible by data x fsdp = 4 .* e.g. smt.batch_size=8",
   ):
-    config_checks.validate_with_mesh(c, _mesh(data=4))
-  config_checks.validate_with_mesh(c, _mesh(data=2))
+    config_lib.validate_with_mesh(c, _mesh(data=4))
+  config_lib.validate_with_mesh(c, _mesh(data=2))
   for bad in (0, -2):
     with pytest.raises(ConfigError, match=f"config.optim.grad_accum_steps = {bad}: micro-batches"):
-      config_checks.validate(_config("pixels:smoke", {"optim.grad_accum_steps": bad}))
+      config_lib.validate(_config("pixels:smoke", {"optim.grad_accum_steps": bad}))
 
 
 def test_validate_for_devices_checks_a_described_target_without_its_devices():
   many = {f"{p}.batch_size": 64 for p in ("smt", "dmt", "eval")}
   c = _config("pixels:smoke", {**many, "mesh.fsdp": 4})
   assert jax.device_count() < 64  # the target's devices are described, not present
-  shape = config_checks.validate_for_devices(c, num_devices=64, num_processes=16)
+  shape = config_lib.validate_for_devices(c, num_devices=64, num_processes=16)
   assert shape == {"data": 16, "fsdp": 4, "time": 1}
   with pytest.raises(
     ConfigError, match=r"config.smt.batch_size = 64: must be divisible by data x fsdp = 128"
   ):
-    config_checks.validate_for_devices(c, num_devices=128, num_processes=16)
+    config_lib.validate_for_devices(c, num_devices=128, num_processes=16)
   c = _config("pixels:smoke", {"mesh.data": 2, "mesh.time": 4})  # batch sizes 4
   with pytest.raises(ConfigError, match="config.smt.batch_size = 4: .* and by 8 processes"):
-    config_checks.validate_for_devices(c, num_devices=8, num_processes=8)
+    config_lib.validate_for_devices(c, num_devices=8, num_processes=8)
   with pytest.raises(ConfigError, match="needs 8 devices, but 16 are available"):
-    config_checks.validate_for_devices(c, num_devices=16)
+    config_lib.validate_for_devices(c, num_devices=16)
   with pytest.raises(ValueError, match="does not split over num_processes=3"):
-    config_checks.validate_for_devices(c, num_devices=8, num_processes=3)
+    config_lib.validate_for_devices(c, num_devices=8, num_processes=3)
   # Config-only checks run too, and data paths (files on the target) are not looked up here.
   with pytest.raises(ConfigError, match="config.smt.lr = 0"):
-    config_checks.validate_for_devices(_config("pixels:smoke", {"smt.lr": 0.0}), num_devices=4)
+    config_lib.validate_for_devices(_config("pixels:smoke", {"smt.lr": 0.0}), num_devices=4)
   c = _config("pixels:mnist", {"data.path": "/data/on/the/pod/mnist"})
   with pytest.raises(ConfigError, match="config.data.path = .*does not exist"):
-    config_checks.validate(c)
-  assert config_checks.validate_for_devices(c, num_devices=16, num_processes=4)["data"] == 16
+    config_lib.validate(c)
+  assert config_lib.validate_for_devices(c, num_devices=16, num_processes=4)["data"] == 16
 
 
 def test_a_config_saved_before_newer_fields_existed_still_builds():
@@ -420,14 +422,14 @@ def test_a_config_saved_before_newer_fields_existed_still_builds():
     del c.smt["num_decoded"]
     del c.dmt["from_rnn_initial_memory"]
     del c.optim["grad_accum_steps"]
-  exp = config_checks.build_experiment(c)
+  exp = config_lib.build_experiment(c)
   assert jax.tree.leaves(exp.abstract_params)
 
 
 def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})
-    config_checks.validate(c)
+    config_lib.validate(c)
 
 
 @pytest.mark.parametrize("task", ["retrieval", "copy", "stack", "keys_values", "modular"])
@@ -436,7 +438,7 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
   from experiments.configs import synthetic
 
   c = synthetic.get_config(f"{task},{length}")
-  config_checks.validate(c)
+  config_lib.validate(c)
   assert c.model.teacher_kind == "causal" and c.smt.num_transitions == length
   assert 0 < c.smt.num_decoded <= length + 1
   # The same T and batch in every phase: equal steps are equal training tokens.
@@ -444,7 +446,7 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
   assert len({c[p].batch_size for p in ("smt", "dmt", "bptt")}) == 1
   assert c.dmt.steps == max(125, 500 * length // 64)  # DMT grows with the rollout
   earlier = synthetic.get_config(f"{task},{length},earlier")
-  config_checks.validate(earlier)
+  config_lib.validate(earlier)
   assert earlier.model.teacher_kind == "windowed" and earlier.smt.num_decoded == 0
   assert dict(c.data.options) == synthetic.TASK_OPTIONS[task]
   assert dict(earlier.data.options) == synthetic.EARLIER_OPTIONS[task]
@@ -458,7 +460,7 @@ def test_full_supervision_on_streams_is_a_flag_and_the_paper_configs_keep_the_pu
   from experiments.configs import pixels, text
 
   for c in (pixels.get_config("digits,full"), text.get_config("small,full")):
-    config_checks.validate(c)
+    config_lib.validate(c)
     assert c.model.teacher_kind == "causal"
     assert c.smt.num_transitions == c.smt.context_length + c.smt.future_length
     assert c.smt.num_decoded == 8

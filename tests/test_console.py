@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from experiments.configs import synthetic
-from smt_jax import console, experiment, train
+from smt_jax.runner import console, experiment, train
 
 
 def test_durations_read_at_a_glance():
@@ -116,5 +116,5 @@ def test_a_run_says_what_it_does(tmp_path, capsys):
 def test_eval_first_step_checked():
   c = synthetic.get_config("parity,smoke")
   c.eval.first_step = -1
-  with pytest.raises(train.config_checks.ConfigError, match="eval.first_step"):
-    train.config_checks.validate(c)
+  with pytest.raises(train.config_lib.ConfigError, match="eval.first_step"):
+    train.config_lib.validate(c)

@@ -258,7 +258,7 @@ def test_clipping_is_per_model_a_huge_teacher_gradient_leaves_the_rnn_step_alone
 def test_the_runner_uses_the_public_recipe():
   import ml_collections
 
-  from smt_jax import experiment
+  from smt_jax.runner import experiment
 
   config = ml_collections.ConfigDict(
     {"optim": dict(b1=0.9, b2=0.95, weight_decay=0.01, decay_all=False, clip_norm=1.0)}

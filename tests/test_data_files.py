@@ -11,9 +11,10 @@ import zlib
 import numpy as np
 import pytest
 
-from smt_jax import config_checks, data
+from smt_jax import data
 from smt_jax.data import files, sketches
 from smt_jax.data import text as text_lib
+from smt_jax.runner import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,11 +210,11 @@ def test_hf_path_errors():
     files.resolve('hf://models/gpt2/config.json')
   c = _config('text.py:smoke')
   c.data.path = 'hf://datasets/roneneldan/TinyStories/TinyStories-valid.txt'
-  config_checks.validate(c)  # not fetched by the config check
+  config_lib.validate(c)  # not fetched by the config check
   c = _config('pixels.py:mnist')
   c.data.path = 'hf://datasets/ylecun/mnist/x'
-  with pytest.raises(config_checks.ConfigError, match='hf:// paths are for text'):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='hf:// paths are for text'):
+    config_lib.validate(c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,20 +384,20 @@ def _config(spec: str):
 def test_config_checks_for_paths(tmp_path):
   c = _config('pixels.py:smoke')
   c.data.eval_path = str(tmp_path)
-  with pytest.raises(config_checks.ConfigError, match='data.eval_path.*digits takes no'):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='data.eval_path.*digits takes no'):
+    config_lib.validate(c)
   c = _config('pixels.py:sketch,smoke')
-  with pytest.raises(config_checks.ConfigError, match='data.path.*image_folder needs'):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='data.path.*image_folder needs'):
+    config_lib.validate(c)
   c.data.path = str(tmp_path / 'file.png')
   (tmp_path / 'file.png').write_bytes(b'x')
-  with pytest.raises(config_checks.ConfigError, match='is not a folder'):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='is not a folder'):
+    config_lib.validate(c)
   c = _config('text.py:smoke')
-  config_checks.validate(c)  # no path: the built-in corpus
+  config_lib.validate(c)  # no path: the built-in corpus
   c.data.eval_path = str(tmp_path / 'missing.txt')
-  with pytest.raises(config_checks.ConfigError, match='data.eval_path.*set data.path'):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match='data.eval_path.*set data.path'):
+    config_lib.validate(c)
   t = _config('text.py:tinystories')
   assert t.data.path.startswith('hf://') and t.data.eval_path.endswith('TinyStories-valid.txt')
   assert t.data.options.encoding == 'ascii'
@@ -407,5 +408,5 @@ def test_too_few_eval_images_for_the_samples_is_refused_before_training(tmp_path
   _write_quickdraw(tmp_path, rng, {'cat': 20})  # 2 eval drawings
   c = _config('pixels.py:quickdraw,smoke')
   c.data.path = str(tmp_path)
-  with pytest.raises(config_checks.ConfigError, match=r'config.samples.num = 4: .* has 2'):
-    config_checks.build_experiment(c)
+  with pytest.raises(config_lib.ConfigError, match=r'config.samples.num = 4: .* has 2'):
+    config_lib.build_experiment(c)

@@ -137,7 +137,7 @@ def test_write_samples_follow_the_tempered_softmax(tiny, setup):
 def test_teacher_eval_at_full_context_and_the_references_decoding_loss(setup):
   """teacher_full_*: the decoder's next-target NLL from m_t at t >= Tc-1 only (a loop over t);
   teacher_decoding_*: its Tf-step loss from E(x[0..Tc-1]), the reference's held-out loss."""
-  from smt_jax import evaluation
+  from smt_jax.runner import evaluation
 
   tfns, rfns, params, _, _ = setup
   tc, tf, t_len = 3, 2, 7

@@ -1,5 +1,5 @@
-"""`smt_jax.multihost.PeerWatch` against a fake key-value store: which peers count as gone, and
-what the survivors say (the real thing, with processes, is in tests/test_multiprocess.py)."""
+"""`smt_jax.runner.multihost.PeerWatch` against a fake key-value store: which peers count as gone,
+and what the survivors say (the real thing, with processes, is in tests/test_multiprocess.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from smt_jax import multihost
+from smt_jax.runner import multihost
 
 
 class FakeStore:

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import run_helpers
 
-from smt_jax import checkpoints, storage
+from smt_jax import storage
+from smt_jax.runner import checkpoints
 
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6, DMT 4; checkpoints every 3
 BUCKET = "smt-test"
@@ -192,7 +193,9 @@ def _corpus(seed: int, n: int = 6_000) -> bytes:
 
 def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, monkeypatch):
   from experiments.configs import text
-  from smt_jax import config_checks, data, experiment
+  from smt_jax import data
+  from smt_jax.runner import config as config_lib
+  from smt_jax.runner import experiment
 
   monkeypatch.setenv("SMT_JAX_CACHE_DIR", str(tmp_path / "cache"))
   (tmp_path / "eval").mkdir()
@@ -207,7 +210,7 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
   def source(path, eval_path):
     c = text.get_config("smoke")
     c.data.path, c.data.eval_path = path, eval_path
-    config_checks.validate(c)
+    config_lib.validate(c)
     return c, experiment.make_source(c)
 
   c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
@@ -229,7 +232,7 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
 
   c.data.path = f"gs://{BUCKET}/nothing-here.txt"
   with pytest.raises(
-    config_checks.ConfigError,
+    config_lib.ConfigError,
     match=f"config.data.path = 'gs://{BUCKET}/nothing-here.txt': does not",
   ):
-    config_checks.validate(c)
+    config_lib.validate(c)

@@ -15,8 +15,9 @@ import optax
 import pytest
 
 import smt_jax
-from smt_jax import config_checks, parallel
+from smt_jax import parallel
 from smt_jax.objectives import rollout
+from smt_jax.runner import config as config_lib
 
 KINDS = ("transformer", "gru", "mlp")
 
@@ -177,7 +178,7 @@ def test_config_names_the_rollout_solver():
 
   c = synthetic.get_config("stack,smoke")
   c.dmt.rollout = "parallel"
-  config_checks.validate(c)
+  config_lib.validate(c)
   for field, value, message in (
     ("rollout", "fast", "config.dmt.rollout = 'fast': use 'sequential'"),
     ("parallel_jacobian", "full", "config.dmt.parallel_jacobian = 'full': use 'none'"),
@@ -187,6 +188,6 @@ def test_config_names_the_rollout_solver():
     bad.dmt.rollout = "parallel"
     bad.dmt[field] = value
     with pytest.raises(
-      config_checks.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+      config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
     ):
-      config_checks.validate(bad)
+      config_lib.validate(bad)

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from experiments.configs import synthetic
-from smt_jax import config_checks, profiling, train
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import profiling, train
 
 
 def _traced_steps(profile_dir: str) -> list[int]:
@@ -80,8 +81,8 @@ def test_bad_profile_fields_fail_naming_the_field(field, value, message):
   c.phases = "bptt"  # 6 steps
   c.profile.num_steps = 2
   c.profile[field] = value
-  with pytest.raises(config_checks.ConfigError, match=message.replace(".", r"\.")):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    config_lib.validate(c)
 
 
 def test_each_process_of_a_multi_process_job_traces_into_its_own_folder(monkeypatch):

@@ -10,8 +10,8 @@ import pytest
 
 from experiments import rollout_check
 from experiments.configs import pixels
-from smt_jax import train
 from smt_jax.models import layers
+from smt_jax.runner import train
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from conftest import read_tensorboard
 from tensorboardX.proto import plugin_hparams_pb2
 
 from experiments.configs import pixels, synthetic, text
-from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
+from smt_jax.runner import checkpoints, experiment, metrics_io, train
+from smt_jax.runner import config as config_lib
 
 
 def _rows(workdir):
@@ -54,7 +55,7 @@ def _check_compare_logs(workdir, config, bits: str, sample_tag: str | None):
   """Runs that compare: phase-free eval tags on the one global step axis (the phase its own
   field), tokens seen and SeqFLOPs as x-axes, NLL in bits beside nats, the config as HParams and
   text, samples at every eval."""
-  exp = config_checks.build_experiment(config)
+  exp = config_lib.build_experiment(config)
   flops = experiment.unit_flops(exp)
   assert all(v > 0 for v in flops.values())
   rows = _rows(workdir)
@@ -285,7 +286,7 @@ def test_the_short_episodes_config_scales_smt_lengths():
   s = experiment.warmup_config(c)
   assert (s.data.seq_len, s.smt.context_length, s.smt.future_length) == (32, 32, 16)
   assert (s.smt.num_transitions, s.smt.num_decoded, s.data.warmup_steps) == (32, 8, 0)
-  config_checks.validate(c)
+  config_lib.validate(c)
   for field, value, message in [
     ("data.warmup_seq_len", 128, "must be in [2, data.seq_len = 128)"),
     ("data.warmup_steps", 10**6, "must be at most the first phase's steps (smt.steps"),
@@ -294,14 +295,14 @@ def test_the_short_episodes_config_scales_smt_lengths():
     section, name = field.split(".")
     bad[section][name] = value
     with pytest.raises(
-      config_checks.ConfigError, match=re.escape(f"config.{field} = {value}: {message}")
+      config_lib.ConfigError, match=re.escape(f"config.{field} = {value}: {message}")
     ):
-      config_checks.validate(bad)
+      config_lib.validate(bad)
   stream = pixels.get_config("smoke")
   stream.data.warmup_seq_len, stream.data.warmup_steps = 8, 2
-  with pytest.raises(config_checks.ConfigError, match="is a stream: the curriculum shortens"):
-    config_checks.validate(stream)
+  with pytest.raises(config_lib.ConfigError, match="is a stream: the curriculum shortens"):
+    config_lib.validate(stream)
   half = c.copy_and_resolve_references()
   half.data.warmup_steps = 0
-  with pytest.raises(config_checks.ConfigError, match="set data.warmup_steps and data.warmup_seq"):
-    config_checks.validate(half)
+  with pytest.raises(config_lib.ConfigError, match="set data.warmup_steps and data.warmup_seq"):
+    config_lib.validate(half)

@@ -122,7 +122,8 @@ def worker(outdir: str) -> dict:
   import jax
   import numpy as np
 
-  from smt_jax import checkpoints, config_checks, experiment
+  from smt_jax.runner import checkpoints, experiment
+  from smt_jax.runner import config as config_lib
 
   assert jax.device_count() == 8, jax.devices()
   out = {"devices": jax.device_count(), "steps": {}, "init_excess": {}, "accum": {}}
@@ -164,7 +165,7 @@ def worker(outdir: str) -> dict:
 
   reference, ref_params = {}, None
   for mesh in MESHES:
-    exp = config_checks.build_experiment(_config(mesh))
+    exp = config_lib.build_experiment(_config(mesh))
     params = exp.init_params()
     name = "x".join(map(str, mesh))
     if ref_params is None:
@@ -211,7 +212,7 @@ def worker(outdir: str) -> dict:
   for p in (*PHASES, "eval"):
     c[p].batch_size = 16
   c.optim.grad_accum_steps = 2
-  exp_a = config_checks.build_experiment(c)
+  exp_a = config_lib.build_experiment(c)
   params_a = exp_a.init_params()
   for phase in ACCUM_PHASES:
     ref_new, ref_metrics, *_ = one_step(exp_a, params_a, phase, sharded=False)
@@ -225,7 +226,7 @@ def worker(outdir: str) -> dict:
   # The one-pass causal teacher on the time axis: its gathered memories are split across it.
   c = _config((2, 1, 4))
   c.phases, c.model.teacher_kind, c.model.encoder_depth = "smt", "causal", 2
-  exp_c = config_checks.build_experiment(c)
+  exp_c = config_lib.build_experiment(c)
   params_c = exp_c.init_params()
   ref_new, ref_metrics, *_ = one_step(exp_c, params_c, "smt", sharded=False)
   new, metrics, n_time, _ = one_step(exp_c, params_c, "smt", sharded=True)
@@ -238,7 +239,7 @@ def worker(outdir: str) -> dict:
   }
 
   # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
-  exp_b = config_checks.build_experiment(_config((1, 8, 1)))
+  exp_b = config_lib.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
   r = checkpoints.restore(
     mngr,
@@ -376,13 +377,13 @@ def test_fsdp_spec_rule(shape, fsdp, min_size, spec):
 @pytest.mark.parametrize("value", [-1, 1.5, "big"])
 def test_fsdp_min_size_must_be_a_non_negative_integer(value):
   from experiments.configs import synthetic
-  from smt_jax import config_checks
+  from smt_jax.runner import config as config_lib
 
   c = synthetic.get_config("copy,smoke")
   with c.mesh.ignore_type():
     c.mesh.fsdp_min_size = value
-  with pytest.raises(config_checks.ConfigError, match=r"config\.mesh\.fsdp_min_size = "):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.fsdp_min_size = "):
+    config_lib.validate(c)
 
 
 def test_time_axis_constrains_smt_transitions(results):

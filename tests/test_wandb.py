@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from experiments.configs import pixels
-from smt_jax import config_checks, metrics_io, train
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import metrics_io, train
 
 
 def _wandb_records(workdir):
@@ -77,15 +78,13 @@ def test_config_metrics_and_samples_are_mirrored_offline(tmp_path, monkeypatch):
 def test_off_by_default_and_a_missing_package_is_a_config_error(monkeypatch):
   c = pixels.get_config("smoke")
   assert c.wandb.project == ""  # off: nothing imports wandb
-  config_checks.validate(c)
+  config_lib.validate(c)
   c.wandb.project = "p"
-  real = config_checks.importlib.util.find_spec
+  real = config_lib.importlib.util.find_spec
   monkeypatch.setattr(
-    config_checks.importlib.util,
+    config_lib.importlib.util,
     "find_spec",
     lambda name, *a: None if name == "wandb" else real(name, *a),
   )
-  with pytest.raises(
-    config_checks.ConfigError, match=r"wandb.project = 'p': wandb is not installed"
-  ):
-    config_checks.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=r"wandb.project = 'p': wandb is not installed"):
+    config_lib.validate(c)

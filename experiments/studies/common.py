@@ -1,9 +1,10 @@
 """What every study shares: run configs, a cache of finished runs, restoring params, tables, plots.
 
-A study trains through the real runner, `smt_jax.train.train_and_evaluate(config, workdir)`. A run
-that finished once (its `study_record.json` is written after the runner returns, next to the same
-`config.json`) is reused by every later study and rerun, so studies can share runs (e.g. the
-gradient and drift studies read the probe study's checkpoints) and an interrupted study set resumes.
+A study trains through the real runner, `smt_jax.runner.train.train_and_evaluate(config,
+workdir)`. A run that finished once (its `study_record.json` is written after the runner returns,
+next to the same `config.json`) is reused by every later study and rerun, so studies can share
+runs (e.g. the gradient and drift studies read the probe study's checkpoints) and an interrupted
+study set resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from experiments.configs import pixels, synthetic
-from smt_jax import checkpoints, config_checks, experiment, metrics_io, train
+from smt_jax.runner import checkpoints, experiment, metrics_io, train
+from smt_jax.runner import config as config_lib
 
 RECORD = "study_record.json"
 
@@ -197,8 +199,8 @@ def same_settings(old: dict, new: dict) -> bool:
 def run_seq_flops(config) -> tuple[dict[str, float], dict[str, float]]:
   """({phase: SeqFLOPs of the run's phase, steps x its per-step serial path}, the FLOPs of one
   update / readout / encoding / decoding they rest on), as the runner's `seqflops` axis counts them
-  (`smt_jax.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation)."""
-  exp = config_checks.build_experiment(config)
+  (`smt_jax.runner.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation)."""
+  exp = config_lib.build_experiment(config)
   flops = experiment.unit_flops(exp)
   per_phase = {
     p: experiment.seq_flops_per_step(exp, p, flops) * config[p].steps
@@ -215,7 +217,7 @@ def phase_end_step(config, phase: str) -> int:
 
 def restore(config, workdir: str, step: int | None = None):
   """(exp, params) of a run: its parameters at checkpoint `step` (None: the latest; 0: the init)."""
-  exp = config_checks.build_experiment(config)
+  exp = config_lib.build_experiment(config)
   if step == 0:
     return exp, exp.init_params()
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)

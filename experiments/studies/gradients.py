@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from experiments.studies import common, probes
-from smt_jax import analysis, experiment, inference, losses, objectives
+from smt_jax import analysis, inference, losses, objectives
+from smt_jax.runner import experiment
 
 
 def bptt_gradient_norms(exp, params, batch):

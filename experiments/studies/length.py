@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from experiments.studies import common, probes
-from smt_jax import data, evaluation
+from smt_jax import data
+from smt_jax.runner import evaluation
 
 
 def score(exp, params, source, *, num_batches: int, batch_size: int, with_teacher: bool):

@@ -18,7 +18,7 @@ heads, shared teacher embedding, the reference's init). The teacher is what the 
 Reported per (task, T): held-out accuracy and NLL of the RNN read from its own initial memory
 (after SMT, after SMT->DMT, after BPTT) and of the teacher; the drift of that rollout from the
 teacher's memories (1 - R^2 over the sequence, `evaluation.evaluate`); SeqFLOPs per run
-(`smt_jax.experiment.seq_flops_per_step`) and the measured training time.
+(`smt_jax.runner.experiment.seq_flops_per_step`) and the measured training time.
 """
 
 from __future__ import annotations

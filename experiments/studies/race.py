@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from experiments.configs import pixels, synthetic, text
 from experiments.studies import common
-from smt_jax import experiment, metrics_io
+from smt_jax.runner import experiment, metrics_io
 
 METHODS = ("smt_dmt", "earlier", "bptt")
 LABELS = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from smt_jax import evaluation, experiment
+from smt_jax.runner import evaluation, experiment
 
 
 def eval_steps(steps: int, every: int, first: int) -> list[int]:

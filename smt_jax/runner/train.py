@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from smt_jax import (
+from smt_jax import storage
+from smt_jax.runner import (
   checkpoints,
-  config_checks,
   console,
   evaluation,
   experiment,
@@ -44,9 +44,9 @@ from smt_jax import (
   multihost,
   profiling,
   samples,
-  storage,
 )
-from smt_jax.preemption import Preempted, SigtermWatch
+from smt_jax.runner import config as config_lib
+from smt_jax.runner.preemption import Preempted, SigtermWatch
 
 __all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
 
@@ -58,7 +58,7 @@ class NonFiniteError(RuntimeError):
 # What train_and_evaluate raises for a mistake the user can fix: the message says how (a command
 # line prints it as one line, without a traceback).
 USER_ERRORS = (
-  config_checks.ConfigError,
+  config_lib.ConfigError,
   checkpoints.WorkdirError,
   checkpoints.CheckpointError,
   NonFiniteError,
@@ -139,7 +139,7 @@ def train_and_evaluate(
   workdir's config.json is written once its checkpoints are known to fit this config.
 
   Raises:
-    config_checks.ConfigError: a config field (or the data) the run cannot use; raised before
+    config_lib.ConfigError: a config field (or the data) the run cannot use; raised before
       anything is compiled.
     checkpoints.WorkdirError: `workdir` holds a run of another config (and neither `overwrite`
       nor `fork`); raised before anything is built.
@@ -158,7 +158,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
   t_start = time.time()
   hooks = hooks or Hooks()
   is_main = jax.process_index() == 0
-  config_checks.validate(config)
+  config_lib.validate(config)
   action = checkpoints.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
   raised = {}
   if action == "extend":
@@ -166,7 +166,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       checkpoints.read_config(workdir), json.loads(config.to_json())
     )
   with checkpoints.workdir_lock(workdir, is_main=is_main):
-    exp = config_checks.build_experiment(config, make_source=hooks.make_source)
+    exp = config_lib.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
     claim = functools.partial(
       checkpoints.claim_workdir, workdir, config, overwrite=overwrite, fork=fork, is_main=is_main

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import jax
 
-from smt_jax import data, experiment, parallel, sharding, storage
-from smt_jax.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
+from smt_jax import data, parallel, sharding, storage
 from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
+from smt_jax.runner import experiment
+from smt_jax.runner.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
 _SOURCE_ARGS_FROM_CONFIG = {

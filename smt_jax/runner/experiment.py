@@ -1,6 +1,6 @@
 """Everything a run builds from its config: the experiment, and one `Phase` per training phase.
 
-  exp = config_checks.build_experiment(config)   # validated: data, mesh, abstract models
+  exp = config_lib.build_experiment(config)   # validated: data, mesh, abstract models
   phase = make_phase(exp, "smt")                 # data, optimiser, loss, the one train step
   state = phase.init_state(exp.init_params())
   state, metrics = phase.step(state, phase.batch(step), key)
@@ -9,7 +9,7 @@
 parameters); `Phase` holds one phase's data source, optimiser, schedule and loss, its abstract
 state (parameters and optimiser state as shape/dtype/sharding structs, from `jax.eval_shape`), and
 the one compiled, sharded, donated train step that the runner, the benchmark and the tests all use.
-Nothing here writes files or reads clocks, and nothing here imports the shell: `config_checks` and
+Nothing here writes files or reads clocks, and nothing here imports the shell: `config` and
 `train` import this module, never the other way.
 """
 
@@ -122,7 +122,7 @@ def make_source(config) -> data.Source:
     kwargs["path"] = path or None
   elif "data_dir" in accepted and path:  # mnist ("" = tensorflow-datasets)
     kwargs["data_dir"] = path
-  if d.get("eval_path"):  # config_checks refuses it for sources without an eval_path
+  if d.get("eval_path"):  # runner.config refuses it for sources without an eval_path
     kwargs["eval_path"] = local(d.eval_path, "data.eval_path")
   if config.data.episodic:
     kwargs["seq_len"] = config.data.seq_len
@@ -426,7 +426,7 @@ class Experiment:
 def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
   """The experiment of a config already validated against `source` and `mesh`.
 
-  Use `config_checks.build_experiment(config)`, which validates first; this is the unchecked
+  Use `config_lib.build_experiment(config)`, which validates first; this is the unchecked
   step it ends with. Shapes only: no parameter is created (see `Experiment.init_params`).
   """
   abstract = nnx.eval_shape(lambda: build_models(config, source.vocab_size))

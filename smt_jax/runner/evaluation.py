@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import data, experiment, losses
+from smt_jax import data, losses
 from smt_jax.inference import read
 from smt_jax.objectives import Params, RNNFns, TeacherFns, teacher_memories
+from smt_jax.runner import experiment
 
 
 @functools.partial(
