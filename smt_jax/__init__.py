@@ -5,6 +5,14 @@ the checks of their memory contract, the optimiser recipe (`adamw_per_model`), t
 loops, and the Flax NNX models.
 """
 
+from smt_jax.contract import (
+  MemorySpec,
+  RNNFns,
+  TeacherFns,
+  check_memory_contract,
+  check_models,
+  check_tokens,
+)
 from smt_jax.inference import initial_memories, prompt_memory, read, write
 from smt_jax.losses import (
   decoding_loss,
@@ -15,19 +23,7 @@ from smt_jax.losses import (
   uniformity_loss,
 )
 from smt_jax.models import RNN_KINDS, CausalTeacher, Teacher, make_rnn, rnn_fns, teacher_fns
-from smt_jax.objectives import (
-  MemorySpec,
-  RNNFns,
-  TeacherFns,
-  bptt_loss,
-  check_memory_contract,
-  check_models,
-  check_tokens,
-  dmt_loss,
-  encode_over_time,
-  rollout,
-  smt_loss,
-)
+from smt_jax.objectives import bptt_loss, dmt_loss, encode_over_time, rollout, smt_loss
 from smt_jax.optim import adamw_per_model
 from smt_jax.parallel import parallel_rollout
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from smt_jax.objectives import Params, RNNFns, TeacherFns
+from smt_jax.contract import Params, RNNFns, TeacherFns
 
 # -------------------------------------------------------------------------------------------------
 # Gradient flow.

@@ -12,16 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from smt_jax import losses
-from smt_jax.objectives import (
-  Params,
-  RNNFns,
-  TeacherFns,
-  check_batch_against_models,
-  check_models,
-  readout_over_time,
-  rollout,
-  teacher_memories,
-)
+from smt_jax.contract import Params, RNNFns, TeacherFns, check_batch_against_models, check_models
+from smt_jax.objectives import readout_over_time, rollout, teacher_memories
 
 
 def initial_memories(rnn: RNNFns, params: Params, batch_size: int) -> jax.Array:

@@ -16,8 +16,8 @@ from conftest import KINDS, get_leaf, log_softmax_np, with_leaf
 from jax.test_util import check_grads
 
 import smt_jax
-from smt_jax import objectives
-from smt_jax.objectives import RNNFns
+from smt_jax import contract, objectives
+from smt_jax.contract import RNNFns
 
 # ---------------------------------------------------------------- helpers (library-independent)
 
@@ -92,7 +92,7 @@ def toy_teacher(vocab_size: int, k: int, d: int, context_length: int, seed: int 
     )
     return prev + (jnp.mean(m, axis=1) @ p["out"])[:, None]
 
-  return objectives.TeacherFns(encode, decode), params
+  return contract.TeacherFns(encode, decode), params
 
 
 def nonzero_rows(g: jax.Array) -> set[int]:
@@ -249,7 +249,7 @@ def test_smt_one_transition_reads_exactly_the_published_windows(tiny):
   jax.jit(
     functools.partial(
       smt_jax.smt_loss,
-      teacher=objectives.TeacherFns(encode, decode),
+      teacher=contract.TeacherFns(encode, decode),
       rnn=RNNFns(update, readout, rfns.initial_memory),
       context_length=tc,
       future_length=tf,

@@ -6,6 +6,7 @@ import functools
 
 from flax import nnx
 
+from smt_jax.contract import RNNFns, TeacherFns
 from smt_jax.models.rnn import RNN, RNN_KINDS, make_rnn
 from smt_jax.models.teacher import (
   DEFAULT_HEAD_DIM,
@@ -14,7 +15,6 @@ from smt_jax.models.teacher import (
   Decoder,
   Teacher,
 )
-from smt_jax.objectives import RNNFns, TeacherFns
 
 
 def head_width(width: int, num_heads: int, head_dim: int) -> int:

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from smt_jax import data, losses
+from smt_jax.contract import Params, RNNFns, TeacherFns
 from smt_jax.inference import read
-from smt_jax.objectives import Params, RNNFns, TeacherFns, teacher_memories
+from smt_jax.objectives import teacher_memories
 from smt_jax.runner import experiment
 
 
