@@ -32,6 +32,7 @@ from experiments.configs import common
 from smt_jax import reference
 from smt_jax.runner import checkpoints
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -228,7 +229,7 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
   if jax.tree.structure(imported) != jax.tree.structure(exp.abstract_params):
     raise CheckpointImportError("the imported models do not have the runner's parameter layout.")
   imported = jax.device_put(imported, exp.params_sharding)
-  checkpoints.claim_workdir(workdir, config, overwrite=overwrite, fork=False, is_main=True)
+  workdir_lib.claim_workdir(workdir, config, overwrite=overwrite, fork=False, is_main=True)
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
   try:
     checkpoints.save(
@@ -261,7 +262,7 @@ def main(argv):
     path = import_checkpoint(
       ckpt, base.copy_and_resolve_references(), FLAGS.workdir, overwrite=FLAGS.overwrite
     )
-  except (CheckpointImportError, config_lib.ConfigError, checkpoints.WorkdirError) as e:
+  except (CheckpointImportError, config_lib.ConfigError, workdir_lib.WorkdirError) as e:
     sys.exit(f"error: {e}")
   print(
     f"Imported SMT step {ckpt['itr']} into {FLAGS.workdir}. Continue with DMT:\n"

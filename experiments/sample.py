@@ -42,9 +42,10 @@ def _sample():
   from smt_jax import storage
   from smt_jax.runner import checkpoints, experiment, metrics_io, multihost, samples
   from smt_jax.runner import config as config_lib
+  from smt_jax.runner import workdir as workdir_lib
 
   workdir = FLAGS.workdir
-  config_path = storage.join(workdir, checkpoints.CONFIG_FILE)
+  config_path = storage.join(workdir, workdir_lib.CONFIG_FILE)
   # Mistakes are one line each (no traceback), said before anything is built.
   try:
     storage.check_reachable(workdir)
@@ -54,10 +55,10 @@ def _sample():
     sys.exit(f"error: --workdir={workdir}: no such directory; pass the workdir of a run.")
   if not storage.exists(config_path):
     sys.exit(
-      f"error: --workdir={workdir}: no {checkpoints.CONFIG_FILE}, so not a run's workdir; pass "
+      f"error: --workdir={workdir}: no {workdir_lib.CONFIG_FILE}, so not a run's workdir; pass "
       f"the --workdir that python -m experiments.run wrote."
     )
-  if not checkpoints.has_checkpoints(workdir):
+  if not workdir_lib.has_checkpoints(workdir):
     sys.exit(
       f"error: --workdir={workdir}: no checkpoint yet in {workdir}/checkpoints; let the run save "
       f"one (checkpoint_every_steps, or the end of a phase), then sample."

@@ -17,8 +17,9 @@ import pytest
 
 from experiments.configs import pixels, synthetic, text
 from smt_jax import data
-from smt_jax.runner import checkpoints, train
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import train
+from smt_jax.runner import workdir as workdir_lib
 from smt_jax.runner.config import ConfigError
 
 
@@ -493,19 +494,19 @@ def test_workdir_of_another_config_is_refused_before_anything_is_built(tmp_path,
   old = _config("pixels:smoke", {})
   _fake_run(tmp_path, old)
   new = _config("pixels:smoke", {"smt.lr": 2e-4, "model.rnn_kind": "gru"})
-  with no_compile(), pytest.raises(checkpoints.WorkdirError) as e:
+  with no_compile(), pytest.raises(workdir_lib.WorkdirError) as e:
     train.train_and_evaluate(new, str(tmp_path), hooks=no_data)
   msg = str(e.value)
   assert "model.rnn_kind: 'transformer' -> 'gru'" in msg and "smt.lr: 0.003 -> 0.0002" in msg
   assert "--overwrite" in msg and "--fork" in msg
   assert json.loads((tmp_path / "config.json").read_text()) == json.loads(old.to_json())
-  with pytest.raises(checkpoints.WorkdirError, match="exclude each other"):
-    checkpoints.check_workdir(str(tmp_path), new, overwrite=True, fork=True)
+  with pytest.raises(workdir_lib.WorkdirError, match="exclude each other"):
+    workdir_lib.check_workdir(str(tmp_path), new, overwrite=True, fork=True)
 
 
 def test_claim_workdir_same_new_overwrite_fork(tmp_path):
   old, new = _config("pixels:smoke", {}), _config("pixels:smoke", {"smt.steps": 9})
-  claim = lambda wd, c, **kw: checkpoints.claim_workdir(
+  claim = lambda wd, c, **kw: workdir_lib.claim_workdir(
     str(wd), c, overwrite=kw.get("overwrite", False), fork=kw.get("fork", False), is_main=True
   )
   assert claim(tmp_path / "fresh", old) == "new"
@@ -529,18 +530,18 @@ def test_claim_workdir_same_new_overwrite_fork(tmp_path):
 def test_checkpoints_without_a_config_are_refused(tmp_path):
   _fake_run(tmp_path, _config("pixels:smoke", {}))
   os.remove(tmp_path / "config.json")
-  with pytest.raises(checkpoints.WorkdirError, match="checkpoints but no config.json"):
-    checkpoints.check_workdir(
+  with pytest.raises(workdir_lib.WorkdirError, match="checkpoints but no config.json"):
+    workdir_lib.check_workdir(
       str(tmp_path), _config("pixels:smoke", {}), overwrite=False, fork=False
     )
 
 
 def test_a_second_run_in_a_busy_workdir_is_refused(tmp_path):
-  with checkpoints.workdir_lock(str(tmp_path), is_main=True):
+  with workdir_lib.workdir_lock(str(tmp_path), is_main=True):
     with pytest.raises(RuntimeError, match=f"in use by a running job \\(pid {os.getpid()}\\)"):
-      with checkpoints.workdir_lock(str(tmp_path), is_main=True):
+      with workdir_lib.workdir_lock(str(tmp_path), is_main=True):
         pass
-  with checkpoints.workdir_lock(str(tmp_path), is_main=True):  # released on exit
+  with workdir_lib.workdir_lock(str(tmp_path), is_main=True):  # released on exit
     pass
 
 
@@ -548,7 +549,7 @@ def test_raised_steps_only_when_nothing_else_changed():
   """A rerun continues its run when it only raised the steps of phases the run has."""
   as_json = lambda c: json.loads(c.to_json())
   old = as_json(_config("pixels:smoke", {}))
-  raised = lambda overrides: checkpoints.raised_steps(
+  raised = lambda overrides: workdir_lib.raised_steps(
     old, as_json(_config("pixels:smoke", overrides))
   )
   assert raised({"dmt.steps": 9}) == {"dmt": (4, 9)}

@@ -27,6 +27,7 @@ import run_helpers
 
 from smt_jax import storage
 from smt_jax.runner import checkpoints
+from smt_jax.runner import workdir as workdir_lib
 
 CONFIG = "experiments/configs/synthetic.py:parity,smoke"  # SMT 6, DMT 4; checkpoints every 3
 BUCKET = "smt-test"
@@ -81,10 +82,10 @@ def test_killed_run_on_gcs_equals_a_local_run(tmp_path, env):
   assert ref.finish() == [0], ref.outputs()
 
   first = run_helpers.Job(args(remote), env, tmp_path / "first.log", devices=1)
-  assert first.wait_for(lambda: checkpoints.has_checkpoints(remote)), first.outputs()
+  assert first.wait_for(lambda: workdir_lib.has_checkpoints(remote)), first.outputs()
   first.procs[0].kill()  # SIGKILL: no cleanup, its lease stays behind
   first.finish()
-  lease = json.loads(storage.read_text(f"{remote}/{checkpoints.LEASE_FILE}"))
+  lease = json.loads(storage.read_text(f"{remote}/{workdir_lib.LEASE_FILE}"))
   assert lease["pid"] == first.procs[0].pid
 
   again = run_helpers.Job(args(remote), env, tmp_path / "again.log", devices=1)
@@ -101,7 +102,7 @@ def test_killed_run_on_gcs_equals_a_local_run(tmp_path, env):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   names = storage.list_names(remote)
   assert {"config.json", "summary.json", "metrics.jsonl", "accuracy.md"} <= set(names), names
-  assert checkpoints.LEASE_FILE not in names  # released at the end
+  assert workdir_lib.LEASE_FILE not in names  # released at the end
   assert storage.list_names(f"{remote}/tensorboard"), "no TensorBoard events"
   assert (
     storage.read_text(f"{remote}/accuracy.md") == (tmp_path / "local" / "accuracy.md").read_text()
@@ -127,19 +128,19 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_dead_one(where, request, t
   else:
     workdir = str(tmp_path / "run")
   ttl = 5.0  # the holder renews every 1.7 s; generous for a loaded machine (CI compiling beside)
-  lease = lambda: checkpoints.Lease(workdir, ttl_s=ttl, settle_s=0.05)  # noqa: E731
+  lease = lambda: workdir_lib.Lease(workdir, ttl_s=ttl, settle_s=0.05)  # noqa: E731
 
   holder = lease()
   holder.acquire()
-  with pytest.raises(checkpoints.WorkdirBusyError, match="in use by a running job"):
+  with pytest.raises(workdir_lib.WorkdirBusyError, match="in use by a running job"):
     lease().acquire()  # saw the holder renew (else it would have taken the lease after ttl)
   holder.release()
-  assert not storage.exists(f"{workdir}/{checkpoints.LEASE_FILE}")
+  assert not storage.exists(f"{workdir}/{workdir_lib.LEASE_FILE}")
 
   def leftover(**fields):
     left = dict(owner="x", host="another-host", pid=1, seq=0, renewed=time.time(), ttl_s=ttl)
     left.update(fields)
-    storage.write_text(f"{workdir}/{checkpoints.LEASE_FILE}", json.dumps(left))
+    storage.write_text(f"{workdir}/{workdir_lib.LEASE_FILE}", json.dumps(left))
 
   # Expired by its timestamp, or a dead pid on this host: taken at once.
   for fields in (dict(renewed=time.time() - 10), dict(host=socket.gethostname(), pid=2**22 + 7)):

@@ -13,6 +13,7 @@ from tensorboardX.proto import plugin_hparams_pb2
 from experiments.configs import pixels, synthetic, text
 from smt_jax.runner import checkpoints, experiment, metrics_io, train
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import workdir as workdir_lib
 
 
 def _rows(workdir):
@@ -244,9 +245,9 @@ def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
   assert run_helpers.rows(wd) == run_helpers.rows(ref)
 
   saved = open(f"{wd}/config.json").read()
-  with pytest.raises(checkpoints.WorkdirError, match=r"smt.steps raised 6 -> 9, but the run is "):
+  with pytest.raises(workdir_lib.WorkdirError, match=r"smt.steps raised 6 -> 9, but the run is "):
     train.train_and_evaluate(config(smt_steps=9, dmt_steps=8), wd)
-  with pytest.raises(checkpoints.WorkdirError, match=r"dmt.steps: 8 -> 6"):
+  with pytest.raises(workdir_lib.WorkdirError, match=r"dmt.steps: 8 -> 6"):
     train.train_and_evaluate(config(dmt_steps=6), wd)
   assert open(f"{wd}/config.json").read() == saved and not os.path.exists(f"{wd}/config.2.json")
 

@@ -25,6 +25,7 @@ import numpy as np
 from experiments.configs import pixels, synthetic
 from smt_jax.runner import checkpoints, experiment, metrics_io, train
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import workdir as workdir_lib
 
 RECORD = "study_record.json"
 
@@ -122,7 +123,7 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   """
   workdir = ctx.workdir(name)
   record_path = os.path.join(workdir, RECORD)
-  cfg_path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  cfg_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   new_cfg = json.loads(config.to_json())
   old_cfg = _read_json(cfg_path)
   if os.path.exists(record_path) and old_cfg is not None and same_settings(old_cfg, new_cfg):

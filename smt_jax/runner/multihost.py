@@ -204,3 +204,11 @@ def on_this_host(mesh):
   local = jax.sharding.Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
   with jax.set_mesh(local):
     yield
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (nothing to wait for in a one-process job)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

@@ -46,6 +46,7 @@ from smt_jax.runner import (
   samples,
 )
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import workdir as workdir_lib
 from smt_jax.runner.preemption import Preempted, SigtermWatch
 
 __all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
@@ -59,7 +60,7 @@ class NonFiniteError(RuntimeError):
 # line prints it as one line, without a traceback).
 USER_ERRORS = (
   config_lib.ConfigError,
-  checkpoints.WorkdirError,
+  workdir_lib.WorkdirError,
   checkpoints.CheckpointError,
   NonFiniteError,
 )
@@ -141,7 +142,7 @@ def train_and_evaluate(
   Raises:
     config_lib.ConfigError: a config field (or the data) the run cannot use; raised before
       anything is compiled.
-    checkpoints.WorkdirError: `workdir` holds a run of another config (and neither `overwrite`
+    workdir_lib.WorkdirError: `workdir` holds a run of another config (and neither `overwrite`
       nor `fork`); raised before anything is built.
     checkpoints.CheckpointError: checkpoints exist but none is readable.
     NonFiniteError: a non-finite loss/gradient under nan_policy='stop' (checkpoints kept).
@@ -159,17 +160,17 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
   hooks = hooks or Hooks()
   is_main = jax.process_index() == 0
   config_lib.validate(config)
-  action = checkpoints.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
+  action = workdir_lib.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
   raised = {}
   if action == "extend":
-    raised = checkpoints.raised_steps(
-      checkpoints.read_config(workdir), json.loads(config.to_json())
+    raised = workdir_lib.raised_steps(
+      workdir_lib.read_config(workdir), json.loads(config.to_json())
     )
-  with checkpoints.workdir_lock(workdir, is_main=is_main):
+  with workdir_lib.workdir_lock(workdir, is_main=is_main):
     exp = config_lib.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
     claim = functools.partial(
-      checkpoints.claim_workdir, workdir, config, overwrite=overwrite, fork=fork, is_main=is_main
+      workdir_lib.claim_workdir, workdir, config, overwrite=overwrite, fork=fork, is_main=is_main
     )
     if overwrite:
       claim()  # the old run goes before anything is restored from it
@@ -183,7 +184,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
         quarantine=True,
         is_main=is_main,
       )
-      for line in checkpoints.continue_raised(restored, raised, exp.phases):
+      for line in workdir_lib.continue_raised(restored, raised, exp.phases):
         say(line)
       # The workdir becomes this config's only once its checkpoints are known to fit (a refused
       # --fork, or steps raised for a phase the run is past, leave it as it was).
