@@ -176,7 +176,7 @@ class UniformTokens:
   def __call__(self, config):
     n = (
       4
-      * max(experiment.phase_seq_len(config, p) for p in (*experiment.phase_names(config), "eval"))
+      * max(config_lib.phase_seq_len(config, p) for p in (*config_lib.phase_names(config), "eval"))
       + 1
     )
     rng = np.random.default_rng(config.seed)
@@ -196,7 +196,7 @@ def time_objective(
   with op_split > 0, `profiling.op_split` of that many more steps, traced)."""
   config = config.copy_and_resolve_references()
   config.phases = "smt,dmt" if phase == "dmt" else phase  # DMT continues an SMT phase
-  exp = config_lib.build_experiment(
+  exp = experiment.build_experiment(
     config, make_source=UniformTokens(vocab_size) if vocab_size else None
   )
   p = experiment.make_phase(exp, phase)  # the runner's own train step
@@ -287,7 +287,7 @@ def time_objective(
 
 def count_params(config, vocab_size: int = 0) -> dict:
   """{'n_params_teacher': .., 'n_params_rnn': ..} of the config's models (shapes only)."""
-  vocab_size = vocab_size or experiment.make_source(config).vocab_size
+  vocab_size = vocab_size or experiment.source_of(config).vocab_size
   teacher, rnn = nnx.eval_shape(lambda: experiment.build_models(config, vocab_size))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   return {"n_params_teacher": count(teacher), "n_params_rnn": count(rnn)}
@@ -310,7 +310,7 @@ def every_transition(config, t: int, context_length: int, batch_size: int, vocab
   """`config` training SMT on every transition of episodes of length `t` (copy-probe tokens of
   the config's vocabulary), with Tc = `context_length` and Tf capped at T."""
   c = config.copy_and_resolve_references()
-  vocab = vocab_size or experiment.make_source(c).vocab_size
+  vocab = vocab_size or experiment.source_of(c).vocab_size
   c.phases = "smt"
   c.data = ml_collections.ConfigDict(
     dict(name="copy", episodic=True, seq_len=t, path="", options={"num_tokens": vocab - 1})
@@ -442,7 +442,7 @@ def sweep_devices(
     ]
     if axis == "time":
       top = max(counts)
-      per = max(1, min(8, experiment.phase_seq_len(config, "smt") // top))
+      per = max(1, min(8, config_lib.phase_seq_len(config, "smt") // top))
       cmd.append(f"--config.smt.num_transitions={top * per}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:

@@ -27,7 +27,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from smt_jax import losses, objectives
-from smt_jax.runner import config as config_lib
 from smt_jax.runner import experiment
 
 config_flags.DEFINE_config_file(
@@ -61,7 +60,7 @@ def _projected(fn):
 
 def parts(config) -> dict[str, tuple]:
   """{part: (jitted fn, args)} for the SMT step of `config`, and 'step' for the whole."""
-  exp = config_lib.build_experiment(config)
+  exp = experiment.build_experiment(config)
   phase = experiment.make_phase(exp, "smt")
   s = config.smt
   tfns, rfns = exp.fns

@@ -62,7 +62,8 @@ def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> in
   processes. The count only shapes JAX's CPU backend: on a GPU or TPU the mesh takes those.
   `batches`: the batch sizes to divide instead of the config's (config None: a set of runs, e.g.
   the studies')."""
-  from smt_jax.runner import experiment, multihost  # no JAX backend starts on importing them
+  from smt_jax.runner import config as config_lib
+  from smt_jax.runner import multihost  # no JAX backend starts on importing them
 
   if (
     "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
@@ -72,7 +73,7 @@ def cpu_devices(config, env, cores: int, batches: list[int] | None = None) -> in
   ):
     return None
   if batches is None:
-    k = experiment.grad_accum_steps(config)  # a training batch splits into k micro-batches
+    k = config_lib.grad_accum_steps(config)  # a training batch splits into k micro-batches
     batches = [config[p].batch_size // k for p in config.phases.split(",") if p]
     batches.append(config.eval.batch_size)
   return max(n for n in range(1, max(cores, 1) + 1) if all(b % n == 0 for b in batches))
@@ -99,7 +100,7 @@ def _override_error(argv: list[str], message: str) -> str:
   the flag, the config section, and its "did you mean" hint."""
   hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', message)
   key = hint[2] if hint else re.findall(r"[A-Za-z_]\w*", message)[0]
-  fix = f'Did you mean "{hint[1]}"?' if hint else f"See {_CONFIGS}/common.py for the fields."
+  fix = f'Did you mean "{hint[1]}"?' if hint else "See smt_jax/runner/config.py for the fields."
   for a in argv:
     name = a.split("=", 1)[0]
     parts = name[len("--config.") :].split(".")

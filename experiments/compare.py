@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, plot
-from smt_jax.runner import experiment, metrics_io, train
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import metrics_io, train
 from smt_jax.runner.console import format_duration
 
 DEFAULT_CONFIG = "experiments/configs/synthetic.py:retrieval,32,showcase"
@@ -48,8 +49,8 @@ def configs(config) -> dict:
   smt_dmt.phases = "smt,dmt"
   bptt = config.copy_and_resolve_references()
   bptt.phases = "bptt"
-  per_step = bptt.bptt.batch_size * experiment.phase_seq_len(bptt, "bptt")
-  bptt.bptt.steps = max(1, round(experiment.training_tokens(smt_dmt) / per_step))
+  per_step = bptt.bptt.batch_size * config_lib.phase_seq_len(bptt, "bptt")
+  bptt.bptt.steps = max(1, round(config_lib.training_tokens(smt_dmt) / per_step))
   return {"smt_dmt": smt_dmt, "bptt": bptt}
 
 
@@ -64,7 +65,7 @@ def _line(name: str, summary: dict, config, metric: str) -> str:
   teacher_part = f", its teacher {teacher[tkey]:.3f}" if tkey in teacher else ""
   return (
     f"{LABELS[name]:>8}: RNN alone {what} {last.get(key, float('nan')):.3f}{teacher_part}; "
-    f"{steps} steps, {experiment.training_tokens(config):.3g} tokens, "
+    f"{steps} steps, {config_lib.training_tokens(config):.3g} tokens, "
     f"{format_duration(summary.get('wall_time_s', 0))}"
   )
 
@@ -81,7 +82,7 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join("runs", f"compare_{stem}_{arg.replace(',', '_')}")
   metric = FLAGS.metric or ("eval/rnn_acc" if config.data.episodic else "eval/rnn_nll")
   runs = configs(config)
-  tokens = experiment.training_tokens(runs["bptt"])
+  tokens = config_lib.training_tokens(runs["bptt"])
   print(f"workdir: {workdir} (smt_dmt/ and bptt/, both on {tokens:.3g} tokens)")
   summaries = {}
   for name, c in runs.items():

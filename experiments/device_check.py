@@ -89,7 +89,7 @@ def compiled_step(config, phase: str, batch_size: int, vocab_size: int):
   c = config.copy_and_resolve_references()
   c[phase].batch_size = batch_size
   c.phases = "smt,dmt" if phase == "dmt" else phase
-  exp = config_lib.build_experiment(c, make_source=benchmark.UniformTokens(vocab_size))
+  exp = experiment.build_experiment(c, make_source=benchmark.UniformTokens(vocab_size))
   p = experiment.make_phase(exp, phase)
   rows = benchmark.random_batch(np.random.default_rng(0), 1, p.source.seq_len, vocab_size)
   batch = {
@@ -109,7 +109,7 @@ def largest_batch(config, phase: str, vocab_size: int, limit: int, planned: int 
     return {"largest_batch": None, "bytes_per_row": None, "fixed_bytes": None}
   per_row = (m1 - m0) / b
   fixed = m0 - per_row * b
-  step = jax.device_count() * experiment.grad_accum_steps(config)  # what a batch divides by
+  step = jax.device_count() * config_lib.grad_accum_steps(config)  # what a batch divides by
   fits = int((FILL * limit - fixed) // per_row) // step * step
   return {"largest_batch": max(fits, 0), "bytes_per_row": per_row, "fixed_bytes": fixed}
 

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from experiments.configs import common
 from smt_jax import reference
-from smt_jax.runner import checkpoints
+from smt_jax.runner import checkpoints, experiment
 from smt_jax.runner import config as config_lib
 from smt_jax.runner import workdir as workdir_lib
 
@@ -202,7 +202,7 @@ def reference_config(base, cfg, itr: int):
 def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False) -> str:
   """Writes the workdir for a loaded checkpoint (see `load_checkpoint`); returns its config.py."""
   config = reference_config(base, ckpt["cfg"], ckpt["itr"])
-  exp = config_lib.build_experiment(config)  # validates the config and the data first
+  exp = experiment.build_experiment(config)  # validates the config and the data first
   m = config.model
   if exp.source.vocab_size != ckpt["cfg"].teacher.vocab_size:
     raise CheckpointImportError(

@@ -37,6 +37,7 @@ from absl import app, flags
 from experiments.studies import common
 from smt_jax import objectives, parallel
 from smt_jax.models import layers
+from smt_jax.runner import config as config_lib
 from smt_jax.runner import experiment
 
 
@@ -65,7 +66,7 @@ def tokens(exp, rows: int, length: int) -> jax.Array:
   """Held-out tokens [rows, length]: a stream's, or eval episodes laid end to end."""
   if not exp.config.data.episodic:
     return common.eval_batch(exp, seq_len=length, batch_size=rows)["x"].astype(jnp.int32)
-  seq = experiment.phase_seq_len(exp.config, "eval")
+  seq = config_lib.phase_seq_len(exp.config, "eval")
   parts = [
     np.asarray(common.eval_batch(exp, batch_size=rows, step=i)["x"])
     for i in range(-(-length // seq))
@@ -131,7 +132,7 @@ def check(
   if dmt_length:
     cfg.dmt.rollout_length = dmt_length
   if not steps:
-    steps = [0] + [common.phase_end_step(cfg, p) for p in experiment.phase_names(cfg)]
+    steps = [0] + [common.phase_end_step(cfg, p) for p in config_lib.phase_names(cfg)]
   rows_out, lyap, timing, exp = [], {}, {}, None
   for step in steps:
     restored, params = common.restore(cfg, workdir, step)

@@ -71,7 +71,7 @@ def _sample():
   if FLAGS.seed is not None:
     config.seed = FLAGS.seed
   try:
-    exp = config_lib.build_experiment(config)
+    exp = experiment.build_experiment(config)
   except config_lib.ConfigError as e:
     sys.exit(f"error: {e}")
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)

@@ -11,7 +11,7 @@ What object stores change, and how this module copes:
   object, never half of one.
 - No rename-into-place: `write_text` puts the object directly (atomic); a local file is written to
   a temporary name and renamed, which is atomic too.
-- No flock: a remote workdir is claimed with a lease object instead (`smt_jax.runner.workdir.Lease`).
+- No flock: a remote workdir is claimed with a lease object instead (`runner.workdir.Lease`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import run_helpers
 
 from experiments import compare
 from experiments.configs import pixels, synthetic
-from smt_jax.runner import experiment
+from smt_jax.runner import config as config_lib
 
 
 def test_bptt_gets_the_tokens_of_smt_and_dmt():
@@ -22,8 +22,8 @@ def test_bptt_gets_the_tokens_of_smt_and_dmt():
   # An episode is one T for every phase: the same batch makes equal steps equal tokens.
   assert runs["bptt"].bptt.steps == 650
   assert (
-    experiment.training_tokens(runs["bptt"])
-    == experiment.training_tokens(runs["smt_dmt"])
+    config_lib.training_tokens(runs["bptt"])
+    == config_lib.training_tokens(runs["smt_dmt"])
     == 650 * 32 * 32
   )
 
@@ -32,7 +32,7 @@ def test_bptt_gets_the_tokens_of_smt_and_dmt():
   runs = compare.configs(d)
   # SMT rows are Tc + Tf = 80 tokens, DMT's Tc + Td + Tf = 144, BPTT's 128 (batch 32, 16, 32).
   smt_dmt = 600 * 32 * 80 + 150 * 16 * 144
-  assert experiment.training_tokens(runs["smt_dmt"]) == smt_dmt
+  assert config_lib.training_tokens(runs["smt_dmt"]) == smt_dmt
   assert runs["bptt"].bptt.steps == round(smt_dmt / (32 * 128)) == 459
   assert d.bptt.steps == 1500  # the caller's config is left as it was
 

@@ -18,7 +18,7 @@ import pytest
 from experiments.configs import pixels, synthetic, text
 from smt_jax import data
 from smt_jax.runner import config as config_lib
-from smt_jax.runner import train
+from smt_jax.runner import experiment, train
 from smt_jax.runner import workdir as workdir_lib
 from smt_jax.runner.config import ConfigError
 
@@ -423,7 +423,7 @@ def test_a_config_saved_before_newer_fields_existed_still_builds():
     del c.smt["num_decoded"]
     del c.dmt["from_rnn_initial_memory"]
     del c.optim["grad_accum_steps"]
-  exp = config_lib.build_experiment(c)
+  exp = experiment.build_experiment(c)
   assert jax.tree.leaves(exp.abstract_params)
 
 

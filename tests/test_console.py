@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 
 from experiments.configs import synthetic
+from smt_jax.runner import config as config_lib
 from smt_jax.runner import console, experiment, train
 
 
@@ -62,7 +63,7 @@ def test_work_per_step_counts_each_phase():
   exp = types.SimpleNamespace(config=config)
   f = {"update": 2.0, "readout": 3.0, "encode": 5.0, "decode": 7.0}
   c = config
-  t = experiment.phase_seq_len(c, "bptt")
+  t = config_lib.phase_seq_len(c, "bptt")
   assert experiment.work_per_step(exp, "bptt", f) == c.bptt.batch_size * 3 * t * 5.0
   td, k = c.dmt.rollout_length, c.dmt.label_every
   assert experiment.work_per_step(exp, "dmt", f) == c.dmt.batch_size * (

@@ -15,6 +15,7 @@ from smt_jax import data
 from smt_jax.data import files, sketches
 from smt_jax.data import text as text_lib
 from smt_jax.runner import config as config_lib
+from smt_jax.runner import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -409,4 +410,4 @@ def test_too_few_eval_images_for_the_samples_is_refused_before_training(tmp_path
   c = _config('pixels.py:quickdraw,smoke')
   c.data.path = str(tmp_path)
   with pytest.raises(config_lib.ConfigError, match=r'config.samples.num = 4: .* has 2'):
-    config_lib.build_experiment(c)
+    experiment.build_experiment(c)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from experiments.configs import pixels
-from smt_jax.runner import config as config_lib
 from smt_jax.runner import experiment
 
 STEPS = 3  # the warm-up's first learning rate is 0: steps 2 and 3 move the parameters
@@ -31,7 +30,7 @@ def _config(accum: int):
 
 
 def _train(accum: int, phase: str):
-  exp = config_lib.build_experiment(_config(accum))
+  exp = experiment.build_experiment(_config(accum))
   p = experiment.make_phase(exp, phase)
   init = jax.device_get(exp.init_params())
   state = p.init_state(exp.init_params())

@@ -22,7 +22,6 @@ from experiments import import_reference
 from experiments.configs import pixels
 from smt_jax import reference
 from smt_jax.runner import checkpoints, experiment, train
-from smt_jax.runner import config as config_lib
 
 DIMS = dict(
   vocab_size=18,
@@ -74,7 +73,7 @@ def reference_weights(seed=3):
 
 def restore_params(workdir):
   config = import_reference.load_config(str(pathlib.Path(workdir) / "config.py"))
-  exp = config_lib.build_experiment(config)
+  exp = experiment.build_experiment(config)
   mngr = checkpoints.make_manager(str(workdir), keep=3)
   restored = checkpoints.restore(
     mngr,

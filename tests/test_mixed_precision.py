@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import synthetic
-from smt_jax.runner import config as config_lib
 from smt_jax.runner import experiment
 
 STEPS = 50
@@ -20,7 +19,7 @@ TOLERANCE = 1e-2  # relative, on the loss at every step
 def _train(dtype: str):
   c = synthetic.get_config("stack,smoke")
   c.phases, c.smt.steps, c.model.dtype = "smt", STEPS, dtype
-  exp = config_lib.build_experiment(c)
+  exp = experiment.build_experiment(c)
   p = experiment.make_phase(exp, "smt")
   state = p.init_state(exp.init_params())
   losses = []

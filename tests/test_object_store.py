@@ -212,7 +212,7 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
     c = text.get_config("smoke")
     c.data.path, c.data.eval_path = path, eval_path
     config_lib.validate(c)
-    return c, experiment.make_source(c)
+    return c, experiment.source_of(c)
 
   c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
   _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"))

@@ -398,10 +398,11 @@ def reference_param_counts(v, d, h, k, enc, dec, rnn, readout, head_dim=64):
 @pytest.mark.parametrize("initial_memory", ["zeros", "learned"])
 def test_runner_models_have_the_reference_parameter_counts(dims, initial_memory):
   from experiments.configs import common
+  from smt_jax.runner import config as config_lib
   from smt_jax.runner import experiment
 
   v, d, h, k, enc, dec, rnn, readout = dims
-  c = common.base()
+  c = config_lib.default()
   common.reference_recipe(c)
   c.model.update(
     width=d,

@@ -19,7 +19,6 @@ from experiments.configs import synthetic
 from smt_jax import data, losses, objectives
 from smt_jax.data.pixels import PixelSource
 from smt_jax.runner import checkpoints, experiment, metrics_io, train
-from smt_jax.runner import config as config_lib
 
 
 def _bptt_config(**overrides):
@@ -133,7 +132,7 @@ def test_train_step_drops_a_non_finite_update():
 
 def test_runtime_batches_with_tokens_outside_the_vocabulary_are_refused():
   source = data.make_source("parity", seq_len=8)
-  exp = config_lib.build_experiment(_bptt_config())
+  exp = experiment.build_experiment(_bptt_config())
   exp.batch(source, split="train", step=3, batch_size=2)  # a good batch passes
 
   def set_token(field, row, t, value):

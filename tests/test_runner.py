@@ -49,14 +49,14 @@ def _expected_seq_flops(config, phase: str, f: dict) -> float:
   if phase == "dmt":  # gradients through the rollout (the default): a chained backward
     assert not config.dmt.stop_carry_grad
     return f["encode"] + 3 * (config.dmt.rollout_length * f["update"] + f["readout"])
-  return 3 * (experiment.phase_seq_len(config, "bptt") * f["update"] + f["readout"])
+  return 3 * (config_lib.phase_seq_len(config, "bptt") * f["update"] + f["readout"])
 
 
 def _check_compare_logs(workdir, config, bits: str, sample_tag: str | None):
   """Runs that compare: phase-free eval tags on the one global step axis (the phase its own
   field), tokens seen and SeqFLOPs as x-axes, NLL in bits beside nats, the config as HParams and
   text, samples at every eval."""
-  exp = config_lib.build_experiment(config)
+  exp = experiment.build_experiment(config)
   flops = experiment.unit_flops(exp)
   assert all(v > 0 for v in flops.values())
   rows = _rows(workdir)
@@ -65,7 +65,7 @@ def _check_compare_logs(workdir, config, bits: str, sample_tag: str | None):
   for r in rows:
     before = phases[: phases.index(r["phase"])]
     cost = lambda p: (
-      config[p].batch_size * experiment.phase_seq_len(config, p),
+      config[p].batch_size * config_lib.phase_seq_len(config, p),
       _expected_seq_flops(config, p, flops),
     )
     steps = [(p, config[p].steps) for p in before] + [(r["phase"], r["phase_step"])]
@@ -275,8 +275,8 @@ def test_a_length_curriculum_trains_the_first_steps_on_shorter_episodes(tmp_path
   b = c[first].batch_size
   assert rows[2]["tokens"] == 2 * b * 8 and rows[4]["tokens"] == 3 * b * 8 + b * 16
   last = max(r["tokens"] for r in _rows(str(tmp_path)))
-  assert last == experiment.training_tokens(c)
-  assert experiment.training_tokens(c) < experiment.training_tokens(
+  assert last == config_lib.training_tokens(c)
+  assert config_lib.training_tokens(c) < config_lib.training_tokens(
     synthetic.get_config("retrieval,16,smoke")
   )
 
@@ -284,7 +284,7 @@ def test_a_length_curriculum_trains_the_first_steps_on_shorter_episodes(tmp_path
 def test_the_short_episodes_config_scales_smt_lengths():
   c = synthetic.get_config("retrieval,128")
   c.data.warmup_seq_len, c.data.warmup_steps = 32, 500
-  s = experiment.warmup_config(c)
+  s = config_lib.warmup_config(c)
   assert (s.data.seq_len, s.smt.context_length, s.smt.future_length) == (32, 32, 16)
   assert (s.smt.num_transitions, s.smt.num_decoded, s.data.warmup_steps) == (32, 8, 0)
   config_lib.validate(c)

@@ -145,7 +145,7 @@ def worker(outdir: str) -> dict:
       )
       loss_fn = experiment.make_loss(c, name, exp.fns)
       fn = jax.jit(
-        experiment.make_train_step(loss_fn, phase.optimizer, experiment.grad_accum_steps(c))
+        experiment.make_train_step(loss_fn, phase.optimizer, config_lib.grad_accum_steps(c))
       )
     time_constraints = (
       _jaxpr_time_constraints(loss_fn, state["params"], batch, key)
@@ -165,7 +165,7 @@ def worker(outdir: str) -> dict:
 
   reference, ref_params = {}, None
   for mesh in MESHES:
-    exp = config_lib.build_experiment(_config(mesh))
+    exp = experiment.build_experiment(_config(mesh))
     params = exp.init_params()
     name = "x".join(map(str, mesh))
     if ref_params is None:
@@ -212,7 +212,7 @@ def worker(outdir: str) -> dict:
   for p in (*PHASES, "eval"):
     c[p].batch_size = 16
   c.optim.grad_accum_steps = 2
-  exp_a = config_lib.build_experiment(c)
+  exp_a = experiment.build_experiment(c)
   params_a = exp_a.init_params()
   for phase in ACCUM_PHASES:
     ref_new, ref_metrics, *_ = one_step(exp_a, params_a, phase, sharded=False)
@@ -226,7 +226,7 @@ def worker(outdir: str) -> dict:
   # The one-pass causal teacher on the time axis: its gathered memories are split across it.
   c = _config((2, 1, 4))
   c.phases, c.model.teacher_kind, c.model.encoder_depth = "smt", "causal", 2
-  exp_c = config_lib.build_experiment(c)
+  exp_c = experiment.build_experiment(c)
   params_c = exp_c.init_params()
   ref_new, ref_metrics, *_ = one_step(exp_c, params_c, "smt", sharded=False)
   new, metrics, n_time, _ = one_step(exp_c, params_c, "smt", sharded=True)
@@ -239,7 +239,7 @@ def worker(outdir: str) -> dict:
   }
 
   # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
-  exp_b = config_lib.build_experiment(_config((1, 8, 1)))
+  exp_b = experiment.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
   r = checkpoints.restore(
     mngr,

@@ -8,7 +8,7 @@ reference's at this size. SMT: Tc 64, Tf 32, one transition per sequence. DMT: T
 Td 32, Tf 32, k 4. BPTT: T 64. Data: the 8x8 digits stream without BOS (vocab 17, offline); the
 benchmark times uniform random tokens of that vocabulary, as step time does not depend on them.
 
-`bench.py:paper` is the paper's configuration at parity (`common.base()` with the reference
+`bench.py:paper` is the paper's configuration at parity (`config_lib.default()` with the reference
 recipe: width 256, 16 memory tokens, 8 heads of 64, encoder and RNN depth 8, decoder 4; SMT batch
 128 with Tc 256, Tf 64; DMT batch 32, Td 256, k 16; BPTT batch 128, T 320) in bfloat16, timed
 on 256-token vocabularies (the authors' MNIST): what `experiments.device_check` measures on an
@@ -22,6 +22,7 @@ Commands:
 """
 
 from experiments.configs import common
+from smt_jax.runner import config as config_lib
 
 
 def get_config(arg: str = ""):
@@ -32,7 +33,7 @@ def get_config(arg: str = ""):
     )
   if arg == "paper":
     return paper("tiny" in flags)
-  c = common.base()
+  c = config_lib.default()
   c.data.name = "digits"  # a real offline stream (crops of the phases' lengths); vocab 17
   c.data.episodic = False
   c.data.options.bos = False
@@ -55,7 +56,7 @@ def get_config(arg: str = ""):
 
 def paper(tiny: bool = False):
   """The paper's model and phases at parity, in bfloat16 (tiny: a few-second CPU version)."""
-  c = common.base()
+  c = config_lib.default()
   common.reference_recipe(c)
   c.data.options.bos = False
   c.phases = "smt,dmt,bptt"

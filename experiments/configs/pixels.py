@@ -47,6 +47,7 @@ Commands:
 """
 
 from experiments.configs import common
+from smt_jax.runner import config as config_lib
 
 
 def get_config(arg: str = "digits"):
@@ -56,7 +57,7 @@ def get_config(arg: str = "digits"):
       f"pixels.py: unknown flags {sorted(set(flags) - {'reference', 'smoke', 'full'})}; the "
       f"flags are 'reference' (e.g. pixels.py:digits,reference), 'full' and 'smoke'."
     )
-  c = common.base()
+  c = config_lib.default()
   if arg in ("digits", "smoke"):
     c.data.name = "digits"
     c.data.options.bos = True

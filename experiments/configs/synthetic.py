@@ -45,6 +45,7 @@ Commands:
 """
 
 from experiments.configs import common
+from smt_jax.runner import config as config_lib
 
 RETRIEVAL_WARMUP = 32  # the episode length of retrieval's length curriculum
 
@@ -90,7 +91,7 @@ def get_config(arg: str = "retrieval"):
   lengths = [int(p) for p in parts[1:] if p.isdigit()]
   seq_len = lengths[0] if lengths else (16 if smoke else 64)
 
-  c = common.base()
+  c = config_lib.default()
   c.data.name = task
   c.data.episodic = True
   c.data.seq_len = seq_len

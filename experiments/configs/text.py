@@ -32,6 +32,7 @@ Commands:
 """
 
 from experiments.configs import common
+from smt_jax.runner import config as config_lib
 
 TINYSTORIES = "hf://datasets/roneneldan/TinyStories/"
 
@@ -43,7 +44,7 @@ def get_config(arg: str = "small"):
       f"text.py: unknown flags {sorted(set(flags) - {'full'})}; the flag is 'full' "
       f"(e.g. text.py:small,full: full supervision)."
     )
-  c = common.base()
+  c = config_lib.default()
   c.data.name = "text"
   if arg in ("small", "smoke"):
     # A few minutes on a 2-core CPU: SMT then DMT on the built-in corpus took 6.5 min there, to

@@ -140,7 +140,7 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   with contextlib.redirect_stdout(out) if ctx.quiet else contextlib.nullcontext():
     summary = train.train_and_evaluate(config, workdir, overwrite=overwrite)
   wall = time.time() - t0
-  phases = experiment.phase_names(config)
+  phases = config_lib.phase_names(config)
   rows = metrics_io.read_metrics(workdir)
   train_s = {}
   for p in phases:
@@ -201,24 +201,24 @@ def run_seq_flops(config) -> tuple[dict[str, float], dict[str, float]]:
   """({phase: SeqFLOPs of the run's phase, steps x its per-step serial path}, the FLOPs of one
   update / readout / encoding / decoding they rest on), as the runner's `seqflops` axis counts them
   (`smt_jax.runner.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation)."""
-  exp = config_lib.build_experiment(config)
+  exp = experiment.build_experiment(config)
   flops = experiment.unit_flops(exp)
   per_phase = {
     p: experiment.seq_flops_per_step(exp, p, flops) * config[p].steps
-    for p in experiment.phase_names(config)
+    for p in config_lib.phase_names(config)
   }
   return per_phase, flops
 
 
 def phase_end_step(config, phase: str) -> int:
   """The global step of the checkpoint saved at the end of `phase`."""
-  phases = experiment.phase_names(config)
+  phases = config_lib.phase_names(config)
   return int(sum(config[p].steps for p in phases[: phases.index(phase) + 1]))
 
 
 def restore(config, workdir: str, step: int | None = None):
   """(exp, params) of a run: its parameters at checkpoint `step` (None: the latest; 0: the init)."""
-  exp = config_lib.build_experiment(config)
+  exp = experiment.build_experiment(config)
   if step == 0:
     return exp, exp.init_params()
   mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints, read_only=True)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from experiments.configs import pixels, synthetic, text
 from experiments.studies import common
-from smt_jax.runner import experiment, metrics_io
+from smt_jax.runner import config as config_lib
+from smt_jax.runner import metrics_io
 
 METHODS = ("smt_dmt", "earlier", "bptt")
 LABELS = {
@@ -70,7 +71,7 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
   c.seed = seed
   c.phases = "bptt" if method == "bptt" else "smt,dmt"
   tokens = r.tokens[workload]
-  per_step = {p: c[p].batch_size * experiment.phase_seq_len(c, p) for p in ("smt", "dmt", "bptt")}
+  per_step = {p: c[p].batch_size * config_lib.phase_seq_len(c, p) for p in ("smt", "dmt", "bptt")}
   if method == "bptt":
     c.bptt.steps = max(1, round(tokens / per_step["bptt"]))
     c.bptt.lr = lr
@@ -127,7 +128,7 @@ def run(ctx) -> dict:
             workdir=rec["workdir"],
             nll=float(last["eval/rnn_nll"]),
             acc=float(last["eval/rnn_acc"]) if probe else None,
-            tokens=experiment.training_tokens(cfg),
+            tokens=config_lib.training_tokens(cfg),
             seqflops=float(sum(common.run_seq_flops(cfg)[0].values())),
             train_s=float(sum(rec["train_s"].values())),
             steps={p: int(cfg[p].steps) for p in rec["steps"]},

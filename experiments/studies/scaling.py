@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments import plot as plot_lib
 from experiments.studies import common, length_parity, probes
-from smt_jax.runner import config as config_lib
+from smt_jax.runner import experiment
 
 METHODS = ("smt_dmt", "bptt")
 
@@ -43,7 +43,7 @@ def config(ctx, width: int, tokens: int, depth: int, phases: str):
 
 
 def num_params(cfg, part: str) -> int:
-  exp = config_lib.build_experiment(cfg)
+  exp = experiment.build_experiment(cfg)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(exp.abstract_params[part])))
 
 

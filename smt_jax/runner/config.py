@@ -1,11 +1,17 @@
-"""Config validation, run before any data load or compile; and the checked way to build a run.
+"""A run's config: its defaults, the one way to read it, and its checks.
 
-Every error names the config field, its value and the fix. `validate` needs only the config (and
-stats data paths); `make_mesh` and `validate_with_mesh` check what depends on the devices;
-`validate_with_source` what depends on the dataset (after it is built, before anything compiles).
-`build_experiment` runs them in that order and then builds the `experiment.Experiment`.
-`validate_for_devices` checks a config against a described target (so many devices over so many
-processes) without having its devices: what the launchers run before they start anything.
+- `default()`: every field a run reads, with the published values where they apply
+  (docs/method.md section 6); the files in `experiments/configs/` start from it and set recipes.
+  Periods are named with their units (`*_every_steps`); a period of 0 means never.
+- Accessors (`phase_names`, `phase_seq_len`, `training_tokens`, `warmup_config`, ...): what a
+  config says, read the one way every builder and check reads it.
+- Checks, run before any data load or compile. Every error names the config field, its value
+  and the fix. `validate` needs only the config (and stats data paths); `make_mesh` and
+  `validate_with_mesh` check what depends on the devices; `experiment.validate_with_source` what
+  depends on the dataset; `experiment.build_experiment` runs them in that order and then builds
+  the run. `validate_for_devices` checks a config against a described target (so many devices over
+  so many processes) without having its devices: what the launchers run before they start
+  anything.
 """
 
 from __future__ import annotations
@@ -14,14 +20,253 @@ import importlib.util
 import inspect
 import math
 import os
-from collections.abc import Callable
 
 import jax
+import ml_collections
 
 from smt_jax import data, parallel, sharding, storage
 from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
-from smt_jax.runner import experiment
-from smt_jax.runner.experiment import PHASES, get_field, length_fields, phase_names, phase_seq_len
+
+# ---------------------------------------------------------------------------------------------
+# The default config.
+
+
+def default() -> ml_collections.ConfigDict:
+  """Every field a run reads; each experiment's config file starts here."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.phases = "smt,dmt"  # comma-separated, run in order: any of smt, dmt, bptt
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # a key of smt_jax.data.DATASETS
+  c.data.episodic = False  # True: independent sequences of data.seq_len (the probes)
+  c.data.seq_len = 0  # episodic sources only: the episode length T
+  # Episodes: a length curriculum. The first warmup_steps global steps (within the first phase,
+  # whichever it is: SMT and BPTT see the same data) train on episodes of warmup_seq_len tokens,
+  # the phase's lengths scaled to them (`config_lib.warmup_config`); 0: off.
+  c.data.warmup_seq_len = 0
+  c.data.warmup_steps = 0
+  # text: a file, folder or hf:// path ("" = the built-in corpus); mnist: a folder of IDX files
+  # ("" = tensorflow-datasets); image_folder: a folder of images; quickdraw: .npy file(s).
+  c.data.path = ""
+  c.data.eval_path = ""  # text, image_folder: the evaluation data ("" = held out from data.path)
+  c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
+
+  c.model = ml_collections.ConfigDict()
+  c.model.rnn_kind = "transformer"  # a key of smt_jax.models.RNN_KINDS
+  # "windowed": m_t = E(x[t-Tc+1 .. t]), one encoder pass per memory (the paper's and the
+  # reference's); "causal": a causal encoder labels every memory of a sequence in one pass, its
+  # attention windowed to the last smt.context_length tokens (smt_jax.models.CausalTeacher).
+  c.model.teacher_kind = "windowed"
+  c.model.width = 256  # d: model width = memory token width
+  c.model.num_memory_tokens = 16  # K
+  c.model.num_heads = 8
+  c.model.head_dim = 64  # per head, whatever the width (the reference's); 0: width // num_heads
+  c.model.encoder_depth = 8
+  c.model.decoder_depth = 4
+  c.model.rnn_depth = 8
+  c.model.readout_depth = 4
+  c.model.rnn_initial_memory = "learned"  # or "zeros" (the reference's)
+  c.model.rnn_hidden = 0  # mlp / cell readout hidden size (0: K * d)
+  c.model.attention = "auto"  # "xla" (jax.nn.dot_product_attention), "explicit"; auto: CPU explicit
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.weight_decay = 0.01
+  c.optim.decay_all = False  # True: decay biases and norm gains too (the reference's AdamW)
+  c.optim.clip_norm = 1.0  # global-norm clip, per model
+  c.optim.warmup_frac = 0.01
+  # Each optimiser step as k micro-batches of batch_size / k rows, run one after another and their
+  # gradients averaged before the clip (the reference's grad_accum_steps): a k-th of the memory.
+  c.optim.grad_accum_steps = 1
+
+  c.smt = ml_collections.ConfigDict()
+  c.smt.steps = 150_000
+  c.smt.batch_size = 128
+  c.smt.lr = 3e-4
+  c.smt.schedule = "constant"  # after the warm-up: "constant" or "cosine" (decay to 0)
+  c.smt.context_length = 256  # Tc
+  c.smt.future_length = 64  # Tf; streams train on T = Tc + Tf
+  c.smt.num_transitions = 1  # 1: t = Tc-1 (published); T: all; else a random subset
+  # Decoder work per sequence: 0 decodes every source memory (published); n decodes n memories,
+  # those whose future window holds a target first (windows without one are an exact zero).
+  c.smt.num_decoded = 0
+  c.smt.c_dec = 1.0
+  c.smt.c_dyn = 0.1
+  c.smt.c_unif = 0.001
+  c.smt.c_init = 0.1  # L_init: RNN initial memory -> E(empty) (not in the reference)
+  c.smt.c_readout = 1.0  # L_readout: RNN readout on teacher memories (not in the reference)
+  c.smt.gamma = 1.0
+  c.smt.stop_teacher_grad = False
+  c.smt.uniformity_max_samples = 512
+  c.smt.uniformity_over = "tokens"
+  c.smt.copy_decoder_to_readout = True  # transformer RNN: readout takes the decoder's weights
+
+  c.dmt = ml_collections.ConfigDict()
+  c.dmt.steps = 1_500
+  c.dmt.batch_size = 32
+  c.dmt.lr = 3e-5
+  c.dmt.schedule = "cosine"
+  c.dmt.rollout_length = 256  # Td; streams train on T = Tc + Td + Tf
+  c.dmt.label_every = 16  # k
+  c.dmt.c_dyn = 10.0
+  c.dmt.c_readout = 1.0
+  c.dmt.stop_carry_grad = False  # gradients through the rollout (reference); True: imitation
+  c.dmt.reference_labels = False  # True: labels s = 0, k, .., Td-k and Td readouts (reference)
+  # Episodes: the rollout starts from the RNN's own initial memory, where its evaluation and
+  # sampling start (False: the teacher's E(empty)). Streams start from the teacher's E(window).
+  c.dmt.from_rnn_initial_memory = True
+  # 'parallel': the rollout (and its adjoint) by quasi-Newton iterations in parallel over time
+  # (`smt_jax.parallel_rollout`): the same loss and gradients to parallel_tol, in at most Td
+  # iterations; jacobian 'none' (Picard: measured the better on the trained RNNs here,
+  # docs/benchmarks.md) or 'diag' (quasi-DEER, K d JVPs per state); damping shrinks the diagonal.
+  # The runner's seqflops axis still counts the sequential rollout (the parallel one's depends on
+  # the iterations: `python -m experiments.rollout_check`).
+  c.dmt.rollout = "sequential"
+  c.dmt.parallel_jacobian = "none"
+  c.dmt.parallel_damping = 0.0
+  c.dmt.parallel_tol = 1e-5
+
+  c.bptt = ml_collections.ConfigDict()
+  c.bptt.steps = 150_000
+  c.bptt.batch_size = 128
+  c.bptt.lr = 3e-4
+  c.bptt.schedule = "constant"
+  c.bptt.seq_len = 320  # streams only (episodic sources use data.seq_len)
+  c.bptt.truncation = 0  # 0: full BPTT; k: cut the gradient every k steps
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 2_000
+  c.eval.first_step = 0  # one more eval after this many steps of each phase (0: none)
+  c.eval.batch_size = 64
+  c.eval.num_batches = 4
+  c.eval.seq_len = 512  # streams only
+  c.eval.prompt_length = 128  # eval/rnn_prompted_nll starts from E(first prompt_length tokens)
+
+  c.samples = ml_collections.ConfigDict()
+  c.samples.num = 16
+  c.samples.temperature = 1.0
+  c.samples.at_eval = True  # samples to TensorBoard at every eval, not only at the end
+
+  # Weights & Biases mirror of the config, metrics and samples (off while project is "";
+  # needs `pip install wandb`). mode: "" (WANDB_MODE decides), "online", "offline", "disabled".
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""
+  c.wandb.entity = ""
+  c.wandb.name = ""  # "" : the workdir's name
+  c.wandb.mode = ""
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 3
+  c.nan_policy = "stop"  # "stop": halt naming the step and term; "skip": skip the update, count it
+
+  # A jax.profiler trace of profile.num_steps train steps from global step profile.start_step,
+  # written to <workdir>/profile (TensorBoard's profile plugin, or Perfetto); 0 steps: off.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.time = 1  # SMT's time axis: the vmapped transitions split across devices
+  # fsdp shards only arrays of at least this many elements (smaller ones, e.g. biases and norm
+  # gains, stay replicated); 0: every array with a dimension that divides evenly.
+  c.mesh.fsdp_min_size = 2**14
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Accessors: what a config says, read the one way every builder and check reads it.
+
+PHASES = ("smt", "dmt", "bptt")
+
+# On a token stream, the config fields whose sum is each phase's sequence length T
+# (docs/method.md 5); an episodic source has one length for every phase, data.seq_len.
+_LENGTH_FIELDS = {
+  "smt": ("smt.context_length", "smt.future_length"),
+  "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
+  "bptt": ("bptt.seq_len",),
+  "eval": ("eval.seq_len",),
+}
+
+
+def get_field(config, name: str):
+  """config['a']['b'] for name 'a.b'."""
+  value = config
+  for part in name.split("."):
+    value = value[part]
+  return value
+
+
+def fsdp_min_size(config) -> int:
+  """config.mesh.fsdp_min_size; the default for a config saved before that field existed."""
+  return config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
+
+
+def phase_names(config) -> list[str]:
+  """The phases of `config.phases` in order ('smt,dmt' -> ['smt', 'dmt']); not validated."""
+  return [p.strip() for p in config.phases.split(",") if p.strip()]
+
+
+def length_fields(config, phase: str) -> tuple[str, ...]:
+  """The config fields that set the sequence length of `phase` (or 'eval')."""
+  return ("data.seq_len",) if config.data.episodic else _LENGTH_FIELDS[phase]
+
+
+def phase_seq_len(config, phase: str) -> int:
+  """The sequence length T that `phase` (or 'eval') trains or evaluates on."""
+  return sum(get_field(config, f) for f in length_fields(config, phase))
+
+
+def training_tokens(config) -> int:
+  """Training tokens over every phase of `config`: steps x batch x sequence length, summed (the
+  first phase's warm-up steps on their shorter episodes)."""
+  names = phase_names(config)
+  total = sum(config[p].steps * config[p].batch_size * phase_seq_len(config, p) for p in names)
+  w, t0 = warmup(config)
+  if w and names:
+    total -= w * config[names[0]].batch_size * (phase_seq_len(config, names[0]) - t0)
+  return total
+
+
+def warmup(config) -> tuple[int, int]:
+  """(data.warmup_steps, data.warmup_seq_len): (0, 0) when off (or in a config saved before)."""
+  d = config.data
+  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
+  return (w, t0) if w and t0 else (0, 0)
+
+
+def warmup_config(config):
+  """The config of the length curriculum's first steps (the first phase's): episodes of
+  data.warmup_seq_len, SMT's context, future and transitions scaled to them (Tc and the
+  transitions capped at T0, Tf in proportion, every transition kept when all were trained)."""
+  c = config.copy_and_resolve_references()
+  t, (_, t0) = c.data.seq_len, warmup(c)
+  s = c.smt
+  s.num_transitions = t0 if s.num_transitions == t else min(s.num_transitions, t0)
+  s.context_length = min(s.context_length, t0)
+  s.future_length = max(1, s.future_length * t0 // t)
+  s.num_decoded = min(s.get("num_decoded", 0), t0 + 1)
+  c.data.seq_len = t0
+  c.data.warmup_seq_len = c.data.warmup_steps = 0
+  c.phases = phase_names(c)[0]  # the phase the warm-up is in
+  return c
+
+
+DEFAULT_SCHEDULE = {"smt": "constant", "dmt": "cosine", "bptt": "constant"}
+
+
+def grad_accum_steps(config) -> int:
+  """`optim.grad_accum_steps` (1 for configs saved before it existed)."""
+  return config.optim.get("grad_accum_steps", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
 
 # Config fields that feed a source's constructor arguments (so they may not be given as options).
 _SOURCE_ARGS_FROM_CONFIG = {
@@ -77,23 +322,6 @@ def _number_in(
   if not ok:
     interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     _fail(field, v, f"must be a number in {interval}{'; ' + why if why else ''}.")
-
-
-def build_experiment(config, *, make_source: Callable | None = None) -> experiment.Experiment:
-  """Validates `config` (alone, then with the mesh, then with the data) and builds its experiment.
-
-  Every check runs before anything is compiled, and the checks that need no data before the data
-  is loaded. `make_source(config) -> data.Source` replaces the config's dataset (a test seam).
-  """
-  validate(config)
-  mesh = make_mesh(config)
-  validate_with_mesh(config, mesh)
-  try:
-    source = (make_source or experiment.make_source)(config)
-  except ValueError as e:  # bad data (missing, too short, out-of-vocabulary tokens): say so
-    raise ConfigError(f"data {config.data.name!r}: {e}") from e
-  validate_with_source(config, source)
-  return experiment.build(config, source, mesh)
 
 
 def validate_phases(config) -> list[str]:
@@ -205,7 +433,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     sharding.check_mesh_spec(mesh_axes(c))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  v = experiment.fsdp_min_size(c)
+  v = fsdp_min_size(c)
   if not _is_int(v) or v < 0:
     _fail(
       "mesh.fsdp_min_size",
@@ -213,14 +441,14 @@ def validate(config, *, check_paths: bool = True) -> None:
       "the size (in elements) from which fsdp shards an array: an integer >= 0 (0: every array).",
     )
 
-  k = experiment.grad_accum_steps(c)
+  k = grad_accum_steps(c)
   if not _is_int(k) or k < 1:
     _fail("optim.grad_accum_steps", k, "micro-batches per optimiser step: an integer >= 1.")
   for p in phases:
     _positive_int(c, f"{p}.steps")
     _positive_int(c, f"{p}.batch_size")
     _number_in(c, f"{p}.lr", 0.0, math.inf, lo_open=True)
-    schedule = c[p].get("schedule", experiment.DEFAULT_SCHEDULE[p])
+    schedule = c[p].get("schedule", DEFAULT_SCHEDULE[p])
     if schedule not in ("constant", "cosine"):
       _fail(f"{p}.schedule", schedule, "use 'constant' or 'cosine' (after the linear warm-up).")
   if "smt" in phases or "dmt" in phases:
@@ -283,7 +511,7 @@ def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
       f"must be at most the first phase's steps ({first}.steps = {c[first].steps}).",
     )
   try:
-    validate(experiment.warmup_config(c), check_paths=check_paths)
+    validate(warmup_config(c), check_paths=check_paths)
   except ConfigError as e:
     raise ConfigError(f"{e} (in the warm-up, on episodes of data.warmup_seq_len = {t0})") from None
 
@@ -559,40 +787,6 @@ def _validate_dmt(c) -> None:
     )
 
 
-def validate_with_source(config, source: data.Source) -> None:
-  """Checks that need the dataset: stream lengths, then the tokens of a real batch per phase."""
-  c = config
-  for phase in phase_names(c) + ["eval"]:
-    split = "eval" if phase == "eval" else "train"
-    fields = " + ".join(length_fields(c, phase))
-    s = experiment.with_seq_len(source, phase_seq_len(c, phase))
-    if isinstance(source, data.StreamSource) and len(source.streams[split]) < s.seq_len + 1:
-      raise ConfigError(
-        f"config.{fields} = {s.seq_len}: {phase} crops {s.seq_len + 1} tokens, but the "
-        f"{c.data.name} {split} stream holds only {len(source.streams[split])}; shorten it or "
-        f"use more data."
-      )
-    batch = s.batch(split=split, step=0, batch_size=1, seed=c.seed)
-    if batch["x"].shape[1] != s.seq_len:
-      raise ConfigError(
-        f"data: {c.data.name} gave sequences of length {batch['x'].shape[1]} for "
-        f"{phase}, expected {s.seq_len} ({fields})."
-      )
-    try:
-      data.check_batch_tokens(
-        f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"], source.vocab_size
-      )
-    except ValueError as e:
-      raise ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
-  if isinstance(source, data.PixelSource) and len(source.images("eval")) < c.samples.num:
-    _fail(
-      "samples.num",
-      c.samples.num,
-      f"samples.png shows that many eval images, but {c.data.name} has "
-      f"{len(source.images('eval'))}; lower samples.num or add evaluation images.",
-    )
-
-
 def mesh_axes(config) -> dict[str, int]:
   """The axis sizes of config.mesh ({axis: size}), without its other fields (fsdp_min_size)."""
   return {k: v for k, v in config.mesh.items() if k != "fsdp_min_size"}
@@ -640,7 +834,7 @@ def _validate_mesh_shape(config, shape: dict[str, int], num_processes: int) -> N
   phases = phase_names(c)
   b = shape["data"] * shape["fsdp"]
   n = num_processes
-  k = experiment.grad_accum_steps(c)
+  k = grad_accum_steps(c)
   for p in phases + ["eval"]:
     bs, parts = c[p].batch_size, (1 if p == "eval" else k)
     if bs % (b * parts) or bs % (n * parts):

@@ -1,6 +1,6 @@
 """Everything a run builds from its config: the experiment, and one `Phase` per training phase.
 
-  exp = config_lib.build_experiment(config)   # validated: data, mesh, abstract models
+  exp = experiment.build_experiment(config)   # validated: data, mesh, abstract models
   phase = make_phase(exp, "smt")                 # data, optimiser, loss, the one train step
   state = phase.init_state(exp.init_params())
   state, metrics = phase.step(state, phase.batch(step), key)
@@ -30,87 +30,13 @@ from flax import nnx
 
 from smt_jax import analysis, data, objectives, optim, sharding
 from smt_jax.models import TEACHER_KINDS, head_width, make_rnn, rnn_fns, teacher_fns
-
-PHASES = ("smt", "dmt", "bptt")
-
-# On a token stream, the config fields whose sum is each phase's sequence length T
-# (docs/method.md 5); an episodic source has one length for every phase, data.seq_len.
-_LENGTH_FIELDS = {
-  "smt": ("smt.context_length", "smt.future_length"),
-  "dmt": ("smt.context_length", "dmt.rollout_length", "smt.future_length"),
-  "bptt": ("bptt.seq_len",),
-  "eval": ("eval.seq_len",),
-}
-
-
-def get_field(config, name: str):
-  """config['a']['b'] for name 'a.b'."""
-  value = config
-  for part in name.split("."):
-    value = value[part]
-  return value
-
-
-def fsdp_min_size(config) -> int:
-  """config.mesh.fsdp_min_size; the default for a config saved before that field existed."""
-  return config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
-
-
-def phase_names(config) -> list[str]:
-  """The phases of `config.phases` in order ('smt,dmt' -> ['smt', 'dmt']); not validated."""
-  return [p.strip() for p in config.phases.split(",") if p.strip()]
-
-
-def length_fields(config, phase: str) -> tuple[str, ...]:
-  """The config fields that set the sequence length of `phase` (or 'eval')."""
-  return ("data.seq_len",) if config.data.episodic else _LENGTH_FIELDS[phase]
-
-
-def phase_seq_len(config, phase: str) -> int:
-  """The sequence length T that `phase` (or 'eval') trains or evaluates on."""
-  return sum(get_field(config, f) for f in length_fields(config, phase))
-
-
-def training_tokens(config) -> int:
-  """Training tokens over every phase of `config`: steps x batch x sequence length, summed (the
-  first phase's warm-up steps on their shorter episodes)."""
-  names = phase_names(config)
-  total = sum(config[p].steps * config[p].batch_size * phase_seq_len(config, p) for p in names)
-  w, t0 = warmup(config)
-  if w and names:
-    total -= w * config[names[0]].batch_size * (phase_seq_len(config, names[0]) - t0)
-  return total
-
-
-def warmup(config) -> tuple[int, int]:
-  """(data.warmup_steps, data.warmup_seq_len): (0, 0) when off (or in a config saved before)."""
-  d = config.data
-  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
-  return (w, t0) if w and t0 else (0, 0)
-
-
-def warmup_config(config):
-  """The config of the length curriculum's first steps (the first phase's): episodes of
-  data.warmup_seq_len, SMT's context, future and transitions scaled to them (Tc and the
-  transitions capped at T0, Tf in proportion, every transition kept when all were trained)."""
-  c = config.copy_and_resolve_references()
-  t, (_, t0) = c.data.seq_len, warmup(c)
-  s = c.smt
-  s.num_transitions = t0 if s.num_transitions == t else min(s.num_transitions, t0)
-  s.context_length = min(s.context_length, t0)
-  s.future_length = max(1, s.future_length * t0 // t)
-  s.num_decoded = min(s.get("num_decoded", 0), t0 + 1)
-  c.data.seq_len = t0
-  c.data.warmup_seq_len = c.data.warmup_steps = 0
-  c.phases = phase_names(c)[0]  # the phase the warm-up is in
-  return c
-
+from smt_jax.runner import config as config_lib
 
 # ---------------------------------------------------------------------------------------------
 # Data.
 
 
-def make_source(config) -> data.Source:
+def source_of(config) -> data.Source:
   """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
   d = config.data
   kwargs = dict(d.options)
@@ -182,14 +108,11 @@ def build_models(config, vocab_size: int):
 
 
 # After the warm-up, the published schedules: constant for SMT and BPTT, cosine decay for DMT.
-DEFAULT_SCHEDULE = {"smt": "constant", "dmt": "cosine", "bptt": "constant"}
-
-
 def make_schedule(config, phase: str) -> optax.Schedule:
   """Linear warm-up from 0, then `<phase>.schedule`: constant, or cosine decay to 0."""
   pc = config[phase]
   warmup = max(1, int(round(config.optim.warmup_frac * pc.steps)))
-  if pc.get("schedule", DEFAULT_SCHEDULE[phase]) == "cosine":
+  if pc.get("schedule", config_lib.DEFAULT_SCHEDULE[phase]) == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, max(pc.steps, warmup + 1))
   return optax.join_schedules(
     [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup]
@@ -261,11 +184,6 @@ def make_loss(config, phase: str, fns, constrain_time=None):
   return functools.partial(
     objectives.bptt_loss, rnn=rfns, truncation=config.bptt.truncation or None
   )
-
-
-def grad_accum_steps(config) -> int:
-  """`optim.grad_accum_steps` (1 for configs saved before it existed)."""
-  return config.optim.get("grad_accum_steps", 1)
 
 
 def accumulated(loss_fn, accum_steps: int):
@@ -377,7 +295,7 @@ class Experiment:
 
   def source_at(self, phase: str) -> data.Source:
     """The data at the sequence length of `phase` (or 'eval')."""
-    return with_seq_len(self.source, phase_seq_len(self.config, phase))
+    return with_seq_len(self.source, config_lib.phase_seq_len(self.config, phase))
 
   def init_params(self):
     """The initial parameters, created directly in their sharded layout (never gathered)."""
@@ -426,7 +344,7 @@ class Experiment:
 def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
   """The experiment of a config already validated against `source` and `mesh`.
 
-  Use `config_lib.build_experiment(config)`, which validates first; this is the unchecked
+  Use `experiment.build_experiment(config)`, which validates first; this is the unchecked
   step it ends with. Shapes only: no parameter is created (see `Experiment.init_params`).
   """
   abstract = nnx.eval_shape(lambda: build_models(config, source.vocab_size))
@@ -434,13 +352,13 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
   params = {"teacher": t_abs, "rnn": r_abs}
   return Experiment(
     config=config,
-    phases=tuple(phase_names(config)),
+    phases=tuple(config_lib.phase_names(config)),
     source=source,
     mesh=mesh,
     graphdefs=(tg, rg),
     fns=(teacher_fns(tg), rnn_fns(rg)),
     abstract_params=_abstract(
-      params, sharding.state_shardings(params, mesh, min_size=fsdp_min_size(config))
+      params, sharding.state_shardings(params, mesh, min_size=config_lib.fsdp_min_size(config))
     ),
     batch_sharding=sharding.batch_sharding(mesh),
   )
@@ -513,19 +431,21 @@ def make_phase(
   abstract_state = {
     "params": exp.abstract_params,
     "opt_state": _abstract(
-      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=fsdp_min_size(c))
+      opt_state, sharding.state_shardings(opt_state, exp.mesh, min_size=config_lib.fsdp_min_size(c))
     ),
   }
-  w, _ = warmup(c)
+  w, _ = config_lib.warmup(c)
   warm = None
   if index == 0 and w:  # the curriculum's short episodes: the same state, its own step
-    short = warmup_config(c)
+    short = config_lib.warmup_config(c)
     warm = make_phase(
-      dataclasses.replace(exp, config=short, source=make_source(short)), name, wrap_loss=wrap_loss
+      dataclasses.replace(exp, config=short, source=source_of(short)), name, wrap_loss=wrap_loss
     )
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(
-    sharding.traced_on(exp.mesh, make_train_step(loss_fn, optimizer, grad_accum_steps(c))),
+    sharding.traced_on(
+      exp.mesh, make_train_step(loss_fn, optimizer, config_lib.grad_accum_steps(c))
+    ),
     in_shardings=(state_sharding, exp.batch_sharding, None),
     out_shardings=(state_sharding, None),
     donate_argnums=0,
@@ -593,7 +513,7 @@ def work_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> float
   c = exp.config
   fu, fr, fe, fd = (flops[k] for k in ("update", "readout", "encode", "decode"))
   if phase == "bptt":
-    per_row = 3.0 * phase_seq_len(c, phase) * (fu + fr)
+    per_row = 3.0 * config_lib.phase_seq_len(c, phase) * (fu + fr)
   elif phase == "dmt":
     td = c.dmt.rollout_length
     per_row = (td // c.dmt.label_every + 1) * fe + 3.0 * td * (fu + fr)
@@ -628,7 +548,7 @@ def progress(config, costs: tuple, index: int, done: int) -> dict:
   (`costs`: `step_costs`)."""
   tokens, seqflops = 0, 0.0
   for i, (w, (t0, f0), (t, f)) in enumerate(costs[: index + 1]):
-    n = done if i == index else config[phase_names(config)[i]].steps
+    n = done if i == index else config[config_lib.phase_names(config)[i]].steps
     short = min(n, w)
     tokens += short * t0 + (n - short) * t
     seqflops += short * f0 + (n - short) * f
@@ -641,7 +561,7 @@ def seq_flops_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> 
   c = exp.config
   return analysis.seq_flops_per_step(
     phase,
-    seq_len=phase_seq_len(c, phase),
+    seq_len=config_lib.phase_seq_len(c, phase),
     rollout_length=c.dmt.rollout_length,
     carry_grad=not c.dmt.stop_carry_grad,
     truncation=c.bptt.truncation,
@@ -650,3 +570,58 @@ def seq_flops_per_step(exp: Experiment, phase: str, flops: dict[str, float]) -> 
     f_encode=flops["encode"],
     f_decode=flops["decode"],
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# A run, built from its config: every check first.
+
+
+def build_experiment(config, *, make_source: Callable | None = None) -> Experiment:
+  """Validates `config` (alone, then with the mesh, then with the data) and builds its experiment.
+
+  Every check runs before anything is compiled, and the checks that need no data before the data
+  is loaded. `make_source(config) -> data.Source` replaces the config's dataset (a test seam).
+  """
+  config_lib.validate(config)
+  mesh = config_lib.make_mesh(config)
+  config_lib.validate_with_mesh(config, mesh)
+  try:
+    source = (make_source or source_of)(config)
+  except ValueError as e:  # bad data (missing, too short, out-of-vocabulary tokens): say so
+    raise config_lib.ConfigError(f"data {config.data.name!r}: {e}") from e
+  validate_with_source(config, source)
+  return build(config, source, mesh)
+
+
+def validate_with_source(config, source: data.Source) -> None:
+  """Checks that need the dataset: stream lengths, then the tokens of a real batch per phase."""
+  c = config
+  for phase in config_lib.phase_names(c) + ["eval"]:
+    split = "eval" if phase == "eval" else "train"
+    fields = " + ".join(config_lib.length_fields(c, phase))
+    s = with_seq_len(source, config_lib.phase_seq_len(c, phase))
+    if isinstance(source, data.StreamSource) and len(source.streams[split]) < s.seq_len + 1:
+      raise config_lib.ConfigError(
+        f"config.{fields} = {s.seq_len}: {phase} crops {s.seq_len + 1} tokens, but the "
+        f"{c.data.name} {split} stream holds only {len(source.streams[split])}; shorten it or "
+        f"use more data."
+      )
+    batch = s.batch(split=split, step=0, batch_size=1, seed=c.seed)
+    if batch["x"].shape[1] != s.seq_len:
+      raise config_lib.ConfigError(
+        f"data: {c.data.name} gave sequences of length {batch['x'].shape[1]} for "
+        f"{phase}, expected {s.seq_len} ({fields})."
+      )
+    try:
+      data.check_batch_tokens(
+        f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"], source.vocab_size
+      )
+    except ValueError as e:
+      raise config_lib.ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
+  if isinstance(source, data.PixelSource) and len(source.images("eval")) < c.samples.num:
+    config_lib._fail(
+      "samples.num",
+      c.samples.num,
+      f"samples.png shows that many eval images, but {c.data.name} has "
+      f"{len(source.images('eval'))}; lower samples.num or add evaluation images.",
+    )

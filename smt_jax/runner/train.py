@@ -167,7 +167,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       workdir_lib.read_config(workdir), json.loads(config.to_json())
     )
   with workdir_lib.workdir_lock(workdir, is_main=is_main):
-    exp = config_lib.build_experiment(config, make_source=hooks.make_source)
+    exp = experiment.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
     claim = functools.partial(
       workdir_lib.claim_workdir, workdir, config, overwrite=overwrite, fork=fork, is_main=is_main
