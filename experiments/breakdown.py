@@ -62,7 +62,7 @@ def parts(config) -> dict[str, tuple]:
   """{part: (jitted fn, args)} for the SMT step of `config`, and 'step' for the whole."""
   exp = experiment.build_experiment(config)
   phase = experiment.make_phase(exp, "smt")
-  s = config.smt
+  s = exp.config.smt
   tfns, rfns = exp.fns
   params = exp.init_params()
   tp, rp = params["teacher"], params["rnn"]
@@ -76,7 +76,7 @@ def parts(config) -> dict[str, tuple]:
   times = jnp.arange(-1, seq_len) if n == seq_len else jnp.concatenate([src, src + 1])
   mem = jax.jit(lambda tp: objectives.teacher_memories(tfns, tp, x, times, s.context_length))(tp)
   m_src, m_tgt = (mem[:, :-1], mem[:, 1:]) if n == seq_len else (mem[:, :n], mem[:, n:])
-  nd = s.get("num_decoded", 0)
+  nd = s.num_decoded
   if nd:
     cand = times if n == seq_len else src  # the memories smt_loss picks from
     pick = objectives.decoded_memories(y, cand, s.future_length, nd, key)

@@ -128,7 +128,9 @@ def check(
 ) -> dict:
   """The measures of the module docstring for one run: {'rows': per (step, Td, jacobian),
   'lyapunov': per step, 'dmt': the DMT loss both ways per step}."""
-  cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+  cfg = config_lib.complete(
+    ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+  )
   if dmt_length:
     cfg.dmt.rollout_length = dmt_length
   if not steps:

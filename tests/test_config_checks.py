@@ -423,8 +423,20 @@ def test_a_config_saved_before_newer_fields_existed_still_builds():
     del c.smt["num_decoded"]
     del c.dmt["from_rnn_initial_memory"]
     del c.optim["grad_accum_steps"]
+    for f in ("rollout", "parallel_jacobian", "parallel_damping", "parallel_tol"):
+      del c.dmt[f]
+    del c.data["warmup_steps"], c.data["eval_path"], c.eval["first_step"], c["wandb"]
+    c.smt.lr = 0.5  # a field the config has is kept, whatever the default
   exp = experiment.build_experiment(c)
   assert jax.tree.leaves(exp.abstract_params)
+  # Every missing field reads as today's default (config_lib.complete, the one place).
+  d = config_lib.default()
+  assert exp.config.mesh.fsdp_min_size == d.mesh.fsdp_min_size and exp.config.smt.lr == 0.5
+  assert exp.config.dmt.rollout == "sequential" and exp.config.profile == d.profile
+  assert (exp.config.smt.schedule, exp.config.dmt.schedule) == ("constant", "cosine")
+  full = config_lib.complete(c)
+  assert set(full.to_dict()) == set(d.to_dict()) and "rollout" not in c.dmt  # c is left as it was
+  assert config_lib.complete(full).to_dict() == full.to_dict()
 
 
 def test_smoke_configs_pass():

@@ -179,6 +179,20 @@ def default() -> ml_collections.ConfigDict:
   return c
 
 
+def complete(config) -> ml_collections.ConfigDict:
+  """`config` with every field it lacks taken from `default()`, the fields it has kept as they are:
+  a config saved by an older version (a run's config.json) reads as one of today's. The one place
+  where such configs are patched; the builders and checks call it, so they read every field
+  directly."""
+
+  def merge(full: dict, given: dict) -> dict:
+    for k, v in given.items():
+      full[k] = merge(full[k], v) if isinstance(v, dict) and isinstance(full.get(k), dict) else v
+    return full
+
+  return ml_collections.ConfigDict(merge(default().to_dict(), config.to_dict()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Accessors: what a config says, read the one way every builder and check reads it.
 
@@ -204,7 +218,7 @@ def get_field(config, name: str):
 
 def fsdp_min_size(config) -> int:
   """config.mesh.fsdp_min_size; the default for a config saved before that field existed."""
-  return config.mesh.get("fsdp_min_size", sharding.FSDP_MIN_SIZE)
+  return config.mesh.fsdp_min_size
 
 
 def phase_names(config) -> list[str]:
@@ -236,7 +250,7 @@ def training_tokens(config) -> int:
 def warmup(config) -> tuple[int, int]:
   """(data.warmup_steps, data.warmup_seq_len): (0, 0) when off (or in a config saved before)."""
   d = config.data
-  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
+  w, t0 = d.warmup_steps, d.warmup_seq_len
   return (w, t0) if w and t0 else (0, 0)
 
 
@@ -250,19 +264,16 @@ def warmup_config(config):
   s.num_transitions = t0 if s.num_transitions == t else min(s.num_transitions, t0)
   s.context_length = min(s.context_length, t0)
   s.future_length = max(1, s.future_length * t0 // t)
-  s.num_decoded = min(s.get("num_decoded", 0), t0 + 1)
+  s.num_decoded = min(s.num_decoded, t0 + 1)
   c.data.seq_len = t0
   c.data.warmup_seq_len = c.data.warmup_steps = 0
   c.phases = phase_names(c)[0]  # the phase the warm-up is in
   return c
 
 
-DEFAULT_SCHEDULE = {"smt": "constant", "dmt": "cosine", "bptt": "constant"}
-
-
 def grad_accum_steps(config) -> int:
   """`optim.grad_accum_steps` (1 for configs saved before it existed)."""
-  return config.optim.get("grad_accum_steps", 1)
+  return config.optim.grad_accum_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +359,10 @@ def validate_phases(config) -> list[str]:
 
 def _validate_wandb(c) -> None:
   """The optional Weights & Biases mirror: its package only when asked for (no import here)."""
-  w = c.get("wandb") or {}
-  if not w.get("project"):
+  w = c.wandb
+  if not w.project:
     return
-  if w.get("mode", "") not in ("", "online", "offline", "disabled"):
+  if w.mode not in ("", "online", "offline", "disabled"):
     _fail("wandb.mode", w.mode, "use '' (WANDB_MODE decides), 'online', 'offline' or 'disabled'.")
   if importlib.util.find_spec("wandb") is None:
     _fail(
@@ -367,7 +378,7 @@ def validate(config, *, check_paths: bool = True) -> None:
 
   check_paths: whether data paths must exist here (False: they name files on another machine).
   """
-  c = config
+  c = complete(config)
   phases = validate_phases(c)
   if not _is_int(c.seed) or c.seed < 0:
     _fail("seed", c.seed, "must be a non-negative integer.")
@@ -395,7 +406,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     v = get_field(c, f)
     if not _is_int(v) or v < 0:
       _fail(f, v, "a period is a number of steps >= 0 (0: never).")
-  if not _is_int(c.eval.get("first_step", 0)) or c.eval.get("first_step", 0) < 0:
+  if not _is_int(c.eval.first_step) or c.eval.first_step < 0:
     _fail("eval.first_step", c.eval.first_step, "a number of steps >= 0 (0: no early eval).")
   if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
     _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
@@ -425,7 +436,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     _fail("nan_policy", c.nan_policy, "use 'stop' or 'skip'.")
   _number_in(c, "samples.temperature", 0.0, math.inf, lo_open=True)
   _validate_wandb(c)
-  if not isinstance(c.samples.get("at_eval", True), bool):
+  if not isinstance(c.samples.at_eval, bool):
     _fail("samples.at_eval", c.samples.at_eval, "use True (samples at every eval) or False.")
   _validate_optim(c)
   _validate_data(c, check_paths=check_paths)
@@ -448,7 +459,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     _positive_int(c, f"{p}.steps")
     _positive_int(c, f"{p}.batch_size")
     _number_in(c, f"{p}.lr", 0.0, math.inf, lo_open=True)
-    schedule = c[p].get("schedule", DEFAULT_SCHEDULE[p])
+    schedule = c[p].schedule
     if schedule not in ("constant", "cosine"):
       _fail(f"{p}.schedule", schedule, "use 'constant' or 'cosine' (after the linear warm-up).")
   if "smt" in phases or "dmt" in phases:
@@ -487,7 +498,7 @@ def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
   """The length curriculum: episodes, shorter ones, within the first phase, and the short steps'
   config valid too (its errors named as the warm-up's)."""
   d = c.data
-  w, t0 = d.get("warmup_steps", 0), d.get("warmup_seq_len", 0)
+  w, t0 = d.warmup_steps, d.warmup_seq_len
   for f, v in (("data.warmup_steps", w), ("data.warmup_seq_len", t0)):
     if not _is_int(v) or v < 0:
       _fail(f, v, "an integer >= 0 (0: no length curriculum).")
@@ -525,8 +536,6 @@ def _validate_optim(c) -> None:
 
 
 def _validate_profile(c, phases: list[str]) -> None:
-  if "profile" not in c:  # a config saved before config.profile existed (read back, not trained)
-    return
   for f in ("profile.start_step", "profile.num_steps"):
     v = get_field(c, f)
     if not _is_int(v) or v < 0:
@@ -574,7 +583,7 @@ def _validate_data(c, *, check_paths: bool = True) -> None:
         f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
       )
   _validate_path(d.name, d.path, check_exists=check_paths)
-  _validate_eval_path(d.name, d.path, d.get("eval_path", ""), check_exists=check_paths)
+  _validate_eval_path(d.name, d.path, d.eval_path, check_exists=check_paths)
 
 
 def _validate_path(name: str, path: str, *, check_exists: bool = True) -> None:
@@ -675,7 +684,7 @@ def _validate_smt(c) -> None:
       f"num_transitions=1 uses t = Tc-1 and input x[Tc], so Tc must be < T = {t}.",
     )
   encoded = t + 1 if s.num_transitions == t else s.num_transitions
-  nd = s.get("num_decoded", 0)
+  nd = s.num_decoded
   if not _is_int(nd) or not 0 <= nd <= encoded:
     _fail(
       "smt.num_decoded",
@@ -760,9 +769,9 @@ def _validate_dmt(c) -> None:
     )
   for f in ("c_dyn", "c_readout"):
     _number_in(c, f"dmt.{f}", 0.0, math.inf, why="a loss weight (0 turns the term off)")
-  if d.get("rollout", "sequential") not in ("sequential", "parallel"):
+  if d.rollout not in ("sequential", "parallel"):
     _fail("dmt.rollout", d.rollout, "use 'sequential' (lax.scan) or 'parallel' (fixed-point).")
-  if d.get("rollout", "sequential") == "parallel":
+  if d.rollout == "parallel":
     if d.parallel_jacobian not in parallel.JACOBIANS:
       _fail(
         "dmt.parallel_jacobian",
@@ -820,6 +829,7 @@ def validate_for_devices(config, *, num_devices: int, num_processes: int = 1) ->
       f"num_devices={num_devices} does not split over num_processes={num_processes} (each "
       f"process drives the same number of devices)"
     )
+  config = complete(config)
   validate(config, check_paths=False)
   try:
     shape = dict(zip(sharding.AXES, sharding.mesh_shape(mesh_axes(config), num_devices)))
@@ -856,7 +866,7 @@ def _validate_mesh_shape(config, shape: dict[str, int], num_processes: int) -> N
     nt = c.smt.num_transitions
     if nt % t:
       _fail("smt.num_transitions", nt, f"must be divisible by mesh.time = {t}.")
-    nd = c.smt.get("num_decoded", 0)
+    nd = c.smt.num_decoded
     if nd % t:
       _fail("smt.num_decoded", nd, f"must be divisible by mesh.time = {t}.")
 

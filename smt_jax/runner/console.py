@@ -53,7 +53,7 @@ class Console:
     c = exp.config
     self.work = {p: experiment.work_per_step(exp, p, flops) for p in exp.phases}
     self.evals = {
-      p: eval_steps(c[p].steps, c.eval.every_steps, c.eval.get("first_step", 0)) for p in exp.phases
+      p: eval_steps(c[p].steps, c.eval.every_steps, c.eval.first_step) for p in exp.phases
     }
     self.unit = {"bits_per_dim": "pixel", "bits_per_byte": "byte"}.get(
       evaluation.bits_name(exp.source), "token"

@@ -48,7 +48,7 @@ def source_of(config) -> data.Source:
     kwargs["path"] = path or None
   elif "data_dir" in accepted and path:  # mnist ("" = tensorflow-datasets)
     kwargs["data_dir"] = path
-  if d.get("eval_path"):  # runner.config refuses it for sources without an eval_path
+  if d.eval_path:  # runner.config refuses it for sources without an eval_path
     kwargs["eval_path"] = local(d.eval_path, "data.eval_path")
   if config.data.episodic:
     kwargs["seq_len"] = config.data.seq_len
@@ -112,7 +112,7 @@ def make_schedule(config, phase: str) -> optax.Schedule:
   """Linear warm-up from 0, then `<phase>.schedule`: constant, or cosine decay to 0."""
   pc = config[phase]
   warmup = max(1, int(round(config.optim.warmup_frac * pc.steps)))
-  if pc.get("schedule", config_lib.DEFAULT_SCHEDULE[phase]) == "cosine":
+  if pc.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, max(pc.steps, warmup + 1))
   return optax.join_schedules(
     [optax.linear_schedule(0.0, pc.lr, warmup), optax.constant_schedule(pc.lr)], [warmup]
@@ -146,7 +146,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       context_length=s.context_length,
       future_length=s.future_length,
       num_transitions=s.num_transitions,
-      num_decoded=s.get("num_decoded", 0),
+      num_decoded=s.num_decoded,
       c_dec=s.c_dec,
       c_dyn=s.c_dyn,
       c_init=s.c_init,
@@ -173,12 +173,12 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       reference_labels=d.reference_labels,
       start=-1 if config.data.episodic else None,
       # Episodes: DMT rolls out from where the RNN alone starts in evaluation and sampling.
-      from_rnn_initial_memory=bool(config.data.episodic and d.get("from_rnn_initial_memory", True)),
-      rollout_solver=d.get("rollout", "sequential"),
+      from_rnn_initial_memory=bool(config.data.episodic and d.from_rnn_initial_memory),
+      rollout_solver=d.rollout,
       parallel_options=dict(
-        jacobian=d.get("parallel_jacobian", "none"),
-        damping=d.get("parallel_damping", 0.0),
-        tol=d.get("parallel_tol", 1e-5),
+        jacobian=d.parallel_jacobian,
+        damping=d.parallel_damping,
+        tol=d.parallel_tol,
       ),
     )
   return functools.partial(
@@ -581,7 +581,9 @@ def build_experiment(config, *, make_source: Callable | None = None) -> Experime
 
   Every check runs before anything is compiled, and the checks that need no data before the data
   is loaded. `make_source(config) -> data.Source` replaces the config's dataset (a test seam).
+  A config saved by an older version is completed from today's defaults (`config_lib.complete`).
   """
+  config = config_lib.complete(config)
   config_lib.validate(config)
   mesh = config_lib.make_mesh(config)
   config_lib.validate_with_mesh(config, mesh)

@@ -205,7 +205,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
       say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
     resume_step = restored["step"] if restored else 0
-    w = config.get("wandb") or {}
+    w = exp.config.wandb
     writer = metrics_io.MetricsWriter(
       workdir,
       enabled=is_main,
@@ -213,7 +213,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       wandb=dict(
         project=w.project, entity=w.entity, name=w.name, mode=w.mode, config=config.to_dict()
       )
-      if w.get("project")
+      if w.project
       else None,
     )
     writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
@@ -230,8 +230,8 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       with_teacher="smt" in exp.phases,
       tracer=profiling.StepTrace(
         storage.join(workdir, "profile"),
-        start_step=config.profile.start_step,
-        num_steps=config.profile.num_steps,
+        start_step=exp.config.profile.start_step,
+        num_steps=exp.config.profile.num_steps,
         say=say,
       ),
       console=console.Console(exp, say, flops),
