@@ -57,7 +57,7 @@ def _meta(workdir, step):
 
 def test_nan_stops_naming_step_phase_and_term_and_keeps_the_checkpoint(tmp_path):
   wd = str(tmp_path)
-  with pytest.raises(train.NonFiniteError) as e:  # step 5, after the checkpoint at step 3
+  with pytest.raises(experiment.NonFiniteError) as e:  # step 5, after the checkpoint at step 3
     train.train_and_evaluate(_bptt_config(), wd, hooks=_inject(nan_at=4))
   msg = str(e.value)
   assert msg.startswith("bptt step 5: non-finite value in grad_norm, loss, readout_loss;"), msg

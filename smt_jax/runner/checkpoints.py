@@ -21,7 +21,9 @@ What survives a crash, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,6 +40,25 @@ class CheckpointError(RuntimeError):
 # The run's end keeps its last phase's optimiser state as an item of its own, beside the state
 # (parameters) that every reader restores: only a rerun that raises the steps reads it.
 END_OPT_STATE = "end_opt_state"
+
+
+@dataclasses.dataclass
+class Position:
+  """Where a run is: all a checkpoint's metadata and state restore (`Position.of(restore(...))`)."""
+
+  phase_index: int = 0
+  phase_step: int = 0  # steps done in the current phase
+  skipped: int = 0  # non-finite steps skipped in the current phase
+  params: Any = None
+  opt_state: Any = None  # None at a phase start
+
+  @classmethod
+  def of(cls, restored: dict | None) -> Position | None:
+    """The position `restore` returned (None: nothing was restored)."""
+    if restored is None:
+      return None
+    keys = ("phase_index", "phase_step", "skipped_steps", "params", "opt_state")
+    return cls(*(restored[k] for k in keys))
 
 
 def make_manager(workdir: str, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

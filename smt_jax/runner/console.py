@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from smt_jax.runner import evaluation, experiment
+
+
+def say(msg: str) -> None:
+  """A progress line on stdout, from process 0 only (absl logging is left to the libraries)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def eval_steps(steps: int, every: int, first: int) -> list[int]:
@@ -89,6 +97,19 @@ class Console:
       left += k.compile_s + self.exp.config[p].steps * self.work[p] * per_flop
       left += eval_s * len(self.evals[p])
     return f"eta {'~' if guessed else ''}{format_duration(left)}"
+
+  def logged(self, phase: str, done: int, row: dict, *, skipped: int = 0) -> str:
+    """A progress line: step, loss, the measured rate (when `row` has one), the ETA over what is
+    left of the run, and the non-finite steps skipped."""
+    line = f"{phase} step {done}/{self.exp.config[phase].steps}  loss {row['loss']:.4f}"
+    if "steps_per_s" in row:
+      line += f"  {row['steps_per_s']:.2f} steps/s  {row['tokens_per_s']:,.0f} tokens/s"
+    names = self.exp.phases
+    if done < self.exp.config[phase].steps or names.index(phase) + 1 < len(names):
+      line += f"  {self.eta(phase, done)}".rstrip()
+    if skipped:
+      line += f"  ({skipped} non-finite steps skipped)"
+    return self._say(line)
 
   def evaluated(self, phase: str, done: int, metrics: dict, seconds: float, baseline: float):
     """One line: the RNN alone (and prompted), the teacher, the unigram baseline, in the data's

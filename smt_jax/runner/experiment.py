@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -243,6 +244,28 @@ def make_train_step(loss_fn, optimizer, accum_steps: int = 1):
     return new, dict(metrics, grad_norm=grad_norm, finite=finite)
 
   return step
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or gradient became NaN/Inf and the config says to stop."""
+
+
+def check_finite(nan_policy: str, phase: str, step: int, metrics) -> int:
+  """After a train step (`make_train_step` applies no non-finite update): 0 if it was finite; 1
+  if not and `nan_policy` is 'skip' (the step was skipped: count it); raises under 'stop'."""
+  if bool(jax.device_get(metrics["finite"])):
+    return 0
+  m = jax.device_get(metrics)
+  bad = sorted(k for k, v in m.items() if k != "finite" and not np.all(np.isfinite(v)))
+  what = ", ".join(bad) if bad else "the parameter update (finite loss and gradients)"
+  if nan_policy == "skip":
+    logging.warning("%s step %d: non-finite %s; update skipped.", phase, step + 1, what)
+    return 1
+  raise NonFiniteError(
+    f"{phase} step {step + 1}: non-finite value in {what}; the update was not applied and the "
+    f"last good checkpoint is kept. Lower {phase}.lr or optim.clip_norm, or set "
+    f"--config.nan_policy=skip to skip such steps and count them."
+  )
 
 
 def copy_decoder_to_readout(params, rnn_kind: str):

@@ -22,6 +22,11 @@ RATE_KEYS = ("steps_per_s", "tokens_per_s")
 REMOTE_FLUSH_S = 30.0
 
 
+# The scalars TensorBoard's HParams dashboard shows beside each run's hyper-parameters (and the
+# RNN's NLL in bits, named by the data: `evaluation.bits_name`).
+HPARAMS_METRICS = ("eval/rnn_nll", "eval/rnn_acc", "eval/rnn_prompted_nll", "eval/teacher_nll")
+
+
 def tensorboard_tags(phase: str, key: str) -> list[tuple[str, str]]:
   """TensorBoard (tag, x-axis) pairs for metric `key` of a row of `phase`; x-axis in {'step',
   'tokens', 'seqflops'}.
@@ -159,6 +164,22 @@ class MetricsWriter:
     for summary in hparams_summary(clean, {t: float("nan") for t in metric_tags}):
       writer.add_summary(summary)
 
+  def write_config(self, config, bits_tag: str) -> None:
+    """The config, flat, as TensorBoard HParams (shown beside `HPARAMS_METRICS` and the RNN's NLL
+    in bits, `bits_tag`) and as text (the JSON that config.json holds)."""
+    flat = {}
+
+    def visit(prefix, node):
+      for k, v in node.items():
+        if hasattr(v, "items"):
+          visit(f"{prefix}{k}.", v)
+        else:
+          flat[prefix + k] = v
+
+    visit("", config)
+    self.write_hparams(flat, [*HPARAMS_METRICS, bits_tag])
+    self.write_text("config", "    " + config.to_json(indent=2).replace("\n", "\n    "), 0)
+
   def _remote_lines(self) -> list[str]:
     if self._lines is None:
       text = storage.read_text(self.path) if storage.exists(self.path) else ""
@@ -248,6 +269,15 @@ class WandbMirror:
 
   def close(self) -> None:
     self.run.finish()
+
+
+def wandb_of(config) -> dict | None:
+  """The `MetricsWriter(wandb=...)` argument of a config: its Weights & Biases mirror, None when
+  config.wandb.project is ''."""
+  w = config.wandb
+  if not w.project:
+    return None
+  return dict(project=w.project, entity=w.entity, name=w.name, mode=w.mode, config=config.to_dict())
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -10,6 +10,18 @@ import numpy as np
 
 from smt_jax import inference, storage
 from smt_jax.data import PixelSource, ProbeSource, TextSource
+from smt_jax.runner import multihost
+
+
+def on_process_zero(exp, params, draw):
+  """`draw(exp, params)` on process 0 alone (None on the others), from parameters gathered onto
+  its host first: with several processes they may be sharded across them, and sampling from
+  those alone would wait forever for the others. Every process calls it."""
+  local = multihost.host_local(params)
+  if jax.process_index() != 0:
+    return None
+  with multihost.on_this_host(exp.mesh):
+    return draw(exp, local)
 
 
 def write_samples(exp, params, workdir: str, summary: dict | None = None) -> list[str]:

@@ -21,6 +21,7 @@ What a run guarantees (tests/test_config_checks.py, test_reliability.py, test_ki
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,8 +32,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-from absl import logging
 
 from smt_jax import storage
 from smt_jax.runner import (
@@ -41,19 +40,15 @@ from smt_jax.runner import (
   evaluation,
   experiment,
   metrics_io,
-  multihost,
   profiling,
   samples,
 )
 from smt_jax.runner import config as config_lib
 from smt_jax.runner import workdir as workdir_lib
+from smt_jax.runner.console import say
 from smt_jax.runner.preemption import Preempted, SigtermWatch
 
-__all__ = ["Hooks", "NonFiniteError", "Preempted", "itstime", "train_and_evaluate"]
-
-
-class NonFiniteError(RuntimeError):
-  """A loss or gradient became NaN/Inf and the config says to stop."""
+__all__ = ["Hooks", "Preempted", "itstime", "train_and_evaluate"]
 
 
 # What train_and_evaluate raises for a mistake the user can fix: the message says how (a command
@@ -62,7 +57,7 @@ USER_ERRORS = (
   config_lib.ConfigError,
   workdir_lib.WorkdirError,
   checkpoints.CheckpointError,
-  NonFiniteError,
+  experiment.NonFiniteError,
 )
 
 
@@ -75,32 +70,10 @@ class Hooks:
   train_batch: Callable | None = None  # (global step, host rows) -> rows, before they are sharded
 
 
-# The scalars TensorBoard's HParams dashboard shows beside each run's hyper-parameters (and the
-# RNN's NLL in bits, named by the data: `evaluation.bits_name`).
-HPARAMS_METRICS = ("eval/rnn_nll", "eval/rnn_acc", "eval/rnn_prompted_nll", "eval/teacher_nll")
-
-
 def itstime(step: int, every: int, total: int, *, last: bool) -> bool:
   """Whether a periodic action is due after `step` of `total` steps: every `every` steps (0:
   never), at the final step only if `last`."""
   return every > 0 and step % every == 0 and (last or step < total)
-
-
-def say(msg: str) -> None:
-  """A progress line on stdout, from process 0 only (absl logging is left to the libraries)."""
-  if jax.process_index() == 0:
-    print(msg, flush=True)
-
-
-@dataclasses.dataclass
-class Position:
-  """Where the loop is: all a checkpoint's metadata and state restore."""
-
-  phase_index: int = 0
-  phase_step: int = 0  # steps done in the current phase
-  skipped: int = 0  # non-finite steps skipped in the current phase
-  params: Any = None
-  opt_state: Any = None  # None at a phase start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +118,7 @@ def train_and_evaluate(
     workdir_lib.WorkdirError: `workdir` holds a run of another config (and neither `overwrite`
       nor `fork`); raised before anything is built.
     checkpoints.CheckpointError: checkpoints exist but none is readable.
-    NonFiniteError: a non-finite loss/gradient under nan_policy='stop' (checkpoints kept).
+    experiment.NonFiniteError: a non-finite loss or gradient under nan_policy='stop'.
     Preempted: SIGTERM or SIGINT arrived; a checkpoint of the current step was saved first.
   """
   watch = SigtermWatch()
@@ -161,11 +134,8 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
   is_main = jax.process_index() == 0
   config_lib.validate(config)
   action = workdir_lib.check_workdir(workdir, config, overwrite=overwrite, fork=fork)
-  raised = {}
-  if action == "extend":
-    raised = workdir_lib.raised_steps(
-      workdir_lib.read_config(workdir), json.loads(config.to_json())
-    )
+  saved = workdir_lib.read_config(workdir) if action == "extend" else None
+  raised = workdir_lib.raised_steps(saved, json.loads(config.to_json())) if saved else {}
   with workdir_lib.workdir_lock(workdir, is_main=is_main):
     exp = experiment.build_experiment(config, make_source=hooks.make_source)
     phases = [experiment.make_phase(exp, name, wrap_loss=hooks.wrap_loss) for name in exp.phases]
@@ -174,79 +144,57 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
     )
     if overwrite:
       claim()  # the old run goes before anything is restored from it
-    mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
-    try:
+    # Closed in reverse order: the trace, the writer, then the checkpoints (mngr.close waits for a
+    # save in flight, so a run that stops keeps its last checkpoint).
+    with contextlib.ExitStack() as closing:
+      mngr = checkpoints.make_manager(workdir, keep=config.keep_checkpoints)
+      closing.callback(mngr.close)
       # Resume: which phase, which step. Batches and keys are functions of the global step, so
       # the restored state alone decides everything that follows.
       restored = checkpoints.restore(
-        mngr,
-        **experiment.restore_targets(exp, phases),
-        quarantine=True,
-        is_main=is_main,
+        mngr, **experiment.restore_targets(exp, phases), quarantine=True, is_main=is_main
       )
       for line in workdir_lib.continue_raised(restored, raised, exp.phases):
         say(line)
       # The workdir becomes this config's only once its checkpoints are known to fit (a refused
       # --fork, or steps raised for a phase the run is past, leave it as it was).
       claim()
-    except BaseException:
-      mngr.close()
-      raise
-    if restored is None:
-      pos = Position(params=exp.init_params())
-    else:
-      pos = Position(
-        restored["phase_index"],
-        restored["phase_step"],
-        restored["skipped_steps"],
-        restored["params"],
-        restored["opt_state"],
+      pos = checkpoints.Position.of(restored) or checkpoints.Position(params=exp.init_params())
+      if restored:
+        where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
+        say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
+      resume_step = restored["step"] if restored else 0
+      writer = metrics_io.MetricsWriter(
+        workdir,
+        enabled=is_main,
+        purge_step=resume_step + 1 if restored else None,
+        wandb=metrics_io.wandb_of(exp.config),
       )
-      where = exp.phases[pos.phase_index] if pos.phase_index < len(phases) else "the end"
-      say(f"Resumed from {workdir} at {where} step {pos.phase_step}.")
-    resume_step = restored["step"] if restored else 0
-    w = exp.config.wandb
-    writer = metrics_io.MetricsWriter(
-      workdir,
-      enabled=is_main,
-      purge_step=resume_step + 1 if restored else None,
-      wandb=dict(
-        project=w.project, entity=w.entity, name=w.name, mode=w.mode, config=config.to_dict()
+      writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
+      flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles
+      if restored is None:
+        writer.write_config(config, f"eval/rnn_{evaluation.bits_name(exp.source)}")
+      run = _Run(
+        exp=exp,
+        workdir=workdir,
+        mngr=mngr,
+        writer=writer,
+        watch=watch,
+        hooks=hooks,
+        with_teacher="smt" in exp.phases,
+        tracer=profiling.StepTrace(storage.join(workdir, "profile"), **exp.config.profile, say=say),
+        console=console.Console(exp, say, flops),
+        unigram_nll=evaluation.unigram_nll(exp),
+        per_step=experiment.step_costs(phases, flops),
       )
-      if w.project
-      else None,
-    )
-    writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
-    flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles
-    if restored is None:
-      _write_hparams(writer, config, f"eval/rnn_{evaluation.bits_name(exp.source)}")
-    run = _Run(
-      exp=exp,
-      workdir=workdir,
-      mngr=mngr,
-      writer=writer,
-      watch=watch,
-      hooks=hooks,
-      with_teacher="smt" in exp.phases,
-      tracer=profiling.StepTrace(
-        storage.join(workdir, "profile"),
-        start_step=exp.config.profile.start_step,
-        num_steps=exp.config.profile.num_steps,
-        say=say,
-      ),
-      console=console.Console(exp, say, flops),
-      unigram_nll=evaluation.unigram_nll(exp),
-      per_step=experiment.step_costs(phases, flops),
-    )
-    try:
+      closing.callback(writer.close)
+      closing.callback(run.tracer.stop)
       return _train(run, phases, pos, t_start)
-    finally:
-      run.tracer.stop()
-      writer.close()
-      mngr.close()  # waits for a save in flight: a run that stops keeps its last checkpoint
 
 
-def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: float) -> dict:
+def _train(
+  run: _Run, phases: list[experiment.Phase], pos: checkpoints.Position, t_start: float
+) -> dict:
   c, is_main = run.exp.config, jax.process_index() == 0
   summary = metrics_io.read_summary(run.workdir)
   with jax.set_mesh(run.exp.mesh):
@@ -283,13 +231,12 @@ def _train(run: _Run, phases: list[experiment.Phase], pos: Position, t_start: fl
       )
     )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
-  # Samples are drawn by process 0 alone, from parameters gathered onto its host first (with
-  # several processes they may be sharded across them: sampling from those alone would wait
-  # forever for the others).
-  params = multihost.host_local(pos.params)
+  samples.on_process_zero(
+    run.exp,
+    pos.params,
+    functools.partial(samples.write_samples, workdir=run.workdir, summary=summary),
+  )
   if is_main:
-    with multihost.on_this_host(run.exp.mesh):
-      samples.write_samples(run.exp, params, run.workdir, summary)
     metrics_io.write_summary(run.workdir, summary)
   run.console.verdict(summary, run.workdir, summary["wall_time_s"])
   return summary
@@ -302,7 +249,7 @@ def _exit_preempted(run: _Run, where: str):
   raise Preempted(f"{sig}; checkpoint saved at {where}", run.watch.signum or signal.SIGTERM)
 
 
-def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
+def _run_phase(run: _Run, phase: experiment.Phase, pos: checkpoints.Position) -> dict:
   """Trains `phase` from `pos` (updated as it goes); returns its summary entries."""
   c, name = run.exp.config, phase.name
   if run.watch.flag:  # the signal came before this phase's first step (building, compiling)
@@ -314,19 +261,6 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
   state = phase.init_state(pos.params, pos.opt_state)
   base_key = jax.random.key(c.seed)  # step keys: fold_in(seed key, global step), never a stream
   out = {}
-
-  def save(state, done: int):
-    run.writer.flush()  # the rows up to a checkpoint outlive a crash (on an object store too)
-    checkpoints.save(
-      run.mngr,
-      phase.offset + done,
-      state["params"],
-      state["opt_state"],
-      phase_index=phase.index,
-      phase_step=done,
-      phase=name,
-      skipped_steps=pos.skipped,
-    )
 
   if pos.phase_step == 0:
     run.writer.write_text("phase", f"{name} starts at step {phase.offset}", phase.offset)
@@ -346,7 +280,7 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
     state, metrics = now.step(state, batch, jax.random.fold_in(base_key, gstep))
     run.tracer.after(gstep, (state, metrics))
     if pending is not None:
-      pos.skipped += _check_finite(c, name, *pending)
+      pos.skipped += experiment.check_finite(c.nan_policy, name, *pending)
     pending = (step, metrics)
     steps_since += 1
     if t_last is None:  # first step: compile + run
@@ -358,21 +292,15 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
     if itstime(done, c.log_every_steps, phase.steps, last=True):
       row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
       row["lr"] = float(phase.schedule(step))
-      msg = f"{name} step {done}/{phase.steps}  loss {row['loss']:.4f}"
       dt = time.time() - t_last
       if steps_since and dt > 0:  # not measurable when this is the first step after a (re)start
         rate = steps_since / dt
         train_s, train_steps = train_s + dt, train_steps + steps_since
         row.update(steps_per_s=rate, tokens_per_s=rate * now.tokens_per_step)
-        msg += f"  {rate:.2f} steps/s  {rate * now.tokens_per_step:,.0f} tokens/s"
         run.console.timed(name, train_s / train_steps)
-      if done < phase.steps or phase.index + 1 < len(run.exp.phases):
-        msg += f"  {run.console.eta(name, done)}".rstrip()
-      if pos.skipped:
-        msg += f"  ({pos.skipped} non-finite steps skipped)"
       t_last, steps_since = time.time(), 0
       run.writer.write(phase.offset + done, name, done, row, **run.progress(phase, done))
-      say(msg)
+      run.console.logged(name, done, row, skipped=pos.skipped)
     if done < phase.steps and done in run.console.evals[name]:
       _evaluate(run, phase, done, state["params"])
       t_last, steps_since = time.time(), 0  # eval time is not training throughput
@@ -380,13 +308,23 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: Position) -> dict:
     # (saved after the phase's final eval, so a restart never writes that eval twice).
     stop = run.watch.check(gstep)
     if itstime(done, c.checkpoint_every_steps, phase.steps, last=False) or stop:
-      pos.skipped += _check_finite(c, name, *pending)
+      pos.skipped += experiment.check_finite(c.nan_policy, name, *pending)
       pending = None
-      save(state, done)
+      run.writer.flush()  # the rows up to a checkpoint outlive a crash (on an object store too)
+      checkpoints.save(
+        run.mngr,
+        phase.offset + done,
+        state["params"],
+        state["opt_state"],
+        phase_index=phase.index,
+        phase_step=done,
+        phase=name,
+        skipped_steps=pos.skipped,
+      )
       if stop:
         _exit_preempted(run, f"{name} step {done}")
   if pending is not None:
-    pos.skipped += _check_finite(c, name, *pending)
+    pos.skipped += experiment.check_finite(c.nan_policy, name, *pending)
   pos.params, pos.opt_state, pos.phase_step = state["params"], state["opt_state"], phase.steps
   final = _evaluate(run, phase, phase.steps, pos.params)
   if train_steps:  # this process's measured part of the phase (a resumed run: since the restart)
@@ -405,50 +343,8 @@ def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
   step = phase.offset + done
   run.writer.write(step, phase.name, done, metrics, **run.progress(phase, done))
   if run.exp.config.samples.at_eval:
-    local = multihost.host_local(params)  # every process takes part (see `_train`)
-    if jax.process_index() == 0:
-      with multihost.on_this_host(run.exp.mesh):
-        drawn = samples.eval_samples(run.exp, local)
-      for tag, (kind, value) in drawn.items():
-        if kind == "image":
-          run.writer.write_image(tag, value, step)
-        else:
-          run.writer.write_text(tag, value, step)
+    drawn = samples.on_process_zero(run.exp, params, samples.eval_samples) or {}
+    for tag, (kind, value) in drawn.items():
+      (run.writer.write_image if kind == "image" else run.writer.write_text)(tag, value, step)
   run.console.evaluated(phase.name, done, metrics, time.time() - t0, run.unigram_nll)
   return metrics
-
-
-def _write_hparams(
-  writer: metrics_io.MetricsWriter, config: ml_collections.ConfigDict, bits_tag: str
-) -> None:
-  """The config, flat, as TensorBoard HParams (with the final eval metrics beside it) and as
-  text (the JSON that config.json holds)."""
-  flat = {}
-
-  def visit(prefix, node):
-    for k, v in node.items():
-      if isinstance(v, (dict, ml_collections.ConfigDict)):
-        visit(f"{prefix}{k}.", v)
-      else:
-        flat[prefix + k] = v
-
-  visit("", config)
-  writer.write_hparams(flat, [*HPARAMS_METRICS, bits_tag])
-  writer.write_text("config", "    " + config.to_json(indent=2).replace("\n", "\n    "), 0)
-
-
-def _check_finite(c, phase: str, step: int, metrics) -> int:
-  """1 if step was skipped for non-finite values (nan_policy 'skip'); raises under 'stop'."""
-  if bool(jax.device_get(metrics["finite"])):
-    return 0
-  m = jax.device_get(metrics)
-  bad = sorted(k for k, v in m.items() if k != "finite" and not np.all(np.isfinite(v)))
-  what = ", ".join(bad) if bad else "the parameter update (finite loss and gradients)"
-  if c.nan_policy == "skip":
-    logging.warning("%s step %d: non-finite %s; update skipped.", phase, step + 1, what)
-    return 1
-  raise NonFiniteError(
-    f"{phase} step {step + 1}: non-finite value in {what}; the update was not applied and the "
-    f"last good checkpoint is kept. Lower {phase}.lr or optim.clip_norm, or set "
-    f"--config.nan_policy=skip to skip such steps and count them."
-  )
