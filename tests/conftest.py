@@ -55,8 +55,40 @@ LONGEST_FIRST = (
 )
 
 
+# Integration tests: the runner, its command lines, subprocesses and several processes end to end
+# (`pytest -m integration`). Every other test is a unit test (`pytest -m unit`): the math, the
+# models, the data, one function at a time, in this process.
+INTEGRATION = {
+  "test_benchmark.py",
+  "test_cli_errors.py",
+  "test_compare.py",
+  "test_config_checks.py",
+  "test_console.py",
+  "test_cpu_devices.py",
+  "test_device_check.py",
+  "test_import_reference.py",
+  "test_install.py",
+  "test_kill_resume.py",
+  "test_launch.py",
+  "test_multiprocess.py",
+  "test_notebook.py",
+  "test_object_store.py",
+  "test_plot.py",
+  "test_profiling.py",
+  "test_readme.py",
+  "test_reliability.py",
+  "test_rollout_check.py",
+  "test_runner.py",
+  "test_sharding.py",
+  "test_studies.py",
+  "test_wandb.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  for item in items:
+    item.add_marker("integration" if item.path.name in INTEGRATION else "unit")
 
   def rank(item):
     here = f"{item.path.name}::{item.name}"
