@@ -9,8 +9,8 @@
 parameters); `Phase` holds one phase's data source, optimiser, schedule and loss, its abstract
 state (parameters and optimiser state as shape/dtype/sharding structs, from `jax.eval_shape`), and
 the one compiled, sharded, donated train step that the runner, the benchmark and the tests all use.
-Nothing here writes files or reads clocks, and nothing here imports the shell: `config` and
-`train` import this module, never the other way.
+Nothing here writes files or reads clocks: the config is read through `runner.config` (its
+defaults, accessors and checks), and `train` imports this module, never the other way.
 """
 
 from __future__ import annotations
