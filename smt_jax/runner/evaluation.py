@@ -107,25 +107,25 @@ def with_bits(metrics: dict[str, float], name: str) -> dict[str, float]:
 
 
 def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[str, float]:
-  """The run's eval metrics ('eval/rnn_nll', ...) over its `eval.num_batches` eval batches.
+  """The run's eval metrics ('eval/rnn_nll', ...) over its eval batches (`exp.eval_spec`).
 
   Every NLL (nats per target token) comes with its value in bits, named by the data
   (`bits_name`): 'eval/rnn_bits_per_dim' for pixels, 'eval/rnn_bits_per_byte' for byte-level
   text, 'eval/rnn_bits_per_token' otherwise. Pixel streams with a BOS token count its targets
   too (1 in H*W + 1 tokens), as the NLL does."""
-  c, source = exp.config, exp.source_at("eval")
+  s, source = exp.eval_spec, exp.source_at("eval")
   tfns, rfns = exp.fns
   totals: dict[str, float] = {}
-  for i in range(c.eval.num_batches):
-    batch = exp.batch(source, split="eval", step=i, batch_size=c.eval.batch_size)
+  for i in range(s.num_batches):
+    batch = exp.batch(source, split="eval", step=i, batch_size=s.batch_size)
     out = evaluate(
       params,
       batch,
       rnn=rfns,
       teacher=tfns if with_teacher else None,
-      context_length=c.smt.context_length,
-      prompt_length=c.eval.prompt_length if with_teacher else 0,
-      future_length=c.smt.future_length if with_teacher else 0,
+      context_length=s.context_length,
+      prompt_length=s.prompt_length if with_teacher else 0,
+      future_length=s.future_length if with_teacher else 0,
     )
     for k, v in jax.device_get(out).items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -143,8 +143,8 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
     res["eval/teacher_full_nll"] = mean("teacher_full_nll_sum", "teacher_full_count")
     if "teacher_decoding_sum" in totals:
       res["eval/teacher_decoding_nll"] = mean("teacher_decoding_sum", "teacher_decoding_count")
-    res["eval/drift_mse"] = totals["drift_mse"] / c.eval.num_batches
-    res["eval/drift_1mr2"] = totals["drift_1mr2"] / c.eval.num_batches
+    res["eval/drift_mse"] = totals["drift_mse"] / s.num_batches
+    res["eval/drift_1mr2"] = totals["drift_1mr2"] / s.num_batches
     if "prompted_nll_sum" in totals:
       res["eval/rnn_prompted_nll"] = mean("prompted_nll_sum", "prompted_count")
   return with_bits(res, bits_name(source))
@@ -152,10 +152,10 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
 
 def unigram_nll(exp: experiment.Experiment) -> float:
   """Entropy (nats) of the eval targets' own distribution: the bar a model must clear."""
-  c, source = exp.config, exp.source_at("eval")
+  s, source = exp.eval_spec, exp.source_at("eval")
   counts = np.zeros(source.vocab_size)
-  for i in range(c.eval.num_batches):
-    y = source.batch(split="eval", step=i, batch_size=c.eval.batch_size, seed=c.seed)["y"]
+  for i in range(s.num_batches):
+    y = source.batch(split="eval", step=i, batch_size=s.batch_size, seed=s.seed)["y"]
     counts += np.bincount(y[y >= 0], minlength=source.vocab_size)
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum())

@@ -300,6 +300,30 @@ def shardings_of(abstract_tree):
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """What an evaluation reads (`evaluation.held_out`): the config's eval section and the
+  teacher's lengths, built from the config by `build`."""
+
+  batch_size: int
+  num_batches: int
+  prompt_length: int  # eval/rnn_prompted_nll starts from E(the first prompt_length tokens)
+  context_length: int  # Tc
+  future_length: int  # Tf
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+  """What the samples read (`samples`): the config's samples section, built by `build`."""
+
+  num: int
+  temperature: float
+  seed: int
+  context_length: int  # Tc: a teacher-encoded prompt's window
+  rnn_kind: str  # named on the figure
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
   """What every phase of a run shares; built once from a validated config (`build`)."""
 
@@ -311,6 +335,8 @@ class Experiment:
   fns: tuple  # (TeacherFns, RNNFns): the pure model functions the objectives call
   abstract_params: Any  # {'teacher', 'rnn'}: ShapeDtypeStructs with their (FSDP) shardings
   batch_sharding: jax.sharding.NamedSharding
+  eval_spec: EvalSpec
+  sample_spec: SampleSpec
 
   @property
   def params_sharding(self):
@@ -384,6 +410,21 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
       params, sharding.state_shardings(params, mesh, min_size=config_lib.fsdp_min_size(config))
     ),
     batch_sharding=sharding.batch_sharding(mesh),
+    eval_spec=EvalSpec(
+      batch_size=config.eval.batch_size,
+      num_batches=config.eval.num_batches,
+      prompt_length=config.eval.prompt_length,
+      context_length=config.smt.context_length,
+      future_length=config.smt.future_length,
+      seed=config.seed,
+    ),
+    sample_spec=SampleSpec(
+      num=config.samples.num,
+      temperature=config.samples.temperature,
+      seed=config.seed,
+      context_length=config.smt.context_length,
+      rnn_kind=config.model.rnn_kind,
+    ),
   )
 
 

@@ -1,4 +1,7 @@
-"""Samples a person can look at: digit grids, generated text, probe accuracy tables."""
+"""Samples a person can look at: digit grids, generated text, probe accuracy tables.
+
+What they read of the config is `exp.sample_spec` (`experiment.SampleSpec`).
+"""
 
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ def on_process_zero(exp, params, draw):
 
 def write_samples(exp, params, workdir: str, summary: dict | None = None) -> list[str]:
   """Writes the samples suited to the dataset into `workdir`; returns the paths written."""
-  c = exp.config
-  key = jax.random.key(c.seed + 1)
+  key = jax.random.key(exp.sample_spec.seed + 1)
   if isinstance(exp.source, PixelSource):
     return [pixel_samples(exp, params, key, storage.join(workdir, "samples.png"))]
   if isinstance(exp.source, TextSource):
@@ -45,11 +47,11 @@ def _generate(exp, params, key, prompts: np.ndarray, num_steps: int, *, use_teac
     jnp.asarray(prompts),
     rnn=rfns,
     teacher=tfns if use_teacher else None,
-    context_length=exp.config.smt.context_length,
+    context_length=exp.sample_spec.context_length,
   )
   return np.asarray(
     inference.write(
-      params, key, memory, rnn=rfns, num_steps=num_steps, temperature=exp.config.samples.temperature
+      params, key, memory, rnn=rfns, num_steps=num_steps, temperature=exp.sample_spec.temperature
     )
   )
 
@@ -63,7 +65,7 @@ def pixel_rows(exp, params, key) -> list[tuple[str, np.ndarray]]:
   every prompt begins with the whole eval image before (`PixelSource.image_prefix`) instead.
   """
   src = exp.source
-  n = exp.config.samples.num
+  n = exp.sample_spec.num
   h, w = src.image_shape
   real = src.images("eval")[:n]
   prefix = src.image_prefix("eval", n)  # [BOS], or the image before (no BOS)
@@ -103,7 +105,7 @@ def pixel_samples(exp, params, key, path: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  n = exp.config.samples.num
+  n = exp.sample_spec.num
   h = exp.source.image_shape[0]
   rows = pixel_rows(exp, params, key)
   fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.95), squeeze=False)
@@ -115,7 +117,7 @@ def pixel_samples(exp, params, key, path: str) -> str:
       if r == 2:
         ax.axhline(h // 2 - 0.5, color="red", lw=0.6)
     axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-  fig.suptitle(f"{exp.config.model.rnn_kind} RNN, phases {','.join(exp.phases)}", fontsize=8)
+  fig.suptitle(f"{exp.sample_spec.rnn_kind} RNN, phases {','.join(exp.phases)}", fontsize=8)
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
   plt.close(fig)
@@ -126,12 +128,14 @@ def pixel_samples(exp, params, key, path: str) -> str:
 def text_lines(exp, params, key, length: int = 300) -> list[str]:
   """Stories written by the RNN alone and continuations of eval prompts, as lines."""
   src = exp.source
-  n = min(exp.config.samples.num, 4)
+  n = min(exp.sample_spec.num, 4)
   k1, k2 = jax.random.split(key)
   start = np.full((n, 1), ord("\n"), np.int32)
   alone = _generate(exp, params, k1, start, length, use_teacher=False)
-  prompt_len = max(1, min(exp.config.smt.context_length, 128))
-  prompts = src.batch(split="eval", step=0, batch_size=n, seed=exp.config.seed)["x"][:, :prompt_len]
+  prompt_len = max(1, min(exp.sample_spec.context_length, 128))
+  prompts = src.batch(split="eval", step=0, batch_size=n, seed=exp.sample_spec.seed)["x"][
+    :, :prompt_len
+  ]
   cont = _generate(exp, params, k2, prompts, length, use_teacher="smt" in exp.phases)
   lines = ["# Samples from the RNN alone (starting after a newline)\n"]
   for i in range(n):
@@ -154,7 +158,7 @@ def eval_samples(exp, params) -> dict[str, tuple[str, object]]:
   The same key at every eval (that of `write_samples`), so successive evals differ only by the
   parameters. Probes have none (their samples are the final accuracy table).
   """
-  key = jax.random.key(exp.config.seed + 1)
+  key = jax.random.key(exp.sample_spec.seed + 1)
   if isinstance(exp.source, PixelSource):
     return {"samples/pixels": ("image", image_grid(pixel_rows(exp, params, key)))}
   if isinstance(exp.source, TextSource):
