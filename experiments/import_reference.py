@@ -171,9 +171,8 @@ def reference_config(base, cfg, itr: int):
     num_memory_tokens=int(t.mem_tokens),
     encoder_depth=int(t.encoder_depth),
     decoder_depth=int(t.decoder_depth),
-    rnn_depth=int(r.rnn_depth),
-    readout_depth=int(r.decoder_depth),
   )
+  c.model.rnn.transformer.update(depth=int(r.rnn_depth), readout_depth=int(r.decoder_depth))
   s = _get(cfg, "smt")
   c.smt.update(
     steps=max(int(itr), 1),
@@ -220,8 +219,8 @@ def import_checkpoint(ckpt: dict, base, workdir: str, *, overwrite: bool = False
       num_memory_tokens=m.num_memory_tokens,
       encoder_depth=m.encoder_depth,
       decoder_depth=m.decoder_depth,
-      rnn_depth=m.rnn_depth,
-      readout_depth=m.readout_depth,
+      rnn_depth=m.rnn.transformer.depth,
+      readout_depth=m.rnn.transformer.readout_depth,
     )
   except ValueError as e:
     raise CheckpointImportError(f"the checkpoint's weights do not fit its cfg: {e}") from None

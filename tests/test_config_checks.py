@@ -254,6 +254,17 @@ CONFIG_ONLY = {
     {"data.options.num_tokens": 4},
     ["config.data.options.num_tokens = 4", "no such option"],
   ),
+  # each RNN kind's own options (model.rnn.<kind>): names, types and values its class checks
+  "option_of_another_rnn_kind": (
+    "pixels:smoke",
+    {"model.rnn_kind": "gru", "model.rnn.gru.depth": 2},
+    ["config.model.rnn.gru.depth = 2", "gru takes no such option", "['hidden']"],
+  ),
+  "rnn_option_out_of_range": (
+    "pixels:smoke",
+    {"model.rnn_kind": "mlp", "model.rnn.mlp.hidden": -1},
+    ["config.model.rnn.mlp: hidden must be an integer >= 0"],
+  ),
   "prompt_too_long": (
     "pixels:smoke",
     {"eval.prompt_length": 24},
@@ -437,6 +448,70 @@ def test_a_config_saved_before_newer_fields_existed_still_builds():
   full = config_lib.complete(c)
   assert set(full.to_dict()) == set(d.to_dict()) and "rollout" not in c.dmt  # c is left as it was
   assert config_lib.complete(full).to_dict() == full.to_dict()
+
+
+def test_a_config_saved_before_the_rnn_kinds_had_their_own_options_reads_as_today(tmp_path):
+  # Before model.rnn.<kind>, a run's config.json held model.rnn_depth, readout_depth, rnn_hidden.
+  new = _config(
+    "pixels:smoke", {f"model.rnn.{k}.hidden": 12 for k in ("mlp", "gru", "elman", "lstm")}
+  )
+  old = json.loads(new.to_json())
+  rnn = old["model"].pop("rnn")
+  old["model"].update(rnn_depth=rnn["transformer"]["depth"], rnn_hidden=12, readout_depth=1)
+  assert config_lib.migrate(old) != old and "rnn_depth" not in config_lib.migrate(old)["model"]
+  assert config_lib.complete(old).to_dict() == new.to_dict()
+  # The workdir of such a run is the same run (it resumes), and a moved field that changed is not.
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert workdir_lib.check_workdir(str(tmp_path), new, overwrite=False, fork=False) == "same"
+  new.model.rnn.mlp.hidden = 8
+  with pytest.raises(workdir_lib.WorkdirError, match=r"model\.rnn\.mlp\.hidden: 12 -> 8"):
+    workdir_lib.check_workdir(str(tmp_path), new, overwrite=False, fork=False)
+  # A value of the wrong type (a hand-edited config.json) is named before anything is built.
+  old["model"]["rnn_depth"] = "2"
+  with pytest.raises(ConfigError, match=r"config.model.rnn.transformer.depth = '2': must be a int"):
+    config_lib.validate(config_lib.complete(old))
+
+
+def test_a_new_rnn_kind_is_its_class_and_a_registry_line(monkeypatch):
+  # The config gets its options section, the checks read its signature, the builder builds it.
+  from flax import nnx
+
+  from smt_jax.models import rnn as rnn_lib
+
+  class Leaky(rnn_lib.RNN):
+    def __init__(self, *, vocab_size, num_memory_tokens, width, initial_memory="learned",
+                 dtype=jnp.float32, rngs, leak: float = 0.5):  # fmt: skip
+      super().__init__(
+        num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
+      )
+      self.check_options(leak=leak)
+      self.leak = leak
+      self.embed = nnx.Embed(vocab_size, width, rngs=rngs)
+      self.out = nnx.Linear(width, vocab_size, rngs=rngs)
+
+    @classmethod
+    def check_options(cls, *, leak: float = 0.5):
+      if not 0 <= leak < 1:
+        raise ValueError(f"leak must be in [0, 1), got {leak}.")
+
+    def update(self, memory, x):
+      new = self.leak * memory + self.embed(x)[:, None]
+      return new / jnp.sqrt(jnp.mean(new**2, axis=-1, keepdims=True))
+
+    def readout(self, memory):
+      return self.out(memory[:, 0])
+
+  monkeypatch.setitem(rnn_lib.RNN_KINDS, "leaky", Leaky)
+  assert config_lib.default().model.rnn.leaky.to_dict() == {"leak": 0.5}
+  c = _config("pixels:smoke", {})
+  with c.unlocked():
+    c.model.rnn = config_lib.default().model.rnn
+  c.model.rnn_kind, c.model.rnn.leaky.leak = "leaky", 0.25
+  exp = experiment.build_experiment(c)
+  assert nnx.merge(exp.graphdefs[1], exp.abstract_params["rnn"]).leak == 0.25
+  c.model.rnn.leaky.leak = 2.0
+  with pytest.raises(ConfigError, match=r"config.model.rnn.leaky: leak must be in \[0, 1\)"):
+    config_lib.validate(c)
 
 
 def test_smoke_configs_pass():

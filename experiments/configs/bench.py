@@ -39,7 +39,6 @@ def get_config(arg: str = ""):
   c.data.options.bos = False
   common.cpu_model(c, width=64, memory_tokens=4, depth=2)
   common.reference_recipe(c)
-  c.model.readout_depth = 1
   for p in ("smt", "dmt", "bptt"):
     c[p].batch_size = 32
     c[p].steps = 1_000

@@ -55,8 +55,18 @@ def cpu_model(
   c.model.num_heads = 4
   c.model.encoder_depth = depth
   c.model.decoder_depth = 1
-  c.model.rnn_depth = depth
-  c.model.readout_depth = 1
+  rnn_depth(c, depth, readout_depth=1)
+
+
+def rnn_depth(
+  c: ml_collections.ConfigDict, depth: int, *, readout_depth: int | None = None
+) -> None:
+  """The RNN's depth (and its readout's) for every kind that has one, whichever the run picks."""
+  for options in c.model.rnn.values():
+    if "depth" in options:
+      options.depth = depth
+    if readout_depth is not None and "readout_depth" in options:
+      options.readout_depth = readout_depth
 
 
 def smoke(c: ml_collections.ConfigDict) -> None:

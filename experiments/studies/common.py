@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments.configs import common as recipes
 from experiments.configs import pixels, synthetic
 from smt_jax.runner import checkpoints, experiment, metrics_io, train
 from smt_jax.runner import config as config_lib
@@ -98,8 +99,8 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
 
 def _small_model(c, width, memory_tokens, heads, depth):
   c.model.width, c.model.num_memory_tokens, c.model.num_heads = width, memory_tokens, heads
-  c.model.encoder_depth = c.model.rnn_depth = depth
-  c.model.decoder_depth = c.model.readout_depth = 1
+  c.model.encoder_depth, c.model.decoder_depth = depth, 1
+  recipes.rnn_depth(c, depth, readout_depth=1)
 
 
 def _quiet_periodics(c, *, log_every: int):
@@ -126,7 +127,11 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   cfg_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   new_cfg = json.loads(config.to_json())
   old_cfg = _read_json(cfg_path)
-  if os.path.exists(record_path) and old_cfg is not None and same_settings(old_cfg, new_cfg):
+  if (
+    os.path.exists(record_path)
+    and old_cfg is not None
+    and same_settings(config_lib.migrate(old_cfg), new_cfg)
+  ):
     rec = _read_json(record_path)
     rec["reused"] = True
     return rec

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from experiments import plot as plot_lib
+from experiments.configs import common as recipes
 from experiments.studies import common, length_parity, probes
 from smt_jax.runner import experiment
 
@@ -35,7 +36,8 @@ def variants(s) -> list[tuple[int, int, int]]:
 def config(ctx, width: int, tokens: int, depth: int, phases: str):
   s = ctx.budget.scaling
   c = length_parity.config(ctx, s.task, s.length, seed=0, phases=phases)
-  c.model.width, c.model.num_memory_tokens, c.model.rnn_depth = width, tokens, depth
+  c.model.width, c.model.num_memory_tokens = width, tokens
+  recipes.rnn_depth(c, depth)
   c.smt.steps, c.dmt.steps, c.bptt.steps = s.smt_steps, s.dmt_steps, s.smt_steps + s.dmt_steps
   c.eval.every_steps = s.eval_every
   c.log_every_steps = max(1, min(25, s.eval_every))

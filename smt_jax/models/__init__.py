@@ -7,7 +7,7 @@ import functools
 from flax import nnx
 
 from smt_jax.contract import RNNFns, TeacherFns
-from smt_jax.models.rnn import RNN, RNN_KINDS, make_rnn
+from smt_jax.models.rnn import RNN, RNN_KINDS, SHARED_ARGS, make_rnn, rnn_options
 from smt_jax.models.teacher import (
   DEFAULT_HEAD_DIM,
   TEACHER_KINDS,
@@ -66,9 +66,11 @@ __all__ = [
   "RNN",
   "Teacher",
   "RNN_KINDS",
+  "SHARED_ARGS",
   "TEACHER_KINDS",
   "head_width",
   "make_rnn",
   "rnn_fns",
+  "rnn_options",
   "teacher_fns",
 ]

@@ -13,9 +13,16 @@ Kinds (the explicit table `RNN_KINDS` below):
   elman        tanh RNN: m' = tanh(W flatten(m) + U embed(x) + b).
   lstm         an LSTM cell with (h, c) = flatten(m) split in two.
 The recurrent kinds and mlp read out with a small MLP on flatten(m).
+
+Every kind is built from the model-wide arguments (`SHARED_ARGS`: the memory's shape, its start,
+the dtype, and for the kinds that attend the heads and the attention backend) and its own
+keyword options, each with its default: `rnn_options(kind)`, which a run's config holds as
+`config.model.rnn.<kind>`. A new kind is its class here and a line in `RNN_KINDS`.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import einops
 import jax
@@ -47,6 +54,11 @@ class RNN(nnx.Module):
       else None
     )
 
+  @classmethod
+  def check_options(cls, **options) -> None:
+    """Raises ValueError, naming the option, for a value of the kind's own options that it
+    cannot be built with (its constructor calls it; a config check calls it without building)."""
+
   def initial_memory(self) -> jax.Array:
     """The RNN's own starting state, [K, d]."""
     if self.init_memory is None:
@@ -60,6 +72,17 @@ class RNN(nnx.Module):
   def readout(self, memory: jax.Array) -> jax.Array:
     """memory [B, K, d] -> logits [B, V] for the next target."""
     raise NotImplementedError
+
+
+def _check_positive(**values) -> None:
+  for name, v in values.items():
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+
+
+def _check_hidden(hidden) -> None:
+  if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 0:
+    raise ValueError(f"hidden must be an integer >= 0 (0: K * width), got {hidden!r}.")
 
 
 class MLPReadout(nnx.Module):
@@ -84,17 +107,16 @@ class TransformerRNN(RNN):
     vocab_size: int,
     num_memory_tokens: int,
     width: int,
-    depth: int,
-    num_heads: int,
-    readout_depth: int,
+    num_heads: int = 8,
     head_dim: int = DEFAULT_HEAD_DIM,
-    hidden: int | None = None,
-    initial_memory: str = "learned",
     attention: str | None = None,
+    initial_memory: str = "learned",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
+    depth: int = 8,
+    readout_depth: int = 4,
   ):
-    del hidden
+    self.check_options(depth=depth, readout_depth=readout_depth)
     super().__init__(
       num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
     )
@@ -112,6 +134,10 @@ class TransformerRNN(RNN):
       dtype=dtype,
       rngs=rngs,
     )
+
+  @classmethod
+  def check_options(cls, *, depth: int = 8, readout_depth: int = 4) -> None:
+    _check_positive(depth=depth, readout_depth=readout_depth)
 
   def update(self, memory, x):
     k = memory.shape[1]
@@ -138,17 +164,13 @@ class MLPRNN(RNN):
     vocab_size: int,
     num_memory_tokens: int,
     width: int,
-    depth: int,
-    num_heads: int = 1,
-    readout_depth: int = 1,
-    head_dim: int = 0,
-    hidden: int | None = None,
     initial_memory: str = "learned",
-    attention: str | None = None,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
+    depth: int = 8,
+    hidden: int = 0,
   ):
-    del num_heads, readout_depth, head_dim, attention
+    self.check_options(depth=depth, hidden=hidden)
     super().__init__(
       num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
     )
@@ -165,6 +187,11 @@ class MLPRNN(RNN):
     )
     self.out = nnx.Linear(hidden, size, dtype=dtype, rngs=rngs)
     self.head = MLPReadout(size, hidden, vocab_size, dtype=dtype, rngs=rngs)
+
+  @classmethod
+  def check_options(cls, *, depth: int = 8, hidden: int = 0) -> None:
+    _check_positive(depth=depth)
+    _check_hidden(hidden)
 
   def update(self, memory, x):
     flat = einops.rearrange(memory, "b k d -> b (k d)")
@@ -191,17 +218,12 @@ class _CellRNN(RNN):
     vocab_size: int,
     num_memory_tokens: int,
     width: int,
-    depth: int = 1,
-    num_heads: int = 1,
-    readout_depth: int = 1,
-    head_dim: int = 0,
-    hidden: int | None = None,
     initial_memory: str = "learned",
-    attention: str | None = None,
     dtype=jnp.float32,
     rngs: nnx.Rngs,
+    hidden: int = 0,
   ):
-    del depth, num_heads, readout_depth, head_dim, attention
+    self.check_options(hidden=hidden)
     super().__init__(
       num_memory_tokens=num_memory_tokens, width=width, initial_memory=initial_memory, rngs=rngs
     )
@@ -209,6 +231,10 @@ class _CellRNN(RNN):
     self.embed = nnx.Embed(vocab_size, width, dtype=dtype, rngs=rngs)
     self.head = MLPReadout(self.size, hidden or self.size, vocab_size, dtype=dtype, rngs=rngs)
     self.build_cell(width, dtype=dtype, rngs=rngs)
+
+  @classmethod
+  def check_options(cls, *, hidden: int = 0) -> None:
+    _check_hidden(hidden)
 
   def build_cell(self, width, *, dtype, rngs):
     raise NotImplementedError
@@ -263,7 +289,7 @@ class LSTMRNN(_CellRNN):
     return jnp.concatenate([h, c], axis=-1)
 
 
-# The one table of RNN kinds: name -> constructor (all take the same keyword arguments).
+# The one table of RNN kinds: name -> constructor.
 RNN_KINDS = {
   "transformer": TransformerRNN,
   "mlp": MLPRNN,
@@ -272,9 +298,40 @@ RNN_KINDS = {
   "lstm": LSTMRNN,
 }
 
+# The model-wide arguments a kind is built with (those its constructor takes): the rest of its
+# keyword arguments are its own options.
+SHARED_ARGS = (
+  "vocab_size",
+  "num_memory_tokens",
+  "width",
+  "num_heads",
+  "head_dim",
+  "attention",
+  "initial_memory",
+  "dtype",
+  "rngs",
+)
 
-def make_rnn(kind: str, **kwargs) -> RNN:
-  """Builds the RNN of the given kind; kwargs as `TransformerRNN`'s."""
+
+def _parameters(kind: str) -> dict[str, inspect.Parameter]:
   if kind not in RNN_KINDS:
     raise ValueError(f"Unknown RNN kind {kind!r}; valid kinds: {sorted(RNN_KINDS)}.")
-  return RNN_KINDS[kind](**kwargs)
+  params = inspect.signature(RNN_KINDS[kind].__init__).parameters  # (nnx wraps the class's own)
+  return {n: p for n, p in params.items() if n != "self"}
+
+
+def rnn_options(kind: str) -> dict:
+  """The kind's own options and their defaults (its keyword arguments beyond `SHARED_ARGS`)."""
+  return {n: p.default for n, p in _parameters(kind).items() if n not in SHARED_ARGS}
+
+
+def make_rnn(kind: str, **kwargs) -> RNN:
+  """Builds the RNN of the given kind from the arguments it takes (a model-wide one it does not
+  take, e.g. num_heads for a GRU, and another kind's options are left out, so one call builds
+  any kind); a name no kind takes is an error."""
+  accepted = _parameters(kind)
+  known = set(SHARED_ARGS).union(*(rnn_options(k) for k in RNN_KINDS))
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f"no RNN kind takes {unknown}; {kind} takes {sorted(accepted)}.")
+  return RNN_KINDS[kind](**{k: v for k, v in kwargs.items() if k in accepted})

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from smt_jax import data, parallel, sharding, storage
-from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width
+from smt_jax.models import RNN_KINDS, TEACHER_KINDS, head_width, rnn_options
 
 # ---------------------------------------------------------------------------------------------
 # The default config.
@@ -64,10 +64,10 @@ def default() -> ml_collections.ConfigDict:
   c.model.head_dim = 64  # per head, whatever the width (the reference's); 0: width // num_heads
   c.model.encoder_depth = 8
   c.model.decoder_depth = 4
-  c.model.rnn_depth = 8
-  c.model.readout_depth = 4
   c.model.rnn_initial_memory = "learned"  # or "zeros" (the reference's)
-  c.model.rnn_hidden = 0  # mlp / cell readout hidden size (0: K * d)
+  # Each RNN kind's own options, read by its constructor (the kind of model.rnn_kind is built):
+  # e.g. model.rnn.transformer.depth / readout_depth, model.rnn.mlp.hidden (0: K * d).
+  c.model.rnn = {kind: rnn_options(kind) for kind in RNN_KINDS}
   c.model.attention = "auto"  # "xla" (jax.nn.dot_product_attention), "explicit"; auto: CPU explicit
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
 
@@ -181,16 +181,42 @@ def default() -> ml_collections.ConfigDict:
 
 def complete(config) -> ml_collections.ConfigDict:
   """`config` with every field it lacks taken from `default()`, the fields it has kept as they are:
-  a config saved by an older version (a run's config.json) reads as one of today's. The one place
-  where such configs are patched; the builders and checks call it, so they read every field
-  directly."""
+  a config saved by an older version (a run's config.json) reads as one of today's (its fields
+  since moved read where they are now: `migrate`). The one place where such configs are patched;
+  the builders and checks call it, so they read every field directly."""
 
   def merge(full: dict, given: dict) -> dict:
     for k, v in given.items():
       full[k] = merge(full[k], v) if isinstance(v, dict) and isinstance(full.get(k), dict) else v
     return full
 
-  return ml_collections.ConfigDict(merge(default().to_dict(), config.to_dict()))
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  return ml_collections.ConfigDict(merge(default().to_dict(), migrate(given)))
+
+
+# Fields an older version had, and where each kind's options hold them now.
+_MOVED_RNN_FIELDS = {
+  "rnn_depth": {"transformer": "depth", "mlp": "depth"},
+  "readout_depth": {"transformer": "readout_depth"},
+  "rnn_hidden": {"mlp": "hidden", "gru": "hidden", "elman": "hidden", "lstm": "hidden"},
+}
+
+
+def migrate(config_json: dict) -> dict:
+  """A config (as a dict) saved by an older version, with the fields it names that have since
+  moved put where they are now (and nothing else added): its `model.rnn_depth`,
+  `model.readout_depth` and `model.rnn_hidden` become the kinds' options `model.rnn.<kind>.*`."""
+  model = config_json.get("model")
+  if not isinstance(model, dict) or not set(_MOVED_RNN_FIELDS) & set(model):
+    return config_json
+  model = dict(model)
+  rnn = {kind: dict(options) for kind, options in dict(model.get("rnn") or {}).items()}
+  for old, new in _MOVED_RNN_FIELDS.items():
+    if old in model:
+      value = model.pop(old)
+      for kind, name in new.items():
+        rnn.setdefault(kind, rnn_options(kind))[name] = value
+  return dict(config_json, model=dict(model, rnn=rnn))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +420,6 @@ def validate(config, *, check_paths: bool = True) -> None:
     "model.num_heads",
     "model.encoder_depth",
     "model.decoder_depth",
-    "model.rnn_depth",
-    "model.readout_depth",
     "eval.batch_size",
     "eval.num_batches",
     "keep_checkpoints",
@@ -408,8 +432,7 @@ def validate(config, *, check_paths: bool = True) -> None:
       _fail(f, v, "a period is a number of steps >= 0 (0: never).")
   if not _is_int(c.eval.first_step) or c.eval.first_step < 0:
     _fail("eval.first_step", c.eval.first_step, "a number of steps >= 0 (0: no early eval).")
-  if not _is_int(c.model.rnn_hidden) or c.model.rnn_hidden < 0:
-    _fail("model.rnn_hidden", c.model.rnn_hidden, "must be >= 0 (0: K * width).")
+  _validate_rnn_options(c)
   _validate_heads(c)
   if c.model.attention not in ("auto", "xla", "explicit"):
     _fail(
@@ -525,6 +548,34 @@ def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
     validate(warmup_config(c), check_paths=check_paths)
   except ConfigError as e:
     raise ConfigError(f"{e} (in the warm-up, on episodes of data.warmup_seq_len = {t0})") from None
+
+
+def _validate_rnn_options(c) -> None:
+  """The chosen kind's options (`model.rnn.<kind>`): the names and types its constructor takes,
+  and the values it accepts."""
+  kind = c.model.rnn_kind
+  section = f"model.rnn.{kind}"
+  given = c.model.rnn.get(kind)
+  if given is None:
+    _fail("model.rnn", sorted(c.model.rnn), f"has no options for {kind}; add {section}.")
+  options = rnn_options(kind)
+  for name, value in given.items():
+    if name not in options:
+      _fail(
+        f"{section}.{name}",
+        value,
+        f"{kind} takes no such option; its options are {sorted(options)} (the model-wide "
+        f"ones are model.*).",
+      )
+    default = options[name]
+    if default is not None and not (
+      type(value) is type(default) or (type(default) is float and type(value) is int)
+    ):
+      _fail(f"{section}.{name}", value, f"must be a {type(default).__name__}, like {default!r}.")
+  try:
+    RNN_KINDS[kind].check_options(**given)
+  except ValueError as e:
+    raise ConfigError(f"config.{section}: {e}") from None
 
 
 def _validate_optim(c) -> None:

@@ -90,21 +90,22 @@ def build_models(config, vocab_size: int):
     dtype=dtype,
     rngs=rngs,
   )
-  rnn = make_rnn(
-    m.rnn_kind,
-    vocab_size=vocab_size,
-    num_memory_tokens=m.num_memory_tokens,
-    width=m.width,
-    depth=m.rnn_depth,
-    num_heads=m.num_heads,
-    head_dim=head_dim,
-    readout_depth=m.readout_depth,
-    hidden=m.rnn_hidden or None,
-    initial_memory=m.rnn_initial_memory,
-    attention=m.attention,
-    dtype=dtype,
-    rngs=rngs,
-  )
+  try:  # the kind's own options (checked by its constructor) and the model-wide arguments
+    rnn = make_rnn(
+      m.rnn_kind,
+      **m.rnn[m.rnn_kind],
+      vocab_size=vocab_size,
+      num_memory_tokens=m.num_memory_tokens,
+      width=m.width,
+      num_heads=m.num_heads,
+      head_dim=head_dim,
+      initial_memory=m.rnn_initial_memory,
+      attention=m.attention,
+      dtype=dtype,
+      rngs=rngs,
+    )
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.model.rnn.{m.rnn_kind}: {e}") from None
   return teacher, rnn
 
 
@@ -268,10 +269,10 @@ def check_finite(nan_policy: str, phase: str, step: int, metrics) -> int:
   )
 
 
-def copy_decoder_to_readout(params, rnn_kind: str):
-  """End of SMT: the transformer RNN's readout takes the teacher decoder's weights
-  (docs/method.md 4)."""
-  if rnn_kind != "transformer":
+def copy_decoder_to_readout(params):
+  """End of SMT: an RNN whose readout is a decoder (the transformer RNN's) takes the teacher
+  decoder's weights (docs/method.md 4)."""
+  if "decoder" not in params["rnn"]:
     return params
   dec, readout = params["teacher"]["decoder"], params["rnn"]["decoder"]
   if jax.tree.structure(dec) != jax.tree.structure(readout) or any(

@@ -205,7 +205,7 @@ def _train(
       if phase.name == "smt" and c.smt.copy_decoder_to_readout:
         # After SMT's final eval (which scores the RNN's own readout): later phases, samples and
         # the boundary checkpoint use the readout with the teacher decoder's weights.
-        pos.params = experiment.copy_decoder_to_readout(pos.params, c.model.rnn_kind)
+        pos.params = experiment.copy_decoder_to_readout(pos.params)
       # Phase boundary checkpoint: a restart continues with the next phase. The run's end keeps
       # its last phase's optimiser state: a rerun with more steps continues that phase.
       nxt = phases[phase.index + 1].name if phase.index + 1 < len(phases) else None

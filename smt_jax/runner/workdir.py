@@ -25,6 +25,7 @@ import uuid
 from absl import logging
 
 from smt_jax import storage
+from smt_jax.runner import config as config_lib
 from smt_jax.runner import multihost
 
 CONFIG_FILE = "config.json"
@@ -65,7 +66,7 @@ def check_workdir(workdir: str, config, *, overwrite: bool, fork: bool) -> str:
       return "same"
     if raised_steps(old, new) and not (overwrite or fork):
       return "extend"
-    what = f"a run of a different config ({'; '.join(_diff(old, new)[:8])})"
+    what = f"a run of a different config ({'; '.join(_diff(_identity(old), _identity(new))[:8])})"
   elif has_checkpoints(workdir):
     what = f"checkpoints but no {CONFIG_FILE} (a run of an unknown config)"
   else:
@@ -86,7 +87,9 @@ OBSERVER_SECTIONS = ("wandb",)
 
 
 def _identity(config_json: dict) -> dict:
-  return {k: v for k, v in config_json.items() if k not in OBSERVER_SECTIONS}
+  """What a run computes: its config (an older version's with its moved fields where they are
+  now) without the observer sections."""
+  return {k: v for k, v in config_lib.migrate(config_json).items() if k not in OBSERVER_SECTIONS}
 
 
 PHASES = ("smt", "dmt", "bptt")
