@@ -514,6 +514,36 @@ def test_a_new_rnn_kind_is_its_class_and_a_registry_line(monkeypatch):
     config_lib.validate(c)
 
 
+def test_a_new_dataset_is_its_class_and_a_registry_line(monkeypatch, tmp_path):
+  # A source reading a folder of .npy token files: the checks read its DataPaths, the builder
+  # hands it data.path and its options.
+  class Tokens(data.StreamSource):
+    name = "tokens"
+    paths = data.DataPaths("a folder of .npy token files", folder=True)
+
+    def __init__(self, *, seq_len: int = 32, path: str | None = None, offset: int = 0):
+      files = sorted(os.listdir(path))
+      stream = np.concatenate([np.load(os.path.join(path, f)) for f in files]) + offset
+      cut = len(stream) * 9 // 10
+      super().__init__(
+        streams={"train": stream[:cut], "eval": stream[cut:]}, vocab_size=8, seq_len=seq_len
+      )
+
+  monkeypatch.setitem(data.DATASETS, "tokens", Tokens)
+  c = _config("pixels:smoke", {"data.name": "tokens", "data.options": {"offset": 1}})
+  c.data.path = str(tmp_path / "missing")
+  with pytest.raises(ConfigError, match="does not exist; tokens needs a folder of .npy token"):
+    config_lib.validate(c)
+  os.makedirs(tmp_path / "notes")
+  np.save(tmp_path / "notes" / "a.npy", np.arange(4000, dtype=np.int32) % 7)
+  c.data.path = str(tmp_path / "notes")
+  exp = experiment.build_experiment(c)
+  assert exp.source.vocab_size == 8 and exp.source.streams["train"].min() == 1
+  c.data.eval_path = str(tmp_path / "notes")
+  with pytest.raises(ConfigError, match=r"tokens takes no separate evaluation data"):
+    config_lib.validate(c)
+
+
 def test_smoke_configs_pass():
   for base in ("pixels:smoke", "synthetic:parity,smoke", "synthetic:stack,smoke"):
     c = _config(base, {})

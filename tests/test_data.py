@@ -387,21 +387,21 @@ def test_mnist_from_idx_folder(tmp_path):
   test = rng.integers(0, 256, size=(3, 28, 28)).astype(np.uint8)
   _write_idx(tmp_path / 'train-images-idx3-ubyte', train)
   _write_idx(tmp_path / 't10k-images-idx3-ubyte.gz', test, compress=True)
-  source = make_source('mnist', seq_len=1000, data_dir=str(tmp_path))
+  source = make_source('mnist', seq_len=1000, path=str(tmp_path))
   assert source.vocab_size == 257 and source.bos == 256 and source.image_shape == (28, 28)
   assert (source.images('train') == train).all() and (source.images('eval') == test).all()
   for split in ('train', 'eval'):
     batch = _batch(source, split, batch_size=8)
     _check_stream(source, batch)
     _check_images_in_rows(source, batch, split)
-  quantised = make_source('mnist', seq_len=1000, data_dir=str(tmp_path), levels=16)
+  quantised = make_source('mnist', seq_len=1000, path=str(tmp_path), levels=16)
   assert quantised.vocab_size == 17 and quantised.bos == 16
   assert (quantised.images('train') == train // 16).all()
   _check_stream(quantised, _batch(quantised, batch_size=8))
-  with pytest.raises(ValueError, match='data_dir'):
-    make_source('mnist', data_dir=str(tmp_path / 'missing'))
+  with pytest.raises(ValueError, match='path='):
+    make_source('mnist', path=str(tmp_path / 'missing'))
   with pytest.raises(ValueError, match='levels'):
-    make_source('mnist', data_dir=str(tmp_path), levels=300)
+    make_source('mnist', path=str(tmp_path), levels=300)
 
 
 @pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason=MNIST_ABSENT)
@@ -411,7 +411,7 @@ def test_mnist_real_t10k():
   assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
   assert images.max() == 255 and images.min() == 0
   with pytest.warns(UserWarning, match='9000'):
-    source = make_source('mnist', seq_len=800, data_dir=MNIST_DIR)
+    source = make_source('mnist', seq_len=800, path=MNIST_DIR)
   assert (source.images('train') == images[:9000]).all()
   assert (source.images('eval') == images[9000:]).all()
   batch = _batch(source, 'eval', batch_size=8)
@@ -465,7 +465,7 @@ def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
     'train': _decode_idx_images(str(tmp_path / 'train-images-idx3-ubyte.gz')),
     'eval': _decode_idx_images(str(tmp_path / 't10k-images-idx3-ubyte')),
   }
-  source = make_source('mnist', seq_len=1000, data_dir=str(tmp_path), bos=False)
+  source = make_source('mnist', seq_len=1000, path=str(tmp_path), bos=False)
   assert source.vocab_size == 256 and source.bos is None and source.levels == 256
   for split in ('train', 'eval'):
     expected = decoded[split].reshape(-1)  # row-major pixels, image after image, nothing between
@@ -477,22 +477,22 @@ def test_mnist_without_bos_is_the_concatenated_pixels(tmp_path):
       _check_stream(source, batch)  # y[t] == x[t+1], every step has a target
       _check_windows(source, batch, expected, split=split, seed=4, step=step)
   # The same images with a BOS: each image after token 256, vocab 257 (unchanged default).
-  with_bos = make_source('mnist', seq_len=1000, data_dir=str(tmp_path))
+  with_bos = make_source('mnist', seq_len=1000, path=str(tmp_path))
   assert with_bos.vocab_size == 257 and with_bos.bos == 256
   framed = with_bos.streams['train'].reshape(len(train), 785)
   assert (framed[:, 0] == 256).all() and (framed[:, 1:] == train.reshape(len(train), -1)).all()
   # The longest window a split allows: seq_len + 1 == its token count (3 test images).
-  longest = make_source('mnist', seq_len=3 * 784 - 1, data_dir=str(tmp_path), bos=False)
+  longest = make_source('mnist', seq_len=3 * 784 - 1, path=str(tmp_path), bos=False)
   batch = _batch(longest, 'eval', batch_size=2)
   assert (batch['x'][0] == test.reshape(-1)[:-1]).all() and (
     batch['y'][0] == test.reshape(-1)[1:]
   ).all()
   with pytest.raises(ValueError, match='seq_len'):
-    make_source('mnist', seq_len=3 * 784, data_dir=str(tmp_path), bos=False)
+    make_source('mnist', seq_len=3 * 784, path=str(tmp_path), bos=False)
   for bad in ('False', 0, None):
     with pytest.raises(ValueError, match='bos'):
-      make_source('mnist', data_dir=str(tmp_path), bos=bad)
-  quantised = make_source('mnist', seq_len=100, data_dir=str(tmp_path), levels=16, bos=False)
+      make_source('mnist', path=str(tmp_path), bos=bad)
+  quantised = make_source('mnist', seq_len=100, path=str(tmp_path), levels=16, bos=False)
   assert (
     quantised.vocab_size == 16 and (quantised.streams['train'] == train.reshape(-1) // 16).all()
   )
@@ -503,7 +503,7 @@ def test_mnist_real_t10k_without_bos():
   pixels = _decode_idx_images(os.path.join(MNIST_DIR, 't10k-images-idx3-ubyte.gz'))
   assert pixels.shape == (10000, 28, 28)
   with pytest.warns(UserWarning, match='9000'):
-    source = make_source('mnist', seq_len=2 * 784, data_dir=MNIST_DIR, bos=False)
+    source = make_source('mnist', seq_len=2 * 784, path=MNIST_DIR, bos=False)
   assert source.vocab_size == 256 and source.bos is None
   streams = {'train': pixels[:9000].reshape(-1), 'eval': pixels[9000:].reshape(-1)}
   for split, expected in streams.items():
@@ -568,7 +568,7 @@ def test_mnist_config_streams_as_the_reference(tmp_path):
   images = np.random.default_rng(3).integers(0, 256, size=(2, 28, 28)).astype(np.uint8)
   for name in ('train-images-idx3-ubyte', 't10k-images-idx3-ubyte'):
     _write_idx(tmp_path / name, images)
-  source = make_source(c.data.name, data_dir=str(tmp_path), **dict(c.data.options))
+  source = make_source(c.data.name, path=str(tmp_path), **dict(c.data.options))
   assert source.vocab_size == 256 and (source.streams['train'] == images.reshape(-1)).all()
   assert pixels.get_config('digits').data.options.get('bos', True) is True  # digits keeps its BOS
 

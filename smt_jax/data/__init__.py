@@ -3,14 +3,25 @@
 Every source implements `Source.batch(split=, step=, batch_size=, seed=, process_index=,
 process_count=) -> {'x': int32 [B/P, T], 'y': int32 [B/P, T]}` (y == -1: no target), a pure
 function of its arguments. Build one by name with `make_source(name, **kwargs)`; the names are
-the keys of `DATASETS`.
+the keys of `DATASETS`. A source's class holds all a run needs to know of it: its keyword options
+(`config.data.options`), what it reads from files (`paths`, a `DataPaths`: `config.data.path` and
+`eval_path`), and what a token is (`bits_unit`); a new dataset is its class and a line in
+`DATASETS`.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from smt_jax.data.base import IGNORE, SPLITS, Source, StreamSource, check_batch_tokens, row_rng
+from smt_jax.data.base import (
+  IGNORE,
+  SPLITS,
+  DataPaths,
+  Source,
+  StreamSource,
+  check_batch_tokens,
+  row_rng,
+)
 from smt_jax.data.pixels import (
   DigitsSource,
   MnistSource,
@@ -71,6 +82,7 @@ def make_source(name: str, **kwargs) -> Source:
 
 __all__ = [
   'DATASETS',
+  'DataPaths',
   'IGNORE',
   'SPLITS',
   'Source',

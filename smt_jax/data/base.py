@@ -12,6 +12,8 @@ with no iterator state to checkpoint (STYLE habit 6).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 # The value of `y` at steps that carry no target (masked out of the loss).
@@ -72,6 +74,27 @@ def row_rng(*, seed: int, split: str, step: int, row: int) -> np.random.Generato
   return np.random.default_rng([seed, check_split(split), step, row])
 
 
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+  """What a source that reads files takes as `path` (a run's `config.data.path`) and, where it
+  takes separate evaluation data, `eval_path` (`config.data.eval_path`); both constructor
+  arguments.
+
+  Attributes:
+    what: what `path` must be, said in an error ('a folder of MNIST IDX files').
+    when_empty: what the source reads without a path ('' : a path is required).
+    folder: `path` must be a folder.
+    hub: `path` may be an hf:// path of the Hugging Face hub.
+    eval_what: what `eval_path` must be ('' : the source takes no eval_path).
+  """
+
+  what: str
+  when_empty: str = ''
+  folder: bool = False
+  hub: bool = False
+  eval_what: str = ''
+
+
 class Source:
   """A seeded, stateless supplier of `{'x', 'y'}` batches.
 
@@ -82,11 +105,16 @@ class Source:
     name: the key of this source in `DATASETS`.
     vocab_size: tokens are ints in [0, vocab_size).
     seq_len: length T of every sequence this source yields.
+    paths: what it reads from files (None: nothing; it generates or embeds its data).
+    bits_unit: what one target token is, for an NLL in bits ('bits_per_token', 'bits_per_dim'
+      for a pixel's intensity, 'bits_per_byte' for a byte of text).
   """
 
   name: str
   vocab_size: int
   seq_len: int
+  paths: DataPaths | None = None
+  bits_unit: str = 'bits_per_token'
 
   def example(self, rng: np.random.Generator, *, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One sequence drawn from `rng`: (x, y), both int [T]."""

@@ -8,7 +8,7 @@ row-major order, one image after another, vocabulary 256). A batch row is a rand
 tokens of its split's stream (`StreamSource`), x = crop[:-1], y = crop[1:].
 
 - `digits`: scikit-learn's bundled 8x8 digits (17 levels), offline.
-- `mnist`: 28x28, 256 levels, from IDX files in `data_dir` or through tensorflow-datasets.
+- `mnist`: 28x28, 256 levels, from IDX files in `path` or through tensorflow-datasets.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from smt_jax.data.base import SPLITS, StreamSource, check_int
+from smt_jax.data.base import SPLITS, DataPaths, StreamSource, check_int
 
 # IDX type byte -> numpy dtype (IDX data is big-endian).
 _IDX_DTYPES = {
@@ -32,7 +32,7 @@ _IDX_DTYPES = {
   0x0E: np.dtype('>f8'),
 }
 
-# The standard MNIST image files, looked up in `data_dir` with or without '.gz'.
+# The standard MNIST image files, looked up in the folder with or without '.gz'.
 MNIST_FILES = {'train': 'train-images-idx3-ubyte', 'eval': 't10k-images-idx3-ubyte'}
 
 # Fixed digits split: the first 1500 images of a seed-0 shuffle train, the other 297 evaluate.
@@ -63,7 +63,7 @@ def read_idx(path: str) -> np.ndarray:
     raise ValueError(
       f'{path}: not an IDX file (magic bytes {raw[:4].hex()!r}; expected 0000 then a type '
       f'byte in {[hex(k) for k in _IDX_DTYPES]} and the number of dims, e.g. 00000803 for '
-      'MNIST images); point data_dir at the original MNIST files.'
+      'MNIST images); point path at the original MNIST files.'
     )
   dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
   header = 4 + 4 * ndim
@@ -138,6 +138,8 @@ class PixelSource(StreamSource):
       source was built with `bos=False` (images back to back; vocab_size = levels).
   """
 
+  bits_unit = 'bits_per_dim'  # a token is one pixel's intensity
+
   def __init__(self, *, images: dict[str, np.ndarray], levels: int, seq_len: int, bos: bool = True):
     levels = check_int('levels', levels, minimum=2)
     bos = check_bool('bos', bos)
@@ -194,39 +196,39 @@ class DigitsSource(PixelSource):
     )
 
 
-def _find_mnist_file(data_dir: str, split: str) -> str | None:
+def _find_mnist_file(folder: str, split: str) -> str | None:
   for name in (MNIST_FILES[split], MNIST_FILES[split] + '.gz'):
-    if os.path.isfile(os.path.join(data_dir, name)):
-      return os.path.join(data_dir, name)
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
   return None
 
 
-def load_mnist_idx(data_dir: str) -> dict[str, np.ndarray]:
-  """MNIST images from IDX files in `data_dir`: {'train', 'eval'} -> uint8 [N, 28, 28].
+def load_mnist_idx(folder: str) -> dict[str, np.ndarray]:
+  """MNIST images from IDX files in `folder`: {'train', 'eval'} -> uint8 [N, 28, 28].
 
   With only one of the two files present, that file serves both splits: its first 90% train,
   its last 10% evaluate (t10k alone: 9000 / 1000), with a warning.
   """
-  if not os.path.isdir(data_dir):
+  if not os.path.isdir(folder):
     raise ValueError(
-      f'mnist: data_dir={data_dir!r} is not a folder; pass the folder holding '
-      f'{MNIST_FILES["train"]}(.gz) and {MNIST_FILES["eval"]}(.gz), or data_dir=None '
+      f'mnist: path={folder!r} is not a folder; pass the folder holding '
+      f'{MNIST_FILES["train"]}(.gz) and {MNIST_FILES["eval"]}(.gz), or path=None '
       'to load MNIST through tensorflow-datasets.'
     )
-  paths = {split: _find_mnist_file(data_dir, split) for split in SPLITS}
+  paths = {split: _find_mnist_file(folder, split) for split in SPLITS}
   if paths['train'] and paths['eval']:
     return {split: read_mnist_images(path) for split, path in paths.items()}
   found = paths['train'] or paths['eval']
   if found is None:
     raise ValueError(
-      f'mnist: data_dir={data_dir!r} holds neither {MNIST_FILES["train"]}(.gz) nor '
+      f'mnist: path={folder!r} holds neither {MNIST_FILES["train"]}(.gz) nor '
       f'{MNIST_FILES["eval"]}(.gz); put the MNIST IDX files there, or pass '
-      'data_dir=None to load MNIST through tensorflow-datasets.'
+      'path=None to load MNIST through tensorflow-datasets.'
     )
   images = read_mnist_images(found)
   num_eval = len(images) // 10
   warnings.warn(
-    f'mnist: only {os.path.basename(found)} found in {data_dir!r}; using its first '
+    f'mnist: only {os.path.basename(found)} found in {folder!r}; using its first '
     f'{len(images) - num_eval} images to train and its last {num_eval} to evaluate.',
     stacklevel=2,
   )
@@ -247,7 +249,7 @@ def load_mnist_tfds() -> dict[str, np.ndarray]:
     except Exception as e:  # no network, no prepared copy, ...: say what else would work
       raise ValueError(
         f'mnist: tensorflow-datasets could not provide mnist/{tfds_split} ({e}); '
-        'pass data_dir=<folder with the MNIST IDX files> instead.'
+        'pass path=<folder with the MNIST IDX files> instead.'
       ) from e
     images[split] = np.stack(
       [np.asarray(source[i]['image'], np.uint8).reshape(28, 28) for i in range(len(source))]
@@ -264,14 +266,15 @@ class MnistSource(PixelSource):
   """
 
   name = 'mnist'
+  paths = DataPaths('a folder of MNIST IDX files', when_empty='tensorflow-datasets', folder=True)
 
   def __init__(
-    self, *, seq_len: int = 784, data_dir: str | None = None, levels: int = 256, bos: bool = True
+    self, *, seq_len: int = 784, path: str | None = None, levels: int = 256, bos: bool = True
   ):
     levels = check_int('levels', levels, minimum=2, fix='Use 2..256 intensity levels.')
     if levels > 256:
       raise ValueError(f'levels must be <= 256, got {levels}. Use 2..256 intensity levels.')
-    images = load_mnist_tfds() if data_dir is None else load_mnist_idx(data_dir)
+    images = load_mnist_tfds() if path is None else load_mnist_idx(path)
     if levels < 256:  # quantise v in 0..255 to v*levels//256 in 0..levels-1
       images = {
         split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)

@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 
 from smt_jax.data import files
-from smt_jax.data.base import check_int
+from smt_jax.data.base import DataPaths, check_int
 from smt_jax.data.pixels import PixelSource, check_bool
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -133,6 +133,9 @@ class ImageFolderSource(PixelSource):
   """A folder of PNG/JPEG images (e.g. Sketchy sketches) as a pixel stream."""
 
   name = 'image_folder'
+  paths = DataPaths(
+    'a folder of PNG/JPEG images', folder=True, eval_what='a folder of PNG/JPEG images'
+  )
 
   def __init__(
     self,
@@ -227,6 +230,7 @@ class QuickDrawSource(PixelSource):
   """Quick, Draw! numpy bitmaps (28x28) as a pixel stream."""
 
   name = 'quickdraw'
+  paths = DataPaths('a numpy_bitmap/<category>.npy file or a folder of them')
 
   def __init__(
     self,

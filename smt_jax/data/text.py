@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 from smt_jax.data import files
-from smt_jax.data.base import StreamSource, check_int
+from smt_jax.data.base import DataPaths, StreamSource, check_int
 
 # Fraction of the corpus (its tail) held out for evaluation when there is no eval_path.
 EVAL_FRACTION = 0.1
@@ -132,6 +132,13 @@ class TextSource(StreamSource):
   """
 
   name = 'text'
+  paths = DataPaths(
+    'a text file, a folder of text files or an hf:// path',
+    when_empty='the built-in corpus',
+    hub=True,
+    eval_what='a text file, a folder of text files or an hf:// path',
+  )
+  bits_unit = 'bits_per_byte'
 
   def __init__(
     self,

@@ -46,11 +46,11 @@ def default() -> ml_collections.ConfigDict:
   # the phase's lengths scaled to them (`config_lib.warmup_config`); 0: off.
   c.data.warmup_seq_len = 0
   c.data.warmup_steps = 0
-  # text: a file, folder or hf:// path ("" = the built-in corpus); mnist: a folder of IDX files
-  # ("" = tensorflow-datasets); image_folder: a folder of images; quickdraw: .npy file(s).
+  # The files of a source that reads them: what each takes is its class's `paths`
+  # (`smt_jax.data.DataPaths`); "" = what it reads without (text: the built-in corpus).
   c.data.path = ""
-  c.data.eval_path = ""  # text, image_folder: the evaluation data ("" = held out from data.path)
-  c.data.options = ml_collections.ConfigDict()  # extra keyword arguments of the source
+  c.data.eval_path = ""  # the evaluation data ("" = held out from data.path)
+  c.data.options = ml_collections.ConfigDict()  # the source's own keyword arguments
 
   c.model = ml_collections.ConfigDict()
   c.model.rnn_kind = "transformer"  # a key of smt_jax.models.RNN_KINDS
@@ -310,20 +310,6 @@ _SOURCE_ARGS_FROM_CONFIG = {
   "seq_len": "data.seq_len (episodic sources) or the phases' lengths",
   "path": "data.path",
   "eval_path": "data.eval_path",
-  "data_dir": "data.path",
-}
-# Datasets that read data.path, and what it must be.
-_PATH_DATASETS = {
-  "text": "a text file, a folder of text files or an hf:// path (or \"\" for the built-in corpus)",
-  "mnist": "a folder of MNIST IDX files (or \"\" for tensorflow-datasets)",
-  "image_folder": "a folder of PNG/JPEG images",
-  "quickdraw": "a numpy_bitmap/<category>.npy file or a folder of them",
-}
-_PATH_REQUIRED = ("image_folder", "quickdraw")
-# Datasets that read data.eval_path, and what it must be.
-_EVAL_PATH_DATASETS = {
-  "text": "a text file, a folder of text files or an hf:// path",
-  "image_folder": "a folder of PNG/JPEG images",
 }
 
 
@@ -633,27 +619,32 @@ def _validate_data(c, *, check_paths: bool = True) -> None:
         f"{d.name} takes no such option; its options are "
         f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
       )
-  _validate_path(d.name, d.path, check_exists=check_paths)
-  _validate_eval_path(d.name, d.path, d.eval_path, check_exists=check_paths)
+  _validate_path(d.name, constructor.paths, d.path, check_exists=check_paths)
+  _validate_eval_path(d.name, constructor.paths, d.path, d.eval_path, check_exists=check_paths)
 
 
-def _validate_path(name: str, path: str, *, check_exists: bool = True) -> None:
-  if name not in _PATH_DATASETS:
+def _validate_path(name: str, paths, path: str, *, check_exists: bool = True) -> None:
+  """`data.path` against what the source reads (`paths`, its `data.DataPaths`)."""
+  if paths is None:
     if path:
+      readers = sorted(n for n, s in data.DATASETS.items() if s.paths)
       _fail(
         "data.path",
         path,
-        f"{name} reads no files, so this path would be ignored; remove "
-        f"it (data.path is for {sorted(_PATH_DATASETS)}).",
+        f"{name} reads no files, so this path would be ignored; remove it (data.path is for "
+        f"{readers}).",
       )
     return
+  needs = f"{name} needs {paths.what}" + (
+    f' (or "" for {paths.when_empty})' if paths.when_empty else ""
+  )
   if not path:
-    if name in _PATH_REQUIRED:
-      _fail("data.path", path, f"{name} needs {_PATH_DATASETS[name]}: --config.data.path=...")
-    return  # text: the built-in corpus; mnist: tensorflow-datasets
+    if not paths.when_empty:
+      _fail("data.path", path, f"{needs}: --config.data.path=...")
+    return
   if data.files.is_remote(path):
-    if name != "text":
-      _fail("data.path", path, f"hf:// paths are for text; {name} needs {_PATH_DATASETS[name]}.")
+    if not paths.hub:
+      _fail("data.path", path, f"hf:// paths are for {_hub_readers()}; {needs}.")
     return  # fetched (or found in the hub's cache) when the source is built
   if data.files.is_object_store(path):
     _validate_object_store("data.path", path, check_exists=check_exists)
@@ -661,40 +652,44 @@ def _validate_path(name: str, path: str, *, check_exists: bool = True) -> None:
   if not check_exists:
     return
   if not os.path.exists(path):
-    _fail("data.path", path, f"does not exist; {name} needs {_PATH_DATASETS[name]}.")
-  if name in ("mnist", "image_folder") and not os.path.isdir(path):
-    _fail("data.path", path, f"is not a folder; {name} needs {_PATH_DATASETS[name]}.")
+    _fail("data.path", path, f"does not exist; {needs}.")
+  if paths.folder and not os.path.isdir(path):
+    _fail("data.path", path, f"is not a folder; {needs}.")
   if os.path.isfile(path) and os.path.getsize(path) == 0:
     _fail("data.path", path, "is an empty file; point it at the data.")
   if os.path.isdir(path) and not any(
     not f.startswith(".") for _, _, names in os.walk(path) for f in names
   ):
-    _fail(
-      "data.path", path, f"is a folder with no files in it; {name} needs {_PATH_DATASETS[name]}."
-    )
+    _fail("data.path", path, f"is a folder with no files in it; {needs}.")
 
 
-def _validate_eval_path(name: str, path: str, eval_path: str, *, check_exists: bool = True) -> None:
+def _hub_readers() -> str:
+  return ", ".join(sorted(n for n, s in data.DATASETS.items() if s.paths and s.paths.hub))
+
+
+def _validate_eval_path(name: str, paths, path: str, eval_path: str, *, check_exists=True) -> None:
   if not eval_path:
     return
-  if name not in _EVAL_PATH_DATASETS:
+  if paths is None or not paths.eval_what:
+    readers = sorted(n for n, s in data.DATASETS.items() if s.paths and s.paths.eval_what)
     _fail(
       "data.eval_path",
       eval_path,
-      f"{name} takes no separate evaluation data (data.eval_path is for "
-      f"{sorted(_EVAL_PATH_DATASETS)}); remove it.",
+      f"{name} takes no separate evaluation data (data.eval_path is for {readers}); remove it.",
     )
   if not path:
     _fail("data.eval_path", eval_path, "set data.path (the training data) too.")
   if data.files.is_remote(eval_path):
-    if name != "text":
-      _fail("data.eval_path", eval_path, "hf:// paths are for text; use a local folder.")
+    if not paths.hub:
+      _fail(
+        "data.eval_path", eval_path, f"hf:// paths are for {_hub_readers()}; use a local folder."
+      )
     return
   if data.files.is_object_store(eval_path):
     _validate_object_store("data.eval_path", eval_path, check_exists=check_exists)
     return
   if check_exists and not os.path.exists(eval_path):
-    _fail("data.eval_path", eval_path, f"does not exist; it must be {_EVAL_PATH_DATASETS[name]}.")
+    _fail("data.eval_path", eval_path, f"does not exist; it must be {paths.eval_what}.")
 
 
 def _validate_object_store(field: str, url: str, *, check_exists: bool) -> None:

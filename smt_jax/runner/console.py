@@ -15,7 +15,7 @@ import dataclasses
 
 import jax
 
-from smt_jax.runner import evaluation, experiment
+from smt_jax.runner import experiment
 
 
 def say(msg: str) -> None:
@@ -64,7 +64,7 @@ class Console:
       p: eval_steps(c[p].steps, c.eval.every_steps, c.eval.first_step) for p in exp.phases
     }
     self.unit = {"bits_per_dim": "pixel", "bits_per_byte": "byte"}.get(
-      evaluation.bits_name(exp.source), "token"
+      exp.source.bits_unit, "token"
     )
     self.clock = Clock()
 

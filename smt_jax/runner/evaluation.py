@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smt_jax import data, losses
+from smt_jax import losses
 from smt_jax.contract import Params, RNNFns, TeacherFns
 from smt_jax.inference import read
 from smt_jax.objectives import teacher_memories
@@ -86,17 +86,6 @@ def evaluate(
   return out
 
 
-def bits_name(source) -> str:
-  """What one target token of `source` is, for its NLL in bits: 'bits_per_byte' (byte-level
-  text, vocabulary 256), 'bits_per_dim' (pixels: one intensity per token), else
-  'bits_per_token'."""
-  if isinstance(source, data.TextSource) and source.vocab_size == 256:
-    return "bits_per_byte"
-  if isinstance(source, data.PixelSource):
-    return "bits_per_dim"
-  return "bits_per_token"
-
-
 def with_bits(metrics: dict[str, float], name: str) -> dict[str, float]:
   """`metrics` and, beside every '<x>_nll' (nats per target token), '<x>_<name>' = nll / ln 2."""
   out = dict(metrics)
@@ -110,7 +99,7 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
   """The run's eval metrics ('eval/rnn_nll', ...) over its eval batches (`exp.eval_spec`).
 
   Every NLL (nats per target token) comes with its value in bits, named by the data
-  (`bits_name`): 'eval/rnn_bits_per_dim' for pixels, 'eval/rnn_bits_per_byte' for byte-level
+  (`Source.bits_unit`): 'eval/rnn_bits_per_dim' for pixels, 'eval/rnn_bits_per_byte' for byte-level
   text, 'eval/rnn_bits_per_token' otherwise. Pixel streams with a BOS token count its targets
   too (1 in H*W + 1 tokens), as the NLL does."""
   s, source = exp.eval_spec, exp.source_at("eval")
@@ -147,7 +136,7 @@ def held_out(exp: experiment.Experiment, params, *, with_teacher: bool) -> dict[
     res["eval/drift_1mr2"] = totals["drift_1mr2"] / s.num_batches
     if "prompted_nll_sum" in totals:
       res["eval/rnn_prompted_nll"] = mean("prompted_nll_sum", "prompted_count")
-  return with_bits(res, bits_name(source))
+  return with_bits(res, source.bits_unit)
 
 
 def unigram_nll(exp: experiment.Experiment) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -41,14 +40,10 @@ def source_of(config) -> data.Source:
   """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
   d = config.data
   kwargs = dict(d.options)
-  accepted = inspect.signature(data.DATASETS[d.name]).parameters
   # Object-store data (gs://...) is read from a local copy, staged once per host.
   local = lambda p, field: data.files.stage(p, field=field) if data.files.is_object_store(p) else p
-  path = local(d.path, "data.path")
-  if "path" in accepted:  # text and the sketch sources ("" = the source's default)
-    kwargs["path"] = path or None
-  elif "data_dir" in accepted and path:  # mnist ("" = tensorflow-datasets)
-    kwargs["data_dir"] = path
+  if data.DATASETS[d.name].paths:  # a source that reads files ("" = what it reads without)
+    kwargs["path"] = local(d.path, "data.path") or None
   if d.eval_path:  # runner.config refuses it for sources without an eval_path
     kwargs["eval_path"] = local(d.eval_path, "data.eval_path")
   if config.data.episodic:

@@ -23,7 +23,7 @@ REMOTE_FLUSH_S = 30.0
 
 
 # The scalars TensorBoard's HParams dashboard shows beside each run's hyper-parameters (and the
-# RNN's NLL in bits, named by the data: `evaluation.bits_name`).
+# RNN's NLL in bits, named by the data: `Source.bits_unit`).
 HPARAMS_METRICS = ("eval/rnn_nll", "eval/rnn_acc", "eval/rnn_prompted_nll", "eval/teacher_nll")
 
 

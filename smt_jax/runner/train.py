@@ -173,7 +173,7 @@ def _train_and_evaluate(config, workdir, *, overwrite, fork, hooks, watch) -> di
       writer.truncate_after(resume_step)  # rows after the checkpoint are rerun (none: all of them)
       flops = experiment.unit_flops(exp)  # lowered on abstract shapes: nothing compiles
       if restored is None:
-        writer.write_config(config, f"eval/rnn_{evaluation.bits_name(exp.source)}")
+        writer.write_config(config, f"eval/rnn_{exp.source.bits_unit}")
       run = _Run(
         exp=exp,
         workdir=workdir,
@@ -226,9 +226,7 @@ def _train(
         _exit_preempted(run, f"the start of {nxt}")
     run.mngr.wait_until_finished()
     summary.update(
-      evaluation.with_bits(
-        {"baseline/unigram_nll": run.unigram_nll}, evaluation.bits_name(run.exp.source)
-      )
+      evaluation.with_bits({"baseline/unigram_nll": run.unigram_nll}, run.exp.source.bits_unit)
     )
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + (time.time() - t_start)
   samples.on_process_zero(
