@@ -5,7 +5,6 @@ import json
 import re
 import types
 
-import ml_collections
 import pytest
 
 from experiments.configs import synthetic
@@ -32,9 +31,7 @@ def test_eval_steps_every_first_and_last():
 
 
 def _fake_console(steps: dict, work: dict, every: int) -> console.Console:
-  config = ml_collections.ConfigDict({p: {"steps": n} for p, n in steps.items()})
-  config.eval = {"every_steps": every, "first_step": 0}
-  exp = types.SimpleNamespace(config=config, phases=list(steps), source=None)
+  exp = types.SimpleNamespace(steps=dict(steps), phases=list(steps), source=None)
   con = console.Console.__new__(console.Console)
   con.exp, con.say, con.work, con.unit = exp, lambda line: None, work, "token"
   con.evals = {p: console.eval_steps(n, every, 0) for p, n in steps.items()}

@@ -58,11 +58,9 @@ class Console:
 
   def __init__(self, exp: experiment.Experiment, say, flops: dict[str, float]):
     self.exp, self.say = exp, say
-    c = exp.config
+    e = exp.eval_spec
     self.work = {p: experiment.work_per_step(exp, p, flops) for p in exp.phases}
-    self.evals = {
-      p: eval_steps(c[p].steps, c.eval.every_steps, c.eval.first_step) for p in exp.phases
-    }
+    self.evals = {p: eval_steps(exp.steps[p], e.every_steps, e.first_step) for p in exp.phases}
     self.unit = {"bits_per_dim": "pixel", "bits_per_byte": "byte"}.get(
       exp.source.bits_unit, "token"
     )
@@ -88,24 +86,24 @@ class Console:
     # The first eval compiles; the later ones say what an eval costs.
     eval_s = k.eval_s[-1] if k.eval_s else 2 * k.step_s
     names = self.exp.phases
-    left = (self.exp.config[phase].steps - done) * k.step_s
+    left = (self.exp.steps[phase] - done) * k.step_s
     left += eval_s * sum(s > done for s in self.evals[phase])
     guessed = False
     per_flop = k.step_s / max(self.work[phase], 1.0)
     for p in names[names.index(phase) + 1 :]:
       guessed = True
-      left += k.compile_s + self.exp.config[p].steps * self.work[p] * per_flop
+      left += k.compile_s + self.exp.steps[p] * self.work[p] * per_flop
       left += eval_s * len(self.evals[p])
     return f"eta {'~' if guessed else ''}{format_duration(left)}"
 
   def logged(self, phase: str, done: int, row: dict, *, skipped: int = 0) -> str:
     """A progress line: step, loss, the measured rate (when `row` has one), the ETA over what is
     left of the run, and the non-finite steps skipped."""
-    line = f"{phase} step {done}/{self.exp.config[phase].steps}  loss {row['loss']:.4f}"
+    line = f"{phase} step {done}/{self.exp.steps[phase]}  loss {row['loss']:.4f}"
     if "steps_per_s" in row:
       line += f"  {row['steps_per_s']:.2f} steps/s  {row['tokens_per_s']:,.0f} tokens/s"
     names = self.exp.phases
-    if done < self.exp.config[phase].steps or names.index(phase) + 1 < len(names):
+    if done < self.exp.steps[phase] or names.index(phase) + 1 < len(names):
       line += f"  {self.eta(phase, done)}".rstrip()
     if skipped:
       line += f"  ({skipped} non-finite steps skipped)"
@@ -117,7 +115,7 @@ class Console:
     first = not self.clock.eval_s
     self.clock.eval_s.append(seconds)
     m = metrics
-    line = f"eval {phase} {done}/{self.exp.config[phase].steps}: RNN {m['eval/rnn_nll']:.3f}"
+    line = f"eval {phase} {done}/{self.exp.steps[phase]}: RNN {m['eval/rnn_nll']:.3f}"
     line += f" (acc {m['eval/rnn_acc']:.3f})"
     if "eval/rnn_prompted_nll" in m:
       line += f"  prompted {m['eval/rnn_prompted_nll']:.3f}"

@@ -297,9 +297,11 @@ def shardings_of(abstract_tree):
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-  """What an evaluation reads (`evaluation.held_out`): the config's eval section and the
-  teacher's lengths, built from the config by `build`."""
+  """What an evaluation reads (`evaluation.held_out`) and when one runs (`console`): the config's
+  eval section and the teacher's lengths, built from the config by `build`."""
 
+  every_steps: int  # 0: only at the end of each phase
+  first_step: int  # one more eval after this many steps of each phase (0: none)
   batch_size: int
   num_batches: int
   prompt_length: int  # eval/rnn_prompted_nll starts from E(the first prompt_length tokens)
@@ -325,6 +327,7 @@ class Experiment:
 
   config: Any
   phases: tuple[str, ...]
+  steps: dict[str, int]  # each phase's optimiser steps
   source: data.Source  # at the length of the first phase that built it; phases re-crop it
   mesh: jax.sharding.Mesh
   graphdefs: tuple  # (teacher, rnn) NNX graph definitions
@@ -406,7 +409,10 @@ def build(config, source: data.Source, mesh: jax.sharding.Mesh) -> Experiment:
       params, sharding.state_shardings(params, mesh, min_size=config_lib.fsdp_min_size(config))
     ),
     batch_sharding=sharding.batch_sharding(mesh),
+    steps={p: config[p].steps for p in config_lib.phase_names(config)},
     eval_spec=EvalSpec(
+      every_steps=config.eval.every_steps,
+      first_step=config.eval.first_step,
       batch_size=config.eval.batch_size,
       num_batches=config.eval.num_batches,
       prompt_length=config.eval.prompt_length,
