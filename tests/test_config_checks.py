@@ -254,6 +254,17 @@ CONFIG_ONLY = {
     {"data.options.num_tokens": 4},
     ["config.data.options.num_tokens = 4", "no such option"],
   ),
+  # a misspelt field would be ignored
+  "misspelt_field": (
+    "pixels:smoke",
+    {"model.num_head": 2},
+    ["config.model.num_head = 2: no such config field; did you mean model.num_heads?"],
+  ),
+  "field_of_an_older_version": (
+    "synthetic:parity,smoke",
+    {"smt.transitions": 4},
+    ["config.smt.transitions = 4: no such config field; did you mean smt.num_transitions?"],
+  ),
   # each RNN kind's own options (model.rnn.<kind>): names, types and values its class checks
   "option_of_another_rnn_kind": (
     "pixels:smoke",

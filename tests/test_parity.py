@@ -410,10 +410,9 @@ def test_runner_models_have_the_reference_parameter_counts(dims, initial_memory)
     num_memory_tokens=k,
     encoder_depth=enc,
     decoder_depth=dec,
-    rnn_depth=rnn,
-    readout_depth=readout,
     rnn_initial_memory=initial_memory,
   )
+  c.model.rnn.transformer.update(depth=rnn, readout_depth=readout)
   teacher, rnn_model = nnx.eval_shape(lambda: experiment.build_models(c, v))
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   ref_teacher, ref_rnn = reference_param_counts(*dims)

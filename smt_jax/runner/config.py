@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import math
@@ -501,6 +502,7 @@ def validate(config, *, check_paths: bool = True) -> None:
     )
   _validate_profile(c, phases)
   _validate_warmup(c, phases, check_paths=check_paths)
+  _validate_fields(c)  # last: the checks above say more of the fields they know (mesh axes)
 
 
 def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
@@ -534,6 +536,29 @@ def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
     validate(warmup_config(c), check_paths=check_paths)
   except ConfigError as e:
     raise ConfigError(f"{e} (in the warm-up, on episodes of data.warmup_seq_len = {t0})") from None
+
+
+# Sections whose keys are the source's or the RNN kinds' own (checked against their signatures).
+_OPEN_SECTIONS = ("data.options", "model.rnn")
+
+
+def _validate_fields(c) -> None:
+  """Every field is one `default()` has: a misspelt one (`c.model.update(rnn_dept=2)`, a field
+  set in a recipe that no longer exists) would otherwise be ignored."""
+
+  def walk(given: dict, known: dict, prefix: str) -> None:
+    for k, v in given.items():
+      field = prefix + k
+      if field in _OPEN_SECTIONS:
+        continue
+      if k not in known:
+        near = difflib.get_close_matches(k, list(known), n=1)
+        hint = f"did you mean {prefix}{near[0]}?" if near else f"the fields there: {sorted(known)}."
+        _fail(field, v, f"no such config field; {hint}")
+      if isinstance(v, dict) and isinstance(known[k], dict):
+        walk(v, known[k], field + ".")
+
+  walk(c.to_dict(), default().to_dict(), "")
 
 
 def _validate_rnn_options(c) -> None:
