@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import pixels, synthetic, text
+from experiments.configs import pixels, saved, synthetic, text
 from smt_jax import data
 from smt_jax.runner import config as config_lib
 from smt_jax.runner import experiment, train
@@ -474,6 +474,10 @@ def test_a_config_saved_before_the_rnn_kinds_had_their_own_options_reads_as_toda
   # The workdir of such a run is the same run (it resumes), and a moved field that changed is not.
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert workdir_lib.check_workdir(str(tmp_path), new, overwrite=False, fork=False) == "same"
+  # `--config=<workdir>` reads it with today's fields: an override names model.rnn.<kind>.
+  again = saved.get_config(str(tmp_path))
+  assert again.model.rnn.mlp.hidden == 12 and "rnn_hidden" not in again.model
+  assert workdir_lib.check_workdir(str(tmp_path), again, overwrite=False, fork=False) == "same"
   new.model.rnn.mlp.hidden = 8
   with pytest.raises(workdir_lib.WorkdirError, match=r"model\.rnn\.mlp\.hidden: 12 -> 8"):
     workdir_lib.check_workdir(str(tmp_path), new, overwrite=False, fork=False)
