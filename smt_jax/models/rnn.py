@@ -136,7 +136,7 @@ class TransformerRNN(RNN):
     )
 
   @classmethod
-  def check_options(cls, *, depth: int = 8, readout_depth: int = 4) -> None:
+  def check_options(cls, *, depth: int, readout_depth: int) -> None:
     _check_positive(depth=depth, readout_depth=readout_depth)
 
   def update(self, memory, x):
@@ -189,7 +189,7 @@ class MLPRNN(RNN):
     self.head = MLPReadout(size, hidden, vocab_size, dtype=dtype, rngs=rngs)
 
   @classmethod
-  def check_options(cls, *, depth: int = 8, hidden: int = 0) -> None:
+  def check_options(cls, *, depth: int, hidden: int) -> None:
     _check_positive(depth=depth)
     _check_hidden(hidden)
 
@@ -233,7 +233,7 @@ class _CellRNN(RNN):
     self.build_cell(width, dtype=dtype, rngs=rngs)
 
   @classmethod
-  def check_options(cls, *, hidden: int = 0) -> None:
+  def check_options(cls, *, hidden: int) -> None:
     _check_hidden(hidden)
 
   def build_cell(self, width, *, dtype, rngs):
