@@ -19,6 +19,10 @@ initial memory over the whole episode, as its evaluation does, for a number of s
 with T (500 at T = 64); BPTT unrolls the whole episode for as many steps as SMT and DMT together,
 on the same batch: both methods see the same training tokens.
 
+Learning rates: 1e-3 for SMT and BPTT, 3e-4 for DMT; on stack SMT 3e-3 and DMT 9e-4 (at T = 32
+and the default budget SMT->DMT's best of 1e-3, 3e-3 and 1e-2 on every one of 3 seeds, BPTT's best
+staying 1e-3: docs/results.md section 0a).
+
 Retrieval longer than 32 tokens trains with a length curriculum (`data.warmup_seq_len` = 32 for
 the first `data.warmup_steps` = 500 steps, SMT's lengths scaled to them; BPTT's first 500 steps
 see the same short episodes), heads of 16 and learning rate 2e-3, SMT 1000 steps: from scratch at
@@ -120,6 +124,8 @@ def get_config(arg: str = "retrieval"):
       c.model.head_dim = 16
       c.smt.lr = c.bptt.lr = 2e-3
       c.smt.steps = 1_000
+    if task == "stack":  # each method at its best lr (docs/results.md 0a: 3 seeds at T = 32)
+      c.smt.lr, c.dmt.lr = 3e-3, 9e-4
     c.bptt.steps = c.smt.steps + c.dmt.steps  # the same tokens (same T and batch)
   c.eval.every_steps = 500
   if "showcase" in flags:  # experiments.compare's default: under 5 minutes on 2 cores
