@@ -483,7 +483,9 @@ def test_a_config_saved_before_the_rnn_kinds_had_their_own_options_reads_as_toda
     workdir_lib.check_workdir(str(tmp_path), new, overwrite=False, fork=False)
   # A value of the wrong type (a hand-edited config.json) is named before anything is built.
   old["model"]["rnn_depth"] = "2"
-  with pytest.raises(ConfigError, match=r"config.model.rnn.transformer.depth = '2': must be a int"):
+  with pytest.raises(
+    ConfigError, match=r"config.model.rnn.transformer.depth = '2': must be of type int"
+  ):
     config_lib.validate(config_lib.complete(old))
 
 

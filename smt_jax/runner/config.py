@@ -566,9 +566,7 @@ def _validate_rnn_options(c) -> None:
   and the values it accepts."""
   kind = c.model.rnn_kind
   section = f"model.rnn.{kind}"
-  given = c.model.rnn.get(kind)
-  if given is None:
-    _fail("model.rnn", sorted(c.model.rnn), f"has no options for {kind}; add {section}.")
+  given = c.model.rnn[kind]  # complete() gave every registered kind its section
   options = rnn_options(kind)
   for name, value in given.items():
     if name not in options:
@@ -582,7 +580,9 @@ def _validate_rnn_options(c) -> None:
     if default is not None and not (
       type(value) is type(default) or (type(default) is float and type(value) is int)
     ):
-      _fail(f"{section}.{name}", value, f"must be a {type(default).__name__}, like {default!r}.")
+      _fail(
+        f"{section}.{name}", value, f"must be of type {type(default).__name__}, like {default!r}."
+      )
   try:
     RNN_KINDS[kind].check_options(**given)
   except ValueError as e:
