@@ -491,3 +491,29 @@ def test_studies_cli_refuses_a_bad_override_in_one_line(tmp_path):
   assert out.returncode == 1
   assert out.stderr.strip() == "error: --set: the budget has no field 'text.nosuch'."
   assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_the_run_cache_keys_on_what_a_run_computes():
+  from experiments.configs import synthetic
+  from experiments.studies import common
+
+  def cfg(phases, **lrs):
+    c = synthetic.get_config("stack,32")
+    c.phases = phases
+    for p, lr in lrs.items():
+      c[p].lr = lr
+    return json.loads(c.to_json())
+
+  same = lambda a, b: common.same_settings(common._computed(a), common._computed(b))
+  # The lr of a phase the run does not train changes nothing it computes; its own lr does.
+  assert same(cfg("bptt", smt=1e-3, dmt=3e-4), cfg("bptt", smt=3e-3, dmt=9e-4))
+  assert not same(cfg("bptt", bptt=1e-3), cfg("bptt", bptt=3e-3))
+  assert not same(cfg("smt,dmt", smt=1e-3), cfg("smt,dmt", smt=3e-3))
+  assert same(cfg("smt,dmt", bptt=1e-3), cfg("smt,dmt", bptt=3e-3))
+  # A run cached by an older version (model.rnn_depth) is the same run as today's config.
+  old = cfg("smt,dmt")
+  rnn = old["model"].pop("rnn")
+  old["model"].update(rnn_depth=rnn["transformer"]["depth"], readout_depth=1, rnn_hidden=0)
+  assert same(old, cfg("smt,dmt"))
+  old["model"]["rnn_depth"] += 1
+  assert not same(old, cfg("smt,dmt"))

@@ -130,7 +130,7 @@ def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> di
   if (
     os.path.exists(record_path)
     and old_cfg is not None
-    and same_settings(config_lib.migrate(old_cfg), new_cfg)
+    and same_settings(_computed(old_cfg), _computed(new_cfg))
   ):
     rec = _read_json(record_path)
     rec["reused"] = True
@@ -188,6 +188,19 @@ def _read_json(path: str):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _computed(config_json: dict) -> dict:
+  """What a run's config.json says it computes: today's fields (`config_lib.migrate`), without the
+  learning rate of a phase it does not run (a BPTT run is the same run whatever SMT's lr is)."""
+  c = config_lib.migrate(config_json)
+  runs = set(str(c.get("phases", "")).split(","))
+  return {
+    k: {f: v for f, v in section.items() if f != "lr"}
+    if k in config_lib.PHASES and k not in runs and isinstance(section, dict)
+    else section
+    for k, section in c.items()
+  }
 
 
 def same_settings(old: dict, new: dict) -> bool:
