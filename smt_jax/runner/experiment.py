@@ -72,33 +72,22 @@ def build_models(config, vocab_size: int):
   head_dim = head_width(m.width, m.num_heads, m.head_dim)
   # The causal teacher attends within the windowed teacher's context length.
   window = {"window": config.smt.context_length} if m.teacher_kind == "causal" else {}
-  teacher = TEACHER_KINDS[m.teacher_kind](
-    **window,
+  # What both models are built with: the vocabulary, the memory's shape, the attention, the dtype.
+  shared = dict(
     vocab_size=vocab_size,
     num_memory_tokens=m.num_memory_tokens,
     width=m.width,
-    encoder_depth=m.encoder_depth,
-    decoder_depth=m.decoder_depth,
     num_heads=m.num_heads,
     head_dim=head_dim,
     attention=m.attention,
     dtype=dtype,
     rngs=rngs,
   )
+  teacher = TEACHER_KINDS[m.teacher_kind](
+    **window, **shared, encoder_depth=m.encoder_depth, decoder_depth=m.decoder_depth
+  )
   try:  # the kind's own options (checked by its constructor) and the model-wide arguments
-    rnn = make_rnn(
-      m.rnn_kind,
-      **m.rnn[m.rnn_kind],
-      vocab_size=vocab_size,
-      num_memory_tokens=m.num_memory_tokens,
-      width=m.width,
-      num_heads=m.num_heads,
-      head_dim=head_dim,
-      initial_memory=m.rnn_initial_memory,
-      attention=m.attention,
-      dtype=dtype,
-      rngs=rngs,
-    )
+    rnn = make_rnn(m.rnn_kind, **m.rnn[m.rnn_kind], **shared, initial_memory=m.rnn_initial_memory)
   except ValueError as e:
     raise config_lib.ConfigError(f"config.model.rnn.{m.rnn_kind}: {e}") from None
   return teacher, rnn
