@@ -14,8 +14,8 @@ Commands:
   python -m experiments.studies --study=all --budget=smoke --out=/tmp/smoke_docs
   python -m experiments.studies --study=length_parity --set="length_parity.tasks=('copy',)" \
     --out=/tmp/copy_only                                                 # a budget field changed
-Studies: race, probes, steps, gradients, drift, length, geometry, updaters, samples, teachers,
-length_parity, curves, scaling, sweep, text (see docs/results.md).
+Studies: race, recipe, probes, steps, gradients, drift, length, geometry, updaters, samples,
+teachers, length_parity, curves, scaling, sweep, text (see docs/results.md).
 Runs (checkpoints, metrics) go to runs/studies/<budget>/ and are reused by later studies and reruns.
 """
 
@@ -239,6 +239,30 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       dmt_lr_ratio=0.3,
       seeds=(0,),
       evals=2 if smoke else 5,
+    )
+  )
+
+  # 0c. The recipe search: the probe's default recipe varied one axis at a time, equal tokens.
+  c.recipe = ml_collections.ConfigDict(
+    dict(
+      task="stack",
+      length=8 if smoke else 32,
+      seeds=(0,),
+      variants=(("default", ()), ("every memory decoded", ("smt.num_decoded=9",)))
+      if smoke
+      else (
+        ("default", ()),
+        ("every memory decoded", ("smt.num_decoded=33",)),
+        ("Tf 8", ("smt.future_length=8",)),
+        ("DMT a quarter of the tokens", ("smt.steps=1688", "dmt.steps=562")),
+        ("Tf 32", ("smt.future_length=32",)),
+        ("Tc 16", ("smt.context_length=16",)),
+        ("16 decoded", ("smt.num_decoded=16",)),
+        ("no DMT", ("phases='smt'", "smt.steps=2250")),
+      ),
+      bptt=(("BPTT", ()),)
+      if smoke
+      else (("BPTT", ()), ("BPTT truncated at 8", ("bptt.truncation=8",))),
     )
   )
 

@@ -24,6 +24,7 @@ from experiments.studies import (
   length_parity,
   probes,
   race,
+  recipe,
   samples,
   scaling,
   steps,
@@ -49,6 +50,7 @@ STUDIES = {
   "teachers": teachers.run,
   "text": language.run,
   "race": race.run,
+  "recipe": recipe.run,
 }
 
 
