@@ -517,3 +517,25 @@ def test_the_run_cache_keys_on_what_a_run_computes():
   assert same(old, cfg("smt,dmt"))
   old["model"]["rnn_depth"] += 1
   assert not same(old, cfg("smt,dmt"))
+
+
+def test_the_recipe_search_holds_the_tokens_and_names_the_field(tmp_path):
+  from experiments.studies import budgets, common, recipe
+  from smt_jax.runner import config as config_lib
+
+  b = budgets.get_config("cpu")
+  ctx = common.Context(budget=b, out=str(tmp_path), runs=str(tmp_path), quiet=True)
+  default = recipe.config(ctx, (), 0, "smt_dmt")
+  want = config_lib.training_tokens(default)
+  for method, variants in (("smt_dmt", b.recipe.variants), ("bptt", b.recipe.bptt)):
+    for _, overrides in variants:
+      c = recipe.config(ctx, overrides, 0, method)
+      config_lib.validate(c)
+      assert config_lib.training_tokens(c) == want, overrides
+  c = recipe.config(ctx, ("smt.num_decoded=16", "dmt.steps=300"), 0, "smt_dmt")
+  assert (c.smt.num_decoded, c.dmt.steps, c.smt.steps) == (16, 300, default.smt.steps)
+  # A variant that changes the data is refused before anything trains, naming the fix.
+  ctx.budget.recipe.variants = (("default", ()), ("longer DMT", ("dmt.steps=500",)))
+  with pytest.raises(ValueError, match="'longer DMT' trains on .* keep the sum"):
+    recipe.run(ctx)
+  assert not any(tmp_path.iterdir())  # nothing trained, nothing written

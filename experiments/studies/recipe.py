@@ -53,19 +53,22 @@ def run(ctx) -> dict:
   plan = [("smt_dmt", default_label, default_overrides)]
   plan += [("bptt", label, o) for label, o in b.bptt]
   plan += [("smt_dmt", label, o) for label, o in others]
-  tokens = None
-  rows, cells = [], []
-  for method, label, overrides in plan:
-    per = {k: [] for k in ("nll", "acc", "smt_acc", "teacher_nll", "teacher_acc", "train_s")}
-    for seed in b.seeds:
-      cfg = config(ctx, overrides, seed, method)
-      n = config_lib.training_tokens(cfg)
-      if tokens is not None and n != tokens:
+  # Every config built, checked and its tokens counted before anything trains.
+  configs = [[config(ctx, o, seed, method) for seed in b.seeds] for method, _, o in plan]
+  tokens = config_lib.training_tokens(configs[0][0])
+  for (_, label, _), cfgs in zip(plan, configs):
+    for cfg in cfgs:
+      config_lib.validate(cfg)
+      if config_lib.training_tokens(cfg) != tokens:
         raise ValueError(
-          f"recipe.variants: {label!r} trains on {n} tokens, the default on {tokens}; keep the "
-          f"sum of the phases' steps x batch x length equal (e.g. move steps from SMT to DMT)."
+          f"recipe.variants: {label!r} trains on {config_lib.training_tokens(cfg)} tokens, the "
+          f"default on {tokens}; keep the sum of the phases' steps x batch x length equal (e.g. "
+          f"move steps from SMT to DMT)."
         )
-      tokens = n
+  rows, cells = [], []
+  for (method, label, overrides), cfgs in zip(plan, configs):
+    per = {k: [] for k in ("nll", "acc", "smt_acc", "teacher_nll", "teacher_acc", "train_s")}
+    for seed, cfg in zip(b.seeds, cfgs):
       name = f"recipe/{b.task}{b.length}_{method}_{_slug(label)}_s{seed}"
       rec = common.ensure_run(ctx, name, cfg)
       s = rec["summary"]
