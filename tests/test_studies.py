@@ -520,22 +520,27 @@ def test_the_run_cache_keys_on_what_a_run_computes():
 
 
 def test_the_recipe_search_holds_the_tokens_and_names_the_field(tmp_path):
-  from experiments.studies import budgets, common, recipe
+  from experiments.studies import budgets, common, race, recipe
   from smt_jax.runner import config as config_lib
 
   b = budgets.get_config("cpu")
   ctx = common.Context(budget=b, out=str(tmp_path), runs=str(tmp_path), quiet=True)
-  default = recipe.config(ctx, (), 0, "smt_dmt")
-  want = config_lib.training_tokens(default)
-  for method, variants in (("smt_dmt", b.recipe.variants), ("bptt", b.recipe.bptt)):
-    for _, overrides in variants:
-      c = recipe.config(ctx, overrides, 0, method)
-      config_lib.validate(c)
-      assert config_lib.training_tokens(c) == want, overrides
-  c = recipe.config(ctx, ("smt.num_decoded=16", "dmt.steps=300"), 0, "smt_dmt")
-  assert (c.smt.num_decoded, c.dmt.steps, c.smt.steps) == (16, 300, default.smt.steps)
+  for workload in b.recipe.workloads:
+    _, default = recipe.config(ctx, workload, "default", (), 0, "smt_dmt")
+    want = config_lib.training_tokens(default)
+    for method, variants in (("smt_dmt", b.recipe.variants), ("bptt", b.recipe.bptt)):
+      for label, overrides in variants[workload]:
+        name, c = recipe.config(ctx, workload, label, overrides, 0, method)
+        config_lib.validate(c)
+        assert abs(config_lib.training_tokens(c) - want) <= 0.01 * want, (workload, label)
+        if not overrides and race.probe_length(ctx, workload) is None:
+          assert name.startswith("race/"), name  # the race's own run, reused
+  # A variant's lengths set a stream's steps at the race's tokens; explicit steps win.
+  _, c = recipe.config(ctx, "digits", "x", ("smt.future_length=32", "dmt.steps=50"), 0, "smt_dmt")
+  assert c.smt.future_length == 32 and c.dmt.steps == 50
+  assert c.smt.steps < default.smt.steps  # longer rows, fewer steps for the same tokens
   # A variant that changes the data is refused before anything trains, naming the fix.
-  ctx.budget.recipe.variants = (("default", ()), ("longer DMT", ("dmt.steps=500",)))
+  ctx.budget.recipe.variants.stack32 = (("default", ()), ("longer DMT", ("dmt.steps=500",)))
   with pytest.raises(ValueError, match="'longer DMT' trains on .* keep the sum"):
     recipe.run(ctx)
   assert not any(tmp_path.iterdir())  # nothing trained, nothing written

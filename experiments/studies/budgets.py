@@ -242,27 +242,42 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     )
   )
 
-  # 0c. The recipe search: the probe's default recipe varied one axis at a time, equal tokens.
+  # 0c. The recipe search: each workload's recipe varied one axis at a time, at equal tokens. A
+  # probe ('stack32': stack at T = 32) starts from its default config at its default budget; a
+  # stream ('digits', 'text') from the race's config (0), each method at `lrs`.
   c.recipe = ml_collections.ConfigDict(
     dict(
-      task="stack",
-      length=8 if smoke else 32,
-      seeds=(0,),
-      variants=(("default", ()), ("every memory decoded", ("smt.num_decoded=9",)))
+      workloads=("stack8",) if smoke else ("stack32", "digits"),
+      # per workload (digits: seed 1, whose default and BPTT runs the race has)
+      seeds=dict(stack8=(0,)) if smoke else dict(stack32=(0,), digits=(1,)),
+      lrs=dict(digits=dict(smt_dmt=3e-3, bptt=1e-3)),  # the race's best (section 0)
+      variants=dict(stack8=(("default", ()), ("every memory decoded", ("smt.num_decoded=9",))))
       if smoke
-      else (
-        ("default", ()),
-        ("every memory decoded", ("smt.num_decoded=33",)),
-        ("Tf 8", ("smt.future_length=8",)),
-        ("DMT a quarter of the tokens", ("smt.steps=1688", "dmt.steps=562")),
-        ("Tf 32", ("smt.future_length=32",)),
-        ("Tc 16", ("smt.context_length=16",)),
-        ("16 decoded", ("smt.num_decoded=16",)),
-        ("no DMT", ("phases='smt'", "smt.steps=2250")),
+      else dict(
+        stack32=(
+          ("default", ()),
+          ("every memory decoded", ("smt.num_decoded=33",)),
+          ("Tf 8", ("smt.future_length=8",)),
+          ("DMT a quarter of the tokens", ("smt.steps=1688", "dmt.steps=562")),
+          ("Tf 32", ("smt.future_length=32",)),
+          ("Tc 16", ("smt.context_length=16",)),
+          ("16 decoded", ("smt.num_decoded=16",)),
+          ("no DMT", ("phases='smt'", "smt.steps=2250")),
+        ),
+        digits=(
+          ("default", ()),
+          ("Tf 8", ("smt.future_length=8", "smt.num_transitions=72")),
+          ("16 decoded", ("smt.num_decoded=16",)),
+          ("DMT half the tokens", ("smt.steps=195", "dmt.steps=218")),
+          ("Tf 32", ("smt.future_length=32", "smt.num_transitions=96")),
+        ),
       ),
-      bptt=(("BPTT", ()),)
+      bptt=dict(stack8=(("BPTT", ()),))
       if smoke
-      else (("BPTT", ()), ("BPTT truncated at 8", ("bptt.truncation=8",))),
+      else dict(
+        stack32=(("BPTT", ()), ("BPTT truncated at 8", ("bptt.truncation=8",))),
+        digits=(("BPTT", ()),),
+      ),
     )
   )
 

@@ -9,6 +9,7 @@ study set resumes.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -114,6 +115,18 @@ def _quiet_periodics(c, *, log_every: int):
 
 # -------------------------------------------------------------------------------------------------
 # Running (or reusing) one training run.
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides) -> None:
+  """Sets 'field.path=python literal' overrides (e.g. "smt.future_length=8") on a run config;
+  the runner validates the result."""
+  for item in overrides:
+    key, _, text = item.partition("=")
+    *parents, leaf = key.strip().split(".")
+    node = c
+    for part in parents:
+      node = node[part]
+    node[leaf] = ast.literal_eval(text.strip())
 
 
 def ensure_run(ctx: Context, name: str, config: ml_collections.ConfigDict) -> dict:

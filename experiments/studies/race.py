@@ -49,8 +49,12 @@ def probe_length(ctx, workload: str) -> tuple[str, int] | None:
   return task, int(workload[len(task) :] or ctx.budget.race.length)
 
 
-def config(ctx, workload: str, method: str, lr: float, seed: int):
-  """The config of one race run: the workload's default (or earlier) recipe at the token budget."""
+def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
+  """The config of one race run: the workload's default (or earlier) recipe at the token budget.
+
+  `overrides` ('field=literal', the recipe study's variants) apply before the phases' steps are
+  set from the token budget (a variant's lengths set its steps), and an override of a phase's
+  `steps` after it (an explicit split wins)."""
   r = ctx.budget.race
   smoke = ",smoke" if ctx.budget.name == "smoke" else ""
   flags = (",earlier" if method == "earlier" else "") + smoke
@@ -70,17 +74,20 @@ def config(ctx, workload: str, method: str, lr: float, seed: int):
     c.data.options = dict(synthetic.TASK_OPTIONS[task])  # the authors' task for every method
   c.seed = seed
   c.phases = "bptt" if method == "bptt" else "smt,dmt"
+  common.apply_overrides(c, overrides)
   tokens = r.tokens[workload]
   per_step = {p: c[p].batch_size * config_lib.phase_seq_len(c, p) for p in ("smt", "dmt", "bptt")}
   if method == "bptt":
     c.bptt.steps = max(1, round(tokens / per_step["bptt"]))
     c.bptt.lr = lr
-    total = c.bptt.steps
   else:
     c.smt.steps = max(1, round(r.smt_share * tokens / per_step["smt"]))
     c.dmt.steps = max(1, round((1 - r.smt_share) * tokens / per_step["dmt"]))
     c.smt.lr, c.dmt.lr = lr, lr * r.dmt_lr_ratio
-    total = c.smt.steps + c.dmt.steps
+  common.apply_overrides(
+    c, [o for o in overrides if o.partition("=")[0].strip().endswith(".steps")]
+  )
+  total = sum(c[p].steps for p in config_lib.phase_names(c))
   c.eval.every_steps = max(1, total // r.evals)
   c.checkpoint_every_steps = 0
   c.keep_checkpoints = 2
