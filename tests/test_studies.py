@@ -544,3 +544,44 @@ def test_the_recipe_search_holds_the_tokens_and_names_the_field(tmp_path):
   with pytest.raises(ValueError, match="'longer DMT' trains on .* keep the sum"):
     recipe.run(ctx)
   assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_the_recipe_search_tables_each_variant_over_its_seeds(tmp_path, monkeypatch):
+  from experiments.studies import budgets, common, recipe
+
+  b = budgets.get_config("smoke")
+  b.recipe.seeds = {"stack8": (0, 1)}
+  ctx = common.Context(budget=b, out=str(tmp_path), runs=str(tmp_path), quiet=True)
+  trained = []
+
+  def fake_run(ctx, name, cfg):  # accuracy 0.5 + 0.1 x seed, +0.2 for every memory decoded
+    trained.append(name)
+    acc = 0.5 + 0.1 * cfg.seed + (0.2 if cfg.smt.num_decoded == 9 else 0.0)
+    last = {"eval/rnn_nll": 1 - acc, "eval/rnn_acc": acc}
+    last.update({"eval/teacher_nll": 0.9 - acc, "eval/teacher_acc": acc + 0.05})
+    phases = cfg.phases.split(",")
+    s = {p: dict(last, **{"eval/rnn_nll": 2.0}) for p in phases}
+    s[phases[-1]] = last
+    return {"summary": s, "train_s": {p: 10.0 for p in phases}}
+
+  monkeypatch.setattr(common, "ensure_run", fake_run)
+  monkeypatch.setattr(common, "run_seq_flops", lambda cfg: ({"x": 1e9}, {}))
+  res = recipe.run(ctx)
+  # The default first, then BPTT, then the variants; every seed of each.
+  assert [n.split("/")[1] for n in trained] == [
+    "stack8_smt_dmt_default_s0",
+    "stack8_smt_dmt_default_s1",
+    "stack8_bptt_bptt_s0",
+    "stack8_bptt_bptt_s1",
+    "stack8_smt_dmt_every_memory_decoded_s0",
+    "stack8_smt_dmt_every_memory_decoded_s1",
+  ]
+  rows = {r["label"]: r for r in res["cells"][0]["rows"]}
+  assert rows["every memory decoded"]["acc"] == pytest.approx([0.7, 0.8])
+  assert rows["BPTT"]["teacher_acc"] == [] and rows["default"]["smt_nll"] == [2.0, 2.0]
+  assert (
+    "| every memory decoded | `smt.num_decoded=9` | 6+4 | 320 | 0.750 ± 0.071 |"
+    in (res["markdown"])
+  )
+  assert os.path.exists(tmp_path / "recipe.png")
+  assert os.path.exists(tmp_path / "studies" / "recipe.md")
