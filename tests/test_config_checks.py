@@ -251,8 +251,18 @@ CONFIG_ONLY = {
   "seq_len_of_a_stream": ("pixels:smoke", {"data.seq_len": 64}, ["config.data.seq_len = 64"]),
   "unknown_data_option": (
     "synthetic:parity,smoke",
-    {"data.options.num_tokens": 4},
-    ["config.data.options.num_tokens = 4", "no such option"],
+    {"data.options.parity.num_tokens": 4},
+    ["config.data.options.parity.num_tokens = 4", "parity takes no such option"],
+  ),
+  "misspelt_dataset_options": (
+    "synthetic:stack,smoke",
+    {"data.options.stak": {"max_depth": 4}},
+    ["config.data.options.stak = ", "no such dataset; did you mean stack?"],
+  ),
+  "data_option_of_another_type": (
+    "synthetic:stack,smoke",
+    {"data.options.stack": {"max_depth": "10"}},
+    ["config.data.options.stack.max_depth = '10'", "must be of type int, like 8"],
   ),
   # a misspelt field would be ignored
   "misspelt_field": (
@@ -489,6 +499,43 @@ def test_a_config_saved_before_the_rnn_kinds_had_their_own_options_reads_as_toda
     config_lib.validate(config_lib.complete(old))
 
 
+def test_every_option_of_every_dataset_is_a_config_field(tmp_path):
+  # One section per dataset, from its constructor: the command line sets an option the recipe
+  # did not, and one whose default is None (typed by its annotation).
+  from absl import flags
+  from ml_collections import config_flags
+
+  path = os.path.join(os.path.dirname(synthetic.__file__), "synthetic.py")
+  argv = [
+    "prog",
+    f"--config={path}:stack,32",
+    "--config.data.options.stack.push_prob=0.25",
+    "--config.data.options.text.cache_dir=/tmp/cache",
+    "--config.data.options.quickdraw.categories=cat,dog",
+  ]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  c = fv.config
+  assert dict(c.data.options.stack) == {"num_tokens": 4, "max_depth": 10, "push_prob": 0.25}
+  assert (c.data.options.text.cache_dir, c.data.options.quickdraw.categories) == (
+    "/tmp/cache",
+    "cat,dog",
+  )
+  assert set(c.data.options) == set(data.DATASETS)
+  source = experiment.source_of(c)
+  assert source.push_prob == 0.25 and source.max_depth == 10  # data.name's section is passed
+  # A config saved before the sections held the chosen dataset's options alone: it reads as today.
+  old = json.loads(c.to_json())
+  old["data"]["options"] = {"num_tokens": 4, "max_depth": 10, "push_prob": 0.25}
+  assert config_lib.migrate(old)["data"]["options"]["stack"] == old["data"]["options"]
+  assert config_lib.complete(old).data.options.stack.push_prob == 0.25
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  c.data.options.text.cache_dir = None  # (the saved run's)
+  c.data.options.quickdraw.categories = None
+  assert workdir_lib.check_workdir(str(tmp_path), c, overwrite=False, fork=False) == "same"
+
+
 def test_a_new_rnn_kind_is_its_class_and_a_registry_line(monkeypatch):
   # The config gets its options section, the checks read its signature, the builder builds it.
   from flax import nnx
@@ -547,7 +594,7 @@ def test_a_new_dataset_is_its_class_and_a_registry_line(monkeypatch, tmp_path):
       )
 
   monkeypatch.setitem(data.DATASETS, "tokens", Tokens)
-  c = _config("pixels:smoke", {"data.name": "tokens", "data.options": {"offset": 1}})
+  c = _config("pixels:smoke", {"data.name": "tokens", "data.options.tokens.offset": 1})
   c.data.path = str(tmp_path / "missing")
   with pytest.raises(ConfigError, match="does not exist; tokens needs a folder of .npy token"):
     config_lib.validate(c)
@@ -583,10 +630,10 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
   earlier = synthetic.get_config(f"{task},{length},earlier")
   config_lib.validate(earlier)
   assert earlier.model.teacher_kind == "windowed" and earlier.smt.num_decoded == 0
-  assert dict(c.data.options) == synthetic.TASK_OPTIONS[task]
-  assert dict(earlier.data.options) == synthetic.EARLIER_OPTIONS[task]
+  for cfg, want in ((c, synthetic.TASK_OPTIONS), (earlier, synthetic.EARLIER_OPTIONS)):
+    assert {k: cfg.data.options[task][k] for k in want[task]} == want[task]
   if task == "stack":
-    assert dict(c.data.options) == {"num_tokens": 4, "max_depth": 10}
+    assert dict(c.data.options.stack) == {"num_tokens": 4, "max_depth": 10, "push_prob": 0.5}
   with pytest.raises(ValueError, match="unknown flags"):
     synthetic.get_config(f"{task},{length},eralier")
 

@@ -563,14 +563,14 @@ def test_mnist_config_streams_as_the_reference(tmp_path):
   from experiments.configs import pixels
 
   c = pixels.get_config('mnist')
-  assert c.data.options.bos is False
+  assert c.data.options.mnist.bos is False
   assert c.eval.seq_len == 2 * 784 and c.eval.prompt_length == 784 + 392
   images = np.random.default_rng(3).integers(0, 256, size=(2, 28, 28)).astype(np.uint8)
   for name in ('train-images-idx3-ubyte', 't10k-images-idx3-ubyte'):
     _write_idx(tmp_path / name, images)
-  source = make_source(c.data.name, path=str(tmp_path), **dict(c.data.options))
+  source = make_source(c.data.name, path=str(tmp_path), **dict(c.data.options.mnist))
   assert source.vocab_size == 256 and (source.streams['train'] == images.reshape(-1)).all()
-  assert pixels.get_config('digits').data.options.get('bos', True) is True  # digits keeps its BOS
+  assert pixels.get_config('digits').data.options.digits.bos is True  # digits keeps its BOS
 
 
 def test_text_stream_decodes_to_corpus(text_path):

@@ -401,7 +401,7 @@ def test_config_checks_for_paths(tmp_path):
     config_lib.validate(c)
   t = _config('text.py:tinystories')
   assert t.data.path.startswith('hf://') and t.data.eval_path.endswith('TinyStories-valid.txt')
-  assert t.data.options.encoding == 'ascii'
+  assert t.data.options.text.encoding == 'ascii'
 
 
 def test_too_few_eval_images_for_the_samples_is_refused_before_training(tmp_path):

@@ -161,7 +161,7 @@ def test_quickdraw_smoke_writes_samples(tmp_path):
     np.save(tmp_path / f"{name}.npy", rng.integers(0, 256, (20, 784), dtype=np.uint8))
   c = pixels.get_config("quickdraw,smoke")  # 2 x 2 eval drawings: samples.num = 4
   c.data.path = str(tmp_path)
-  c.data.options.levels = 8
+  c.data.options.quickdraw.levels = 8
   c.phases = "smt"
   summary = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert np.isfinite(summary["smt"]["eval/rnn_nll"])

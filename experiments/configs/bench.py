@@ -36,7 +36,7 @@ def get_config(arg: str = ""):
   c = config_lib.default()
   c.data.name = "digits"  # a real offline stream (crops of the phases' lengths); vocab 17
   c.data.episodic = False
-  c.data.options.bos = False
+  c.data.options.digits.bos = False
   common.cpu_model(c, width=64, memory_tokens=4, depth=2)
   common.reference_recipe(c)
   for p in ("smt", "dmt", "bptt"):
@@ -57,7 +57,7 @@ def paper(tiny: bool = False):
   """The paper's model and phases at parity, in bfloat16 (tiny: a few-second CPU version)."""
   c = config_lib.default()
   common.reference_recipe(c)
-  c.data.options.bos = False
+  c.data.options.digits.bos = False
   c.phases = "smt,dmt,bptt"
   c.model.dtype = "bfloat16"
   if tiny:

@@ -13,14 +13,16 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     sketches and point data.path at e.g. rendered_256x256/256x256/sketch/
                     tx_000000000000, one subfolder per category), turned grayscale, resized
                     to 28x28 by area averaging, inverted (strokes bright on black, as MNIST) and
-                    kept at 256 levels (data.options.image_size / levels / invert); about 1 in 10
-                    images (by a hash of the file name) evaluate unless --config.data.eval_path
-                    names a folder. The model, schedules and stream of mnist.
+                    kept at 256 levels (data.options.image_folder.image_size / levels /
+                    invert); about 1 in 10 images (by a hash of the file name) evaluate unless
+                    --config.data.eval_path names a folder. The model, schedules and stream of
+                    mnist.
   quickdraw         Quick, Draw! bitmaps: --config.data.path is a numpy_bitmap/<category>.npy file
                     or a folder of them (download from https://quickdraw.withgoogle.com/data,
                     i.e. gs://quickdraw_dataset/full/numpy_bitmap/; uint8 [N, 784] 28x28);
-                    data.options.categories="cat,dog" picks some, max_per_category (20000)
-                    bounds how many of each are read; the last 10% of those evaluate. As mnist.
+                    data.options.quickdraw.categories="cat,dog" picks some, max_per_category
+                    (20000) bounds how many of each are read; the last 10% of those evaluate.
+                    As mnist.
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
   digits,full       full supervision: every memory of a row trained from one causal-teacher pass,
@@ -29,7 +31,7 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     docs/results.md (section 0) found lr 3e-3 best at 1M tokens
                     (--config.smt.lr=3e-3 --config.dmt.lr=9e-4).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
-Digits keep a BOS before every image (`data.options.bos`) so the RNN alone can start one.
+Digits keep a BOS before every image (`data.options.digits.bos`) so the RNN alone can start one.
 
 Commands:
   python -m experiments.run --config=experiments/configs/pixels.py
@@ -42,7 +44,8 @@ Commands:
   python -m experiments.run --config=experiments/configs/pixels.py:sketch \\
       --config.data.path=/data/sketchy/sketch/tx_000000000000
   python -m experiments.run --config=experiments/configs/pixels.py:quickdraw \\
-      --config.data.path=/data/quickdraw/numpy_bitmap --config.data.options.categories=cat,dog
+      --config.data.path=/data/quickdraw/numpy_bitmap \\
+      --config.data.options.quickdraw.categories=cat,dog
   python -m experiments.sample --workdir=runs/pixels_digits
 """
 
@@ -60,7 +63,7 @@ def get_config(arg: str = "digits"):
   c = config_lib.default()
   if arg in ("digits", "smoke"):
     c.data.name = "digits"
-    c.data.options.bos = True
+    c.data.options.digits.bos = True
     common.cpu_model(c)
     c.smt.steps = 1_500
     c.smt.batch_size = 32
@@ -101,7 +104,7 @@ def get_config(arg: str = "digits"):
     # The authors' stream: every image's 784 pixels in row-major order, back to back with no
     # separator, vocabulary exactly 256; rows are random windows of it (train: the 60k train
     # images, eval: the 10k test images).
-    c.data.options.bos = False
+    c.data.options[c.data.name].bos = False
     c.smt.context_length = 256
     c.smt.future_length = 64
     c.eval.seq_len = 1568  # two images' worth of tokens (784 each; windows start anywhere)

@@ -3,7 +3,8 @@
 Argument: `TASK[,T][,earlier][,smoke]`, e.g. `synthetic.py:stack` or `synthetic.py:retrieval,256`.
 T is the sequence length (default 64). Every sequence is an independent episode.
 
-The task sizes are the authors' (`config.data.options`, e.g. --config.data.options.num_tokens=32):
+The task sizes are the authors' (`config.data.options.<task>`, e.g.
+--config.data.options.stack.num_tokens=32):
 stack pushes 4 elements to a depth of at most 10, copy reproduces the string reversed, modular
 hides (w, b) among 9 functions (difficulty 0.2 at modulus 17).
 
@@ -99,7 +100,7 @@ def get_config(arg: str = "retrieval"):
   c.data.name = task
   c.data.episodic = True
   c.data.seq_len = seq_len
-  c.data.options.update((EARLIER_OPTIONS if earlier else TASK_OPTIONS)[task])
+  c.data.options[task].update((EARLIER_OPTIONS if earlier else TASK_OPTIONS)[task])
   common.cpu_model(c)
   c.smt.batch_size = c.dmt.batch_size = c.bptt.batch_size = 32
   c.smt.lr = c.bptt.lr = 1e-3

@@ -81,7 +81,7 @@ def get_config(arg: str = "small"):
   elif arg == "tinystories":
     c.data.path = TINYSTORIES + "TinyStories-train.txt"
     c.data.eval_path = TINYSTORIES + "TinyStories-valid.txt"
-    c.data.options.encoding = "ascii"
+    c.data.options.text.encoding = "ascii"
     c.eval.seq_len = 512
   else:
     raise ValueError(f"text.py: unknown argument {arg!r}; use small, tinystories or smoke.")

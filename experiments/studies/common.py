@@ -63,7 +63,7 @@ def probe_config(
   b = ctx.budget
   # The recipe these studies were measured with (docs/results.md), not today's default.
   c = synthetic.get_config(f"{task},{length},earlier")
-  c.data.options.update(dict(b.probes.options[task]))
+  c.data.options[task].update(dict(b.probes.options[task]))
   c.seed = seed
   c.phases = phases
   c.model.rnn_kind = rnn_kind

@@ -51,7 +51,7 @@ def run(ctx) -> dict:
     for method, (rec, cfg) in pair.items():
       exp, params = common.restore(cfg, rec["workdir"], step=None)
       for ln in lengths:
-        src = data.make_source(L.task, seq_len=ln, **dict(cfg.data.options))
+        src = data.make_source(L.task, seq_len=ln, **dict(cfg.data.options[L.task]))
         r = score(
           exp,
           params,

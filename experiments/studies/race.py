@@ -71,7 +71,7 @@ def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
   else:
     task, length = probe_length(ctx, workload)
     c = synthetic.get_config(f"{task},{length}{flags}")
-    c.data.options = dict(synthetic.TASK_OPTIONS[task])  # the authors' task for every method
+    c.data.options[task].update(synthetic.TASK_OPTIONS[task])  # the authors' task, every method
   c.seed = seed
   c.phases = "bptt" if method == "bptt" else "smt,dmt"
   common.apply_overrides(c, overrides)

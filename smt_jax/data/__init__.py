@@ -4,9 +4,9 @@ Every source implements `Source.batch(split=, step=, batch_size=, seed=, process
 process_count=) -> {'x': int32 [B/P, T], 'y': int32 [B/P, T]}` (y == -1: no target), a pure
 function of its arguments. Build one by name with `make_source(name, **kwargs)`; the names are
 the keys of `DATASETS`. A source's class holds all a run needs to know of it: its keyword options
-(`config.data.options`), what it reads from files (`paths`, a `DataPaths`: `config.data.path` and
-`eval_path`), and what a token is (`bits_unit`); a new dataset is its class and a line in
-`DATASETS`.
+(`source_options`: a run's `config.data.options.<name>`), what it reads from files (`paths`, a
+`DataPaths`: `config.data.path` and `eval_path`), and what a token is (`bits_unit`); a new
+dataset is its class and a line in `DATASETS`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,19 @@ DATASETS = {
 }
 
 
+# The constructor arguments a run gives from its own fields (data.seq_len or a phase's length,
+# data.path, data.eval_path), not from the source's options.
+RUN_ARGS = ('seq_len', 'path', 'eval_path')
+
+
+def source_options(name: str) -> dict:
+  """The source's own options and their defaults: its keyword arguments beyond `RUN_ARGS`."""
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; choose one of {sorted(DATASETS)}.')
+  params = inspect.signature(DATASETS[name]).parameters
+  return {n: p.default for n, p in params.items() if n not in RUN_ARGS}
+
+
 def make_source(name: str, **kwargs) -> Source:
   """Builds the source `name` (a key of `DATASETS`) with its keyword arguments.
 
@@ -91,6 +104,8 @@ __all__ = [
   'PixelSource',
   'check_batch_tokens',
   'make_source',
+  'source_options',
+  'RUN_ARGS',
   'row_rng',
   'RetrievalSource',
   'CopySource',

@@ -58,7 +58,7 @@ def check_batch_tokens(what: str, x, y, vocab_size: int) -> None:
     raise ValueError(
       f'{what} has tokens outside the vocabulary [0, {vocab_size}) (x in [{x.min()}, '
       f'{x.max()}], targets y in [{y.min()}, {y.max()}], {IGNORE} = no target); the dataset '
-      f'(or its options in config.data.options) is inconsistent.'
+      f'(or its options in config.data.options.<name>) is inconsistent.'
     )
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import inspect
 import math
 import os
+import typing
 
 import jax
 import ml_collections
@@ -51,7 +51,9 @@ def default() -> ml_collections.ConfigDict:
   # (`smt_jax.data.DataPaths`); "" = what it reads without (text: the built-in corpus).
   c.data.path = ""
   c.data.eval_path = ""  # the evaluation data ("" = held out from data.path)
-  c.data.options = ml_collections.ConfigDict()  # the source's own keyword arguments
+  # Each dataset's own options, its constructor's keyword arguments (data.name's are passed):
+  # e.g. data.options.stack.max_depth, data.options.text.encoding.
+  c.data.options = {name: data_options(name) for name in data.DATASETS}
 
   c.model = ml_collections.ConfigDict()
   c.model.rnn_kind = "transformer"  # a key of smt_jax.models.RNN_KINDS
@@ -195,6 +197,19 @@ def complete(config) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(merge(default().to_dict(), migrate(given)))
 
 
+def data_options(name: str) -> ml_collections.ConfigDict:
+  """The dataset's options section: its defaults, an option whose default is None typed by its
+  annotation (so the command line can set it: `--config.data.options.text.cache_dir=/tmp/c`)."""
+  section = ml_collections.ConfigDict()
+  for k, v in data.source_options(name).items():
+    if v is None:
+      hint = typing.get_type_hints(data.DATASETS[name].__init__).get(k)
+      kind = next(t for t in typing.get_args(hint) + (str,) if t is not type(None))
+      v = ml_collections.config_dict.placeholder(typing.get_origin(kind) or kind)
+    section[k] = v
+  return section
+
+
 # Fields an older version had, and where each kind's options hold them now.
 _MOVED_RNN_FIELDS = {
   "rnn_depth": {"transformer": "depth", "mlp": "depth"},
@@ -206,7 +221,16 @@ _MOVED_RNN_FIELDS = {
 def migrate(config_json: dict) -> dict:
   """A config (as a dict) saved by an older version, with the fields it names that have since
   moved put where they are now (and nothing else added): its `model.rnn_depth`,
-  `model.readout_depth` and `model.rnn_hidden` become the kinds' options `model.rnn.<kind>.*`."""
+  `model.readout_depth` and `model.rnn_hidden` become the kinds' options `model.rnn.<kind>.*`,
+  and `data.options` of the chosen dataset alone (`{'max_depth': 10}`) its section
+  `data.options.<data.name>` (every dataset's section then at its defaults, as it was)."""
+  d = config_json.get("data")
+  if isinstance(d, dict) and isinstance(d.get("options"), dict):
+    options = d["options"]
+    if any(not isinstance(v, dict) for v in options.values()):  # one source's option values
+      sections = {name: data.source_options(name) for name in data.DATASETS}
+      sections[d.get("name")] = dict(sections.get(d.get("name"), {}), **options)
+      config_json = dict(config_json, data=dict(d, options=sections))
   model = config_json.get("model")
   if not isinstance(model, dict) or not set(_MOVED_RNN_FIELDS) & set(model):
     return config_json
@@ -538,7 +562,7 @@ def _validate_warmup(c, phases: list[str], *, check_paths: bool) -> None:
     raise ConfigError(f"{e} (in the warm-up, on episodes of data.warmup_seq_len = {t0})") from None
 
 
-# Sections whose keys are the source's or the RNN kinds' own (checked against their signatures).
+# Sections whose keys are the datasets' and the RNN kinds' options (checked by their signatures).
 _OPEN_SECTIONS = ("data.options", "model.rnn")
 
 
@@ -561,20 +585,16 @@ def _validate_fields(c) -> None:
   walk(c.to_dict(), default().to_dict(), "")
 
 
-def _validate_rnn_options(c) -> None:
-  """The chosen kind's options (`model.rnn.<kind>`): the names and types its constructor takes,
-  and the values it accepts."""
-  kind = c.model.rnn_kind
-  section = f"model.rnn.{kind}"
-  given = c.model.rnn[kind]  # complete() gave every registered kind its section
-  options = rnn_options(kind)
+def _check_options(section: str, owner: str, given, options: dict, shared: str) -> None:
+  """`given` (a section of `owner`'s options) holds only names of `options`, each of its
+  default's type (an int where a float is, any where the default is None)."""
   for name, value in given.items():
     if name not in options:
       _fail(
         f"{section}.{name}",
         value,
-        f"{kind} takes no such option; its options are {sorted(options)} (the model-wide "
-        f"ones are model.*).",
+        f"{owner} takes no such option; its options are {sorted(options)} (the shared ones "
+        f"are {shared}).",
       )
     default = options[name]
     if default is not None and not (
@@ -583,6 +603,15 @@ def _validate_rnn_options(c) -> None:
       _fail(
         f"{section}.{name}", value, f"must be of type {type(default).__name__}, like {default!r}."
       )
+
+
+def _validate_rnn_options(c) -> None:
+  """The chosen kind's options (`model.rnn.<kind>`): the names and types its constructor takes,
+  and the values it accepts."""
+  kind = c.model.rnn_kind
+  section = f"model.rnn.{kind}"
+  given = c.model.rnn[kind]  # complete() gave every registered kind its section
+  _check_options(section, kind, given, rnn_options(kind), "model.*")
   try:
     RNN_KINDS[kind].check_options(**given)
   except ValueError as e:
@@ -633,17 +662,19 @@ def _validate_data(c, *, check_paths: bool = True) -> None:
       f"{d.name} is a stream: its lengths are smt.context_length + smt.future_length (SMT), "
       f"+ dmt.rollout_length (DMT), bptt.seq_len and eval.seq_len; set data.seq_len=0.",
     )
-  accepted = list(inspect.signature(constructor).parameters)
-  for k in d.options:
-    if k in _SOURCE_ARGS_FROM_CONFIG:
-      _fail(f"data.options.{k}", d.options[k], f"set it through {_SOURCE_ARGS_FROM_CONFIG[k]}.")
-    if k not in accepted:
+  for name, section in d.options.items():
+    if name not in data.DATASETS:
+      near = difflib.get_close_matches(name, list(data.DATASETS), n=1)
       _fail(
-        f"data.options.{k}",
-        d.options[k],
-        f"{d.name} takes no such option; its options are "
-        f"{[a for a in accepted if a not in _SOURCE_ARGS_FROM_CONFIG]}.",
+        f"data.options.{name}",
+        section.to_dict() if isinstance(section, ml_collections.ConfigDict) else section,
+        f"no such dataset; {f'did you mean {near[0]}?' if near else sorted(data.DATASETS)}",
       )
+  given = d.options[d.name]  # complete() gave every dataset its section
+  for k, v in given.items():
+    if k in _SOURCE_ARGS_FROM_CONFIG:
+      _fail(f"data.options.{d.name}.{k}", v, f"set it through {_SOURCE_ARGS_FROM_CONFIG[k]}.")
+  _check_options(f"data.options.{d.name}", d.name, given, data.source_options(d.name), "data.*")
   _validate_path(d.name, constructor.paths, d.path, check_exists=check_paths)
   _validate_eval_path(d.name, constructor.paths, d.path, d.eval_path, check_exists=check_paths)
 

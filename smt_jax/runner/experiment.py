@@ -39,7 +39,7 @@ from smt_jax.runner import config as config_lib
 def source_of(config) -> data.Source:
   """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
   d = config.data
-  kwargs = dict(d.options)
+  kwargs = dict(d.options[d.name])
   # Object-store data (gs://...) is read from a local copy, staged once per host.
   local = lambda p, field: data.files.stage(p, field=field) if data.files.is_object_store(p) else p
   if data.DATASETS[d.name].paths:  # a source that reads files ("" = what it reads without)
@@ -674,7 +674,8 @@ def validate_with_source(config, source: data.Source) -> None:
         f"data: {c.data.name} {split} batch 0", batch["x"], batch["y"], source.vocab_size
       )
     except ValueError as e:
-      raise config_lib.ConfigError(f"{e} (config.data.options = {dict(c.data.options)})") from None
+      options = dict(c.data.options[c.data.name])
+      raise config_lib.ConfigError(f"{e} (config.data.options.{c.data.name} = {options})") from None
   if isinstance(source, data.PixelSource) and len(source.images("eval")) < c.samples.num:
     config_lib._fail(
       "samples.num",
