@@ -259,9 +259,6 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
           ("every memory decoded", ("smt.num_decoded=33",)),
           ("Tf 8", ("smt.future_length=8",)),
           ("DMT a quarter of the tokens", ("smt.steps=1688", "dmt.steps=562")),
-          ("Tf 32", ("smt.future_length=32",)),
-          ("Tc 16", ("smt.context_length=16",)),
-          ("16 decoded", ("smt.num_decoded=16",)),
           ("no DMT", ("phases='smt'", "smt.steps=2250")),
         ),
         digits=(
