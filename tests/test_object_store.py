@@ -216,6 +216,9 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
 
   c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
   _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"))
+  # The file is read by the row; the folder is staged.
+  assert isinstance(remote.streams["train"], data.files.RemoteBytes)
+  assert isinstance(remote.streams["eval"], np.ndarray)
   for split in ("train", "eval"):
     for step in range(3):
       a, b = (s.batch(split=split, step=step, batch_size=4, seed=0) for s in (remote, local))
@@ -237,3 +240,45 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
     match=f"config.data.path = 'gs://{BUCKET}/nothing-here.txt': does not",
   ):
     config_lib.validate(c)
+
+
+def test_each_host_reads_only_its_own_rows_of_a_corpus_on_gcs(gcs, tmp_path, monkeypatch):
+  """A text file on gs:// is read by range requests: each of two processes gets exactly the rows
+  of the local file's batches and fetches exactly their bytes, never the whole corpus (the
+  evaluation split, the file's tail, included)."""
+  from experiments.configs import text
+  from smt_jax.runner import config as config_lib
+  from smt_jax.runner import experiment
+
+  monkeypatch.setenv("SMT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  corpus = _corpus(3, 1_000_000)
+  (tmp_path / "corpus.txt").write_bytes(corpus)
+  storage.write_bytes(f"gs://{BUCKET}/corpus.txt", corpus)
+
+  def source(path):
+    c = text.get_config("smoke")
+    c.data.path = path
+    config_lib.validate(c)
+    return experiment.source_of(c)
+
+  remote, local = source(f"gs://{BUCKET}/corpus.txt"), source(str(tmp_path / "corpus.txt"))
+  assert remote.streams["train"].bytes_read == 0  # nothing read up front
+  assert not os.path.exists(tmp_path / "cache")  # nor staged
+  T, rows, read = remote.seq_len, 8, 0
+  for split in ("train", "eval"):
+    for step in range(3):
+      for p in range(2):
+        args = dict(split=split, step=step, batch_size=2 * rows, seed=5)
+        a = remote.batch(**args, process_index=p, process_count=2)
+        b = local.batch(**args, process_index=p, process_count=2)
+        for k in a:
+          np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {step} {p} {k}")
+        read += rows * (T + 1)
+        assert remote.streams[split].bytes_read == read  # this batch's rows, and nothing else
+  assert read < len(corpus) / 20
+  with pytest.raises(TypeError, match="slices with step 1"):
+    remote.streams["train"][::2]
+  np.testing.assert_array_equal(
+    np.asarray(remote.streams["eval"][:100]),
+    np.frombuffer(corpus, np.uint8)[-len(local.streams["eval"]) :][:100],
+  )

@@ -34,7 +34,8 @@ def check_int(name: str, value, *, minimum: int, fix: str = '') -> int:
 
 def check_tokens(what: str, tokens, vocab_size: int) -> None:
   """Raises ValueError unless `tokens` is a 1-D integer array with every id in [0, vocab_size)."""
-  tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+  # An array read on demand (files.RemoteBytes) has a dtype and ndim: never read it whole here.
+  tokens = tokens if hasattr(tokens, 'dtype') and hasattr(tokens, 'ndim') else np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(
       f'{what} must be a 1-D array of integer token ids, got {tokens.dtype} {tokens.shape}.'
@@ -86,6 +87,8 @@ class DataPaths:
     folder: `path` must be a folder.
     hub: `path` may be an hf:// path of the Hugging Face hub.
     eval_what: what `eval_path` must be ('' : the source takes no eval_path).
+    object_store: the source takes object-store URLs (gs://...) itself, reading a file by the row
+      where it can (`files.RemoteBytes`); False: the runner stages a local copy first.
   """
 
   what: str
@@ -93,6 +96,7 @@ class DataPaths:
   folder: bool = False
   hub: bool = False
   eval_what: str = ''
+  object_store: bool = False
 
 
 class Source:
@@ -161,9 +165,8 @@ class Source:
     first = process_index * rows
     x = np.empty((rows, self.seq_len), np.int32)
     y = np.empty((rows, self.seq_len), np.int32)
-    for i in range(rows):
-      rng = row_rng(seed=seed, split=split, step=step, row=first + i)
-      xi, yi = self.example(rng, split=split)
+    rngs = [row_rng(seed=seed, split=split, step=step, row=first + i) for i in range(rows)]
+    for i, (xi, yi) in enumerate(self.examples(rngs, split=split)):
       # Row assignment would broadcast a short row and truncate floats: check instead.
       for name, v in (('x', xi), ('y', yi)):
         if np.shape(v) != (self.seq_len,) or not np.issubdtype(np.asarray(v).dtype, np.integer):
@@ -173,6 +176,11 @@ class Source:
           )
       x[i], y[i] = xi, yi
     return {'x': x, 'y': y}
+
+  def examples(self, rngs, *, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One `example` per generator, in order (a source reading remote files fetches them
+    together)."""
+    return [self.example(rng, split=split) for rng in rngs]
 
   def __repr__(self) -> str:
     return (
@@ -208,8 +216,14 @@ class StreamSource(Source):
     self.streams = streams
 
   def example(self, rng, *, split):
+    return self.examples([rng], split=split)[0]
+
+  def examples(self, rngs, *, split):
     stream = self.streams[split]
     # Crops start anywhere, so a row may begin mid-image / mid-word; that is the LM setting.
-    start = int(rng.integers(0, len(stream) - self.seq_len))
-    crop = np.asarray(stream[start : start + self.seq_len + 1], dtype=np.int32)
-    return crop[:-1], crop[1:]
+    starts = [int(rng.integers(0, len(stream) - self.seq_len)) for rng in rngs]
+    if hasattr(stream, 'crops'):  # a file read on demand (files.RemoteBytes): one fetch of all
+      crops = stream.crops(starts, self.seq_len + 1).astype(np.int32)
+    else:
+      crops = [np.asarray(stream[s : s + self.seq_len + 1], dtype=np.int32) for s in starts]
+    return [(crop[:-1], crop[1:]) for crop in crops]

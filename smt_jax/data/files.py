@@ -3,10 +3,14 @@
 - `resolve(path)`: a local path as is; `hf://datasets/<owner>/<name>[@<revision>]/<file>` is
   downloaded once through `huggingface_hub` (into its own cache, `HF_HUB_CACHE`) and its local
   path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
-- `stage(url)`: a file or folder on an object store (`gs://...`, `s3://...`: any store
-  `smt_jax.storage` reaches) copied once into the cache folder and its local path returned; the
-  copy is reused while every object keeps its size and modification time. Each host stages its
-  own copy (the sources then read the rows they need from the local file).
+- `RemoteBytes(url)`: one file on an object store (`gs://...`, `s3://...`: any store
+  `smt_jax.storage` reaches) as a read-only byte array that fetches only what is indexed, by
+  range requests: a source whose tokens are a file's bytes (text, `encoding='bytes'`) reads just
+  the crops of its own rows, so each host of a pod reads its rows and never the whole corpus.
+- `stage(url)`: a file or folder on an object store copied once into the cache folder and its
+  local path returned, for data that cannot be read by the row (a folder, ASCII filtering, IDX
+  and image files); the copy is reused while every object keeps its size and modification time.
+  Each host stages its own copy (the sources then read the rows they need from the local file).
 - `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
   folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
   cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
@@ -86,6 +90,80 @@ def resolve(path: str, *, field: str = "data.path") -> str:
 def is_object_store(path: str) -> bool:
   """True for object-store URLs that `stage` copies (`gs://...`), not hf:// or local paths."""
   return storage.is_remote(path) and not is_remote(path)
+
+
+class RemoteBytes:
+  """A file on an object store as a read-only uint8 [N] array that reads only what is indexed.
+
+  `len()` comes from the object's size (one metadata request); a slice with step 1 is a lazy view
+  (no read); `np.asarray(view)` fetches the view's bytes with one range request, and
+  `crops(starts, length)` fetches many crops concurrently (fsspec's `cat_ranges`). `bytes_read`
+  counts the bytes fetched through this array and all its views.
+  """
+
+  dtype = np.dtype(np.uint8)
+  ndim = 1
+
+  def __init__(self, url: str, *, field: str = "data.path"):
+    import fsspec
+
+    try:
+      storage.check_reachable(url, field=field)
+    except storage.StorageError as e:
+      raise ValueError(str(e)) from None
+    self.url = os.fspath(url)
+    self._fs, self._path = fsspec.core.url_to_fs(self.url)
+    if not self._fs.isfile(self._path):
+      raise ValueError(f"{field}={url}: is not a file; point it at the data.")
+    self._start, self._stop = 0, int(self._fs.size(self._path))
+    self._counter = [0]  # shared with every view
+
+  @property
+  def bytes_read(self) -> int:
+    return self._counter[0]
+
+  @property
+  def shape(self) -> tuple[int]:
+    return (len(self),)
+
+  @property
+  def size(self) -> int:
+    return len(self)
+
+  def __len__(self) -> int:
+    return self._stop - self._start
+
+  def __getitem__(self, key):
+    if not isinstance(key, slice) or key.step not in (None, 1):
+      raise TypeError(f"RemoteBytes takes slices with step 1 (a[i:j]), not {key!r}.")
+    start, stop, _ = key.indices(len(self))
+    view = object.__new__(RemoteBytes)
+    view.__dict__.update(self.__dict__)
+    view._start, view._stop = self._start + start, self._start + max(start, stop)
+    return view
+
+  def __array__(self, dtype=None, copy=None):
+    raw = self._fs.cat_file(self._path, start=self._start, end=self._stop) if len(self) else b""
+    return self._bytes(raw, len(self)).astype(dtype or np.uint8, copy=False)
+
+  def crops(self, starts, length: int) -> np.ndarray:
+    """uint8 [len(starts), length]: row i is self[starts[i] : starts[i] + length]."""
+    starts = [self._start + int(s) for s in starts]
+    if any(s < self._start or s + length > self._stop for s in starts):
+      raise IndexError(f"a crop of {length} bytes runs outside [0, {len(self)}).")
+    if not starts:
+      return np.zeros((0, length), np.uint8)
+    raws = self._fs.cat_ranges([self._path] * len(starts), starts, [s + length for s in starts])
+    return np.stack([self._bytes(r, length) for r in raws])
+
+  def _bytes(self, raw, n: int) -> np.ndarray:
+    if isinstance(raw, Exception) or len(raw) != n:
+      raise OSError(f"{self.url}: a range read returned {raw!r:.80} instead of {n} bytes.")
+    self._counter[0] += n
+    return np.frombuffer(raw, np.uint8)
+
+  def __repr__(self) -> str:
+    return f"RemoteBytes({self.url!r}, [{self._start}:{self._stop}])"
 
 
 def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -> str:

@@ -15,6 +15,11 @@ Bytes (`encoding`):
 - 'ascii': every byte >= 128 dropped, as the authors' TinyStories loader does
   (`str.encode('ascii', errors='ignore')` on UTF-8 text drops exactly these bytes).
 
+Object stores (`gs://...`): a single file read as raw bytes is read by the row, by range
+requests (`smt_jax.data.files.RemoteBytes`), so each host of a pod fetches only the crops it
+trains on; a folder, or ASCII filtering, is staged whole once per host (`files.stage`). For a pod,
+store the corpus as the bytes to train on (e.g. filtered to ASCII once, beforehand).
+
 Memory: a single file read as raw bytes is memory-mapped directly. A folder, or ASCII filtering,
 derives a new byte array: it is built once, in 64 MiB chunks, into the data cache and
 memory-mapped from there (`smt_jax.data.files.cached_array`). So a 2 GB training file costs no
@@ -27,6 +32,7 @@ import os
 
 import numpy as np
 
+from smt_jax import storage
 from smt_jax.data import files
 from smt_jax.data.base import DataPaths, StreamSource, check_int
 
@@ -95,7 +101,12 @@ def read_corpus(
   if path is None:
     raw = np.frombuffer(builtin_corpus(), np.uint8)
     return ascii_only(raw) if encoding == 'ascii' else raw
-  local = files.resolve(os.fspath(path), field=field)
+  if files.is_object_store(path):
+    if encoding == 'bytes' and storage.path(path).is_file():
+      return files.RemoteBytes(path, field=field)
+    local = files.stage(path, field=field, cache_dir=cache_dir)
+  else:
+    local = files.resolve(os.fspath(path), field=field)
   if not os.path.exists(local):
     raise ValueError(
       f'text: {field}={path!r} does not exist; set {field} to a text file or a folder of '
@@ -137,6 +148,7 @@ class TextSource(StreamSource):
     when_empty='the built-in corpus',
     hub=True,
     eval_what='a text file, a folder of text files or an hf:// path',
+    object_store=True,
   )
   bits_unit = 'bits_per_byte'
 

@@ -40,9 +40,12 @@ def source_of(config) -> data.Source:
   """The dataset of `config.data`, built once (phases then differ only in sequence length)."""
   d = config.data
   kwargs = dict(d.options[d.name])
-  # Object-store data (gs://...) is read from a local copy, staged once per host.
-  local = lambda p, field: data.files.stage(p, field=field) if data.files.is_object_store(p) else p
-  if data.DATASETS[d.name].paths:  # a source that reads files ("" = what it reads without)
+  # Object-store data (gs://...) is read by the source (by the row where it can), else from a
+  # local copy, staged once per host.
+  paths = data.DATASETS[d.name].paths
+  stage = lambda p: paths and not paths.object_store and data.files.is_object_store(p)
+  local = lambda p, field: data.files.stage(p, field=field) if stage(p) else p
+  if paths:  # a source that reads files ("" = what it reads without)
     kwargs["path"] = local(d.path, "data.path") or None
   if d.eval_path:  # runner.config refuses it for sources without an eval_path
     kwargs["eval_path"] = local(d.eval_path, "data.eval_path")
