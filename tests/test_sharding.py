@@ -135,7 +135,9 @@ def worker(outdir: str) -> dict:
     if sharded:  # exactly as the runner does (on a copy: the step donates its input)
       state = phase.init_state(jax.tree.map(lambda a: a.copy(), params))
       batch = phase.batch(0)
-      fn, loss_fn = phase.step, phase.loss_fn
+      # accumulating: the runner's micro-batch steps, against the one-call scan below
+      fn = phase.step if phase.accum_steps == 1 else phase.train_step
+      loss_fn = phase.loss_fn
     else:  # everything on one device, without the mesh's constraints
       dev = jax.devices()[0]
       p1 = jax.device_put(jax.device_get(params), dev)

@@ -175,6 +175,11 @@ def make_loss(config, phase: str, fns, constrain_time=None):
   )
 
 
+def _micro_batches(a, accum_steps: int):
+  """[B, ...] -> [k, B / k, ...]: row i of the batch in micro-batch i % k."""
+  return jnp.moveaxis(a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:]), 1, 0)
+
+
 def accumulated(loss_fn, accum_steps: int):
   """loss_fn's value and gradient over a batch as `accum_steps` micro-batches, one at a time.
 
@@ -192,9 +197,7 @@ def accumulated(loss_fn, accum_steps: int):
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if accum_steps == 1:
     return grad_fn
-
-  def split(a):  # [B, ...] -> [k, B / k, ...], row i of the batch in micro-batch i % k
-    return jnp.moveaxis(a.reshape(a.shape[0] // accum_steps, accum_steps, *a.shape[1:]), 1, 0)
+  split = functools.partial(_micro_batches, accum_steps=accum_steps)
 
   def value_and_grad(params, batch, key):
     def micro(total, rows):
@@ -230,6 +233,63 @@ def make_train_step(loss_fn, optimizer, accum_steps: int = 1):
     new = {"params": params, "opt_state": opt_state}
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     return new, dict(metrics, grad_norm=grad_norm, finite=finite)
+
+  return step
+
+
+def init_accumulator(optimizer, accum_steps: int, metrics):
+  """For `make_micro_step`: params -> the optimiser state of an accumulating phase, {'inner': the
+  optimiser's state, 'grads' and 'metrics': the sums so far, 'micro': the next micro-batch,
+  'finite': whether every one so far was}. `metrics`: the loss's metrics (shapes suffice)."""
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
+  return lambda params: {
+    "inner": optimizer.init(params),
+    "grads": zeros(params),
+    "metrics": zeros(metrics),
+    "micro": jnp.zeros((), jnp.int32),
+    "finite": jnp.ones((), bool),
+  }
+
+
+def make_micro_step(loss_fn, optimizer, accum_steps: int):
+  """One micro-batch of an accumulated optimiser step: (state, batch, key) -> (state, metrics),
+  the accumulation carried in `state['opt_state']` (`init_accumulator`), so a loop can stop and
+  checkpoint between micro-batches and resume exactly.
+
+  The call takes micro-batch `micro` of the step's whole batch (rows micro, micro + k, ...: the
+  split of `accumulated`) and adds its gradient and metrics; the k-th call applies the mean
+  (clipped by the optimiser) unless a micro-batch was non-finite, resets the sums and returns the
+  step's metrics. k calls from micro = 0 are `make_train_step(loss_fn, optimizer, k)`'s one step:
+  the same sums in the same order.
+  """
+  grad_fn, k = jax.value_and_grad(loss_fn, has_aux=True), accum_steps
+
+  def step(state, batch, key):
+    acc, params = state["opt_state"], state["params"]
+    j = acc["micro"]
+    rows = jax.tree.map(
+      lambda a: jax.lax.dynamic_index_in_dim(_micro_batches(a, k), j, keepdims=False), batch
+    )
+    (loss, metrics), grads = grad_fn(params, rows, key)
+    grads_sum = jax.tree.map(jnp.add, acc["grads"], grads)
+    sums = jax.tree.map(jnp.add, acc["metrics"], metrics)
+    finite = acc["finite"] & jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    mean = jax.tree.map(lambda a: a / k, grads_sum)
+    updates, inner = optimizer.update(mean, acc["inner"], params)
+    finite &= jnp.isfinite(optax.tree.norm(updates))
+    last = j == k - 1
+    keep = lambda new, old, when: jax.tree.map(lambda a, b: jnp.where(when, a, b), new, old)  # noqa: E731
+    out = jax.tree.map(lambda a: a / k, sums)
+    out.update({n: v * k for n, v in out.items() if n.startswith("num_")})
+    new_acc = {
+      "inner": keep(inner, acc["inner"], last & finite),
+      "grads": keep(jax.tree.map(jnp.zeros_like, grads_sum), grads_sum, last),
+      "metrics": keep(jax.tree.map(jnp.zeros_like, sums), sums, last),
+      "micro": (j + 1) % k,
+      "finite": last | finite,
+    }
+    new = {"params": keep(optax.apply_updates(params, updates), params, last & finite)}
+    return dict(new, opt_state=new_acc), dict(out, grad_norm=optax.tree.norm(mean), finite=finite)
 
   return step
 
@@ -437,7 +497,11 @@ class Phase:
   optimizer: optax.GradientTransformation
   loss_fn: Callable  # (params, batch, key) -> (loss, metrics), with the mesh's constraints
   abstract_state: dict  # {'params', 'opt_state'}: ShapeDtypeStructs with their shardings
-  step: Callable  # jitted, sharded, donated: (state, batch, key) -> (state, metrics)
+  # jitted, sharded, donated: (state, batch, key) -> (state, metrics), one optimiser step; with
+  # accum_steps > 1 one micro-batch of it (`make_micro_step`): see `train_step`.
+  step: Callable
+  init_opt_state: Callable  # params -> a fresh optimiser state (with the accumulator's sums)
+  accum_steps: int = 1
   # The length curriculum (`warmup_config`): this phase on the shorter episodes, for its first
   # warmup_steps steps.
   warmup: Phase | None = None
@@ -451,6 +515,19 @@ class Phase:
     """The phase that trains step `step` of this one: its warm-up, or itself."""
     return self.warmup if self.warmup is not None and step < self.warmup_steps else self
 
+  def train_step(self, state, batch, key, stop: Callable | None = None):
+    """One optimiser step: `step`, or its micro-batches one call each from the state's next one
+    (a state restored mid-accumulation continues where it stopped). When `stop()` turns true
+    between two micro-batches it returns (state, None): the sums so far are in the state."""
+    if self.accum_steps == 1:
+      return self.step(state, batch, key)
+    first = int(state["opt_state"]["micro"])  # 0 unless resumed mid-accumulation
+    for j in range(first, self.accum_steps):
+      state, metrics = self.step(state, batch, key)
+      if j + 1 < self.accum_steps and stop is not None and stop():
+        return state, None
+    return state, metrics
+
   def init_state(self, params, opt_state=None) -> dict:
     """{'params', 'opt_state'} in the step's layout; a fresh optimiser state (created sharded)
     unless `opt_state` is given (a resumed phase)."""
@@ -458,7 +535,7 @@ class Phase:
     params = jax.device_put(params, shardings["params"])  # a no-op when already in place
     if opt_state is None:
       with jax.set_mesh(self.exp.mesh):
-        opt_state = jax.jit(self.optimizer.init, out_shardings=shardings["opt_state"])(params)
+        opt_state = jax.jit(self.init_opt_state, out_shardings=shardings["opt_state"])(params)
     return {"params": params, "opt_state": opt_state}
 
   def batch(self, step: int, transform: Callable | None = None) -> dict[str, jax.Array]:
@@ -485,7 +562,13 @@ def make_phase(
   loss_fn = make_loss(c, name, exp.fns, constrain_time=sharding.time_constraint(exp.mesh))
   if wrap_loss is not None:
     loss_fn = wrap_loss(loss_fn)
-  opt_state = jax.eval_shape(optimizer.init, exp.abstract_params)
+  k, init_opt_state = config_lib.grad_accum_steps(c), optimizer.init
+  if k > 1:  # the accumulator's sums live in the optimiser state: checkpointed with it
+    rows = jax.ShapeDtypeStruct((c[name].batch_size // k, exp.source_at(name).seq_len), jnp.int32)
+    key = jax.eval_shape(jax.random.key, 0)
+    _, metrics = jax.eval_shape(loss_fn, exp.abstract_params, {"x": rows, "y": rows}, key)
+    init_opt_state = init_accumulator(optimizer, k, metrics)
+  opt_state = jax.eval_shape(init_opt_state, exp.abstract_params)
   abstract_state = {
     "params": exp.abstract_params,
     "opt_state": _abstract(
@@ -502,7 +585,8 @@ def make_phase(
   state_sharding = shardings_of(abstract_state)
   step = jax.jit(
     sharding.traced_on(
-      exp.mesh, make_train_step(loss_fn, optimizer, config_lib.grad_accum_steps(c))
+      exp.mesh,
+      make_micro_step(loss_fn, optimizer, k) if k > 1 else make_train_step(loss_fn, optimizer),
     ),
     in_shardings=(state_sharding, exp.batch_sharding, None),
     out_shardings=(state_sharding, None),
@@ -521,6 +605,8 @@ def make_phase(
     loss_fn=loss_fn,
     abstract_state=abstract_state,
     step=step,
+    init_opt_state=init_opt_state,
+    accum_steps=k,
     warmup=warm,
     warmup_steps=w if warm is not None else 0,
   )

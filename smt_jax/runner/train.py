@@ -13,8 +13,9 @@ What a run guarantees (tests/test_config_checks.py, test_reliability.py, test_ki
   (optimiser state, the count of skipped steps), and metrics rows past the restored step are
   dropped before they are rerun.
 - SIGTERM or SIGINT (Ctrl-C) saves a checkpoint of the current step, then raises `Preempted`
-  (exit 143 or 130 from run.py). The signal only sets a flag, honoured at the next step boundary:
-  one arriving while XLA compiles waits for the compile (raising inside it crashes the process).
+  (exit 143 or 130 from run.py). The signal only sets a flag, honoured at the next step boundary
+  (accumulating, one process: the next micro-batch's, the sums so far checkpointed): one arriving
+  while XLA compiles waits for the compile (raising inside it crashes the process).
 - A non-finite loss, gradient or update is never applied; the run stops naming step, phase and
   terms (nan_policy='stop'), or skips the step and counts it (nan_policy='skip').
 """
@@ -203,8 +204,7 @@ def _train(
       if is_main:
         metrics_io.write_summary(run.workdir, summary)
       if phase.name == "smt" and c.smt.copy_decoder_to_readout:
-        # After SMT's final eval (which scores the RNN's own readout): later phases, samples and
-        # the boundary checkpoint use the readout with the teacher decoder's weights.
+        # SMT's final eval scored the RNN's own readout; what follows uses the decoder's weights.
         pos.params = experiment.copy_decoder_to_readout(pos.params)
       # Phase boundary checkpoint: a restart continues with the next phase. The run's end keeps
       # its last phase's optimiser state: a rerun with more steps continues that phase.
@@ -275,7 +275,11 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: checkpoints.Position) ->
       say(f"{name}: episodes of {phase.source.seq_len} tokens from step {step} (compiling)")
     now = phase.at(step)  # the length curriculum's short episodes first
     batch = now.batch(gstep, transform=run.hooks.train_batch)
-    state, metrics = now.step(state, batch, jax.random.fold_in(base_key, gstep))
+    stop = (lambda: run.watch.flag) if step else None  # between micro-batches (accumulating)
+    state, metrics = now.train_step(state, batch, jax.random.fold_in(base_key, gstep), stop)
+    if metrics is None:  # a signal mid-accumulation: the checkpoint keeps the sums so far
+      _checkpoint(run, phase, pos, state, step, pending)
+      _exit_preempted(run, f"{name} step {step} (mid-accumulation of step {step + 1})")
     run.tracer.after(gstep, (state, metrics))
     if pending is not None:
       pos.skipped += experiment.check_finite(c.nan_policy, name, *pending)
@@ -306,19 +310,8 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: checkpoints.Position) ->
     # (saved after the phase's final eval, so a restart never writes that eval twice).
     stop = run.watch.check(gstep)
     if itstime(done, c.checkpoint_every_steps, phase.steps, last=False) or stop:
-      pos.skipped += experiment.check_finite(c.nan_policy, name, *pending)
+      _checkpoint(run, phase, pos, state, done, pending)
       pending = None
-      run.writer.flush()  # the rows up to a checkpoint outlive a crash (on an object store too)
-      checkpoints.save(
-        run.mngr,
-        phase.offset + done,
-        state["params"],
-        state["opt_state"],
-        phase_index=phase.index,
-        phase_step=done,
-        phase=name,
-        skipped_steps=pos.skipped,
-      )
       if stop:
         _exit_preempted(run, f"{name} step {done}")
   if pending is not None:
@@ -332,6 +325,15 @@ def _run_phase(run: _Run, phase: experiment.Phase, pos: checkpoints.Position) ->
   out[name] = final
   out[f"{name}/skipped_steps"] = pos.skipped
   return out
+
+
+def _checkpoint(run: _Run, phase: experiment.Phase, pos, state, done: int, pending) -> None:
+  """Saves `state` after `done` steps of `phase`, the step before checked for finiteness first."""
+  if pending is not None:
+    pos.skipped += experiment.check_finite(run.exp.config.nan_policy, phase.name, *pending)
+  run.writer.flush()  # the rows up to a checkpoint outlive a crash (on an object store too)
+  at = dict(phase_index=phase.index, phase_step=done, phase=phase.name, skipped_steps=pos.skipped)
+  checkpoints.save(run.mngr, phase.offset + done, state["params"], state["opt_state"], **at)
 
 
 def _evaluate(run: _Run, phase: experiment.Phase, done: int, params) -> dict:
