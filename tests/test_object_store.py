@@ -217,7 +217,7 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
   c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
   _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"))
   # The file is read by the row; the folder is staged.
-  assert isinstance(remote.streams["train"], data.files.RemoteBytes)
+  assert isinstance(remote.streams["train"], data.files.RemoteRecords)
   assert isinstance(remote.streams["eval"], np.ndarray)
   for split in ("train", "eval"):
     for step in range(3):
@@ -282,3 +282,65 @@ def test_each_host_reads_only_its_own_rows_of_a_corpus_on_gcs(gcs, tmp_path, mon
     np.asarray(remote.streams["eval"][:100]),
     np.frombuffer(corpus, np.uint8)[-len(local.streams["eval"]) :][:100],
   )
+
+
+def test_mnist_and_quickdraw_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypatch):
+  """Raw IDX files and .npy drawings on gs:// are read image by image: every process's batches
+  equal the local files', and what was fetched is the images under its rows' crops (a crop of
+  T + 1 <= 785 tokens spans at most two images), not the files; nothing is staged."""
+  import struct
+
+  from experiments.configs import pixels
+  from smt_jax.runner import config as config_lib
+  from smt_jax.runner import experiment
+
+  monkeypatch.setenv("SMT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  rng = np.random.default_rng(0)
+  local = tmp_path / "data"
+  (local / "mnist").mkdir(parents=True)
+  (local / "quickdraw").mkdir()
+  for name, n in (("train-images-idx3-ubyte", 2000), ("t10k-images-idx3-ubyte", 300)):
+    raw = (
+      struct.pack(">4B3I", 0, 0, 8, 3, n, 28, 28)
+      + rng.integers(0, 256, n * 784, np.uint8).tobytes()
+    )
+    (local / "mnist" / name).write_bytes(raw)
+    storage.write_bytes(f"gs://{BUCKET}/mnist/{name}", raw)
+  for name in ("cat", "dog"):
+    np.save(local / "quickdraw" / f"{name}.npy", rng.integers(0, 256, (900, 784), np.uint8))
+    storage.write_bytes(
+      f"gs://{BUCKET}/quickdraw/{name}.npy", (local / "quickdraw" / f"{name}.npy").read_bytes()
+    )
+
+  def source(recipe, path, **options):
+    c = pixels.get_config(recipe)
+    c.data.path = path
+    for k, v in options.items():
+      c.data.options[c.data.name][k] = v
+    config_lib.validate(c)
+    return experiment.source_of(c)
+
+  for recipe, folder, options in (
+    ("mnist", "mnist", {"levels": 16}),  # quantised as read
+    ("quickdraw", "quickdraw", {"max_per_category": 600}),
+  ):
+    remote = source(recipe, f"gs://{BUCKET}/{folder}", **options)
+    here = source(recipe, str(local / folder), **options)
+    T, rows = remote.seq_len, 4
+    for split in ("train", "eval"):
+      stream = remote.streams[split]
+      start = stream.images.bytes_read  # shared by the splits of a file
+      assert split == "eval" or start == 0  # nothing read up front, nothing staged
+      for step in range(3):
+        for p in range(2):
+          args = dict(split=split, step=step, batch_size=2 * rows, seed=1)
+          a = remote.batch(**args, process_index=p, process_count=2)
+          b = here.batch(**args, process_index=p, process_count=2)
+          for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{recipe} {split} {step} {p} {k}")
+      assert T <= stream.period  # so a crop of T + 1 tokens spans at most two images
+      read = stream.images.bytes_read - start
+      assert 0 < read <= 3 * 2 * rows * 2 * 784  # 3 steps x 2 processes x 4 rows x 2 images
+      assert split == "eval" or read < stream.images.size / 4  # a fraction of the images
+    np.testing.assert_array_equal(np.asarray(remote.images("eval")[:5]), here.images("eval")[:5])
+  assert not os.path.exists(tmp_path / "cache")

@@ -34,15 +34,18 @@ def check_int(name: str, value, *, minimum: int, fix: str = '') -> int:
 
 def check_tokens(what: str, tokens, vocab_size: int) -> None:
   """Raises ValueError unless `tokens` is a 1-D integer array with every id in [0, vocab_size)."""
-  # An array read on demand (files.RemoteBytes) has a dtype and ndim: never read it whole here.
+  # An array read on demand (files.RemoteRecords) has a dtype and ndim: never read it whole here.
   tokens = tokens if hasattr(tokens, 'dtype') and hasattr(tokens, 'ndim') else np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(
       f'{what} must be a 1-D array of integer token ids, got {tokens.dtype} {tokens.shape}.'
     )
   # An unsigned dtype too narrow to hold vocab_size cannot go out of range: skip the O(N) scan
-  # (a memory-mapped byte corpus with V = 256 is never read up front).
+  # (a memory-mapped byte corpus with V = 256 is never read up front). Nor is a stream read on
+  # demand: the runner checks every batch it draws (check_batch_tokens).
   if np.issubdtype(tokens.dtype, np.unsignedinteger) and np.iinfo(tokens.dtype).max < vocab_size:
+    return
+  if not isinstance(tokens, np.ndarray):
     return
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     raise ValueError(
@@ -88,7 +91,7 @@ class DataPaths:
     hub: `path` may be an hf:// path of the Hugging Face hub.
     eval_what: what `eval_path` must be ('' : the source takes no eval_path).
     object_store: the source takes object-store URLs (gs://...) itself, reading a file by the row
-      where it can (`files.RemoteBytes`); False: the runner stages a local copy first.
+      where it can (`files.RemoteRecords`); False: the runner stages a local copy first.
   """
 
   what: str
@@ -222,7 +225,7 @@ class StreamSource(Source):
     stream = self.streams[split]
     # Crops start anywhere, so a row may begin mid-image / mid-word; that is the LM setting.
     starts = [int(rng.integers(0, len(stream) - self.seq_len)) for rng in rngs]
-    if hasattr(stream, 'crops'):  # a file read on demand (files.RemoteBytes): one fetch of all
+    if hasattr(stream, 'crops'):  # a file read on demand (files.RemoteRecords): one fetch of all
       crops = stream.crops(starts, self.seq_len + 1).astype(np.int32)
     else:
       crops = [np.asarray(stream[s : s + self.seq_len + 1], dtype=np.int32) for s in starts]

@@ -3,14 +3,16 @@
 - `resolve(path)`: a local path as is; `hf://datasets/<owner>/<name>[@<revision>]/<file>` is
   downloaded once through `huggingface_hub` (into its own cache, `HF_HUB_CACHE`) and its local
   path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
-- `RemoteBytes(url)`: one file on an object store (`gs://...`, `s3://...`: any store
-  `smt_jax.storage` reaches) as a read-only byte array that fetches only what is indexed, by
-  range requests: a source whose tokens are a file's bytes (text, `encoding='bytes'`) reads just
-  the crops of its own rows, so each host of a pod reads its rows and never the whole corpus.
+- `RemoteRecords`: files on an object store (`gs://...`, `s3://...`: any store
+  `smt_jax.storage` reaches) as a read-only array that fetches only what is indexed, by range
+  requests: a text file's bytes, MNIST's raw IDX images, Quick, Draw!'s `.npy` drawings. A source
+  over them reads just the crops of its own rows, so each host of a pod reads its rows and never
+  the whole dataset.
 - `stage(url)`: a file or folder on an object store copied once into the cache folder and its
-  local path returned, for data that cannot be read by the row (a folder, ASCII filtering, IDX
-  and image files); the copy is reused while every object keeps its size and modification time.
-  Each host stages its own copy (the sources then read the rows they need from the local file).
+  local path returned, for data that cannot be read by the row (a folder of text, ASCII
+  filtering, gzipped IDX files, folders of PNG/JPEG images); the copy is reused while every
+  object keeps its size and modification time. Each host stages its own copy (the sources then
+  read the rows they need from the local file).
 - `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
   folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
   cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
@@ -92,78 +94,128 @@ def is_object_store(path: str) -> bool:
   return storage.is_remote(path) and not is_remote(path)
 
 
-class RemoteBytes:
-  """A file on an object store as a read-only uint8 [N] array that reads only what is indexed.
+class RemoteRecords:
+  """Records of one shape, stored back to back in object-store files (`gs://...`), as a
+  read-only uint8 array [N, *shape] that reads only what is asked for, by range requests.
 
-  `len()` comes from the object's size (one metadata request); a slice with step 1 is a lazy view
-  (no read); `np.asarray(view)` fetches the view's bytes with one range request, and
-  `crops(starts, length)` fetches many crops concurrently (fsspec's `cat_ranges`). `bytes_read`
-  counts the bytes fetched through this array and all its views.
+  `RemoteRecords.file(url)` is a file's bytes ([N]); `.file(url, offset=16, shape=(28, 28))` the
+  images of an IDX file; `concat` joins arrays (each file a segment). A slice is a lazy view (no
+  read); `np.asarray(view)`, an index or `read_many(ranges)` fetch, all ranges of one call
+  concurrently (fsspec's `cat_ranges`), and `transform` (e.g. a quantisation) is applied to what
+  was read. `crops(starts, n)` is a byte stream's rows. `bytes_read` counts the bytes fetched
+  through an array and all its views: what lets a test see that a host read only its own rows.
   """
 
   dtype = np.dtype(np.uint8)
-  ndim = 1
 
-  def __init__(self, url: str, *, field: str = "data.path"):
+  def __init__(self, fs, segments, shape, transform=None, counter=None):
+    """segments: ((path, byte offset, number of records), ...), in order."""
+    self._fs, self._segments, self._shape = fs, tuple(segments), tuple(shape)
+    self._transform, self._counter = transform, counter or [0]
+
+  @classmethod
+  def file(cls, url, *, offset=0, count=None, shape=(), field="data.path", transform=None):
+    """The records of file `url` from byte `offset` (`count` of them; None: to its end)."""
     import fsspec
 
     try:
       storage.check_reachable(url, field=field)
     except storage.StorageError as e:
       raise ValueError(str(e)) from None
-    self.url = os.fspath(url)
-    self._fs, self._path = fsspec.core.url_to_fs(self.url)
-    if not self._fs.isfile(self._path):
+    fs, path = fsspec.core.url_to_fs(os.fspath(url))
+    if not fs.isfile(path):
       raise ValueError(f"{field}={url}: is not a file; point it at the data.")
-    self._start, self._stop = 0, int(self._fs.size(self._path))
-    self._counter = [0]  # shared with every view
+    size = int(np.prod(shape, dtype=np.int64))
+    count = (int(fs.size(path)) - offset) // size if count is None else count
+    return cls(fs, [(path, offset, count)], shape, transform)
+
+  @classmethod
+  def concat(cls, parts) -> RemoteRecords:
+    first = parts[0]
+    segments = [s for p in parts for s in p._segments]
+    return cls(first._fs, segments, first._shape, first._transform, first._counter)
 
   @property
   def bytes_read(self) -> int:
     return self._counter[0]
 
   @property
-  def shape(self) -> tuple[int]:
-    return (len(self),)
+  def shape(self) -> tuple:
+    return (len(self), *self._shape)
+
+  @property
+  def ndim(self) -> int:
+    return 1 + len(self._shape)
 
   @property
   def size(self) -> int:
-    return len(self)
+    return int(np.prod(self.shape, dtype=np.int64))
 
   def __len__(self) -> int:
-    return self._stop - self._start
+    return sum(n for _, _, n in self._segments)
 
   def __getitem__(self, key):
-    if not isinstance(key, slice) or key.step not in (None, 1):
-      raise TypeError(f"RemoteBytes takes slices with step 1 (a[i:j]), not {key!r}.")
-    start, stop, _ = key.indices(len(self))
-    view = object.__new__(RemoteBytes)
-    view.__dict__.update(self.__dict__)
-    view._start, view._stop = self._start + start, self._start + max(start, stop)
-    return view
+    if isinstance(key, slice):
+      if key.step not in (None, 1):
+        raise TypeError(f"RemoteRecords takes slices with step 1 (a[i:j]), not {key!r}.")
+      start, stop, _ = key.indices(len(self))
+      return RemoteRecords(
+        self._fs, self._pieces(start, max(start, stop)), self._shape, self._transform,
+        self._counter,
+      )  # fmt: skip
+    index = np.arange(len(self))[key]  # an int or an index array
+    rows = self.read_many([(i, i + 1) for i in np.ravel(index)])
+    out = np.concatenate(rows) if rows else np.zeros((0, *self._shape), np.uint8)
+    return out.reshape(*np.shape(index), *self._shape)
 
   def __array__(self, dtype=None, copy=None):
-    raw = self._fs.cat_file(self._path, start=self._start, end=self._stop) if len(self) else b""
-    return self._bytes(raw, len(self)).astype(dtype or np.uint8, copy=False)
+    return self.read_many([(0, len(self))])[0].astype(dtype or np.uint8, copy=False)
+
+  def _pieces(self, start: int, stop: int) -> list:
+    """The segments' parts holding records [start, stop)."""
+    size, out, first = int(np.prod(self._shape, dtype=np.int64)), [], 0
+    for path, offset, n in self._segments:
+      lo, hi = max(start, first), min(stop, first + n)
+      if lo < hi:
+        out.append((path, offset + (lo - first) * size, hi - lo))
+      first += n
+    return out
+
+  def read_many(self, ranges) -> list[np.ndarray]:
+    """Records [a, b) for each (a, b) of `ranges`: uint8 [b - a, *shape] each, one fetch."""
+    size, n = int(np.prod(self._shape, dtype=np.int64)), len(self)
+    if any(not 0 <= a <= b <= n for a, b in ranges):
+      raise IndexError(f"a range of {list(ranges)[:4]}... runs outside [0, {n}).")
+    pieces = [self._pieces(a, b) for a, b in ranges]
+    flat = [p for ps in pieces for p in ps if p[2]]
+    raws = iter(
+      self._fs.cat_ranges(
+        [p for p, _, _ in flat], [o for _, o, _ in flat], [o + c * size for _, o, c in flat]
+      )
+      if flat
+      else []
+    )
+    out = []
+    for ps in pieces:
+      parts = []
+      for _, _, count in (p for p in ps if p[2]):
+        raw = next(raws)
+        if isinstance(raw, Exception) or len(raw) != count * size:
+          raise OSError(f"a range read returned {raw!r:.80} instead of {count * size} bytes.")
+        self._counter[0] += len(raw)
+        parts.append(np.frombuffer(raw, np.uint8))
+      rows = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+      rows = rows.reshape(-1, *self._shape)
+      out.append(self._transform(rows) if self._transform else rows)
+    return out
 
   def crops(self, starts, length: int) -> np.ndarray:
-    """uint8 [len(starts), length]: row i is self[starts[i] : starts[i] + length]."""
-    starts = [self._start + int(s) for s in starts]
-    if any(s < self._start or s + length > self._stop for s in starts):
-      raise IndexError(f"a crop of {length} bytes runs outside [0, {len(self)}).")
-    if not starts:
-      return np.zeros((0, length), np.uint8)
-    raws = self._fs.cat_ranges([self._path] * len(starts), starts, [s + length for s in starts])
-    return np.stack([self._bytes(r, length) for r in raws])
-
-  def _bytes(self, raw, n: int) -> np.ndarray:
-    if isinstance(raw, Exception) or len(raw) != n:
-      raise OSError(f"{self.url}: a range read returned {raw!r:.80} instead of {n} bytes.")
-    self._counter[0] += n
-    return np.frombuffer(raw, np.uint8)
+    """uint8 [len(starts), length, *shape]: row i is self[starts[i] : starts[i] + length]."""
+    rows = self.read_many([(int(s), int(s) + length) for s in starts])
+    return np.stack(rows) if rows else np.zeros((0, length, *self._shape), np.uint8)
 
   def __repr__(self) -> str:
-    return f"RemoteBytes({self.url!r}, [{self._start}:{self._stop}])"
+    return f"RemoteRecords({len(self._segments)} segment(s), shape {self.shape})"
 
 
 def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -> str:

@@ -13,6 +13,7 @@ tokens of its split's stream (`StreamSource`), x = crop[:-1], y = crop[1:].
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -20,6 +21,8 @@ import warnings
 
 import numpy as np
 
+from smt_jax import storage
+from smt_jax.data import files
 from smt_jax.data.base import SPLITS, DataPaths, StreamSource, check_int
 
 # IDX type byte -> numpy dtype (IDX data is big-endian).
@@ -106,19 +109,49 @@ def image_stream(images: np.ndarray, bos: int | None) -> np.ndarray:
   return np.concatenate([bos_column, pixels.astype(np.uint16)], axis=1).reshape(-1)
 
 
+class ImageStream:
+  """What `image_stream` builds, without building it: the stream of images read on demand
+  (`files.RemoteRecords`), whose `crops` read only the images under each crop."""
+
+  ndim = 1
+
+  def __init__(self, images, bos: int | None):
+    self.images, self.bos = images, bos
+    self.period = int(np.prod(images.shape[1:])) + (bos is not None)  # tokens per image
+    self.dtype = np.dtype(np.uint16 if bos is not None else np.uint8)
+
+  def __len__(self) -> int:
+    return len(self.images) * self.period
+
+  @property
+  def shape(self) -> tuple[int]:
+    return (len(self),)
+
+  def crops(self, starts, length: int) -> np.ndarray:
+    """[len(starts), length]: row i is the stream's tokens [starts[i], starts[i] + length)."""
+    first = [int(s) // self.period for s in starts]
+    ranges = [(a, (int(s) + length - 1) // self.period + 1) for a, s in zip(first, starts)]
+    rows = [
+      image_stream(im, self.bos)[s - a * self.period :][:length]
+      for s, a, im in zip(starts, first, self.images.read_many(ranges))
+    ]
+    return np.stack(rows) if rows else np.zeros((0, length), self.dtype)
+
+
 def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
-  """Every split: integer images [N >= 1, H, W] of one common (H, W), values in [0, levels)."""
+  """Every split: integer images [N >= 1, H, W] of one common (H, W), values in [0, levels)
+  (images read on demand: their shape and dtype; the runner checks every batch's tokens)."""
   if sorted(images) != sorted(SPLITS):
     raise ValueError(f'images must have the splits {sorted(SPLITS)}, got {sorted(images)}.')
   shapes = set()
   for split, im in images.items():
-    im = np.asarray(im)
+    im = im if hasattr(im, 'read_many') else np.asarray(im)
     if im.ndim != 3 or not len(im) or not np.issubdtype(im.dtype, np.integer):
       raise ValueError(
         f'{split} images must be integer intensities [N >= 1, H, W], got '
         f'{im.dtype} {im.shape}; quantise float images to 0..levels-1 first.'
       )
-    if im.min() < 0 or im.max() >= levels:
+    if isinstance(im, np.ndarray) and (im.min() < 0 or im.max() >= levels):
       raise ValueError(
         f'{split} images hold intensities in [{im.min()}, {im.max()}], outside '
         f'[0, levels={levels}); quantise them (or raise levels), never clip.'
@@ -148,7 +181,10 @@ class PixelSource(StreamSource):
     self.image_shape = tuple(images['train'].shape[1:])
     self.levels = levels
     self.bos = levels if bos else None
-    streams = {split: image_stream(images[split], self.bos) for split in SPLITS}
+    streams = {  # images read on demand stay there: their stream is read by the crop
+      split: ImageStream(im, self.bos) if hasattr(im, 'read_many') else image_stream(im, self.bos)
+      for split, im in images.items()
+    }
     super().__init__(streams=streams, vocab_size=levels + int(bos), seq_len=seq_len)
 
   def images(self, split: str) -> np.ndarray:
@@ -235,6 +271,36 @@ def load_mnist_idx(folder: str) -> dict[str, np.ndarray]:
   return {'train': images[: len(images) - num_eval], 'eval': images[len(images) - num_eval :]}
 
 
+def quantise(pixels: np.ndarray, levels: int) -> np.ndarray:
+  """uint8 intensities 0..255 -> 0..levels-1 (v * levels // 256: equal-width bins)."""
+  if levels == 256:
+    return np.asarray(pixels, np.uint8)
+  return (pixels.astype(np.uint16) * levels // 256).astype(np.uint8)
+
+
+def remote_idx_images(url: str, transform=None) -> files.RemoteRecords:
+  """The images [N, H, W] of a raw (not gzipped) uint8 IDX file on an object store, read on
+  demand; ValueError when it is not one."""
+  head = np.asarray(files.RemoteRecords.file(url)[:16]).tobytes()
+  if len(head) < 16 or head[:4] != b'\0\0\x08\x03':
+    raise ValueError(f'{url}: not a raw uint8 IDX images file (magic {head[:4].hex()!r}).')
+  n, h, w = struct.unpack('>3I', head[4:16])
+  images = files.RemoteRecords.file(url, offset=16, shape=(h, w), transform=transform)
+  if len(images) != n:
+    raise ValueError(f'{url}: the IDX header says {n} images, the file holds {len(images)}.')
+  return images
+
+
+def load_mnist_remote(url: str, levels: int) -> dict:
+  """MNIST's two raw IDX files in the object-store folder `url`, read on demand (each host
+  reads its rows' images); else (gzipped files, or one of the two) the folder staged whole."""
+  q = functools.partial(quantise, levels=levels)
+  names = {split: storage.join(url, MNIST_FILES[split]) for split in SPLITS}
+  if all(storage.exists(n) for n in names.values()):
+    return {split: remote_idx_images(n, q) for split, n in names.items()}
+  return {split: q(im) for split, im in load_mnist_idx(files.stage(url)).items()}
+
+
 def load_mnist_tfds() -> dict[str, np.ndarray]:
   """MNIST images through `tfds.data_source` (random access; no TensorFlow needed).
 
@@ -266,7 +332,9 @@ class MnistSource(PixelSource):
   """
 
   name = 'mnist'
-  paths = DataPaths('a folder of MNIST IDX files', when_empty='tensorflow-datasets', folder=True)
+  paths = DataPaths(
+    'a folder of MNIST IDX files', when_empty='tensorflow-datasets', folder=True, object_store=True
+  )
 
   def __init__(
     self, *, seq_len: int = 784, path: str | None = None, levels: int = 256, bos: bool = True
@@ -274,10 +342,9 @@ class MnistSource(PixelSource):
     levels = check_int('levels', levels, minimum=2, fix='Use 2..256 intensity levels.')
     if levels > 256:
       raise ValueError(f'levels must be <= 256, got {levels}. Use 2..256 intensity levels.')
-    images = load_mnist_tfds() if path is None else load_mnist_idx(path)
-    if levels < 256:  # quantise v in 0..255 to v*levels//256 in 0..levels-1
-      images = {
-        split: (im.astype(np.uint16) * levels // 256).astype(np.uint8)
-        for split, im in images.items()
-      }
+    if path is not None and files.is_object_store(path):
+      images = load_mnist_remote(path, levels)  # quantised as read
+    else:
+      images = load_mnist_tfds() if path is None else load_mnist_idx(path)
+      images = {split: quantise(im, levels) for split, im in images.items()}
     super().__init__(images=images, levels=levels, seq_len=seq_len, bos=bos)

@@ -20,25 +20,21 @@ pure function of (seed, split, step, row); a file that cannot be read is an erro
 
 from __future__ import annotations
 
+import functools
+import io
 import os
 import zlib
 
 import numpy as np
 
+from smt_jax import storage
 from smt_jax.data import files
 from smt_jax.data.base import DataPaths, check_int
-from smt_jax.data.pixels import PixelSource, check_bool
+from smt_jax.data.pixels import PixelSource, check_bool, quantise
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 QUICKDRAW_SHAPE = (28, 28)
 EVAL_FRACTION = 0.1
-
-
-def quantise(pixels: np.ndarray, levels: int) -> np.ndarray:
-  """uint8 intensities 0..255 -> 0..levels-1 (v * levels // 256: equal-width bins)."""
-  if levels == 256:
-    return pixels.astype(np.uint8)
-  return (pixels.astype(np.uint16) * levels // 256).astype(np.uint8)
 
 
 def _check_levels(levels) -> int:
@@ -174,20 +170,20 @@ class ImageFolderSource(PixelSource):
 
 def list_quickdraw(path: str, categories) -> list[str]:
   """The category files: `path` itself (a .npy), or the .npy files of a folder (sorted), or the
-  named `categories` in it."""
-  if os.path.isfile(path):
+  named `categories` in it. `path` may be local or on an object store."""
+  if storage.exists(path) and not storage.is_dir(path):
     if categories:
       raise ValueError(
         f'quickdraw: data.path={path!r} is one file, so options.categories={categories!r} cannot '
         'choose among categories; point data.path at the numpy_bitmap folder instead.'
       )
     return [path]
-  if not os.path.isdir(path):
+  if not storage.is_dir(path):
     raise ValueError(
       f'quickdraw: data.path={path!r} does not exist; set it to a numpy_bitmap/<category>.npy '
       'file or a folder of them.'
     )
-  available = sorted(f for f in os.listdir(path) if f.endswith('.npy') and not f.startswith('.'))
+  available = [f for f in storage.list_names(path) if f.endswith('.npy') and not f.startswith('.')]
   if categories:
     names = (
       [c.strip() for c in categories.split(',')]
@@ -205,32 +201,48 @@ def list_quickdraw(path: str, categories) -> list[str]:
     raise ValueError(
       f'quickdraw: data.path={path!r} holds no .npy files (numpy_bitmap/<category>.npy).'
     )
-  return [os.path.join(path, f) for f in available]
+  return [storage.join(path, f) for f in available]
 
 
-def read_quickdraw(path: str, limit: int) -> np.ndarray:
-  """The first `limit` drawings of one category file: uint8 [n, 28, 28] (memory-mapped read)."""
+def read_quickdraw(path: str, limit: int, transform=None):
+  """The first `limit` drawings of one category file: uint8 [n, 28, 28], memory-mapped (a local
+  file) or read on demand (`files.RemoteRecords`, an object store; `transform` applied as read)."""
+  remote = files.is_object_store(path)
   try:
-    bitmaps = np.load(path, mmap_mode='r', allow_pickle=False)
+    if remote:
+      head = files.RemoteRecords.file(path)
+      f = io.BytesIO(np.asarray(head[: min(len(head), 4096)]).tobytes())
+      fmt = np.lib.format
+      read = {(1, 0): fmt.read_array_header_1_0}.get(fmt.read_magic(f), fmt.read_array_header_2_0)
+      shape, fortran, dtype = read(f)
+    else:
+      bitmaps = np.load(path, mmap_mode='r', allow_pickle=False)
+      shape, fortran, dtype = bitmaps.shape, False, bitmaps.dtype
   except Exception as e:
     raise ValueError(f'quickdraw: cannot read {path!r} as a .npy array ({e}).') from None
-  if bitmaps.dtype != np.uint8 or bitmaps.ndim != 2 or bitmaps.shape[1] != 784:
+  if dtype != np.uint8 or len(shape) != 2 or shape[1] != 784 or fortran:
     raise ValueError(
-      f'quickdraw: {path!r} holds {bitmaps.dtype} {bitmaps.shape}; expected uint8 [N, 784] '
+      f'quickdraw: {path!r} holds {dtype} {shape}; expected uint8 [N, 784] '
       '(a numpy_bitmap file: 28x28 drawings, one per row).'
     )
-  if len(bitmaps) < 2:
+  if shape[0] < 2:
     raise ValueError(
-      f'quickdraw: {path!r} holds {len(bitmaps)} drawing(s); need >= 2 (train and eval).'
+      f'quickdraw: {path!r} holds {shape[0]} drawing(s); need >= 2 (train and eval).'
     )
-  return np.asarray(bitmaps[:limit]).reshape(-1, *QUICKDRAW_SHAPE)
+  if remote:
+    n = min(shape[0], limit)
+    return files.RemoteRecords.file(
+      path, offset=f.tell(), count=n, shape=QUICKDRAW_SHAPE, transform=transform
+    )
+  drawings = np.asarray(bitmaps[:limit]).reshape(-1, *QUICKDRAW_SHAPE)
+  return transform(drawings) if transform else drawings
 
 
 class QuickDrawSource(PixelSource):
   """Quick, Draw! numpy bitmaps (28x28) as a pixel stream."""
 
   name = 'quickdraw'
-  paths = DataPaths('a numpy_bitmap/<category>.npy file or a folder of them')
+  paths = DataPaths('a numpy_bitmap/<category>.npy file or a folder of them', object_store=True)
 
   def __init__(
     self,
@@ -251,13 +263,14 @@ class QuickDrawSource(PixelSource):
     limit = check_int('max_per_category', max_per_category, minimum=2)
     train, held_out = [], []
     for f in list_quickdraw(path, categories):
-      drawings = quantise(read_quickdraw(f, limit), levels)
+      drawings = read_quickdraw(f, limit, functools.partial(quantise, levels=levels))
       num_eval = max(1, int(len(drawings) * EVAL_FRACTION))
       train.append(drawings[:-num_eval])
       held_out.append(drawings[-num_eval:])
     self.path, self.categories = path, categories
+    join = files.RemoteRecords.concat if files.is_object_store(path) else np.concatenate
     super().__init__(
-      images={'train': np.concatenate(train), 'eval': np.concatenate(held_out)},
+      images={'train': join(train), 'eval': join(held_out)},
       levels=levels,
       seq_len=seq_len,
       bos=bos,

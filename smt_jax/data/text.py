@@ -16,7 +16,7 @@ Bytes (`encoding`):
   (`str.encode('ascii', errors='ignore')` on UTF-8 text drops exactly these bytes).
 
 Object stores (`gs://...`): a single file read as raw bytes is read by the row, by range
-requests (`smt_jax.data.files.RemoteBytes`), so each host of a pod fetches only the crops it
+requests (`smt_jax.data.files.RemoteRecords`), so each host of a pod fetches only the crops it
 trains on; a folder, or ASCII filtering, is staged whole once per host (`files.stage`). For a pod,
 store the corpus as the bytes to train on (e.g. filtered to ASCII once, beforehand).
 
@@ -103,7 +103,7 @@ def read_corpus(
     return ascii_only(raw) if encoding == 'ascii' else raw
   if files.is_object_store(path):
     if encoding == 'bytes' and storage.path(path).is_file():
-      return files.RemoteBytes(path, field=field)
+      return files.RemoteRecords.file(path, field=field)
     local = files.stage(path, field=field, cache_dir=cache_dir)
   else:
     local = files.resolve(os.fspath(path), field=field)

@@ -67,7 +67,7 @@ def pixel_rows(exp, params, key) -> list[tuple[str, np.ndarray]]:
   src = exp.source
   n = exp.sample_spec.num
   h, w = src.image_shape
-  real = src.images("eval")[:n]
+  real = np.asarray(src.images("eval")[:n])
   prefix = src.image_prefix("eval", n)  # [BOS], or the image before (no BOS)
   k1, k2 = jax.random.split(key)
   alone = _generate(exp, params, k1, prefix, h * w, use_teacher=False)
