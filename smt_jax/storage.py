@@ -104,6 +104,17 @@ def list_names(p) -> list[str]:
   return sorted(c.name for c in d.iterdir()) if d.is_dir() else []
 
 
+def walk_files(folder) -> list[str]:
+  """Every file under `folder` whose name and folders do not start with '.', sorted; walked
+  level by level (object stores refuse a recursive glob)."""
+  found, todo = [], [path(folder)]
+  while todo:
+    for p in todo.pop().iterdir():
+      if not p.name.startswith("."):
+        (todo if p.is_dir() else found).append(p)
+  return sorted(os.fspath(p) for p in found)
+
+
 def read_text(p) -> str:
   return path(p).read_text()
 

@@ -284,8 +284,9 @@ def test_each_host_reads_only_its_own_rows_of_a_corpus_on_gcs(gcs, tmp_path, mon
   )
 
 
-def test_mnist_and_quickdraw_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypatch):
-  """Raw IDX files and .npy drawings on gs:// are read image by image: every process's batches
+def test_images_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypatch):
+  """Raw IDX files, .npy drawings and image folders on gs:// are read image by image (the files
+  of a folder decoded as read): every process's batches
   equal the local files', and what was fetched is the images under its rows' crops (a crop of
   T + 1 <= 785 tokens spans at most two images), not the files; nothing is staged."""
   import struct
@@ -311,6 +312,17 @@ def test_mnist_and_quickdraw_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypat
     storage.write_bytes(
       f"gs://{BUCKET}/quickdraw/{name}.npy", (local / "quickdraw" / f"{name}.npy").read_bytes()
     )
+  from PIL import Image
+
+  for i in range(60):  # sketches of two sizes in two subfolders, and a hidden file skipped
+    rel = f"{'ab'[i % 2]}/s{i:02d}.png"
+    (local / "sketch" / rel).parent.mkdir(parents=True, exist_ok=True)
+    size = (40, 30) if i % 3 else (28, 28)
+    Image.fromarray(rng.integers(0, 256, size[::-1], np.uint8)).save(local / "sketch" / rel)
+    storage.write_bytes(f"gs://{BUCKET}/sketch/{rel}", (local / "sketch" / rel).read_bytes())
+  storage.write_bytes(f"gs://{BUCKET}/sketch/.hidden.png", b"not an image")
+  pngs = list((local / "sketch").glob("*/*.png"))
+  (local / "sketch" / ".hidden.png").write_bytes(b"not an image")
 
   def source(recipe, path, **options):
     c = pixels.get_config(recipe)
@@ -323,6 +335,7 @@ def test_mnist_and_quickdraw_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypat
   for recipe, folder, options in (
     ("mnist", "mnist", {"levels": 16}),  # quantised as read
     ("quickdraw", "quickdraw", {"max_per_category": 600}),
+    ("sketch", "sketch", {"levels": 32}),  # decoded, resized and quantised as read
   ):
     remote = source(recipe, f"gs://{BUCKET}/{folder}", **options)
     here = source(recipe, str(local / folder), **options)
@@ -340,7 +353,8 @@ def test_mnist_and_quickdraw_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypat
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{recipe} {split} {step} {p} {k}")
       assert T <= stream.period  # so a crop of T + 1 tokens spans at most two images
       read = stream.images.bytes_read - start
-      assert 0 < read <= 3 * 2 * rows * 2 * 784  # 3 steps x 2 processes x 4 rows x 2 images
-      assert split == "eval" or read < stream.images.size / 4  # a fraction of the images
+      image = 784 if recipe != "sketch" else max(f.stat().st_size for f in pngs)  # bytes
+      assert 0 < read <= 3 * 2 * rows * 2 * image  # 3 steps x 2 processes x 4 rows x 2 images
+      assert split == "eval" or read < stream.images.size / 4 or recipe == "sketch"
     np.testing.assert_array_equal(np.asarray(remote.images("eval")[:5]), here.images("eval")[:5])
-  assert not os.path.exists(tmp_path / "cache")
+  assert not os.path.exists(tmp_path / "cache" / "staged")  # (the local folder is cached)

@@ -5,14 +5,14 @@
   path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
 - `RemoteRecords`: files on an object store (`gs://...`, `s3://...`: any store
   `smt_jax.storage` reaches) as a read-only array that fetches only what is indexed, by range
-  requests: a text file's bytes, MNIST's raw IDX images, Quick, Draw!'s `.npy` drawings. A source
-  over them reads just the crops of its own rows, so each host of a pod reads its rows and never
-  the whole dataset.
+  requests: a text file's bytes, MNIST's raw IDX images, Quick, Draw!'s `.npy` drawings;
+  `RemoteImages` the same for a folder of image files, decoded as read. A source over them reads
+  just the crops of its own rows, so each host of a pod reads its rows, never the whole dataset.
 - `stage(url)`: a file or folder on an object store copied once into the cache folder and its
   local path returned, for data that cannot be read by the row (a folder of text, ASCII
-  filtering, gzipped IDX files, folders of PNG/JPEG images); the copy is reused while every
-  object keeps its size and modification time. Each host stages its own copy (the sources then
-  read the rows they need from the local file).
+  filtering, gzipped IDX files); the copy is reused while every object keeps its size and
+  modification time. Each host stages its own copy (the sources then read the rows they need
+  from the local file).
 - `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
   folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
   cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
@@ -218,6 +218,53 @@ class RemoteRecords:
     return f"RemoteRecords({len(self._segments)} segment(s), shape {self.shape})"
 
 
+class RemoteImages:
+  """Image files on an object store, one record each, as a read-only uint8 array [N, *shape]
+  that fetches (concurrently) and decodes only the images asked for: `load(url, data: bytes)`
+  turns a file's bytes into its record. Slices, boolean masks and index arrays are lazy views;
+  the rest as `RemoteRecords` (`read_many`, `np.asarray`, `bytes_read`)."""
+
+  dtype = np.dtype(np.uint8)
+
+  def __init__(self, urls, load, shape, *, fs=None, counter=None):
+    import fsspec
+
+    self.urls, self._load, self._shape = list(urls), load, tuple(shape)
+    self._fs = fs or (fsspec.core.url_to_fs(self.urls[0])[0] if self.urls else None)
+    self._counter = counter or [0]
+
+  bytes_read = RemoteRecords.bytes_read
+  shape = RemoteRecords.shape
+  ndim = RemoteRecords.ndim
+  size = RemoteRecords.size
+
+  def __len__(self) -> int:
+    return len(self.urls)
+
+  def __getitem__(self, key):
+    if isinstance(key, (int, np.integer)):
+      return self.read_many([(int(key) % len(self), int(key) % len(self) + 1)])[0][0]
+    urls = np.asarray(self.urls, dtype=object)[key]
+    return RemoteImages(urls, self._load, self._shape, fs=self._fs, counter=self._counter)
+
+  def __array__(self, dtype=None, copy=None):
+    return self.read_many([(0, len(self))])[0].astype(dtype or np.uint8, copy=False)
+
+  def read_many(self, ranges) -> list[np.ndarray]:
+    """Images [a, b) for each (a, b) of `ranges`: uint8 [b - a, *shape] each, one fetch."""
+    if any(not 0 <= a <= b <= len(self) for a, b in ranges):
+      raise IndexError(f"a range of {list(ranges)[:4]}... runs outside [0, {len(self)}).")
+    wanted = sorted({self.urls[i] for a, b in ranges for i in range(a, b)})
+    keys = [self._fs._strip_protocol(u) for u in wanted]  # how `cat` names what it returns
+    raw = self._fs.cat(keys) if keys else {}
+    self._counter[0] += sum(len(raw[k]) for k in keys)
+    loaded = {u: self._load(u, raw[k]) for u, k in zip(wanted, keys)}
+    empty = np.zeros((0, *self._shape), np.uint8)
+    return [
+      np.stack([loaded[self.urls[i]] for i in range(a, b)]) if b > a else empty for a, b in ranges
+    ]
+
+
 def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -> str:
   """A local copy of the object-store file or folder `url` (see the module docstring).
 
@@ -233,13 +280,7 @@ def stage(url: str, *, field: str = "data.path", cache_dir: str | None = None) -
   if not src.exists():
     raise ValueError(f"{field}={url}: does not exist; point it at the data.")
   if src.is_dir():
-    entries, todo = [], [src]  # walked level by level (object stores refuse a recursive glob)
-    while todo:
-      for p in todo.pop().iterdir():
-        if p.name.startswith("."):
-          continue
-        (todo if p.is_dir() else entries).append(p)
-    entries.sort(key=os.fspath)
+    entries = [storage.path(f) for f in storage.walk_files(url)]
     if not entries:
       raise ValueError(f"{field}={url}: is a folder with no files in it; point it at the data.")
   else:

@@ -5,13 +5,16 @@
   survive as gray instead of vanishing), optionally inverted (line drawings are dark on white;
   inverted, the background is intensity 0 as in MNIST) and quantised to `levels` intensities.
   Decoding tens of thousands of images takes a while, so the quantised array is built once into
-  the data cache (`smt_jax.data.files.cached_array`) and memory-mapped on later runs.
+  the data cache (`smt_jax.data.files.cached_array`) and memory-mapped on later runs; on an
+  object store (`gs://...`) each host fetches and decodes only the images under its rows
+  (`files.RemoteImages`).
   Split: with `eval_path`, its images evaluate; otherwise an image evaluates when the CRC-32 of
   its path relative to the folder is 0 mod 10 (about 10%; stable as the folder grows).
 - `quickdraw`: Google's Quick, Draw! `numpy_bitmap/<category>.npy` files (uint8 [N, 784], 28x28,
   white strokes on black): one file, or a folder of them (each a category, sorted by name).
   The first `max_per_category` drawings of each category are used (memory-mapped: only those are
-  read); of these the last 10% evaluate.
+  read; on an object store, read by the row: `files.RemoteRecords`); of these the last 10%
+  evaluate.
 
 Both stream their images as `PixelSource` does (`bos=True`: a BOS before each image, vocab
 levels + 1; `bos=False`: images back to back, vocab levels), and keep its guarantees: every batch a
@@ -45,31 +48,33 @@ def _check_levels(levels) -> int:
 
 
 def list_images(folder: str, *, field: str = 'data.path') -> list[str]:
-  """Every non-hidden PNG/JPEG under `folder`, recursively, sorted by relative path."""
-  if not os.path.isdir(folder):
+  """Every non-hidden PNG/JPEG under `folder` (local or on an object store), recursively, sorted
+  by relative path."""
+  if not storage.is_dir(folder):
     raise ValueError(f'image_folder: {field}={folder!r} is not a folder of PNG/JPEG images.')
-  found = []
-  for root, dirs, names in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith('.')]
-    found += [
-      os.path.join(root, n)
-      for n in names
-      if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)
-    ]
+  found = [f for f in storage.walk_files(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
   if not found:
     raise ValueError(
       f'image_folder: {field}={folder!r} holds no {"/".join(IMAGE_EXTENSIONS)} files; point it '
       'at a folder of images (subfolders are searched).'
     )
-  return sorted(found, key=lambda p: os.path.relpath(p, folder))
+  return sorted(found, key=lambda p: _relative(p, folder))
 
 
-def load_image(path: str, *, image_size: int, invert: bool) -> np.ndarray:
-  """One image file -> uint8 [image_size, image_size], 0..255 (see the module docstring)."""
+def _relative(path: str, folder: str) -> str:
+  """`path` relative to `folder`, '/'-separated, for local paths and URLs alike."""
+  if files.is_object_store(folder):
+    return path[len(os.fspath(folder).rstrip('/')) + 1 :]
+  return os.path.relpath(path, folder).replace(os.sep, '/')
+
+
+def load_image(path: str, *, image_size: int, invert: bool, data: bytes | None = None):
+  """One image file (or its bytes, `data`) -> uint8 [image_size, image_size], 0..255 (see the
+  module docstring)."""
   from PIL import Image  # Pillow comes with matplotlib
 
   try:
-    with Image.open(path) as im:
+    with Image.open(path if data is None else io.BytesIO(data)) as im:
       im.load()
       if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
         im = im.convert('RGBA')
@@ -99,8 +104,15 @@ def load_image_folder(
   field: str = 'data.path',
   cache_dir: str | None = None,
 ) -> tuple[list[str], np.ndarray]:
-  """(the image paths, their quantised pixels uint8 [N, image_size, image_size]), cached."""
+  """(the image paths, their quantised pixels uint8 [N, image_size, image_size]): cached, or read
+  on demand from an object store."""
   paths = list_images(folder, field=field)
+  if files.is_object_store(folder):  # read on demand: each host decodes its rows' images
+
+    def load(url, data):
+      return quantise(load_image(url, image_size=image_size, invert=invert, data=data), levels)
+
+    return paths, files.RemoteImages(paths, load, (image_size, image_size))
 
   def build():
     for p in paths:
@@ -119,10 +131,7 @@ def load_image_folder(
 
 def eval_mask(paths: list[str], folder: str) -> np.ndarray:
   """bool [N]: True where the CRC-32 of the path relative to `folder` is 0 mod 10."""
-  return np.array(
-    [zlib.crc32(os.path.relpath(p, folder).replace(os.sep, '/').encode()) % 10 == 0 for p in paths],
-    bool,
-  )
+  return np.array([zlib.crc32(_relative(p, folder).encode()) % 10 == 0 for p in paths], bool)
 
 
 class ImageFolderSource(PixelSource):
@@ -130,7 +139,10 @@ class ImageFolderSource(PixelSource):
 
   name = 'image_folder'
   paths = DataPaths(
-    'a folder of PNG/JPEG images', folder=True, eval_what='a folder of PNG/JPEG images'
+    'a folder of PNG/JPEG images',
+    folder=True,
+    eval_what='a folder of PNG/JPEG images',
+    object_store=True,
   )
 
   def __init__(
