@@ -208,22 +208,29 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
   for i in range(2):
     storage.write_bytes(f"{bucket}/eval/part{i}.txt", _corpus(1 + i))
 
-  def source(path, eval_path):
+  def source(path, eval_path, encoding):
     c = text.get_config("smoke")
     c.data.path, c.data.eval_path = path, eval_path
+    c.data.options.text.encoding = encoding
     config_lib.validate(c)
     return c, experiment.source_of(c)
 
-  c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval")
-  _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"))
-  # The file is read by the row; the folder is staged.
-  assert isinstance(remote.streams["train"], data.files.RemoteRecords)
-  assert isinstance(remote.streams["eval"], np.ndarray)
-  for split in ("train", "eval"):
-    for step in range(3):
-      a, b = (s.batch(split=split, step=step, batch_size=4, seed=0) for s in (remote, local))
-      for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {step} {k}")
+  for encoding in ("bytes", "ascii"):
+    c, remote = source(f"{bucket}/train.txt", f"{bucket}/eval", encoding)
+    _, local = source(str(tmp_path / "train.txt"), str(tmp_path / "eval"), encoding)
+    # Bytes: the file and the folder (its files joined by a newline) read by the row; ASCII
+    # filtering needs the whole corpus: staged.
+    read_by_row = encoding == "bytes"
+    for split in ("train", "eval"):
+      assert isinstance(remote.streams[split], data.files.RemoteRecords) == read_by_row
+      for step in range(3):
+        a, b = (s.batch(split=split, step=step, batch_size=4, seed=0) for s in (remote, local))
+        for k in a:
+          np.testing.assert_array_equal(a[k], b[k], err_msg=f"{encoding} {split} {step} {k}")
+    joined = np.asarray(remote.streams["eval"]).tobytes()
+    assert joined == (
+      _corpus(1) + b"\n" + _corpus(2) if read_by_row else local.streams["eval"].tobytes()
+    )
 
   # Staged once: the copy is reused while the object is unchanged, and replaced when it changes.
   first = data.files.stage(f"{bucket}/train.txt")

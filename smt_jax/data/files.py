@@ -5,14 +5,13 @@
   path returned. With `HF_HUB_OFFLINE=1`, or no network, a file already in that cache is used.
 - `RemoteRecords`: files on an object store (`gs://...`, `s3://...`: any store
   `smt_jax.storage` reaches) as a read-only array that fetches only what is indexed, by range
-  requests: a text file's bytes, MNIST's raw IDX images, Quick, Draw!'s `.npy` drawings;
+  requests: text files' bytes, MNIST's raw IDX images, Quick, Draw!'s `.npy` drawings;
   `RemoteImages` the same for a folder of image files, decoded as read. A source over them reads
   just the crops of its own rows, so each host of a pod reads its rows, never the whole dataset.
 - `stage(url)`: a file or folder on an object store copied once into the cache folder and its
-  local path returned, for data that cannot be read by the row (a folder of text, ASCII
-  filtering, gzipped IDX files); the copy is reused while every object keeps its size and
-  modification time. Each host stages its own copy (the sources then read the rows they need
-  from the local file).
+  local path returned, for data that cannot be read by the row (ASCII filtering, gzipped IDX
+  files); the copy is reused while every object keeps its size and modification time. Each
+  host stages its own copy (the sources then read the rows they need from the local file).
 - `cached_array(...)`: a derived array (a corpus filtered to ASCII, a folder's files joined, a
   folder of images decoded and quantised) built once, chunk by chunk, into a `.npy` file under the
   cache folder and memory-mapped from then on, so a corpus larger than RAM trains and a 2 GB file
@@ -130,10 +129,38 @@ class RemoteRecords:
     return cls(fs, [(path, offset, count)], shape, transform)
 
   @classmethod
-  def concat(cls, parts) -> RemoteRecords:
-    first = parts[0]
-    segments = [s for p in parts for s in p._segments]
+  def folder(cls, url, *, field="data.path") -> RemoteRecords:
+    """The bytes of every file under folder `url` whose name and folders do not start with '.',
+    sorted by path, back to back ([N]; one listing, nothing read)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(os.fspath(url))
+    found = fs.find(root, detail=True)
+    keep = lambda p: not any(n.startswith(".") for n in p[len(root) :].split("/"))  # noqa: E731
+    segments = [(p, 0, int(info["size"])) for p, info in sorted(found.items()) if keep(p)]
+    if not segments:
+      raise ValueError(f"{field}={url}: is a folder with no files in it; point it at the data.")
+    return cls(fs, segments, ())
+
+  def parts(self) -> list[RemoteRecords]:
+    """One array per segment (per file), sharing this one's counter."""
+    return [
+      RemoteRecords(self._fs, [s], self._shape, self._transform, self._counter)
+      for s in self._segments
+    ]
+
+  @classmethod
+  def concat(cls, parts, separator: bytes | None = None) -> RemoteRecords:
+    """`parts` back to back, with the records of `separator` (e.g. b'\\n') between two."""
+    first, segments = parts[0], []
+    for i, p in enumerate(parts):
+      if i and separator:  # a constant segment: (None, its bytes, its number of records)
+        segments.append((None, separator, len(separator) // first._record_size()))
+      segments += p._segments
     return cls(first._fs, segments, first._shape, first._transform, first._counter)
+
+  def _record_size(self) -> int:
+    return int(np.prod(self._shape, dtype=np.int64))
 
   @property
   def bytes_read(self) -> int:
@@ -173,21 +200,23 @@ class RemoteRecords:
 
   def _pieces(self, start: int, stop: int) -> list:
     """The segments' parts holding records [start, stop)."""
-    size, out, first = int(np.prod(self._shape, dtype=np.int64)), [], 0
+    size, out, first = self._record_size(), [], 0
     for path, offset, n in self._segments:
       lo, hi = max(start, first), min(stop, first + n)
-      if lo < hi:
+      if lo < hi and path is None:  # constant: offset holds the bytes
+        out.append((None, offset[(lo - first) * size : (hi - first) * size], hi - lo))
+      elif lo < hi:
         out.append((path, offset + (lo - first) * size, hi - lo))
       first += n
     return out
 
   def read_many(self, ranges) -> list[np.ndarray]:
     """Records [a, b) for each (a, b) of `ranges`: uint8 [b - a, *shape] each, one fetch."""
-    size, n = int(np.prod(self._shape, dtype=np.int64)), len(self)
+    size, n = self._record_size(), len(self)
     if any(not 0 <= a <= b <= n for a, b in ranges):
       raise IndexError(f"a range of {list(ranges)[:4]}... runs outside [0, {n}).")
     pieces = [self._pieces(a, b) for a, b in ranges]
-    flat = [p for ps in pieces for p in ps if p[2]]
+    flat = [p for ps in pieces for p in ps if p[2] and p[0] is not None]
     raws = iter(
       self._fs.cat_ranges(
         [p for p, _, _ in flat], [o for _, o, _ in flat], [o + c * size for _, o, c in flat]
@@ -198,7 +227,10 @@ class RemoteRecords:
     out = []
     for ps in pieces:
       parts = []
-      for _, _, count in (p for p in ps if p[2]):
+      for path, offset, count in (p for p in ps if p[2]):
+        if path is None:
+          parts.append(np.frombuffer(offset, np.uint8))
+          continue
         raw = next(raws)
         if isinstance(raw, Exception) or len(raw) != count * size:
           raise OSError(f"a range read returned {raw!r:.80} instead of {count * size} bytes.")

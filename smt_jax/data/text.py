@@ -15,10 +15,10 @@ Bytes (`encoding`):
 - 'ascii': every byte >= 128 dropped, as the authors' TinyStories loader does
   (`str.encode('ascii', errors='ignore')` on UTF-8 text drops exactly these bytes).
 
-Object stores (`gs://...`): a single file read as raw bytes is read by the row, by range
+Object stores (`gs://...`): a file or a folder read as raw bytes is read by the row, by range
 requests (`smt_jax.data.files.RemoteRecords`), so each host of a pod fetches only the crops it
-trains on; a folder, or ASCII filtering, is staged whole once per host (`files.stage`). For a pod,
-store the corpus as the bytes to train on (e.g. filtered to ASCII once, beforehand).
+trains on; ASCII filtering needs the whole corpus, so it is staged once per host (`files.stage`).
+For a pod, store the corpus as the bytes to train on (e.g. filtered to ASCII once, beforehand).
 
 Memory: a single file read as raw bytes is memory-mapped directly. A folder, or ASCII filtering,
 derives a new byte array: it is built once, in 64 MiB chunks, into the data cache and
@@ -57,6 +57,22 @@ def list_text_files(folder: str) -> list[str]:
     dirs[:] = [d for d in dirs if not d.startswith('.')]  # skip .git and the like
     found += [os.path.join(root, f) for f in names if not f.startswith('.')]
   return sorted((p for p in found if _is_text_file(p)), key=lambda p: os.path.relpath(p, folder))
+
+
+def remote_text_folder(url: str, *, field: str = 'data.path'):
+  """What `read_corpus` makes of a local folder, for one on an object store, read on demand:
+  its text files (no NUL in the first 8 KiB, read at once for all) joined with a newline."""
+  whole = files.RemoteRecords.folder(url, field=field)
+  parts = whole.parts()
+  starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+  heads = whole.read_many([(a, a + min(len(p), 8192)) for a, p in zip(starts, parts)])
+  text = [p for p, head in zip(parts, heads) if 0 not in head]
+  if not text:
+    raise ValueError(
+      f'text: {field}={url!r} is a folder with no text files; point it at a text file or a '
+      'folder holding some.'
+    )
+  return files.RemoteRecords.concat(text, separator=b'\n')
 
 
 def builtin_corpus() -> bytes:
@@ -101,9 +117,11 @@ def read_corpus(
   if path is None:
     raw = np.frombuffer(builtin_corpus(), np.uint8)
     return ascii_only(raw) if encoding == 'ascii' else raw
-  if files.is_object_store(path):
-    if encoding == 'bytes' and storage.path(path).is_file():
+  if files.is_object_store(path) and encoding == 'bytes':  # read by the row
+    if storage.path(path).is_file():
       return files.RemoteRecords.file(path, field=field)
+    return remote_text_folder(path, field=field)
+  if files.is_object_store(path):
     local = files.stage(path, field=field, cache_dir=cache_dir)
   else:
     local = files.resolve(os.fspath(path), field=field)
