@@ -249,6 +249,19 @@ def test_data_on_gcs_is_staged_once_and_reads_as_the_local_files(gcs, tmp_path, 
     config_lib.validate(c)
 
 
+def _two_processes_rows(remote, local, split: str, *, rows: int, seed: int, steps: int = 3):
+  """Each of two processes' rows of `steps` batches from `remote`, checked equal to `local`'s;
+  yields after each."""
+  for step in range(steps):
+    for p in range(2):
+      args = dict(split=split, step=step, batch_size=2 * rows, seed=seed)
+      a = remote.batch(**args, process_index=p, process_count=2)
+      b = local.batch(**args, process_index=p, process_count=2)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{remote} {split} {step} {p} {k}")
+      yield
+
+
 def test_each_host_reads_only_its_own_rows_of_a_corpus_on_gcs(gcs, tmp_path, monkeypatch):
   """A text file on gs:// is read by range requests: each of two processes gets exactly the rows
   of the local file's batches and fetches exactly their bytes, never the whole corpus (the
@@ -273,15 +286,9 @@ def test_each_host_reads_only_its_own_rows_of_a_corpus_on_gcs(gcs, tmp_path, mon
   assert not os.path.exists(tmp_path / "cache")  # nor staged
   T, rows, read = remote.seq_len, 8, 0
   for split in ("train", "eval"):
-    for step in range(3):
-      for p in range(2):
-        args = dict(split=split, step=step, batch_size=2 * rows, seed=5)
-        a = remote.batch(**args, process_index=p, process_count=2)
-        b = local.batch(**args, process_index=p, process_count=2)
-        for k in a:
-          np.testing.assert_array_equal(a[k], b[k], err_msg=f"{split} {step} {p} {k}")
-        read += rows * (T + 1)
-        assert remote.streams[split].bytes_read == read  # this batch's rows, and nothing else
+    for _ in _two_processes_rows(remote, local, split, rows=rows, seed=5):
+      read += rows * (T + 1)
+      assert remote.streams[split].bytes_read == read  # this batch's rows, and nothing else
   assert read < len(corpus) / 20
   with pytest.raises(TypeError, match="slices with step 1"):
     remote.streams["train"][::2]
@@ -351,13 +358,7 @@ def test_images_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypatch):
       stream = remote.streams[split]
       start = stream.images.bytes_read  # shared by the splits of a file
       assert split == "eval" or start == 0  # nothing read up front, nothing staged
-      for step in range(3):
-        for p in range(2):
-          args = dict(split=split, step=step, batch_size=2 * rows, seed=1)
-          a = remote.batch(**args, process_index=p, process_count=2)
-          b = here.batch(**args, process_index=p, process_count=2)
-          for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{recipe} {split} {step} {p} {k}")
+      assert len(list(_two_processes_rows(remote, here, split, rows=rows, seed=1))) == 6
       assert T <= stream.period  # so a crop of T + 1 tokens spans at most two images
       read = stream.images.bytes_read - start
       image = 784 if recipe != "sketch" else max(f.stat().st_size for f in pngs)  # bytes
