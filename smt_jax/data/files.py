@@ -186,10 +186,8 @@ class RemoteRecords:
       if key.step not in (None, 1):
         raise TypeError(f"RemoteRecords takes slices with step 1 (a[i:j]), not {key!r}.")
       start, stop, _ = key.indices(len(self))
-      return RemoteRecords(
-        self._fs, self._pieces(start, max(start, stop)), self._shape, self._transform,
-        self._counter,
-      )  # fmt: skip
+      pieces = self._pieces(start, max(start, stop))
+      return RemoteRecords(self._fs, pieces, self._shape, self._transform, self._counter)
     index = np.arange(len(self))[key]  # an int or an index array
     rows = self.read_many([(i, i + 1) for i in np.ravel(index)])
     out = np.concatenate(rows) if rows else np.zeros((0, *self._shape), np.uint8)
