@@ -247,10 +247,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # stream ('digits', 'text') from the race's config (0), each method at `lrs`.
   c.recipe = ml_collections.ConfigDict(
     dict(
-      workloads=("stack8",) if smoke else ("stack32", "digits"),
-      # per workload (digits: seed 1, whose default and BPTT runs the race has)
-      seeds=dict(stack8=(0,)) if smoke else dict(stack32=(0,), digits=(1,)),
-      lrs=dict(digits=dict(smt_dmt=3e-3, bptt=1e-3)),  # the race's best (section 0)
+      workloads=("stack8",) if smoke else ("stack32", "digits", "text"),
+      # per workload (digits: seed 1, text: seed 0, whose default and BPTT runs the race has)
+      seeds=dict(stack8=(0,)) if smoke else dict(stack32=(0,), digits=(1,), text=(0,)),
+      # the race's best (section 0)
+      lrs=dict(digits=dict(smt_dmt=3e-3, bptt=1e-3), text=dict(smt_dmt=3e-3, bptt=3e-3)),
       variants=dict(stack8=(("default", ()), ("every memory decoded", ("smt.num_decoded=9",))))
       if smoke
       else dict(
@@ -268,12 +269,31 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
           ("DMT half the tokens", ("smt.steps=195", "dmt.steps=218")),
           ("Tf 32", ("smt.future_length=32", "smt.num_transitions=96")),
         ),
+        text=(
+          ("default", ()),
+          ("Tf 8", ("smt.future_length=8", "smt.num_transitions=72")),
+          ("16 decoded", ("smt.num_decoded=16",)),
+          (
+            "Tf 8, 16 decoded",
+            ("smt.future_length=8", "smt.num_transitions=72", "smt.num_decoded=16"),
+          ),
+          ("Tf 4", ("smt.future_length=4", "smt.num_transitions=68")),
+          (
+            "Tf 4, 16 decoded",
+            ("smt.future_length=4", "smt.num_transitions=68", "smt.num_decoded=16"),
+          ),
+          (
+            "Tf 8, 32 decoded",
+            ("smt.future_length=8", "smt.num_transitions=72", "smt.num_decoded=32"),
+          ),
+        ),
       ),
       bptt=dict(stack8=(("BPTT", ()),))
       if smoke
       else dict(
         stack32=(("BPTT", ()), ("BPTT truncated at 8", ("bptt.truncation=8",))),
         digits=(("BPTT", ()),),
+        text=(("BPTT", ()),),
       ),
     )
   )
