@@ -109,6 +109,11 @@ def image_stream(images: np.ndarray, bos: int | None) -> np.ndarray:
   return np.concatenate([bos_column, pixels.astype(np.uint16)], axis=1).reshape(-1)
 
 
+def _on_demand(images) -> bool:
+  """Whether `images` are read on demand (`files.RemoteRecords`, `files.RemoteImages`)."""
+  return hasattr(images, 'read_many')
+
+
 class ImageStream:
   """What `image_stream` builds, without building it: the stream of images read on demand
   (`files.RemoteRecords`), whose `crops` read only the images under each crop."""
@@ -145,7 +150,7 @@ def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
     raise ValueError(f'images must have the splits {sorted(SPLITS)}, got {sorted(images)}.')
   shapes = set()
   for split, im in images.items():
-    im = im if hasattr(im, 'read_many') else np.asarray(im)
+    im = im if _on_demand(im) else np.asarray(im)
     if im.ndim != 3 or not len(im) or not np.issubdtype(im.dtype, np.integer):
       raise ValueError(
         f'{split} images must be integer intensities [N >= 1, H, W], got '
@@ -182,7 +187,7 @@ class PixelSource(StreamSource):
     self.levels = levels
     self.bos = levels if bos else None
     streams = {  # images read on demand stay there: their stream is read by the crop
-      split: ImageStream(im, self.bos) if hasattr(im, 'read_many') else image_stream(im, self.bos)
+      split: ImageStream(im, self.bos) if _on_demand(im) else image_stream(im, self.bos)
       for split, im in images.items()
     }
     super().__init__(streams=streams, vocab_size=levels + int(bos), seq_len=seq_len)
