@@ -365,4 +365,6 @@ def test_images_on_gcs_are_read_by_the_row(gcs, tmp_path, monkeypatch):
       assert 0 < read <= 3 * 2 * rows * 2 * image  # 3 steps x 2 processes x 4 rows x 2 images
       assert split == "eval" or read < stream.images.size / 4 or recipe == "sketch"
     np.testing.assert_array_equal(np.asarray(remote.images("eval")[:5]), here.images("eval")[:5])
+    # The prompts of samples: [BOS], or the image before (index arrays read the images).
+    np.testing.assert_array_equal(remote.image_prefix("eval", 3), here.image_prefix("eval", 3))
   assert not os.path.exists(tmp_path / "cache" / "staged")  # (the local folder is cached)

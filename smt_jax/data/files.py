@@ -93,6 +93,13 @@ def is_object_store(path: str) -> bool:
   return storage.is_remote(path) and not is_remote(path)
 
 
+def _read_index(array, index) -> np.ndarray:
+  """`array[index]` read (an int or an index array of a RemoteRecords or RemoteImages)."""
+  rows = array.read_many([(i, i + 1) for i in np.ravel(index)])
+  out = np.concatenate(rows) if rows else np.zeros((0, *array.shape[1:]), np.uint8)
+  return out.reshape(*np.shape(index), *array.shape[1:])
+
+
 class RemoteRecords:
   """Records of one shape, stored back to back in object-store files (`gs://...`), as a
   read-only uint8 array [N, *shape] that reads only what is asked for, by range requests.
@@ -188,10 +195,7 @@ class RemoteRecords:
       start, stop, _ = key.indices(len(self))
       pieces = self._pieces(start, max(start, stop))
       return RemoteRecords(self._fs, pieces, self._shape, self._transform, self._counter)
-    index = np.arange(len(self))[key]  # an int or an index array
-    rows = self.read_many([(i, i + 1) for i in np.ravel(index)])
-    out = np.concatenate(rows) if rows else np.zeros((0, *self._shape), np.uint8)
-    return out.reshape(*np.shape(index), *self._shape)
+    return _read_index(self, np.arange(len(self))[key])  # an int or an index array
 
   def __array__(self, dtype=None, copy=None):
     return self.read_many([(0, len(self))])[0].astype(dtype or np.uint8, copy=False)
@@ -251,8 +255,8 @@ class RemoteRecords:
 class RemoteImages:
   """Image files on an object store, one record each, as a read-only uint8 array [N, *shape]
   that fetches (concurrently) and decodes only the images asked for: `load(url, data: bytes)`
-  turns a file's bytes into its record. Slices, boolean masks and index arrays are lazy views;
-  the rest as `RemoteRecords` (`read_many`, `np.asarray`, `bytes_read`)."""
+  turns a file's bytes into its record. Slices and boolean masks are lazy views; an index (or
+  index array) reads; the rest as `RemoteRecords` (`read_many`, `np.asarray`, `bytes_read`)."""
 
   dtype = np.dtype(np.uint8)
 
@@ -272,10 +276,11 @@ class RemoteImages:
     return len(self.urls)
 
   def __getitem__(self, key):
-    if isinstance(key, (int, np.integer)):
-      return self.read_many([(int(key) % len(self), int(key) % len(self) + 1)])[0][0]
-    urls = np.asarray(self.urls, dtype=object)[key]
-    return RemoteImages(urls, self._load, self._shape, fs=self._fs, counter=self._counter)
+    index = np.arange(len(self))[key]
+    if isinstance(key, slice) or np.asarray(key).dtype == bool:  # a lazy view
+      urls = [self.urls[i] for i in index]
+      return RemoteImages(urls, self._load, self._shape, fs=self._fs, counter=self._counter)
+    return _read_index(self, index)  # an int or an index array
 
   def __array__(self, dtype=None, copy=None):
     return self.read_many([(0, len(self))])[0].astype(dtype or np.uint8, copy=False)

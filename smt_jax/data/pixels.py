@@ -116,7 +116,8 @@ def _on_demand(images) -> bool:
 
 class ImageStream:
   """What `image_stream` builds, without building it: the stream of images read on demand
-  (`files.RemoteRecords`), whose `crops` read only the images under each crop."""
+  (`files.RemoteRecords`, `files.RemoteImages`), whose `crops` read only the images under each
+  crop."""
 
   ndim = 1
 
@@ -156,7 +157,7 @@ def _check_images(images: dict[str, np.ndarray], levels: int) -> None:
         f'{split} images must be integer intensities [N >= 1, H, W], got '
         f'{im.dtype} {im.shape}; quantise float images to 0..levels-1 first.'
       )
-    if isinstance(im, np.ndarray) and (im.min() < 0 or im.max() >= levels):
+    if not _on_demand(im) and (im.min() < 0 or im.max() >= levels):
       raise ValueError(
         f'{split} images hold intensities in [{im.min()}, {im.max()}], outside '
         f'[0, levels={levels}); quantise them (or raise levels), never clip.'
