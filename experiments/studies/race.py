@@ -11,9 +11,9 @@ default:
             every transition, Tf = 8, on the authors' task sizes), at `race.earlier_lrs`, on
             the workloads in `race.earlier`;
   bptt      the baseline, the same model and batch.
-Workloads: `digits`, `text` (bytes of the offline corpus: `text.py:small,full`, earlier
-`text.py:small`, the default) and the probes, at `race.length` (`stack`) or at a length of their
-own (`stack32`).
+Workloads: `digits`, `text` (bytes of the offline corpus: `text.py:small,full` with Tf 16 and 8
+decoded, its recipe when raced; earlier `text.py:small`, the default) and the probes, at
+`race.length` (`stack`) or at a length of their own (`stack32`).
 SMT takes `race.smt_share` of a run's tokens and DMT the rest. Reported per run: the RNN's own
 held-out NLL (and accuracy on a probe) after each phase, the teacher's, the tokens, the SeqFLOPs
 (serial compute, `common.run_seq_flops`), and the train seconds on this machine (excluding compile
@@ -68,6 +68,8 @@ def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
     c = text.get_config(
       ("small" if smoke == "" else "smoke") + ("" if method == "earlier" else ",full")
     )
+    if method != "earlier" and not smoke:  # the recipe raced (`,full`'s until 2026-12-04)
+      c.smt.future_length, c.smt.num_transitions, c.smt.num_decoded = 16, 80, 8
   else:
     task, length = probe_length(ctx, workload)
     c = synthetic.get_config(f"{task},{length}{flags}")
