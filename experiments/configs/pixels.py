@@ -26,9 +26,11 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
   smoke             digits with a tiny model and a few steps (seconds; used by the tests).
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
   digits,full       full supervision: every memory of a row trained from one causal-teacher pass,
-                    8 of them decoded (README, "Full supervision"), with cosine decay. Its step
-                    costs 3.2x the default's on a CPU (docs/benchmarks.md). The race of
-                    docs/results.md (section 0) found lr 3e-3 best at 1M tokens
+                    with cosine decay; Tf 8 with 16 memories decoded per row, the recipe search's
+                    winner (README, "Full supervision"; at 1M tokens 1.642 +- 0.039 nats against
+                    Tf 16 with 8 decoded's 1.711 +- 0.044 and BPTT's 1.491 +- 0.009, 3 seeds:
+                    docs/results.md 0c). Its step costs about 3x the default's on a CPU
+                    (docs/benchmarks.md). The race (section 0) found lr 3e-3 best at 1M tokens
                     (--config.smt.lr=3e-3 --config.dmt.lr=9e-4).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.digits.bos`) so the RNN alone can start one.
@@ -81,7 +83,7 @@ def get_config(arg: str = "digits"):
       c.model.head_dim = 16
       c.smt.lr, c.smt.schedule, c.dmt.lr = 3e-3, "cosine", 1e-3
     else:
-      common.full_supervision(c, c.smt.context_length + c.smt.future_length)
+      common.full_supervision_stream(c)
     c.dmt.rollout_length = 64
     c.dmt.label_every = 8
     c.bptt.steps = 1_500

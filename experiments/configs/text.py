@@ -16,7 +16,8 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
   smoke            small with a tiny model and a few steps (seconds; used by the tests).
   ARG,full         small or smoke with full supervision: every memory of a row trained from one
                    causal-teacher pass (README, "Full supervision"), cosine learning-rate decay,
-                   and the recipe search's winner on text: Tf 8 with 16 memories decoded per row.
+                   and the recipe search's winner on the streams: Tf 8 with 16 memories decoded
+                   per row.
                    At equal tokens (1M, each at its best lr, 2 seeds) it ends at 1.815 +- 0.001
                    nats per byte against 2.029 +- 0.005 for Tf 16 with 8 decoded (the recipe
                    before the search), the 2-transition default's 2.250 and BPTT's 1.588, in
@@ -61,10 +62,8 @@ def get_config(arg: str = "small"):
     c.smt.future_length = 16
     if "full" not in flags:  # 2 transitions per row, as pixels.py's digits
       c.smt.num_transitions = 2
-    else:  # Tf 8, 16 decoded: the recipe search's winner on text (docs/results.md 0c)
-      c.smt.future_length = 8
-      common.full_supervision(c, c.smt.context_length + c.smt.future_length)
-      c.smt.num_decoded = 16
+    else:
+      common.full_supervision_stream(c)
     c.dmt.steps = 200
     c.dmt.batch_size = 16
     c.dmt.lr = 3e-4
