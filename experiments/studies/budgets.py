@@ -268,6 +268,18 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
           ("16 decoded", ("smt.num_decoded=16",)),
           ("DMT half the tokens", ("smt.steps=195", "dmt.steps=218")),
           ("Tf 32", ("smt.future_length=32", "smt.num_transitions=96")),
+          (
+            "Tf 8, 16 decoded",
+            ("smt.future_length=8", "smt.num_transitions=72", "smt.num_decoded=16"),
+          ),
+          (
+            "Tf 8, 32 decoded",
+            ("smt.future_length=8", "smt.num_transitions=72", "smt.num_decoded=32"),
+          ),
+          (
+            "Tf 4, 16 decoded",
+            ("smt.future_length=4", "smt.num_transitions=68", "smt.num_decoded=16"),
+          ),
         ),
         text=(
           ("default", ()),
