@@ -48,7 +48,7 @@ def full_supervision(c: ml_collections.ConfigDict, seq_len: int, num_decoded: in
 
 
 # The streams' `,full` recipe (pixels.py:digits,full, text.py:small,full): Tf and decoded memories
-# per row, the recipe search's winner on both (docs/results.md 0c, 0d: at equal tokens, digits 1.642
+# per row, the recipe search's winner on both (docs/results.md 0c, 0d: at equal tokens, digits 1.641
 # against Tf 16 with 8 decoded's 1.711 nats on 3 seeds, text 1.815 against 2.029 on 2).
 STREAM_FUTURE, STREAM_DECODED = 8, 16
 

@@ -27,8 +27,8 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
   ARG,reference     any of these with the reference recipe (e.g. digits,reference).
   digits,full       full supervision: every memory of a row trained from one causal-teacher pass,
                     with cosine decay; Tf 8 with 16 memories decoded per row, the recipe search's
-                    winner (README, "Full supervision"; at 1M tokens 1.642 +- 0.039 nats against
-                    Tf 16 with 8 decoded's 1.711 +- 0.044 and BPTT's 1.491 +- 0.009, 3 seeds:
+                    winner (README, "Full supervision"; at 1M tokens 1.641 +- 0.039 nats against
+                    Tf 16 with 8 decoded's 1.711 +- 0.045 and BPTT's 1.490 +- 0.007, 3 seeds:
                     docs/results.md 0d). Its step costs about 3x the default's on a CPU
                     (docs/benchmarks.md). The race (section 0) found lr 3e-3 best at 1M tokens
                     (--config.smt.lr=3e-3 --config.dmt.lr=9e-4).
