@@ -47,16 +47,13 @@ def full_supervision(c: ml_collections.ConfigDict, seq_len: int, num_decoded: in
   c.optim.warmup_frac = 0.05
 
 
-# The streams' `,full` recipe (pixels.py:digits,full, text.py:small,full): Tf and decoded memories
-# per row, the recipe search's winner on both (docs/results.md 0c, 0d: at equal tokens, digits 1.641
-# against Tf 16 with 8 decoded's 1.711 nats on 3 seeds, text 1.815 against 2.029 on 2).
-STREAM_FUTURE, STREAM_DECODED = 8, 16
-
-
 def full_supervision_stream(c: ml_collections.ConfigDict) -> None:
-  """`full_supervision` of a stream's rows (Tc + Tf tokens) with the streams' Tf and decoding."""
-  c.smt.future_length = STREAM_FUTURE
-  full_supervision(c, c.smt.context_length + STREAM_FUTURE, STREAM_DECODED)
+  """The streams' `,full` recipe (pixels.py:digits,full, text.py:small,full): `full_supervision`
+  of rows of Tc + Tf tokens with Tf 8 and 16 memories decoded per row, the recipe search's winner
+  on both (docs/results.md 0c, 0d: at equal tokens, digits 1.641 against Tf 16 with 8 decoded's
+  1.711 nats on 3 seeds, text 1.815 against 2.029 on 2)."""
+  c.smt.future_length = 8
+  full_supervision(c, c.smt.context_length + c.smt.future_length, num_decoded=16)
 
 
 def cpu_model(
