@@ -641,7 +641,7 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
 def test_full_supervision_on_streams_is_a_flag_and_the_paper_configs_keep_the_published_recipe():
   from experiments.configs import pixels, text
 
-  # The streams' Tf and decoded memories: the recipe search's winner (results.md 0c)
+  # The streams' Tf and decoded memories: the recipe search's winner (results.md 0d)
   for c in (pixels.get_config("digits,full"), text.get_config("small,full")):
     config_lib.validate(c)
     assert c.model.teacher_kind == "causal"

@@ -19,9 +19,9 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
                    and the recipe search's winner on the streams: Tf 8 with 16 memories decoded
                    per row. At equal tokens (1M, each at its best lr, 2 seeds) it ends at 1.815
                    +- 0.001 nats per byte against 2.029 +- 0.005 for Tf 16 with 8 decoded (the
-                   recipe before the search), the 2-transition default's 2.250 and BPTT's 1.588,
-                   in about 2x the default's seconds (docs/results.md, sections 0a, 0c, 0d); the
-                   default stays the faster first run.
+                   recipe before the search, which took about 2x the default's seconds), the
+                   2-transition default's 2.250 and BPTT's 1.588 (docs/results.md, sections 0a,
+                   0c, 0d); the default stays the faster first run.
 
 Commands:
   python -m experiments.run --config=experiments/configs/text.py
