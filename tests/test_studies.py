@@ -172,6 +172,28 @@ def test_count_flops_and_seq_flops():
   assert (depth("smt"), depth("dmt"), depth("bptt")) == (1, 8, 32)
 
 
+@pytest.mark.parametrize("phases", ["smt,dmt", "bptt"])
+def test_a_runs_seq_flops_are_the_runners_with_a_length_curriculum(phases):
+  """The studies' SeqFLOPs of a run are what its own metrics log at its last step, where the
+  length curriculum runs the first phase's first steps on shorter episodes."""
+  from experiments.configs import synthetic
+  from experiments.studies import common
+  from smt_jax.runner import config as config_lib
+  from smt_jax.runner import experiment
+
+  c = synthetic.get_config("retrieval,64,smoke")
+  c.phases, c.smt.steps, c.bptt.steps = phases, 5, 6
+  assert config_lib.warmup(c) == (2, 8)
+  exp = experiment.build_experiment(c)
+  steps = [experiment.make_phase(exp, p) for p in exp.phases]
+  costs = experiment.step_costs(steps, experiment.unit_flops(exp))
+  want = experiment.progress(c, costs, len(steps) - 1, c[steps[-1].name].steps)["seqflops"]
+  got = sum(common.run_seq_flops(c)[0].values())
+  assert got == pytest.approx(want, rel=1e-12)
+  c.data.warmup_steps = c.data.warmup_seq_len = 0
+  assert got < sum(common.run_seq_flops(c)[0].values())
+
+
 def test_matmul_flops_of_a_scan_by_hand():
   def f(x, w):  # 5 iterations of [4, 8] @ [8, 16] and [4, 16] @ [16, 8]
     def body(c, _):

@@ -231,13 +231,21 @@ def same_settings(old: dict, new: dict) -> bool:
 def run_seq_flops(config) -> tuple[dict[str, float], dict[str, float]]:
   """({phase: SeqFLOPs of the run's phase, steps x its per-step serial path}, the FLOPs of one
   update / readout / encoding / decoding they rest on), as the runner's `seqflops` axis counts them
-  (`smt_jax.runner.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation)."""
+  (`smt_jax.runner.experiment.seq_flops_per_step`: DMT's chained backward, BPTT's truncation,
+  the length curriculum's shorter first steps)."""
   exp = experiment.build_experiment(config)
   flops = experiment.unit_flops(exp)
   per_phase = {
     p: experiment.seq_flops_per_step(exp, p, flops) * config[p].steps
     for p in config_lib.phase_names(config)
   }
+  w, _ = config_lib.warmup(config)
+  if w:  # the first phase's first w steps run on the curriculum's shorter episodes
+    first = config_lib.phase_names(config)[0]
+    short = experiment.build_experiment(config_lib.warmup_config(config))
+    per_step = experiment.seq_flops_per_step(short, first, experiment.unit_flops(short))
+    n = min(w, config[first].steps)
+    per_phase[first] += n * (per_step - experiment.seq_flops_per_step(exp, first, flops))
   return per_phase, flops
 
 
