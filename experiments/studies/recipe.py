@@ -183,6 +183,8 @@ def plot(ctx, cells) -> str:
     what = "accuracy" if cell["probe"] else "NLL"
     ax.set_xlabel(f"{cell['workload']}: held-out {what} of the RNN alone (black: its teacher)")
     tax.set_xlabel("train seconds on this machine")
-  fig.suptitle("Recipe search at equal tokens: SMT->DMT (blue) against BPTT (red)")
+  fig.suptitle(
+    "Recipe search: SMT->DMT (blue) against BPTT (red); equal tokens unless a label says otherwise"
+  )
   fig.tight_layout()
   return common.save_figure(ctx, fig, "recipe.png")
