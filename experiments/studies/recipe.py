@@ -58,7 +58,7 @@ def run(ctx) -> dict:
       [config(ctx, workload, lab, o, seed, m) for seed in b.seeds[workload]] for m, lab, o in plan
     ]
     tokens = config_lib.training_tokens(runs[0][0][1])
-    exempt = b.get("more_tokens", {}).get(workload, ())
+    exempt = b.more_tokens.get(workload, ())
     for (_, label, _), named in zip(plan, runs):
       for _, cfg in named:
         config_lib.validate(cfg)
