@@ -321,8 +321,12 @@ def smt_loss(
   unif_in = (
     m_src if uniformity_over == "tokens" else einops.rearrange(m_src, "b n k d -> b n (k d)")
   )
-  l_unif = losses.uniformity_loss(
-    unif_in, key=k_unif, max_samples=uniformity_max_samples, temperature=uniformity_temperature
+  l_unif = _whole_batch(
+    functools.partial(
+      losses.uniformity_loss, max_samples=uniformity_max_samples, temperature=uniformity_temperature
+    ),
+    unif_in,
+    k_unif,
   )
 
   # Readout on teacher memories m_{t+1}, predicting y[t+1] (skipped when off, as L_init: a zero
@@ -431,6 +435,30 @@ def _rows_apart(run: Callable, params: Params, memory: jax.Array, inputs: jax.Ar
     out_specs=rows,
     axis_names=set(axes),
   )(params, memory, inputs)
+
+
+def _whole_batch(fn: Callable, tokens: jax.Array, key: jax.Array | None) -> jax.Array:
+  """fn(tokens, key=key) over the whole batch's tokens [B, ...], computed on every device from one
+  all-gather of them when the current mesh splits the batch over several devices.
+
+  A term that pairs every row with every other (the uniformity loss) is otherwise split by rows by
+  XLA's partitioner, which then meets the other devices four times (gathering the tokens and their
+  norms, reducing the logsumexp's max and sum) and once more in the backward pass. Here each device
+  gathers the tokens once (in row order: the same subset and value as on one device), computes the
+  small term whole, and takes its own rows' gradient by slicing, with no collective.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or tokens.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+    return fn(tokens, key=key)
+
+  def whole(tokens, key):
+    return fn(jax.lax.all_gather(tokens, axes, axis=0, tiled=True, to="invarying"), key=key)
+
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(whole, in_specs=(P(axes), P()), out_specs=P(), axis_names=set(axes))(
+    tokens, key
+  )
 
 
 def readout_over_time(rnn: RNNFns, params: Params, states: jax.Array) -> jax.Array:

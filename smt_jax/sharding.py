@@ -136,3 +136,30 @@ def traced_on(mesh: Mesh, fn: Callable) -> Callable:
       return fn(*args, **kwargs)
 
   return on_mesh
+
+
+def start_together(mesh: Mesh, loss_fn: Callable) -> Callable:
+  """loss_fn(params, batch, key), its parameters made to wait for one sum over the whole batch,
+  so that on a multi-device CPU mesh every device starts its part of the step at once.
+
+  XLA's CPU client runs all its devices' work on one shared pool of as many threads as cores, and
+  a collective holds the thread that reaches it until every device has. The first device to start
+  takes the whole pool; at its first collective (SMT: the batch's target counts, then the
+  uniformity term's memories) one thread waits while the other runs the rest of that device's
+  ready work before the second device's, so for much of the step one core works. Here each device
+  first meets the others (an integer all-reduce over the batch, which XLA merges with the loss's
+  own counts), and all the models' work depends on it through `p + 0 * count`: the same values up
+  to float rounding (XLA may fuse the step differently). `lax.optimization_barrier` would say it
+  more plainly, but XLA's CPU pipeline drops it before the thunks are scheduled. Other platforms
+  and one-device meshes get loss_fn itself.
+  """
+  if mesh.size == 1 or mesh.devices.flat[0].platform != "cpu":
+    return loss_fn
+
+  @functools.wraps(loss_fn)
+  def together(params, batch, key):
+    count = jax.numpy.sum(batch["x"][:, 0] >= 0).astype(np.float32)
+    params = jax.tree.map(lambda p: p + (0 * count).astype(p.dtype), params)
+    return loss_fn(params, batch, key)
+
+  return together

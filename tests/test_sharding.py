@@ -240,6 +240,41 @@ def worker(outdir: str) -> dict:
     "time_constraints": n_time,
   }
 
+  # The SMT loss on the runner's mesh: the uniformity term whole on every device from one
+  # all-gather (objectives._whole_batch, under the mesh) instead of split by rows by the
+  # partitioner (plain jit), and the devices started together (sharding.start_together, which
+  # make_phase applies on a CPU mesh). Same values; fewer collectives; the batch-wide count
+  # stays live in the compiled program (its all-reduce takes one more operand).
+  import re
+
+  from smt_jax import sharding
+
+  raw = experiment.make_loss(exp_a.config, "smt", exp_a.fns)
+  batch = experiment.make_phase(exp_a, "smt").batch(0)
+  variants = {
+    "split": raw,
+    "whole": sharding.traced_on(exp_a.mesh, raw),
+    "together": sharding.traced_on(exp_a.mesh, sharding.start_together(exp_a.mesh, raw)),
+  }
+  found = {}
+  for name, f in variants.items():
+    g = jax.jit(jax.value_and_grad(f, has_aux=True))
+    hlo = g.lower(params_a, batch, key).compile().as_text()
+    reduces = re.findall(r"= (\([^)]*\)|\S+) all-reduce\(", hlo)
+    found[name] = {
+      "value": jax.device_get(g(params_a, batch, key)),
+      "collectives": len(reduces) + hlo.count(" all-gather("),
+      "s32_reduced": sum(r.count("s32") for r in reduces),
+    }
+  out["smt_mesh"] = {
+    **{f"{n}_excess": _tree_excess(found[n]["value"], found["split"]["value"]) for n in found},
+    **{f"{n}_{k}": found[n][k] for n in found for k in ("collectives", "s32_reduced")},
+    "identity_on_one_device": sharding.start_together(
+      jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES), raw
+    )
+    is raw,
+  }
+
   # Restore onto another mesh: every device on fsdp (a different split of the same arrays).
   exp_b = experiment.build_experiment(_config((1, 8, 1)))
   mngr = checkpoints.make_manager(outdir, keep=2)
@@ -323,6 +358,14 @@ def test_rollout_backward_has_no_collective_per_time_step(results, mesh, phase):
   # gradient is summed on each device through the whole unroll and all-reduced once after the
   # loop. Under plain jit the partitioner all-reduced it inside the backward loop, every step.
   assert results["steps"][f"{mesh}/{phase}"]["loop_collectives"] == 0
+
+
+def test_smt_on_the_mesh_meets_less_and_starts_together(results):
+  r = results["smt_mesh"]
+  assert r["whole_excess"] <= 0 and r["together_excess"] <= 0, r
+  assert r["whole_collectives"] < r["split_collectives"], r
+  assert r["together_s32_reduced"] == r["whole_s32_reduced"] + 1, r
+  assert r["identity_on_one_device"], r
 
 
 @pytest.mark.parametrize("mesh", ["x".join(map(str, m)) for m in MESHES])

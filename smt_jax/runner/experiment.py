@@ -562,6 +562,7 @@ def make_phase(
   loss_fn = make_loss(c, name, exp.fns, constrain_time=sharding.time_constraint(exp.mesh))
   if wrap_loss is not None:
     loss_fn = wrap_loss(loss_fn)
+  loss_fn = sharding.start_together(exp.mesh, loss_fn)
   k, init_opt_state = config_lib.grad_accum_steps(c), optimizer.init
   if k > 1:  # the accumulator's sums live in the optimiser state: checkpointed with it
     rows = jax.ShapeDtypeStruct((c[name].batch_size // k, exp.source_at(name).seq_len), jnp.int32)
