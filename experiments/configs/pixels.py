@@ -2,8 +2,9 @@
 
 Arguments (`--config=experiments/configs/pixels.py:ARG`):
   digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
-                    model; SMT then DMT in 4 min 04 s to 4 min 36 s on a 2-core CPU (three runs,
-                    2026-12-04; the RNN alone at 1.495 nats/pixel), no network.
+                    model; SMT then DMT in 3 min 31 s on a 2-core CPU (2026-12-05; 4 min 04 s to
+                    4 min 36 s in three runs on 2026-12-04; the RNN alone at 1.495-1.496
+                    nats/pixel), no network.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
                     --config.data.path), streamed as the authors do (vocab 256, no BOS); the
                     paper's model and schedules (docs/method.md section 6) and the reference recipe
