@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -158,7 +159,7 @@ def start_together(mesh: Mesh, loss_fn: Callable) -> Callable:
 
   @functools.wraps(loss_fn)
   def together(params, batch, key):
-    count = jax.numpy.sum(batch["x"][:, 0] >= 0).astype(np.float32)
+    count = jnp.sum(batch["x"][:, 0] >= 0).astype(jnp.float32)
     params = jax.tree.map(lambda p: p + (0 * count).astype(p.dtype), params)
     return loss_fn(params, batch, key)
 

@@ -14,7 +14,10 @@ below assert on it. What is checked:
   replicated: the (2, 4, 1) steps above train with both kinds), parameters created sharded equal
   those created on one device, and the time axis really constrains SMT's transitions;
 - a checkpoint saved on one mesh restores onto a different mesh with identical values, in the
-  restoring mesh's layout.
+  restoring mesh's layout;
+- on the mesh, SMT's uniformity term is computed whole on every device (fewer collectives than
+  the partitioner's split, the same values) and `sharding.start_together` keeps its batch-wide
+  count live in the compiled step (and is the loss itself on one device).
 The model is the synthetic smoke config's (transformer teacher); its RNN is an Elman cell, which
 halves the compile time. SHARDING_TEST_RNN=transformer checks the paper's updater instead.
 """
