@@ -408,6 +408,14 @@ def rollout(
   return _rows_apart(run, params, memory, inputs)
 
 
+def _split_batch_axes(rows: int) -> tuple[str, ...]:
+  """The current mesh's (`jax.set_mesh`) batch axes of more than one device, when `rows` divide
+  evenly across them; () otherwise (no mesh, one device, or uneven rows)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  return () if rows % int(np.prod([mesh.shape[a] for a in axes])) else axes
+
+
 def _rows_apart(run: Callable, params: Params, memory: jax.Array, inputs: jax.Array) -> jax.Array:
   """run(params, memory, inputs) with each device's rows scanned on their own when the current
   mesh (`jax.set_mesh`) splits the batch over several devices and B divides evenly.
@@ -419,9 +427,8 @@ def _rows_apart(run: Callable, params: Params, memory: jax.Array, inputs: jax.Ar
   through the whole unroll and the one all-reduce happens at the end, as for any data-parallel
   gradient. Same values; without such a mesh, `run` itself.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or memory.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+  axes = _split_batch_axes(memory.shape[0])
+  if not axes:
     return run(params, memory, inputs)
 
   def local(params, memory, inputs):
@@ -447,9 +454,8 @@ def _whole_batch(fn: Callable, tokens: jax.Array, key: jax.Array | None) -> jax.
   gathers the tokens once (in row order: the same subset and value as on one device), computes the
   small term whole, and takes its own rows' gradient by slicing, with no collective.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or tokens.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+  axes = _split_batch_axes(tokens.shape[0])
+  if not axes:
     return fn(tokens, key=key)
 
   def whole(tokens, key):
