@@ -2,7 +2,7 @@
 
 Arguments (`--config=experiments/configs/pixels.py:ARG`):
   digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
-                    model; SMT then DMT in 3 min 31 s on a 2-core CPU (2026-12-05; 4 min 04 s to
+                    model; SMT then DMT in 3 min 28-31 s on a 2-core CPU (2026-12-05; 4 min 04 s to
                     4 min 36 s in three runs on 2026-12-04; the RNN alone at 1.495-1.496
                     nats/pixel), no network.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
