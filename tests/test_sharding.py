@@ -270,7 +270,11 @@ def worker(outdir: str) -> dict:
       "s32_reduced": sum(r.count("s32") for r in reduces),
     }
   out["smt_mesh"] = {
-    **{f"{n}_excess": _tree_excess(found[n]["value"], found["split"]["value"]) for n in found},
+    **{
+      f"{n}_excess": _tree_excess(found[n]["value"], found["split"]["value"])
+      for n in variants
+      if n != "split"
+    },
     **{f"{n}_{k}": found[n][k] for n in found for k in ("collectives", "s32_reduced")},
     "identity_on_one_device": sharding.start_together(
       jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES), raw
