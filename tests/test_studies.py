@@ -541,6 +541,24 @@ def test_the_run_cache_keys_on_what_a_run_computes():
   assert not same(old, cfg("smt,dmt"))
 
 
+def test_the_race_takes_a_grid_per_method_and_refuses_a_missing_one(tmp_path):
+  from experiments.studies import budgets, common, race
+
+  b = budgets.get_config("cpu")
+  ctx = common.Context(budget=b, out=str(tmp_path), runs=str(tmp_path), quiet=True)
+  b.race.lrs = {"stack": {"smt_dmt": (1e-2,), "bptt": 3e-3}, "digits": (1e-3, 3e-3)}
+  assert race.lr_grid(b.race, "stack", "smt_dmt") == (1e-2,)
+  assert race.lr_grid(b.race, "stack", "bptt") == (3e-3,)
+  assert race.lr_grid(b.race, "digits", "bptt") == (1e-3, 3e-3)
+  assert race.lr_grid(b.race, "digits", "earlier") == tuple(b.race.earlier_lrs)
+  # A grid missing for a later workload's method is refused before the first run trains.
+  b.race.workloads = ("digits", "stack")
+  b.race.lrs = {"digits": (1e-3,), "stack": {"bptt": (3e-3,)}}
+  with pytest.raises(ValueError, match="race.lrs.stack has no grid for 'smt_dmt'"):
+    race.run(ctx)
+  assert not any(tmp_path.iterdir())
+
+
 def test_the_recipe_search_holds_the_tokens_and_names_the_field(tmp_path, monkeypatch):
   from experiments.studies import budgets, common, race, recipe
   from smt_jax.runner import config as config_lib

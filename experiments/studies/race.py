@@ -50,6 +50,23 @@ def probe_length(ctx, workload: str) -> tuple[str, int] | None:
   return task, int(workload[len(task) :] or ctx.budget.race.length)
 
 
+def lr_grid(r, workload: str, method: str) -> tuple[float, ...]:
+  """A method's lr grid on a workload: `race.lrs[workload]` is one grid for every method or a
+  dict of one per method (`{'smt_dmt': (1e-2,), 'bptt': (3e-3,)}`, e.g. more seeds at each
+  method's best); the earlier recipe's is `race.earlier_lrs`."""
+  if method == "earlier":
+    return tuple(r.earlier_lrs)
+  grid = r.lrs[workload]
+  if hasattr(grid, "keys"):
+    if method not in grid:
+      raise ValueError(
+        f"race.lrs.{workload} has no grid for '{method}': add {method}=(...) or give one grid "
+        f"for every method"
+      )
+    grid = grid[method]
+  return tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+
+
 def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
   """The config of one race run: the workload's default (or earlier) recipe at the token budget.
 
@@ -119,14 +136,14 @@ def curve(workdir: str, key: str) -> dict[str, list[float]]:
 
 def run(ctx) -> dict:
   r = ctx.budget.race
+  methods = {w: [m for m in METHODS if m != "earlier" or w in r.earlier] for w in r.workloads}
+  grids = {(w, m): lr_grid(r, w, m) for w in r.workloads for m in methods[w]}  # before training
   cells, rows = [], []
   for workload in r.workloads:
     probe = probe_length(ctx, workload) is not None
     runs = []
-    methods = [m for m in METHODS if m != "earlier" or workload in r.earlier]
-    for method in methods:
-      lrs = list(r.earlier_lrs if method == "earlier" else r.lrs[workload])
-      for lr in lrs:
+    for method in methods[workload]:
+      for lr in grids[workload, method]:
         for seed in r.seeds:
           cfg = config(ctx, workload, method, lr, seed)
           rec = common.ensure_run(ctx, run_name(workload, method, lr, seed), cfg)
@@ -152,7 +169,7 @@ def run(ctx) -> dict:
               result["teacher_acc"] = float(last["eval/teacher_acc"])
           runs.append(result)
     best = {}
-    for method in methods:
+    for method in methods[workload]:
       mine = [x for x in runs if x["method"] == method]
       by_lr = {}
       for x in mine:
@@ -180,11 +197,11 @@ def run(ctx) -> dict:
       )
   md = (
     f"Budget `{ctx.budget.name}`: equal training tokens per workload ({dict(r.tokens)}), SMT "
-    f"{r.smt_share:.0%} of SMT->DMT's; lrs {dict(r.lrs)} (DMT at {r.dmt_lr_ratio:g} x SMT's; the "
-    f"earlier recipe at {list(r.earlier_lrs)}); seeds {list(r.seeds)}; * the best lr of a method "
-    f"(lowest final RNN NLL). NLL and accuracy: the RNN alone, from its own initial memory, held "
-    f"out; after SMT: before DMT. Train s: this machine's seconds of training (no compile, no "
-    f"evaluation).\n\n"
+    f"{r.smt_share:.0%} of SMT->DMT's; lrs {r.lrs.to_dict()} (DMT at {r.dmt_lr_ratio:g} x "
+    f"SMT's; the earlier recipe at {list(r.earlier_lrs)}); seeds {list(r.seeds)}; * the best lr "
+    f"of a method (lowest final RNN NLL). NLL and accuracy: the RNN alone, from its own initial "
+    f"memory, held out; after SMT: before DMT. Train s: this machine's seconds of training (no "
+    f"compile, no evaluation).\n\n"
   )
   md += common.markdown_table(
     [
