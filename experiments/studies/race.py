@@ -2,8 +2,8 @@
 
 Every method trains on the same number of training tokens (batch x sequence length x steps,
 summed over its phases: the same data), with its own learning rate picked from a small grid
-(`race.lrs`, per workload; DMT at `race.dmt_lr_ratio` of SMT's), on the configs a user gets by
-default:
+(`race.lrs`, per workload: one grid for every method or one per method; DMT at
+`race.dmt_lr_ratio` of SMT's), on the configs a user gets by default:
   smt_dmt   full supervision (`synthetic.py:TASK,T`, the probes' default; `pixels.py:digits,full`):
             every memory of a sequence trained from one causal-teacher pass, a few decoded;
   earlier   the windowed teacher on few memories (`pixels.py:digits` as it was when measured: 2
