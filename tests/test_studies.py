@@ -493,17 +493,31 @@ def test_budget_overrides_merge_and_name_the_bad_field():
       budgets.apply_overrides(b, [bad])
 
 
-def test_studies_cli_refuses_a_bad_override_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+  "study, override, error",
+  [
+    ("text", "text.nosuch=1", "error: --set: the budget has no field 'text.nosuch'."),
+    # The race's own check, before its first run trains.
+    (
+      "race",
+      "race.lrs={'stack': {'bptt': (1e-3,)}}",
+      "error: race.lrs.stack has no grid for 'smt_dmt': add smt_dmt=(...) or give one grid for "
+      "every method",
+    ),
+  ],
+)
+def test_studies_cli_refuses_bad_input_in_one_line(tmp_path, study, override, error):
   out = subprocess.run(
     [
       sys.executable,
       "-m",
       "experiments.studies",
-      "--study=text",
+      f"--study={study}",
       "--budget=smoke",
-      "--set=text.nosuch=1",
+      f"--set={override}",
       f"--out={tmp_path}",
       f"--runs={tmp_path}",
+      "--compile_cache=none",
     ],
     cwd=ROOT,
     capture_output=True,
@@ -511,7 +525,7 @@ def test_studies_cli_refuses_a_bad_override_in_one_line(tmp_path):
     timeout=120,
   )
   assert out.returncode == 1
-  assert out.stderr.strip() == "error: --set: the budget has no field 'text.nosuch'."
+  assert out.stderr.strip() == error
   assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 

@@ -40,6 +40,7 @@ from absl import app, flags, logging
 
 from experiments import cli
 from experiments.studies import budgets, registry
+from smt_jax.runner import config as config_lib
 
 flags.DEFINE_string(
   "study", "all", f"One of {list(registry.STUDIES)} or 'all' (or a comma-separated list)."
@@ -78,14 +79,17 @@ def main(argv):
   if FLAGS.compile_cache != "none":
     registry.enable_compile_cache(FLAGS.compile_cache or os.path.join(runs, ".jax_cache"))
   t0 = time.time()
-  res = registry.run_studies(
-    names,
-    budget=FLAGS.budget,
-    out=FLAGS.out,
-    runs=runs,
-    quiet=not FLAGS.verbose,
-    overrides=tuple(FLAGS.set),
-  )
+  try:  # a study's own checks and each run's config, before that run trains: one line
+    res = registry.run_studies(
+      names,
+      budget=FLAGS.budget,
+      out=FLAGS.out,
+      runs=runs,
+      quiet=not FLAGS.verbose,
+      overrides=tuple(FLAGS.set),
+    )
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
   print(
     "Elapsed per study (s): "
     + ", ".join(f"{k} {v['elapsed_s']:.0f}" for k, v in res.items())

@@ -59,7 +59,7 @@ def lr_grid(r, workload: str, method: str) -> tuple[float, ...]:
   grid = r.lrs[workload]
   if hasattr(grid, "keys"):
     if method not in grid:
-      raise ValueError(
+      raise config_lib.ConfigError(
         f"race.lrs.{workload} has no grid for '{method}': add {method}=(...) or give one grid "
         f"for every method"
       )

@@ -64,7 +64,7 @@ def run(ctx) -> dict:
         config_lib.validate(cfg)
         n = config_lib.training_tokens(cfg)
         if abs(n - tokens) > 0.01 * tokens and label not in exempt:
-          raise ValueError(
+          raise config_lib.ConfigError(
             f"recipe.variants: {label!r} trains on {n} tokens, the default on {tokens}; keep "
             f"the sum of the phases' steps x batch x length equal (e.g. move steps from SMT to "
             f"DMT), or name it in recipe.more_tokens.{workload} to race it at other tokens."
