@@ -502,7 +502,7 @@ def test_budget_overrides_merge_and_name_the_bad_field():
       "race",
       "race.lrs={'stack': {'bptt': (1e-3,)}}",
       "error: race.lrs.stack has no grid for 'smt_dmt': add smt_dmt=(...) or give one grid for "
-      "every method",
+      "every method.",
     ),
   ],
 )

@@ -61,7 +61,7 @@ def lr_grid(r, workload: str, method: str) -> tuple[float, ...]:
     if method not in grid:
       raise config_lib.ConfigError(
         f"race.lrs.{workload} has no grid for '{method}': add {method}=(...) or give one grid "
-        f"for every method"
+        f"for every method."
       )
     grid = grid[method]
   return tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
