@@ -33,7 +33,8 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     docs/results.md 0d). Its step costs about 3x the default's on a CPU
                     (docs/benchmarks.md). The race (section 0) found lr 3e-3 best at 1M tokens
                     (--config.smt.lr=3e-3 --config.dmt.lr=9e-4); with it, at the default
-                    budget (4.1M tokens): 1.425 nats against BPTT's 1.306 (docs/results.md 2d).
+                    budget (4.1M tokens): 1.417 +- 0.012 nats against BPTT's 1.304 +- 0.012,
+                    3 seeds (docs/results.md 2d).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.digits.bos`) so the RNN alone can start one.
 
