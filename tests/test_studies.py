@@ -555,6 +555,31 @@ def test_the_run_cache_keys_on_what_a_run_computes():
   assert not same(old, cfg("smt,dmt"))
 
 
+def test_a_checkpoint_inside_a_phase_restores_its_parameters(tmp_path):
+  # It also holds the phase's optimiser state, which the studies (and rollout_check --steps) do
+  # not want: its parameters come back all the same, and a phase end's as before.
+  import optax
+
+  from experiments.configs import pixels
+  from experiments.studies import common
+  from smt_jax.runner import checkpoints, experiment
+
+  cfg = pixels.get_config("smoke")
+  exp = experiment.build_experiment(cfg)
+  params = exp.init_params()
+  mid = jax.tree.map(lambda a: a + 1.0, params)
+  mngr = checkpoints.make_manager(str(tmp_path), keep=5)
+  checkpoints.save(mngr, 3, mid, optax.adam(1e-3).init(mid), phase_index=0, phase_step=3)
+  checkpoints.save(mngr, 6, params, None, phase_index=1, phase_step=0)
+  mngr.wait_until_finished()
+  mngr.close()
+  for step, want in [(3, mid), (6, params)]:
+    _, got = common.restore(cfg, str(tmp_path), step)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_race_takes_a_grid_per_method_and_refuses_a_missing_one(tmp_path):
   from experiments.studies import budgets, common, race
 

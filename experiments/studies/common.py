@@ -267,10 +267,10 @@ def restore(config, workdir: str, step: int | None = None):
       step = max(steps)
     if step not in steps:
       raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (have {sorted(steps)}).")
-    restored = checkpoints.read(mngr, step, {"params": exp.abstract_params})
+    params = checkpoints.read_params(mngr, step, exp.abstract_params)
   finally:
     mngr.close()
-  return exp, restored["params"]
+  return exp, params
 
 
 def eval_batch(

@@ -140,6 +140,21 @@ def read(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
   ]
 
 
+def read_params(mngr: ocp.CheckpointManager, step: int, params) -> Any:
+  """The parameters of checkpoint `step` restored into `params` (abstract), whatever else it
+  holds. A checkpoint inside a phase also holds that phase's optimiser state in the same item,
+  which orbax reads only as a whole: it is read onto one local device, from the checkpoint's
+  own metadata, and dropped."""
+  target = {"params": params}
+  saved = mngr.item_metadata(step)["state"]
+  if "opt_state" in saved:
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target["opt_state"] = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved["opt_state"]
+    )
+  return read(mngr, step, target)["params"]
+
+
 def restore(
   mngr: ocp.CheckpointManager,
   *,
