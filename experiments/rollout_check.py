@@ -15,6 +15,10 @@ and the table gives, per Td and Jacobian approximation:
 and, per checkpoint, the largest Lyapunov exponent along the rollout (mean log growth of a tangent
 per step: below 0 the rollout forgets perturbations, which is when few iterations suffice), and
 the wall time of the DMT loss's value and gradient both ways at the config's own Td, alternated.
+With --drift_rows, also the RNN's drift from its teacher along held-out rows (the eval split at
+the source's length T): the MSE of the rollout from the RNN's own initial memory against the
+teacher's memories m_t, per quarter of T, and of the one-step predictions update(m_{t-1}, x[t])
+from the teacher's memories (what SMT regresses).
 
   python -m experiments.rollout_check --workdirs=runs/pixels_digits --out=docs/rollout_check
 """
@@ -34,7 +38,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from experiments.studies import common
+from experiments.studies import common, drift
 from smt_jax import objectives, parallel
 from smt_jax.models import layers
 from smt_jax.runner import config as config_lib
@@ -56,6 +60,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
     "dmt_length", 0, "Td of the DMT loss check (0: the run's dmt.rollout_length)."
   )
+  flags.DEFINE_integer("drift_rows", 0, "Held-out rows for the drift from the teacher (0: none).")
   flags.DEFINE_string("out", "", "Folder for rollout_check.json and .md ('' = print only).")
 
 
@@ -125,9 +130,11 @@ def check(
   repeats: int,
   diag_max_length: int,
   dmt_length: int = 0,
+  drift_rows: int = 0,
 ) -> dict:
   """The measures of the module docstring for one run: {'rows': per (step, Td, jacobian),
-  'lyapunov': per step, 'dmt': the DMT loss both ways per step}."""
+  'lyapunov': per step, 'dmt': the DMT loss both ways per step, 'drift': per step (with
+  drift_rows)}."""
   cfg = config_lib.complete(
     ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
   )
@@ -135,7 +142,7 @@ def check(
     cfg.dmt.rollout_length = dmt_length
   if not steps:
     steps = [0] + [common.phase_end_step(cfg, p) for p in config_lib.phase_names(cfg)]
-  rows_out, lyap, timing, exp = [], {}, {}, None
+  rows_out, lyap, timing, drifts, exp = [], {}, {}, {}, None
   for step in steps:
     restored, params = common.restore(cfg, workdir, step)
     if exp is None:  # one experiment, so each function below compiles once per shape
@@ -159,6 +166,8 @@ def check(
     x_all = tokens(exp, rows, max(lengths))
     m0 = jnp.broadcast_to(rnn.initial_memory(p), (rows, *rnn.initial_memory(p).shape))
     lyap[step] = lyapunov(rnn.update, p, m0, x_all)
+    if drift_rows:
+      drifts[step] = drift_from_teacher(exp, cfg, params, drift_rows)
     for td in lengths:
       x = x_all[:, :td]
       want = sequential(p, m0, x)
@@ -186,7 +195,25 @@ def check(
         print(json.dumps(rows_out[-1]), flush=True)
     timing[step] = time_dmt(dmt, params, dmt_batch, repeats)
     timing[step]["td"] = int(cfg.dmt.rollout_length)
-  return dict(workdir=workdir, kind=cfg.model.rnn_kind, rows=rows_out, lyapunov=lyap, dmt=timing)
+  return dict(
+    workdir=workdir, kind=cfg.model.rnn_kind, rows=rows_out, lyapunov=lyap, dmt=timing, drift=drifts
+  )
+
+
+def drift_from_teacher(exp, cfg, params, rows: int) -> dict:
+  """The RNN's rollout and one-step MSE against the teacher's memories on held-out rows:
+  {'t': T, 'rollout': [4] (per quarter of T), 'one_step': the mean over T}."""
+  tfns, rfns = exp.fns
+  batch = common.eval_batch(exp, batch_size=rows)
+  c = drift.drift_curves(
+    params, batch, rnn=rfns, teacher=tfns, context_length=cfg.smt.context_length
+  )
+  roll = np.asarray(c["rollout_mse"])
+  return dict(
+    t=len(roll),
+    rollout=[float(q.mean()) for q in np.array_split(roll, 4)],
+    one_step=float(jnp.mean(c["one_step_mse"])),
+  )
 
 
 def dmt_losses(cfg, exp, jacobians, tol) -> dict:
@@ -244,6 +271,18 @@ def markdown(results: list[dict]) -> str:
         f"| {os.path.basename(r['workdir'])} | {step} | {v['exponent']:+.3f} "
         f"| {v['pre_norm']:+.3f} | {v['norm']:+.3f} | {v['rms_h']:.3f} |"
       )
+  if any(r["drift"] for r in results):
+    lines += [
+      "",
+      "| run | checkpoint | T | rollout MSE, quarters of T | one-step MSE |",
+      "|---|---|---|---|---|",
+    ]
+    for r in results:
+      for step, v in r["drift"].items():
+        lines.append(
+          f"| {os.path.basename(r['workdir'])} | {step} | {v['t']} "
+          f"| {', '.join(f'{q:.3f}' for q in v['rollout'])} | {v['one_step']:.4f} |"
+        )
   lines += [
     "",
     "| run | checkpoint | Td | rollout | DMT loss | - sequential's | iters | s per call |",
@@ -273,6 +312,7 @@ def main(argv):
     repeats=FLAGS.repeats,
     diag_max_length=FLAGS.diag_max_length,
     dmt_length=FLAGS.dmt_length,
+    drift_rows=FLAGS.drift_rows,
   )
   results = [check(w, [int(s) for s in FLAGS.steps], **opts) for w in FLAGS.workdirs]
   md = markdown(results)

@@ -27,6 +27,7 @@ def checked(tmp_path_factory):
     tol=1e-6,
     repeats=1,
     diag_max_length=8,
+    drift_rows=3,
   )
 
 
@@ -82,3 +83,39 @@ def test_the_dmt_loss_is_the_same_both_ways(checked):
       assert t[solver]["loss_difference"] < 1e-4 * abs(t["sequential"]["loss"]), (step, solver)
       assert 1 <= t[solver]["iters"] <= t["td"] and t[solver]["s"] > 0
   assert "| rollout |" in rollout_check.markdown([checked])
+
+
+def test_the_drift_from_the_teacher_is_a_loop_of_updates_against_its_memories(checked):
+  import json
+  import os
+
+  import ml_collections
+
+  from experiments.studies import common
+  from smt_jax import objectives
+  from smt_jax.runner import config as config_lib
+
+  assert sorted(checked["drift"]) == [0, 6, 10]
+  wd = checked["workdir"]
+  cfg = config_lib.complete(
+    ml_collections.ConfigDict(json.load(open(os.path.join(wd, "config.json"))))
+  )
+  exp, params = common.restore(cfg, wd, 10)
+  tfns, rnn = exp.fns
+  x = common.eval_batch(exp, batch_size=3)["x"]
+  t = x.shape[1]
+  mem = objectives.teacher_memories(
+    tfns, params["teacher"], x, jnp.arange(-1, t), cfg.smt.context_length
+  )  # m_{-1} .. m_{T-1}
+  p = params["rnn"]
+  m = jnp.broadcast_to(rnn.initial_memory(p), mem[:, 0].shape)
+  roll, one = [], []
+  for i in range(t):  # one update at a time, from the RNN's own memory and from the teacher's
+    m = rnn.update(p, m, x[:, i])
+    roll.append(float(jnp.mean(jnp.square(m - mem[:, i + 1]))))
+    one.append(float(jnp.mean(jnp.square(rnn.update(p, mem[:, i], x[:, i]) - mem[:, i + 1]))))
+  got = checked["drift"][10]
+  assert got["t"] == t
+  want = [float(np.mean(q)) for q in np.array_split(np.array(roll), 4)]
+  np.testing.assert_allclose(got["rollout"], want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got["one_step"], np.mean(one), rtol=1e-4, atol=1e-6)
