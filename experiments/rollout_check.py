@@ -203,16 +203,12 @@ def check(
 def drift_from_teacher(exp, cfg, params, rows: int) -> dict:
   """The RNN's rollout and one-step MSE against the teacher's memories on held-out rows:
   {'t': T, 'rollout': [4] (per quarter of T), 'one_step': the mean over T}."""
-  tfns, rfns = exp.fns
-  batch = common.eval_batch(exp, batch_size=rows)
-  c = drift.drift_curves(
-    params, batch, rnn=rfns, teacher=tfns, context_length=cfg.smt.context_length
-  )
-  roll = np.asarray(c["rollout_mse"])
+  c = drift.curves_for(exp, cfg, params, common.eval_batch(exp, batch_size=rows))
+  roll = c["rollout_mse"]
   return dict(
     t=len(roll),
     rollout=[float(q.mean()) for q in np.array_split(roll, 4)],
-    one_step=float(jnp.mean(c["one_step_mse"])),
+    one_step=float(c["one_step_mse"].mean()),
   )
 
 
@@ -246,6 +242,13 @@ def time_dmt(fns, params, batch, repeats) -> dict:
   return out
 
 
+def run_name(workdir: str) -> str:
+  """A run's name in the tables: its folder's, or for a compare's method (`runs/x/smt_dmt`) both
+  folders' (`x/smt_dmt`)."""
+  parts = os.path.normpath(workdir).split(os.sep)
+  return "/".join(parts[-2:]) if parts[-1] in ("smt_dmt", "bptt") else parts[-1]
+
+
 def markdown(results: list[dict]) -> str:
   lines = [
     "| run (RNN) | checkpoint | Lyapunov exp. | Td | jacobian | fwd iters | bwd iters | max error "
@@ -255,7 +258,7 @@ def markdown(results: list[dict]) -> str:
   for r in results:
     for row in r["rows"]:
       lines.append(
-        f"| {os.path.basename(r['workdir'])} ({r['kind']}) | {row['step']} | "
+        f"| {run_name(r['workdir'])} ({r['kind']}) | {row['step']} | "
         f"{r['lyapunov'][row['step']]['exponent']:+.3f} | {row['td']} | {row['jacobian']} "
         f"| {row['fwd_iters']} | {row['bwd_iters']} | {row['max_error']:.1e} "
         f"| {row['seqflops_ratio']:.2f} |"
@@ -268,7 +271,7 @@ def markdown(results: list[dict]) -> str:
   for r in results:
     for step, v in r["lyapunov"].items():
       lines.append(
-        f"| {os.path.basename(r['workdir'])} | {step} | {v['exponent']:+.3f} "
+        f"| {run_name(r['workdir'])} | {step} | {v['exponent']:+.3f} "
         f"| {v['pre_norm']:+.3f} | {v['norm']:+.3f} | {v['rms_h']:.3f} |"
       )
   if any(r["drift"] for r in results):
@@ -280,7 +283,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
       for step, v in r["drift"].items():
         lines.append(
-          f"| {os.path.basename(r['workdir'])} | {step} | {v['t']} "
+          f"| {run_name(r['workdir'])} | {step} | {v['t']} "
           f"| {', '.join(f'{q:.3f}' for q in v['rollout'])} | {v['one_step']:.4f} |"
         )
   lines += [
@@ -294,7 +297,7 @@ def markdown(results: list[dict]) -> str:
         if solver == "td":
           continue
         lines.append(
-          f"| {os.path.basename(r['workdir'])} | {step} | {t['td']} | {solver} | {v['loss']:.5f} "
+          f"| {run_name(r['workdir'])} | {step} | {t['td']} | {solver} | {v['loss']:.5f} "
           f"| {v['loss_difference']:.1e} | {v['iters']:.0f} | {v['s']:.3f} |"
         )
   return "\n".join(lines) + "\n"

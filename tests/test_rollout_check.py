@@ -1,16 +1,22 @@
 """`python -m experiments.rollout_check` on a smoke run: the parallel rollout against `lax.scan`'s
 at every checkpoint (iterations within Td, states and DMT loss equal), with a Lyapunov exponent."""
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from experiments import rollout_check
 from experiments.configs import pixels
+from experiments.studies import common
+from smt_jax import objectives
 from smt_jax.models import layers
+from smt_jax.runner import config as config_lib
 from smt_jax.runner import train
 
 
@@ -83,18 +89,12 @@ def test_the_dmt_loss_is_the_same_both_ways(checked):
       assert t[solver]["loss_difference"] < 1e-4 * abs(t["sequential"]["loss"]), (step, solver)
       assert 1 <= t[solver]["iters"] <= t["td"] and t[solver]["s"] > 0
   assert "| rollout |" in rollout_check.markdown([checked])
+  # A compare's two runs keep their compare's name in the tables.
+  assert rollout_check.run_name("runs/digits/smt_dmt") == "digits/smt_dmt"
+  assert rollout_check.run_name("runs/pixels_digits/") == "pixels_digits"
 
 
 def test_the_drift_from_the_teacher_is_a_loop_of_updates_against_its_memories(checked):
-  import json
-  import os
-
-  import ml_collections
-
-  from experiments.studies import common
-  from smt_jax import objectives
-  from smt_jax.runner import config as config_lib
-
   assert sorted(checked["drift"]) == [0, 6, 10]
   wd = checked["workdir"]
   cfg = config_lib.complete(
