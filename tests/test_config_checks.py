@@ -638,19 +638,26 @@ def test_probe_configs_race_fairly_with_the_authors_tasks(task, length):
     synthetic.get_config(f"{task},{length},eralier")
 
 
-def test_full_supervision_on_streams_is_a_flag_and_the_paper_configs_keep_the_published_recipe():
+def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_recipe():
   from experiments.configs import pixels, text
 
-  # The streams' Tf and decoded memories: the recipe search's winner (results.md 0d)
-  for c in (pixels.get_config("digits,full"), text.get_config("small,full")):
+  # The streams' Tf and decoded memories: the recipe search's winner (results.md 0d), each
+  # method at its best lr of the race (0, 0a); text's default since 2026-12-06.
+  full = {"digits": pixels.get_config("digits,full"), "text": text.get_config("small")}
+  for c in full.values():
     config_lib.validate(c)
     assert c.model.teacher_kind == "causal"
     assert c.smt.num_transitions == c.smt.context_length + c.smt.future_length
     assert (c.smt.future_length, c.smt.num_decoded) == (8, 16)
+    assert (c.smt.lr, c.dmt.lr, c.smt.schedule) == (3e-3, 9e-4, "cosine")
+  assert (full["digits"].bptt.lr, full["text"].bptt.lr) == (1e-3, 3e-3)
+  assert text.get_config("small,full").to_json() == full["text"].to_json()
+  with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):
+    text.get_config("small,earlier,full")
   # The digits demo decays SMT's lr too (the main job in 5 minutes); the paper configs do not.
   for c, smt_schedule in (
     (pixels.get_config("digits"), "cosine"),
-    (text.get_config("small"), "constant"),
+    (text.get_config("small,earlier"), "constant"),
     (pixels.get_config("mnist"), "constant"),
     (pixels.get_config("digits,reference"), "constant"),
     (text.get_config("tinystories"), "constant"),

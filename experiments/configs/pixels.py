@@ -31,10 +31,9 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     winner (README, "Full supervision"; at 1M tokens 1.641 +- 0.039 nats against
                     Tf 16 with 8 decoded's 1.711 +- 0.045 and BPTT's 1.490 +- 0.007, 3 seeds:
                     docs/results.md 0d). Its step costs about 3x the default's on a CPU
-                    (docs/benchmarks.md). The race (section 0) found lr 3e-3 best at 1M tokens
-                    (--config.smt.lr=3e-3 --config.dmt.lr=9e-4); with it, at the default
-                    budget (4.1M tokens): 1.417 +- 0.012 nats against BPTT's 1.304 +- 0.012,
-                    3 seeds (docs/results.md 2d).
+                    (docs/benchmarks.md). SMT lr 3e-3, DMT 9e-4, the race's best at 1M tokens
+                    (section 0); at the default budget (4.1M tokens): 1.417 +- 0.012 nats
+                    against BPTT's 1.304 +- 0.012, 3 seeds (docs/results.md 2d).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.digits.bos`) so the RNN alone can start one.
 
@@ -79,14 +78,16 @@ def get_config(arg: str = "digits"):
     c.dmt.batch_size = 16
     c.dmt.lr = 3e-4
     if "full" not in flags:
-      # 2 transitions per row (a step 3.2x cheaper than full's on a CPU); heads of width / heads
-      # = 16 (2.4x the SMT steps/s of 64-wide heads here), lr 3e-3 with cosine decay: the main
-      # job in under 5 minutes on 2 cores (docs/benchmarks.md).
+      # 2 transitions per row (a step 3-4x cheaper than full's on a CPU: given the main job's
+      # seconds full supervision ends 0.05 nats behind, docs/results.md 2d); heads of width /
+      # heads = 16 (2.4x the SMT steps/s of 64-wide heads here), lr 3e-3 with cosine decay: the
+      # main job in under 5 minutes on 2 cores (docs/benchmarks.md).
       c.smt.num_transitions = 2
       c.model.head_dim = 16
       c.smt.lr, c.smt.schedule, c.dmt.lr = 3e-3, "cosine", 1e-3
     else:
       common.full_supervision_stream(c)
+      c.smt.lr, c.dmt.lr = 3e-3, 9e-4
     c.dmt.rollout_length = 64
     c.dmt.label_every = 8
     c.bptt.steps = 1_500

@@ -6,6 +6,12 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
                    about 0.5 MB of English and code), so it runs offline on a fresh machine in a
                    few minutes. A smoke-scale corpus: the RNN learns words and punctuation, not
                    stories. Any local file or folder works through --config.data.path.
+                   Full supervision (README, "Full supervision"): every memory of a row trained
+                   from one causal-teacher pass, Tf 8 with 16 memories decoded per row (the recipe
+                   search's winner), cosine decay, each method at its best lr of the race (SMT
+                   3e-3, DMT 9e-4, BPTT 3e-3). At its budget (1.59M tokens, 3 seeds) the RNN ends
+                   at 1.603 +- 0.038 nats per byte against the 2-transition recipe's 2.003 +-
+                   0.055 (1.74M tokens) and BPTT's 1.401 +- 0.018 (docs/results.md 2d).
   tinystories      the paper's model and schedules (docs/method.md 6) on TinyStories as the authors
                    use it: the official train and validation files, ASCII only (bytes >= 128
                    dropped, as their loader does), fetched once from the Hugging Face hub (needs
@@ -14,14 +20,10 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
                    .txt files keep their `<|endoftext|>` line between stories, where the authors'
                    loader joins the hub's `text` column with no separator.
   smoke            small with a tiny model and a few steps (seconds; used by the tests).
-  ARG,full         small or smoke with full supervision: every memory of a row trained from one
-                   causal-teacher pass (README, "Full supervision"), cosine learning-rate decay,
-                   and the recipe search's winner on the streams: Tf 8 with 16 memories decoded
-                   per row. At equal tokens (1M, each at its best lr, 2 seeds) it ends at 1.815
-                   +- 0.001 nats per byte against 2.029 +- 0.005 for Tf 16 with 8 decoded (the
-                   recipe before the search, which took about 2x the default's seconds), the
-                   2-transition default's 2.250 and BPTT's 1.588 (docs/results.md, sections 0a,
-                   0c, 0d); the default stays the faster first run.
+  ARG,earlier      small or smoke with the default before 2026-12-06: 2 transitions per row from
+                   the windowed teacher, constant lrs (SMT 1e-3, DMT 3e-4, BPTT 1e-3), 2.5x
+                   fewer train seconds (the studies before then pin it).
+  ARG,full         the same as ARG (full supervision is the default; kept for older commands).
 
 Commands:
   python -m experiments.run --config=experiments/configs/text.py
@@ -42,35 +44,36 @@ TINYSTORIES = "hf://datasets/roneneldan/TinyStories/"
 
 def get_config(arg: str = "small"):
   arg, *flags = arg.split(",")
-  if set(flags) - {"full"}:
+  if set(flags) - {"earlier", "full"}:
     raise ValueError(
-      f"text.py: unknown flags {sorted(set(flags) - {'full'})}; the flag is 'full' "
-      f"(e.g. text.py:small,full: full supervision)."
+      f"text.py: unknown flags {sorted(set(flags) - {'earlier', 'full'})}; the flags are "
+      f"'earlier' (e.g. text.py:small,earlier: 2 transitions per row) and 'full' (the default)."
     )
+  if {"earlier", "full"} <= set(flags):
+    raise ValueError("text.py: 'earlier' (2 transitions) and 'full' contradict: keep one.")
   c = config_lib.default()
   c.data.name = "text"
   if arg in ("small", "smoke"):
-    # A few minutes on a 2-core CPU: SMT then DMT on the built-in corpus took 6.5 min there, to
-    # 2.94 bits/byte (the RNN alone; the unigram baseline is 4.56). Its samples.txt spells common
-    # words (the, is, and, of, class) in otherwise garbled text: a smoke-scale run.
+    # 8 min of SMT then DMT on a 2-core CPU, to 1.60 nats (2.31 bits) per byte on the built-in
+    # corpus (the RNN alone; the unigram baseline is 4.55 bits). Its samples.txt spells common
+    # words in otherwise garbled text: a smoke-scale run.
     common.cpu_model(c, width=96, memory_tokens=4)
     c.smt.steps = 1_000
     c.smt.batch_size = 16
-    c.smt.lr = 1e-3
     c.smt.context_length = 64
     c.smt.future_length = 16
-    if "full" not in flags:  # 2 transitions per row, as pixels.py's digits
+    if "earlier" in flags:  # 2 transitions per row, as pixels.py's digits
       c.smt.num_transitions = 2
+      c.smt.lr, c.dmt.lr, c.bptt.lr = 1e-3, 3e-4, 1e-3
     else:
       common.full_supervision_stream(c)
+      c.smt.lr, c.dmt.lr, c.bptt.lr = 3e-3, 9e-4, 3e-3
     c.dmt.steps = 200
     c.dmt.batch_size = 16
-    c.dmt.lr = 3e-4
     c.dmt.rollout_length = 64
     c.dmt.label_every = 8
     c.bptt.steps = 1_000
     c.bptt.batch_size = 32
-    c.bptt.lr = 1e-3
     c.bptt.seq_len = 128
     c.eval.every_steps = 500
     c.eval.batch_size = 32

@@ -1,9 +1,9 @@
 """Study: bytes, SMT->DMT vs BPTT (the paper's language-modelling data-efficiency claim,
 docs/method.md 9.3).
 
-The offline corpus (`experiments/configs/text.py:small` with no data path: the help pages every
-Python ships, `pydoc_data.topics`), V = 256. One SMT->DMT run and one BPTT run of the same RNN,
-the same batch and the same optimiser steps (SMT + DMT == BPTT), evaluated every
+The offline corpus (`experiments/configs/text.py:small,earlier` with no data path: the help pages
+every Python ships, `pydoc_data.topics`), V = 256. One SMT->DMT run and one BPTT run of the same
+RNN, the same batch and the same optimiser steps (SMT + DMT == BPTT), evaluated every
 `eval_every_steps` on the held-out part of the corpus. The curves are the RNN's bits per byte (read
 from its own initial memory, no teacher) against optimiser steps, training tokens seen and
 SeqFLOPs, the x-axes the runner writes into every metrics row (`experiments.plot`).
@@ -22,7 +22,8 @@ AXES = ("steps", "tokens", "seqflops")
 def config(ctx, *, phases: str, seed: int = 0):
   """text.py's CPU model at the study budget: SMT + DMT steps == BPTT steps, one batch size."""
   b = ctx.budget.text
-  c = text.get_config("smoke" if ctx.budget.name == "smoke" else "small")
+  # the 2-transition recipe measured (text.py's default until 2026-12-06)
+  c = text.get_config("smoke,earlier" if ctx.budget.name == "smoke" else "small,earlier")
   c.seed = seed
   c.phases = phases
   c.smt.steps, c.dmt.steps, c.bptt.steps = b.smt_steps, b.dmt_steps, b.smt_steps + b.dmt_steps

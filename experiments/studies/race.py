@@ -11,8 +11,8 @@ summed over its phases: the same data), with its own learning rate picked from a
             every transition, Tf = 8, on the authors' task sizes), at `race.earlier_lrs`, on
             the workloads in `race.earlier`;
   bptt      the baseline, the same model and batch.
-Workloads: `digits`, `text` (bytes of the offline corpus: `text.py:small,full`, earlier
-`text.py:small`, the default) and the probes, at `race.length` (`stack`) or at a length of their
+Workloads: `digits`, `text` (bytes of the offline corpus: `text.py:small`, earlier
+`text.py:small,earlier`) and the probes, at `race.length` (`stack`) or at a length of their
 own (`stack32`). The streams race `,full` with Tf 16 and 8 memories decoded, its recipe when
 raced (the recipe search's winner, Tf 8 with 16 decoded, is `,full`'s since).
 SMT takes `race.smt_share` of a run's tokens and DMT the rest. Reported per run: the RNN's own
@@ -82,9 +82,9 @@ def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
     c.model.head_dim = 64  # the model the race was measured on (the default until 2026-12-03)
     if method == "earlier":
       c.smt.schedule = "constant"
-  elif workload == "text":  # the default is the earlier recipe (2 transitions, constant lr)
+  elif workload == "text":  # `,earlier`: 2 transitions, constant lr (the default until 2026-12-06)
     c = text.get_config(
-      ("small" if smoke == "" else "smoke") + ("" if method == "earlier" else ",full")
+      ("small" if smoke == "" else "smoke") + (",earlier" if method == "earlier" else "")
     )
   else:
     task, length = probe_length(ctx, workload)
