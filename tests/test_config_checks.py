@@ -654,6 +654,8 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
   assert text.get_config("small,full").to_json() == full["text"].to_json()
   with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):
     text.get_config("small,earlier,full")
+  with pytest.raises(ValueError, match="tinystories keeps the published recipe"):
+    text.get_config("tinystories,full")
   # The digits demo decays SMT's lr too (the main job in 5 minutes); the paper configs do not.
   for c, smt_schedule in (
     (pixels.get_config("digits"), "cosine"),

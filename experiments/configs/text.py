@@ -3,8 +3,8 @@
 Arguments (`--config=experiments/configs/text.py:ARG`):
   small (default)  a CPU-sized model. With no --config.data.path it trains on the built-in corpus:
                    the help pages every Python ships (`pydoc_data.topics`, the language reference,
-                   about 0.5 MB of English and code), so it runs offline on a fresh machine in a
-                   few minutes. A smoke-scale corpus: the RNN learns words and punctuation, not
+                   about 0.5 MB of English and code), so it runs offline on a fresh machine in
+                   about 8 minutes. A smoke-scale corpus: the RNN learns words and punctuation, not
                    stories. Any local file or folder works through --config.data.path.
                    Full supervision (README, "Full supervision"): every memory of a row trained
                    from one causal-teacher pass, Tf 8 with 16 memories decoded per row (the recipe
@@ -51,6 +51,11 @@ def get_config(arg: str = "small"):
     )
   if {"earlier", "full"} <= set(flags):
     raise ValueError("text.py: 'earlier' (2 transitions) and 'full' contradict: keep one.")
+  if flags and arg not in ("small", "smoke"):
+    raise ValueError(
+      f"text.py: the flags are for small and smoke; {arg} keeps the published recipe (drop "
+      f"{','.join(flags)!r})."
+    )
   c = config_lib.default()
   c.data.name = "text"
   if arg in ("small", "smoke"):
