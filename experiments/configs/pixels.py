@@ -31,9 +31,9 @@ Arguments (`--config=experiments/configs/pixels.py:ARG`):
                     winner (README, "Full supervision"; at 1M tokens 1.641 +- 0.039 nats against
                     Tf 16 with 8 decoded's 1.711 +- 0.045 and BPTT's 1.490 +- 0.007, 3 seeds:
                     docs/results.md 0d). Its step costs about 3x the default's on a CPU
-                    (docs/benchmarks.md). SMT lr 3e-3, DMT 9e-4, the race's best at 1M tokens
-                    (section 0); at the default budget (4.1M tokens): 1.417 +- 0.012 nats
-                    against BPTT's 1.304 +- 0.012, 3 seeds (docs/results.md 2d).
+                    (docs/benchmarks.md). SMT lr 3e-3, DMT 9e-4, the best at 1M tokens (the
+                    race, section 0) and at the default budget (4.1M tokens, 2d): 1.417 +- 0.012
+                    nats there against BPTT's 1.304 +- 0.012, 3 seeds (docs/results.md 2d).
   ARG,smoke         sketch or quickdraw with smoke's tiny model and budget (e.g. quickdraw,smoke).
 Digits keep a BOS before every image (`data.options.digits.bos`) so the RNN alone can start one.
 
