@@ -656,9 +656,23 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
     text.get_config("small,earlier,full")
   with pytest.raises(ValueError, match="tinystories keeps the published recipe"):
     text.get_config("tinystories,full")
+  # The main job: 8 transitions per row from one causal-teacher pass (results.md 2d); `,earlier`
+  # is the windowed teacher's 2 transitions with Tf 16, otherwise the same.
+  digits, earlier = pixels.get_config("digits"), pixels.get_config("digits,earlier")
+  config_lib.validate(digits)
+  assert (digits.model.teacher_kind, digits.smt.num_transitions) == ("causal", 8)
+  assert (digits.smt.future_length, digits.smt.num_decoded, digits.model.head_dim) == (8, 0, 16)
+  earlier.update_from_flattened_dict(
+    {"model.teacher_kind": "causal", "smt.num_transitions": 8, "smt.future_length": 8}
+  )
+  assert earlier.to_json() == digits.to_json()
+  with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):
+    pixels.get_config("digits,earlier,full")
+  with pytest.raises(ValueError, match="mnist keeps the published recipe .*drop 'full'"):
+    pixels.get_config("mnist,full")
   # The digits demo decays SMT's lr too (the main job in 5 minutes); the paper configs do not.
   for c, smt_schedule in (
-    (pixels.get_config("digits"), "cosine"),
+    (pixels.get_config("digits,earlier"), "cosine"),
     (text.get_config("small,earlier"), "constant"),
     (pixels.get_config("mnist"), "constant"),
     (pixels.get_config("digits,reference"), "constant"),

@@ -84,7 +84,7 @@ def digits_config(ctx: Context, *, phases: str, seed: int = 0) -> ml_collections
   """The pixels (8x8 digits) model and batch of the study budget; the caller sets the steps."""
   d = ctx.budget.digits
   smoke = ctx.budget.name == "smoke"
-  c = pixels.get_config("smoke" if smoke else "digits")
+  c = pixels.get_config("smoke,earlier" if smoke else "digits,earlier")
   c.seed = seed
   c.phases = phases
   _small_model(c, d.width, d.num_memory_tokens, c.model.num_heads if smoke else 4, d.depth)

@@ -6,7 +6,7 @@ summed over its phases: the same data), with its own learning rate picked from a
 `race.dmt_lr_ratio` of SMT's), on the configs a user gets by default:
   smt_dmt   full supervision (`synthetic.py:TASK,T`, the probes' default; `pixels.py:digits,full`):
             every memory of a sequence trained from one causal-teacher pass, a few decoded;
-  earlier   the windowed teacher on few memories (`pixels.py:digits` as it was when measured: 2
+  earlier   the windowed teacher on few memories (`pixels.py:digits,earlier` as measured: 2
             transitions per row, 64-wide heads, constant lr; `synthetic.py:TASK,T,earlier`:
             every transition, Tf = 8, on the authors' task sizes), at `race.earlier_lrs`, on
             the workloads in `race.earlier`;
@@ -78,7 +78,7 @@ def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
   flags = (",earlier" if method == "earlier" else "") + smoke
   if workload == "digits":
     # BPTT takes the full-supervision config's schedule (cosine decay after a 5% warm-up).
-    c = pixels.get_config("digits" + ("" if method == "earlier" else ",full") + smoke)
+    c = pixels.get_config("digits" + (",earlier" if method == "earlier" else ",full") + smoke)
     c.model.head_dim = 64  # the model the race was measured on (the default until 2026-12-03)
     if method == "earlier":
       c.smt.schedule = "constant"
