@@ -67,7 +67,7 @@ def get_config(arg: str = "small"):
     c.smt.batch_size = 16
     c.smt.context_length = 64
     c.smt.future_length = 16
-    if "earlier" in flags:  # 2 transitions per row, as pixels.py's digits
+    if "earlier" in flags:  # 2 transitions per row, as pixels.py:digits,earlier
       c.smt.num_transitions = 2
       c.smt.lr, c.dmt.lr, c.bptt.lr = 1e-3, 3e-4, 1e-3
     else:

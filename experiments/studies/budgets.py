@@ -97,7 +97,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     dict(task="stack", length=c.probes.lengths[0], factors=(1, 2) if smoke else (1, 2, 4))
   )
 
-  # Digits (pixels): the model of pixels.py:digits (width 64, depth 2, 2 transitions per
+  # Digits (pixels): the model of pixels.py:digits,earlier (width 64, depth 2, 2 transitions per
   # sequence) with a smaller batch. Its SMT->DMT and BPTT runs are the curves study's (steps there);
   # the samples and geometry studies read them.
   c.digits = ml_collections.ConfigDict(
