@@ -56,6 +56,19 @@ def full_supervision_stream(c: ml_collections.ConfigDict) -> None:
   full_supervision(c, c.smt.context_length + c.smt.future_length, num_decoded=16)
 
 
+def check_recipe_flags(config_file: str, arg: str, flags, recipe_args: tuple[str, ...]) -> None:
+  """`,earlier` and `,full` (a stream's recipe before and with full supervision): one at a time,
+  and only on the small configs `recipe_args`; the paper-scale ones keep the published recipe."""
+  picked = sorted({"earlier", "full"} & set(flags))
+  if len(picked) == 2:
+    raise ValueError(f"{config_file}: 'earlier' (2 transitions) and 'full' contradict: keep one.")
+  if picked and arg not in recipe_args:
+    raise ValueError(
+      f"{config_file}: 'earlier' and 'full' are for {' and '.join(recipe_args)}; {arg} keeps the "
+      f"published recipe (drop {','.join(picked)!r})."
+    )
+
+
 def cpu_model(
   c: ml_collections.ConfigDict, *, width: int = 64, memory_tokens: int = 4, depth: int = 2
 ) -> None:

@@ -68,13 +68,7 @@ def get_config(arg: str = "digits"):
       f"pixels.py: unknown flags {sorted(set(flags) - known)}; the flags are 'reference' (e.g. "
       f"pixels.py:digits,reference), 'full', 'earlier' and 'smoke'."
     )
-  if {"earlier", "full"} <= set(flags):
-    raise ValueError("pixels.py: 'earlier' (2 transitions) and 'full' contradict: keep one.")
-  if {"earlier", "full"} & set(flags) and arg not in ("digits", "smoke"):
-    raise ValueError(
-      f"pixels.py: 'full' and 'earlier' are digits' recipes; {arg} keeps the published recipe "
-      f"(drop {','.join(sorted({'earlier', 'full'} & set(flags)))!r})."
-    )
+  common.check_recipe_flags("pixels.py", arg, flags, ("digits", "smoke"))
   c = config_lib.default()
   if arg in ("digits", "smoke"):
     c.data.name = "digits"

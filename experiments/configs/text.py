@@ -49,13 +49,7 @@ def get_config(arg: str = "small"):
       f"text.py: unknown flags {sorted(set(flags) - {'earlier', 'full'})}; the flags are "
       f"'earlier' (e.g. text.py:small,earlier: 2 transitions per row) and 'full' (the default)."
     )
-  if {"earlier", "full"} <= set(flags):
-    raise ValueError("text.py: 'earlier' (2 transitions) and 'full' contradict: keep one.")
-  if flags and arg not in ("small", "smoke"):
-    raise ValueError(
-      f"text.py: the flags are for small and smoke; {arg} keeps the published recipe (drop "
-      f"{','.join(flags)!r})."
-    )
+  common.check_recipe_flags("text.py", arg, flags, ("small", "smoke"))
   c = config_lib.default()
   c.data.name = "text"
   if arg in ("small", "smoke"):
