@@ -642,8 +642,8 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
   from experiments.configs import pixels, text
 
   # The streams' Tf and decoded memories: the recipe search's winner (results.md 0d), each
-  # method at its best lr of the race (0, 0a); text's default since 2026-12-06.
-  full = {"digits": pixels.get_config("digits,full"), "text": text.get_config("small")}
+  # method at its best lr of the race (0, 0a).
+  full = {"digits": pixels.get_config("digits,full"), "text": text.get_config("small,full")}
   for c in full.values():
     config_lib.validate(c)
     assert c.model.teacher_kind == "causal"
@@ -651,7 +651,12 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
     assert (c.smt.future_length, c.smt.num_decoded) == (8, 16)
     assert (c.smt.lr, c.dmt.lr, c.smt.schedule) == (3e-3, 9e-4, "cosine")
   assert (full["digits"].bptt.lr, full["text"].bptt.lr) == (1e-3, 3e-3)
-  assert text.get_config("small,full").to_json() == full["text"].to_json()
+  # Text's default: 16 of the 72 transitions at twice `,full`'s SMT steps (results.md 2d).
+  small = text.get_config("small")
+  config_lib.validate(small)
+  assert (small.smt.num_transitions, small.smt.steps, full["text"].smt.steps) == (16, 2000, 1000)
+  small.update_from_flattened_dict({"smt.num_transitions": 72, "smt.steps": 1000})
+  assert small.to_json() == full["text"].to_json()
   with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):
     text.get_config("small,earlier,full")
   with pytest.raises(ValueError, match="tinystories keeps the published recipe"):
