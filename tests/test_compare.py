@@ -30,10 +30,13 @@ def test_bptt_gets_the_tokens_of_smt_and_dmt():
   d = pixels.get_config("digits")
   d.smt.steps, d.dmt.steps = 600, 150
   runs = compare.configs(d)
-  # SMT rows are Tc + Tf = 72 tokens, DMT's Tc + Td + Tf = 136, BPTT's 128 (batch 32, 16, 32).
-  smt_dmt = 600 * 32 * 72 + 150 * 16 * 136
+  # SMT rows are Tc + Tf = 72 tokens, DMT's Td = 64 (its rollout from the RNN's initial memory;
+  # from the teacher's memory Tc + Td + Tf = 136), BPTT's 128 (batch 32, 16, 32).
+  smt_dmt = 600 * 32 * 72 + 150 * 16 * 64
   assert config_lib.training_tokens(runs["smt_dmt"]) == smt_dmt
-  assert runs["bptt"].bptt.steps == round(smt_dmt / (32 * 128)) == 417
+  assert runs["bptt"].bptt.steps == round(smt_dmt / (32 * 128)) == 375
+  d.dmt.streams_from_rnn_initial_memory = False
+  assert config_lib.training_tokens(compare.configs(d)["smt_dmt"]) == smt_dmt + 150 * 16 * 72
   assert d.bptt.steps == 1500  # the caller's config is left as it was
 
 

@@ -149,6 +149,11 @@ CONFIG_ONLY = {
     {"dmt.label_every": 3},
     ["config.dmt.label_every = 3", "must divide dmt.rollout_length = 8"],
   ),
+  "stream_start_on_episodes": (
+    "synthetic:parity,smoke",
+    {"dmt.streams_from_rnn_initial_memory": True},
+    ["config.dmt.streams_from_rnn_initial_memory = True", "dmt.from_rnn_initial_memory says"],
+  ),
   # num_transitions in range
   "transitions_zero": (
     "pixels:smoke",
@@ -668,7 +673,12 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
   assert (digits.model.teacher_kind, digits.smt.num_transitions) == ("causal", 8)
   assert (digits.smt.future_length, digits.smt.num_decoded, digits.model.head_dim) == (8, 0, 16)
   earlier.update_from_flattened_dict(
-    {"model.teacher_kind": "causal", "smt.num_transitions": 8, "smt.future_length": 8}
+    {
+      "model.teacher_kind": "causal",
+      "smt.num_transitions": 8,
+      "smt.future_length": 8,
+      "dmt.streams_from_rnn_initial_memory": True,
+    }
   )
   assert earlier.to_json() == digits.to_json()
   with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):

@@ -198,6 +198,31 @@ def test_a_stream_trains_with_the_causal_teacher(tmp_path):
   assert np.isfinite(summary["dmt"]["eval/rnn_prompted_nll"])
 
 
+@pytest.mark.parametrize("from_rnn", [True, False])
+def test_dmt_on_a_stream_starts_where_the_rnn_alone_is_evaluated(from_rnn):
+  # dmt.streams_from_rnn_initial_memory: the rollout reads a crop of Td tokens from the RNN's own
+  # initial memory, so its readout term is the RNN-alone evaluation's NLL on that crop, and the
+  # initial memory learns; else it starts from the teacher's memory of the first Tc tokens.
+  import jax
+
+  from smt_jax import inference
+
+  c = pixels.get_config("smoke")
+  c.dmt.streams_from_rnn_initial_memory = from_rnn
+  exp = experiment.build_experiment(c)
+  phase = experiment.make_phase(exp, "dmt")
+  params = exp.init_params()
+  batch = phase.batch(7)
+  td, tc, tf = c.dmt.rollout_length, c.smt.context_length, c.smt.future_length
+  assert batch["x"].shape[1] == (td if from_rnn else tc + td + tf)
+  (_, metrics), grads = jax.value_and_grad(phase.loss_fn, has_aux=True)(params, batch, None)
+  alone = inference.read(params, batch, rnn=exp.fns[1])
+  nll = float((alone["nll"] * alone["mask"]).sum() / alone["mask"].sum())
+  assert np.isclose(float(metrics["readout_loss"]), nll, rtol=1e-5) == from_rnn
+  m0 = [g for path, g in jax.tree.leaves_with_path(grads["rnn"]) if "init_memory" in str(path)]
+  assert m0 and (float(sum(np.abs(g).sum() for g in m0)) > 0) == from_rnn
+
+
 def test_a_rerun_that_raises_steps_continues_the_run(tmp_path, capsys):
   """A finished run rerun with more DMT steps (its own config read back from the workdir, as
   `--config=<workdir>` does) continues DMT from its end, with the optimiser

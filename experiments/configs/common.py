@@ -34,6 +34,7 @@ def reference_recipe(c: ml_collections.ConfigDict) -> None:
   c.dmt.reference_labels = True
   c.dmt.stop_carry_grad = False
   c.dmt.from_rnn_initial_memory = False  # the rollout starts from the teacher's memory
+  c.dmt.streams_from_rnn_initial_memory = False
 
 
 def full_supervision(c: ml_collections.ConfigDict, seq_len: int, num_decoded: int = 8) -> None:

@@ -119,8 +119,13 @@ def default() -> ml_collections.ConfigDict:
   c.dmt.stop_carry_grad = False  # gradients through the rollout (reference); True: imitation
   c.dmt.reference_labels = False  # True: labels s = 0, k, .., Td-k and Td readouts (reference)
   # Episodes: the rollout starts from the RNN's own initial memory, where its evaluation and
-  # sampling start (False: the teacher's E(empty)). Streams start from the teacher's E(window).
+  # sampling start (False: the teacher's E(empty)). Streams: the next field.
   c.dmt.from_rnn_initial_memory = True
+  # Streams: True rolls out from the RNN's own initial memory before a crop's first token, where
+  # the RNN alone is evaluated (eval/rnn_nll) and sampled, on crops of Td tokens; False
+  # (published) from the teacher's memory of the crop's first Tc tokens, as the prompted
+  # evaluation starts, on crops of Tc + Td + Tf.
+  c.dmt.streams_from_rnn_initial_memory = False
   # 'parallel': the rollout (and its adjoint) by quasi-Newton iterations in parallel over time
   # (`smt_jax.parallel_rollout`): the same loss and gradients to parallel_tol, in at most Td
   # iterations; jacobian 'none' (Picard: measured the better on the trained RNNs here,
@@ -279,7 +284,27 @@ def phase_names(config) -> list[str]:
 
 def length_fields(config, phase: str) -> tuple[str, ...]:
   """The config fields that set the sequence length of `phase` (or 'eval')."""
-  return ("data.seq_len",) if config.data.episodic else _LENGTH_FIELDS[phase]
+  if config.data.episodic:
+    return ("data.seq_len",)
+  if phase == "dmt" and dmt_start(config)[0] == -1:  # a stream's rollout from the initial memory
+    return ("dmt.rollout_length",)
+  return _LENGTH_FIELDS[phase]
+
+
+def dmt_start(config) -> tuple[int | None, bool]:
+  """Where DMT's rollout starts: `objectives.dmt_loss`'s (start, from_rnn_initial_memory).
+
+  Episodes start before their first token (-1): from the RNN's own initial memory
+  (dmt.from_rnn_initial_memory) or the teacher's E(empty). Streams start from the teacher's
+  memory of a crop's first Tc tokens (None: t0 = Tc-1, published) or, with
+  dmt.streams_from_rnn_initial_memory, before the crop's first token from the RNN's own initial
+  memory: where the RNN alone is evaluated and sampled."""
+  d = config.dmt
+  if config.data.episodic:
+    return -1, bool(d.from_rnn_initial_memory)
+  if d.get("streams_from_rnn_initial_memory", False):  # absent from configs saved before it
+    return -1, True
+  return None, False
 
 
 def phase_seq_len(config, phase: str) -> int:
@@ -862,6 +887,12 @@ def _validate_dmt(c) -> None:
       "dmt.label_every",
       d.label_every,
       f"must divide dmt.rollout_length = {d.rollout_length} (labels every k steps).",
+    )
+  if c.data.episodic and d.streams_from_rnn_initial_memory:
+    _fail(
+      "dmt.streams_from_rnn_initial_memory",
+      True,
+      "token streams only; an episode's rollout starts as dmt.from_rnn_initial_memory says.",
     )
   if c.data.episodic and d.rollout_length > c.data.seq_len:
     _fail(

@@ -149,6 +149,7 @@ def make_loss(config, phase: str, fns, constrain_time=None):
     )
   if phase == "dmt":
     d = config.dmt
+    start, from_rnn = config_lib.dmt_start(config)
     return functools.partial(
       objectives.dmt_loss,
       teacher=tfns,
@@ -160,9 +161,8 @@ def make_loss(config, phase: str, fns, constrain_time=None):
       c_readout=d.c_readout,
       stop_carry_grad=d.stop_carry_grad,
       reference_labels=d.reference_labels,
-      start=-1 if config.data.episodic else None,
-      # Episodes: DMT rolls out from where the RNN alone starts in evaluation and sampling.
-      from_rnn_initial_memory=bool(config.data.episodic and d.from_rnn_initial_memory),
+      start=start,
+      from_rnn_initial_memory=from_rnn,
       rollout_solver=d.rollout,
       parallel_options=dict(
         jacobian=d.parallel_jacobian,
