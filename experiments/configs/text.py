@@ -10,8 +10,9 @@ Arguments (`--config=experiments/configs/text.py:ARG`):
                    "Full supervision"), Tf 8 with 16 memories decoded per row (the recipe search's
                    winner), 2000 SMT steps with cosine decay, each method at its best lr of the
                    race (SMT 3e-3, DMT 9e-4, BPTT 3e-3). On its 2.74M tokens (3 seeds) the RNN
-                   ends at 1.443 +- 0.036 nats per byte, BPTT at BPTTX; every transition
-                   (`,full`) gets 1.603 +- 0.038 in the same seconds (docs/results.md 2d).
+                   ends at 1.443 +- 0.036 nats per byte, BPTT at 1.258 +- 0.032 on the same
+                   tokens; every transition (`,full`) gets 1.603 +- 0.038 in the same seconds
+                   (docs/results.md 2d).
   tinystories      the paper's model and schedules (docs/method.md 6) on TinyStories as the authors
                    use it: the official train and validation files, ASCII only (bytes >= 128
                    dropped, as their loader does), fetched once from the Hugging Face hub (needs
