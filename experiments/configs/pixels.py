@@ -2,9 +2,10 @@
 
 Arguments (`--config=experiments/configs/pixels.py:ARG`):
   digits (default)  scikit-learn's bundled 8x8 handwritten digits (17 intensity levels), a CPU-sized
-                    model, 8 transitions per row from one causal-teacher pass; SMT then DMT in
-                    3 min 22-29 s on a 2-core CPU (2026-12-06, the whole process; the RNN alone
-                    at 1.452-1.472 nats/pixel on 3 seeds), no network.
+                    model, 8 transitions per row from one causal-teacher pass, DMT from the RNN's
+                    own initial memory (where the RNN alone is evaluated); SMT then DMT in 3 min
+                    22 s to 4 min 11 s on a 2-core CPU (2026-12-06, the whole process; the RNN
+                    alone at 1.440-1.470 nats/pixel on 3 seeds), no network.
   mnist             28x28 MNIST, 256 levels, via tensorflow-datasets (or IDX files in
                     --config.data.path), streamed as the authors do (vocab 256, no BOS); the
                     paper's model and schedules (docs/method.md section 6) and the reference recipe
