@@ -5,12 +5,14 @@ import math
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 from conftest import read_tensorboard
 from tensorboardX.proto import plugin_hparams_pb2
 
 from experiments.configs import pixels, synthetic, text
+from smt_jax import inference
 from smt_jax.runner import checkpoints, experiment, metrics_io, train
 from smt_jax.runner import config as config_lib
 from smt_jax.runner import workdir as workdir_lib
@@ -203,10 +205,6 @@ def test_dmt_on_a_stream_starts_where_the_rnn_alone_is_evaluated(from_rnn):
   # dmt.streams_from_rnn_initial_memory: the rollout reads a crop of Td tokens from the RNN's own
   # initial memory, so its readout term is the RNN-alone evaluation's NLL on that crop, and the
   # initial memory learns; else it starts from the teacher's memory of the first Tc tokens.
-  import jax
-
-  from smt_jax import inference
-
   c = pixels.get_config("smoke")
   c.dmt.streams_from_rnn_initial_memory = from_rnn
   exp = experiment.build_experiment(c)
@@ -215,7 +213,9 @@ def test_dmt_on_a_stream_starts_where_the_rnn_alone_is_evaluated(from_rnn):
   batch = phase.batch(7)
   td, tc, tf = c.dmt.rollout_length, c.smt.context_length, c.smt.future_length
   assert batch["x"].shape[1] == (td if from_rnn else tc + td + tf)
-  (_, metrics), grads = jax.value_and_grad(phase.loss_fn, has_aux=True)(params, batch, None)
+  (_, metrics), grads = jax.jit(jax.value_and_grad(phase.loss_fn, has_aux=True))(
+    params, batch, None
+  )
   alone = inference.read(params, batch, rnn=exp.fns[1])
   nll = float((alone["nll"] * alone["mask"]).sum() / alone["mask"].sum())
   assert np.isclose(float(metrics["readout_loss"]), nll, rtol=1e-5) == from_rnn
