@@ -458,7 +458,7 @@ def test_a_config_saved_before_newer_fields_existed_still_builds():
     for p in ("smt", "dmt", "bptt"):
       del c[p]["schedule"]
     del c.smt["num_decoded"]
-    del c.dmt["from_rnn_initial_memory"]
+    del c.dmt["from_rnn_initial_memory"], c.dmt["streams_from_rnn_initial_memory"]
     del c.optim["grad_accum_steps"]
     for f in ("rollout", "parallel_jacobian", "parallel_damping", "parallel_tol"):
       del c.dmt[f]

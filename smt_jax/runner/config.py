@@ -302,7 +302,7 @@ def dmt_start(config) -> tuple[int | None, bool]:
   d = config.dmt
   if config.data.episodic:
     return -1, bool(d.from_rnn_initial_memory)
-  if d.get("streams_from_rnn_initial_memory", False):  # absent from configs saved before it
+  if d.streams_from_rnn_initial_memory:
     return -1, True
   return None, False
 
