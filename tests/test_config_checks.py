@@ -656,11 +656,18 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
     assert (c.smt.future_length, c.smt.num_decoded) == (8, 16)
     assert (c.smt.lr, c.dmt.lr, c.smt.schedule) == (3e-3, 9e-4, "cosine")
   assert (full["digits"].bptt.lr, full["text"].bptt.lr) == (1e-3, 3e-3)
-  # Text's default: 16 of the 72 transitions at twice `,full`'s SMT steps (results.md 2d).
+  # Text's default: 16 of the 72 transitions at twice `,full`'s SMT steps, DMT from the RNN's
+  # own initial memory (results.md 2d).
   small = text.get_config("small")
   config_lib.validate(small)
   assert (small.smt.num_transitions, small.smt.steps, full["text"].smt.steps) == (16, 2000, 1000)
-  small.update_from_flattened_dict({"smt.num_transitions": 72, "smt.steps": 1000})
+  assert (
+    config_lib.dmt_start(small) == (-1, True)
+    and not full["text"].dmt.streams_from_rnn_initial_memory
+  )
+  small.update_from_flattened_dict(
+    {"smt.num_transitions": 72, "smt.steps": 1000, "dmt.streams_from_rnn_initial_memory": False}
+  )
   assert small.to_json() == full["text"].to_json()
   with pytest.raises(ValueError, match="'earlier' .* and 'full' contradict"):
     text.get_config("small,earlier,full")

@@ -86,6 +86,7 @@ def config(ctx, workload: str, method: str, lr: float, seed: int, overrides=()):
     c = text.get_config(
       ("small" if smoke == "" else "smoke") + (",earlier" if method == "earlier" else "")
     )
+    c.dmt.streams_from_rnn_initial_memory = False  # as raced (text's default until 2026-12-06)
   else:
     task, length = probe_length(ctx, workload)
     c = synthetic.get_config(f"{task},{length}{flags}")
