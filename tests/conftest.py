@@ -51,6 +51,7 @@ LONGEST_FIRST = (
   "test_kill_resume.py",
   "test_cpu_devices.py",
   "test_object_store.py",
+  "test_rollout_check.py",
   "test_causal_teacher.py",
 )
 

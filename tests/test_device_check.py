@@ -10,6 +10,9 @@ import pytest
 from experiments import benchmark, device_check
 from experiments.configs import bench
 
+# One worker: the module fixture (every objective timed, 17 s) runs once, not once per worker.
+pytestmark = pytest.mark.xdist_group("device_check")
+
 
 @pytest.fixture(scope="module")
 def results():

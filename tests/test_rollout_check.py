@@ -19,6 +19,9 @@ from smt_jax.models import layers
 from smt_jax.runner import config as config_lib
 from smt_jax.runner import train
 
+# One worker: the module fixture (a smoke run and its check, 22-28 s) runs once, not per worker.
+pytestmark = pytest.mark.xdist_group("rollout_check")
+
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
