@@ -661,10 +661,8 @@ def test_full_supervision_on_streams_and_the_paper_configs_keep_the_published_re
   small = text.get_config("small")
   config_lib.validate(small)
   assert (small.smt.num_transitions, small.smt.steps, full["text"].smt.steps) == (16, 2000, 1000)
-  assert (
-    config_lib.dmt_start(small) == (-1, True)
-    and not full["text"].dmt.streams_from_rnn_initial_memory
-  )
+  assert config_lib.dmt_start(small) == (-1, True)
+  assert config_lib.dmt_start(full["text"]) == (None, False)
   small.update_from_flattened_dict(
     {"smt.num_transitions": 72, "smt.steps": 1000, "dmt.streams_from_rnn_initial_memory": False}
   )
